@@ -1,0 +1,152 @@
+"""Turn one backward pass's records into clipped per-parameter sums.
+
+For each forward context (one batch, its groups), with S_j the sum over group j
+of the captured output-gradient contributions and s the loss-reduction scale
+(B for a mean loss, 1 for a sum), the micro-batch gradient is
+
+    g_j = (s / |G_j|) * S_j                  (the mean gradient of micro-batch j)
+
+and the pass contributes ``sum_j f_j g_j`` to the step's sum, with clip factors
+``f_j`` from :mod:`dp_microclip.clipping`. Squared norms of S_j come either from
+a rule's ghost norms (no group gradient materialised) or from materialised
+group gradients; the clipped sum is then a weighted sum with one weight per
+example, or an einsum over the materialised group gradients.
+
+A parameter that appears in more than one record of a context (a module called
+twice, or a weight tied between two modules) gets its group gradients
+materialised from every record and summed BEFORE the norm, so the cross terms
+between its uses are in the norm. Nothing is dropped.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from . import clipping as clip
+from .grads import Record
+from .layers.generic import generic_group_grads
+
+
+@dataclass(frozen=True)
+class ClipSettings:
+    mode: str  # "fixed" | "adaptive" | "per_layer" | "normalize"
+    max_grad_norm: float
+    per_param_bound: dict  # id(param) -> C_l (per_layer only)
+    gamma: float
+    loss_reduction: str  # "mean" | "sum"
+    grad_mode: str  # "auto" | "bookkeeping" | "materialize" | "func"
+
+
+@dataclass
+class PassResult:
+    sums: dict = field(default_factory=dict)  # id(param) -> (param, clipped sum)
+    num_groups: int = 0
+    group_norms: list = field(default_factory=list)  # one (M,) tensor per context
+    min_norm: float = float("inf")  # smallest norm over non-empty groups (adaptive)
+    strategies: dict = field(default_factory=dict)  # record name -> strategy used
+
+
+def clip_and_sum(records: list[Record], settings: ClipSettings, replay_guard) -> PassResult:
+    result = PassResult()
+    by_context: dict[int, list[Record]] = {}
+    for record in records:
+        by_context.setdefault(record.ctx.id, []).append(record)
+    for ctx_records in by_context.values():
+        _one_context(ctx_records, settings, replay_guard, result)
+    return result
+
+
+def _strategy(record: Record, settings: ClipSettings, uses: Counter) -> str:
+    if record.rule is None or (settings.grad_mode == "func" and record.unit.kind != "attention"):
+        return "func"
+    shared = any(uses[id(p)] > 1 for p in record.params.values())
+    if shared or not record.rule.has_ghost or settings.grad_mode == "materialize":
+        return "materialize"
+    if settings.grad_mode == "bookkeeping":
+        return "ghost"
+    prefers = record.rule.prefers_ghost
+    groups = record.ctx.groups.to(record.out_grad.device)
+    if prefers is None or prefers(record.layer, record.inputs, record.out_grad, groups):
+        return "ghost"
+    return "materialize"
+
+
+def _one_context(records: list[Record], settings: ClipSettings, replay_guard, result: PassResult) -> None:
+    ctx = records[0].ctx
+    device = records[0].out_grad.device
+    groups = ctx.groups.to(device)
+    uses = Counter(id(p) for r in records for p in r.params.values())
+    params = {id(p): p for r in records for p in r.params.values()}
+
+    sq_norms: dict[int, torch.Tensor] = {}
+    materialised: dict[int, torch.Tensor] = {}
+    ghost_records: list[Record] = []
+    for record in records:
+        strategy = _strategy(record, settings, uses)
+        result.strategies[record.name] = strategy
+        if strategy == "ghost":
+            norms = record.rule.group_sq_norms(record.layer, record.inputs, record.out_grad, groups)
+            for name, p in record.params.items():
+                sq_norms[id(p)] = norms[name]
+            ghost_records.append(record)
+            continue
+        if strategy == "func":
+            grads = generic_group_grads(
+                record.unit.module, record.params, record.inputs, record.kwargs, record.out_grad,
+                groups, record.batch_dim, replay_guard, record.unit.path,
+            )
+        else:
+            grads = record.rule.group_grads(record.layer, record.inputs, record.out_grad, groups)
+        for name, p in record.params.items():
+            g = grads[name]
+            materialised[id(p)] = g if id(p) not in materialised else materialised[id(p)] + g
+    for pid, g in materialised.items():
+        sq_norms[pid] = g.flatten(1).pow(2).sum(1)  # (M,)
+
+    dtype = next(iter(sq_norms.values())).dtype
+    scale = float(ctx.batch_size) if settings.loss_reduction == "mean" else 1.0
+    sizes = groups.sizes.to(device=device, dtype=dtype)
+    nonempty = sizes > 0
+    # g_j = to_mean_j * S_j; empty groups (keyed grouping) contribute nothing.
+    to_mean = torch.where(nonempty, scale / sizes.clamp(min=1.0), torch.zeros_like(sizes))  # (M,)
+
+    total_norm = (torch.stack(list(sq_norms.values())).sum(0).clamp(min=0).sqrt()) * to_mean  # (M,)
+    weights: dict[int, torch.Tensor] = {}
+    if settings.mode == "per_layer":
+        for pid, sq in sq_norms.items():
+            norm_p = sq.clamp(min=0).sqrt() * to_mean
+            weights[pid] = clip.fixed_factors(norm_p, settings.per_param_bound[pid]) * to_mean
+    else:
+        if settings.mode == "fixed":
+            factors = clip.fixed_factors(total_norm, settings.max_grad_norm)
+        elif settings.mode == "normalize":
+            factors = clip.normalize_factors(total_norm, settings.max_grad_norm, settings.gamma)
+        elif settings.mode == "adaptive":
+            factors = clip.unit_factors(total_norm)
+        else:  # validated in attach()
+            raise AssertionError(settings.mode)
+        group_weight = factors * to_mean  # (M,)
+        weights = {pid: group_weight for pid in sq_norms}
+
+    if settings.mode == "adaptive" and bool(nonempty.any()):
+        result.min_norm = min(result.min_norm, float(total_norm[nonempty].min()))
+    result.group_norms.append(total_norm.detach())
+    result.num_groups += groups.num_groups
+
+    def add(pid: int, value: torch.Tensor) -> None:
+        p = params[pid]
+        if pid in result.sums:
+            result.sums[pid] = (p, result.sums[pid][1] + value)
+        else:
+            result.sums[pid] = (p, value)
+
+    for pid, g in materialised.items():
+        add(pid, torch.einsum("m,m...->...", weights[pid].to(g.dtype), g))
+    for record in ghost_records:
+        row_weight = {name: weights[id(p)][groups.index] for name, p in record.params.items()}
+        sums = record.rule.weighted_sum(record.layer, record.inputs, record.out_grad, row_weight)
+        for name, p in record.params.items():
+            add(id(p), sums[name])

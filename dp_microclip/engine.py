@@ -1,0 +1,551 @@
+"""``attach(model, optimizer, ...) -> Engine``: micro-batch clipping on an unchanged model and optimizer.
+
+The engine only adds hooks (module hooks, one optimizer step pre-hook) and
+switches the ``requires_grad`` flag of the parameters it computes itself, so
+autograd does not compute an unclipped weight gradient it would throw away.
+``detach()`` undoes all of it. See DESIGN.md for the algorithm and the rules.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> import dp_microclip
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> engine = dp_microclip.attach(model, opt, micro_batch_size=2, max_grad_norm=1.0)
+    >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    >>> nn.functional.cross_entropy(model(x), y).backward()
+    >>> opt.step()
+    >>> engine.detach()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from . import grouping
+from .aggregate import ClipSettings, PassResult, clip_and_sum
+from .errors import ConfigurationError, PrivacyError, UnsupportedModuleError
+from .grads import ForwardContext, HookSet, Record, Unit
+from .layers.attention import check_attention_supported
+from .layers.registry import rule_for
+from .noise import NoiseSource
+
+CLIPPING_MODES = ("fixed", "adaptive", "per_layer", "normalize")
+GRAD_MODES = ("auto", "bookkeeping", "materialize", "func")
+GROUPINGS = ("auto", "contiguous", "keyed")
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigurationError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}.")
+
+
+def _declared_batch_first(module: nn.Module) -> bool | None:
+    """The batch layout a module declares, if any (MHA, RNNs, transformer layers)."""
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return bool(module.self_attn.batch_first)
+    if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)) and len(module.layers):
+        return _declared_batch_first(module.layers[0])
+    if isinstance(getattr(module, "batch_first", None), bool):
+        return module.batch_first
+    return None
+
+
+class Engine:
+    """Owns every hook, flag change and per-step state of one attachment. Create it with :func:`attach`."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: dict):
+        self.model = model
+        self.optimizer = optimizer
+        self._cfg = config
+        self.micro_batch_size: int = config["micro_batch_size"]
+        self.clipping: str = config["clipping"]
+        self.grouping: str = config["grouping"]
+        self.dp: bool = config["dp"]
+        self._noise_source = NoiseSource(config["seed"])
+        self._group_generator = torch.Generator().manual_seed(self._noise_source.seed ^ 0x5DEECE66D)
+        self._noise_on = self.dp
+        self.noise_multiplier: float | None = config["noise_multiplier"]
+        self._enabled = True
+        self._replaying = False
+        self._context: ForwardContext | None = None
+        self._records: list[Record] = []
+        self._callback_queued = False
+        self._warned: set[str] = set()
+        self._reset_step()
+        self.steps_taken = 0
+        self.last_group_norms: torch.Tensor | None = None
+        self.last_strategies: dict[str, str] = {}
+
+        self._units = self._discover_units()
+        self._managed = self._managed_parameters()
+        self._settings = self._clip_settings()
+        self._check_optimizer()
+
+        self._original_requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+        self._hooks = HookSet(self, self._root_batch_dim())
+        self._hooks.install_root(model, self._root_batch_dim())
+        for unit in self._units:
+            self._hooks.install_unit(unit)
+        for p in self._managed:
+            p.requires_grad_(False)
+        self._step_handle = optimizer.register_step_pre_hook(self._before_step)
+
+    # ================================================================ public API
+    @property
+    def noise(self) -> bool:
+        """Whether the next steps add Gaussian noise. A step without noise makes epsilon infinite."""
+        return self._noise_on
+
+    @noise.setter
+    def noise(self, value: bool) -> None:
+        if value and not self.noise_multiplier:
+            raise ConfigurationError(
+                "engine.noise = True needs a noise multiplier: attach(..., noise_multiplier=z) or "
+                "attach(..., target_epsilon=eps, ...)."
+            )
+        self._noise_on = bool(value)
+
+    @property
+    def noise_std(self) -> float:
+        """Standard deviation of the noise added to the clipped sum (before dividing by the number of groups)."""
+        if not self.noise_multiplier:
+            return 0.0
+        return self.noise_multiplier * self._sensitivity_scale()
+
+    def detach(self) -> None:
+        """Remove every hook and restore every ``requires_grad`` flag; the model then trains as before.
+
+        A graph built before ``detach()`` still holds tensor hooks; they see the
+        engine disabled and do nothing.
+        """
+        if not self._enabled:
+            return
+        self._enabled = False
+        self._hooks.remove()
+        self._step_handle.remove()
+        for p in self.model.parameters():
+            if id(p) in self._original_requires_grad:
+                p.requires_grad_(self._original_requires_grad[id(p)])
+        self._records.clear()
+        self._reset_step()
+
+    def summary(self) -> str:
+        """One line per hooked unit: module path, type, path taken, parameters."""
+        lines = [
+            f"dp_microclip engine: micro_batch_size={self.micro_batch_size}, clipping={self.clipping!r}, "
+            f"grouping={self.grouping!r}, grad_mode={self._cfg['grad_mode']!r}, "
+            f"noise={'on' if self.noise else 'off'}"
+        ]
+        for unit in self._units:
+            path = {"rule": "rule", "attention": "attention capture + Linear rule", "generic": "generic torch.func"}
+            names = ", ".join(unit.params)
+            lines.append(f"  {unit.path or '<root>'}: {type(unit.module).__name__} -> {path[unit.kind]} [{names}]")
+        generic = [u.path or "<root>" for u in self._units if u.kind == "generic"]
+        if generic:
+            lines.append("  generic torch.func path (exact only if the module treats examples independently): "
+                         + ", ".join(generic))
+        return "\n".join(lines)
+
+    def state_dict(self) -> dict:
+        """Noise generator states, the grouping generator and step count (and the privacy ledger in DP mode)."""
+        return {
+            "noise": self._noise_source.state_dict(),
+            "group_generator": self._group_generator.get_state(),
+            "steps_taken": self.steps_taken,
+            "noise_on": self._noise_on,
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self._noise_source.load_state_dict(state["noise"])
+        self._group_generator.set_state(state["group_generator"])
+        self.steps_taken = int(state["steps_taken"])
+        self._noise_on = bool(state["noise_on"])
+
+    # ============================================================ hook callbacks
+    def active(self) -> bool:
+        return self._enabled and not self._replaying
+
+    @contextlib.contextmanager
+    def _replay(self):
+        previous, self._replaying = self._replaying, True
+        try:
+            yield
+        finally:
+            self._replaying = previous
+
+    @property
+    def replaying(self):
+        return self._replay()
+
+    def current_context(self) -> ForwardContext | None:
+        return self._context
+
+    def open_context(self, batch_size: int, device: torch.device) -> None:
+        self._context = ForwardContext(batch_size, self._make_groups(batch_size, device))
+
+    def close_context(self) -> None:
+        self._context = None
+
+    def emit(self, record: Record) -> None:
+        self._records.append(record)
+        if not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish_pass)
+
+    # ================================================================ internals
+    def _make_groups(self, batch_size: int, device) -> grouping.Groups:
+        b = self.micro_batch_size
+        if self.grouping == "contiguous" or b == 1:
+            return grouping.contiguous_groups(batch_size, b, device)
+        num_groups = self._cfg["num_groups"] or max(1, math.ceil(batch_size / b))
+        return grouping.keyed_groups(batch_size, num_groups, self._group_generator)
+
+    def _finish_pass(self) -> None:
+        records, self._records = self._records, []
+        self._callback_queued = False
+        if not self._enabled or not records:
+            return
+        result = clip_and_sum(records, self._settings, self._replay)
+        self._accumulate(result)
+
+    def _accumulate(self, result: PassResult) -> None:
+        for pid, (p, value) in result.sums.items():
+            if pid in self._sums:
+                self._sums[pid] = (p, self._sums[pid][1] + value)
+            else:
+                self._sums[pid] = (p, value)
+        self._groups_seen += result.num_groups
+        self._min_norm = min(self._min_norm, result.min_norm)
+        self._passes += 1
+        if result.group_norms:
+            self.last_group_norms = torch.cat(result.group_norms)
+        self.last_strategies = result.strategies
+
+    def _reset_step(self) -> None:
+        self._sums: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+        self._groups_seen = 0
+        self._min_norm = float("inf")
+        self._passes = 0
+
+    def _divisor(self) -> float:
+        """M: the number of groups the clipped sum is divided by (public in DP mode)."""
+        if self._cfg["public_num_groups"] is not None:
+            return float(self._cfg["public_num_groups"] * max(self._passes, 1))
+        return float(self._groups_seen)
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        if not self._enabled:
+            return
+        if self._passes == 0:
+            if self.dp:
+                raise PrivacyError(
+                    "optimizer.step() was called with no backward pass since the last step; in DP mode "
+                    "every step must come from a sampled batch. Call loss.backward() first."
+                )
+            return  # like plain PyTorch with no gradients: the optimizer has nothing to do
+        rho = 1.0
+        if self.clipping == "adaptive":
+            rho = 0.0 if math.isinf(self._min_norm) else self._min_norm
+            if rho == 0.0 and "zero_rho" not in self._warned:
+                self._warned.add("zero_rho")
+                warnings.warn(
+                    "Adaptive clipping: the smallest micro-batch gradient norm is 0, so the bound rho is 0 "
+                    "and this step is zero. A micro-batch whose gradient vanishes stops training; consider "
+                    'clipping="fixed".', RuntimeWarning, stacklevel=3,
+                )
+        divisor = self._divisor()
+        std = self.noise_std if self._noise_on else 0.0
+        for p in self._managed:
+            entry = self._sums.get(id(p))
+            if entry is None and std == 0.0:
+                p.grad = None  # unused this step, as in plain PyTorch
+                continue
+            total = torch.zeros_like(p) if entry is None else entry[1]
+            if rho != 1.0:
+                total = total * rho
+            if std > 0.0:
+                total = total + self._noise_source.gaussian_like(p, std)
+            p.grad = (total / divisor).to(p.dtype)
+        self._after_step()
+        self._reset_step()
+        self.steps_taken += 1
+
+    def _after_step(self) -> None:
+        """Hook for privacy accounting (DP mode)."""
+
+    # ------------------------------------------------------------- discovery
+    def _sensitivity_scale(self) -> float:
+        if self.clipping == "per_layer":
+            return math.sqrt(sum(c * c for c in self._settings.per_param_bound.values()))
+        return float(self._cfg["max_grad_norm"])
+
+    def _batch_dim_of(self, path: str) -> int | None:
+        """The batch dimension declared by the module at ``path`` or its nearest declaring ancestor."""
+        parts = path.split(".") if path else []
+        for depth in range(len(parts), -1, -1):
+            declared = _declared_batch_first(self.model.get_submodule(".".join(parts[:depth])))
+            if declared is not None:
+                return 0 if declared else 1
+        return None
+
+    def _root_batch_dim(self) -> int:
+        forced = self._cfg["batch_first"]
+        if forced is not None:
+            return 0 if forced else 1
+        declared = self._batch_dim_of("")
+        return 0 if declared is None else declared
+
+    def _discover_units(self) -> list[Unit]:
+        units: list[Unit] = []
+        skip_paths: set[str] = set()
+        fallback = self._cfg["fallback"]
+        for path, module in self.model.named_modules():
+            if path in skip_paths:
+                continue
+            if isinstance(module, _BATCHNORMS) and any(p.requires_grad for p in module.parameters()):
+                if self.dp:
+                    raise UnsupportedModuleError(
+                        f"{path} is nn.{type(module).__name__}, which mixes examples across micro-batches. "
+                        "Replace it with nn.GroupNorm (opacus.validators.ModuleValidator.fix(model) does "
+                        "this) before attach()."
+                    )
+                self._warn_once(
+                    f"bn:{path}",
+                    f"{path} is nn.{type(module).__name__}: its statistics cover the whole batch, so "
+                    "micro-batches are not independent and the result differs from clipping each "
+                    "micro-batch on its own. Consider nn.GroupNorm.",
+                )
+            if isinstance(module, nn.MultiheadAttention):
+                check_attention_supported(module, path)
+                owned = {}
+                for name in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"):
+                    p = module.get_parameter(name) if _has_param(module, name) else None
+                    if p is not None and p.requires_grad:
+                        owned[name] = p
+                skip_paths.add(f"{path}.out_proj" if path else "out_proj")
+                if owned:
+                    units.append(Unit(path, module, "attention", None, owned, self._batch_dim_of(path)))
+                continue
+            own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+            if not own:
+                continue
+            rule = rule_for(module)
+            if isinstance(module, nn.Embedding) and (module.sparse or module.scale_grad_by_freq):
+                raise UnsupportedModuleError(
+                    f"{path} is nn.Embedding with sparse=True or scale_grad_by_freq=True; the first gives "
+                    "sparse gradients, the second mixes examples (frequencies over the whole batch). "
+                    "Create it with sparse=False, scale_grad_by_freq=False."
+                )
+            if rule is not None:
+                units.append(Unit(path, module, "rule", rule, own, self._batch_dim_of(path)))
+                continue
+            where = path or "<root module>"
+            if fallback == "error" or (self.dp and fallback != "generic"):
+                reason = " In DP mode the generic path must be allowed explicitly." if self.dp else ""
+                raise UnsupportedModuleError(
+                    f"{where} ({type(module).__name__}) has trainable parameters "
+                    f"{sorted(own)} and no dp_microclip rule.{reason} Register a rule with "
+                    "dp_microclip.register_rule(...), or pass fallback=\"generic\" to use torch.func per "
+                    "micro-batch (exact only if the module treats examples independently)."
+                )
+            self._warn_once(
+                f"generic:{path}",
+                f"{where} ({type(module).__name__}) has no rule: its parameters {sorted(own)} use the generic "
+                "torch.func path (slower; exact only if the module treats examples independently).",
+            )
+            units.append(Unit(path, module, "generic", None, own, self._batch_dim_of(path)))
+        return units
+
+    def _managed_parameters(self) -> list[nn.Parameter]:
+        seen, managed = set(), []
+        for unit in self._units:
+            for p in unit.params.values():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    managed.append(p)
+        missing = [n for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in seen]
+        if missing:  # cannot happen with the discovery above; guard against silent skips
+            raise UnsupportedModuleError(f"Parameters {missing} are not covered by any hooked module.")
+        return managed
+
+    def _check_optimizer(self) -> None:
+        managed = {id(p) for p in self._managed}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and id(p) not in managed:
+                    raise ConfigurationError(
+                        f"The optimizer holds a trainable parameter of shape {tuple(p.shape)} that is not in "
+                        "the attached model; its gradient would not be clipped. Attach the engine to the model "
+                        "that owns every optimised parameter."
+                    )
+
+    def _clip_settings(self) -> ClipSettings:
+        bounds = {}
+        if self.clipping == "per_layer":
+            bounds = self._per_param_bounds(self._cfg["max_grad_norm_raw"])
+        return ClipSettings(
+            mode=self.clipping,
+            max_grad_norm=float(self._cfg["max_grad_norm"]),
+            per_param_bound=bounds,
+            gamma=float(self._cfg["normalize_gamma"]),
+            loss_reduction=self._cfg["loss_reduction"],
+            grad_mode=self._cfg["grad_mode"],
+        )
+
+    def _per_param_bounds(self, raw) -> dict[int, float]:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        managed_names = [names[id(p)] for p in self._managed]
+        if isinstance(raw, Mapping):
+            unknown = set(raw) - set(managed_names)
+            missing = set(managed_names) - set(raw)
+            if unknown or missing:
+                raise ConfigurationError(
+                    f'clipping="per_layer": max_grad_norm must give a bound for every trainable parameter '
+                    f"name. Missing: {sorted(missing)}; unknown: {sorted(unknown)}."
+                )
+            bounds = {id(p): float(raw[names[id(p)]]) for p in self._managed}
+        elif isinstance(raw, Sequence) and not isinstance(raw, str):
+            if len(raw) != len(self._managed):
+                raise ConfigurationError(
+                    f'clipping="per_layer": got {len(raw)} bounds for {len(self._managed)} trainable '
+                    f"parameters ({managed_names}). Give one per parameter, a dict by name, or one float C "
+                    "(split as C/sqrt(number of parameters) so the total bound is C)."
+                )
+            bounds = {id(p): float(c) for p, c in zip(self._managed, raw)}
+        else:
+            share = float(raw) / math.sqrt(len(self._managed))
+            bounds = {id(p): share for p in self._managed}
+        if any(c <= 0 for c in bounds.values()):
+            raise ConfigurationError('clipping="per_layer": every bound must be > 0.')
+        return bounds
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, UserWarning, stacklevel=4)
+
+
+def _has_param(module: nn.Module, dotted: str) -> bool:
+    try:
+        return module.get_parameter(dotted) is not None
+    except AttributeError:
+        return False
+
+
+def attach(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    micro_batch_size: int,
+    max_grad_norm: float | Sequence[float] | Mapping[str, float],
+    clipping: str = "fixed",
+    noise_multiplier: float | None = None,
+    grouping: str = "auto",
+    num_groups: int | None = None,
+    loss_reduction: str = "mean",
+    grad_mode: str = "auto",
+    fallback: str | None = None,
+    normalize_gamma: float = 0.01,
+    batch_first: bool | None = None,
+    seed: int | None = None,
+) -> Engine:
+    """Attach micro-batch clipping to an unchanged model and optimizer.
+
+    After ``attach``, ``loss.backward(); optimizer.step()`` applies, per step,
+    ``p.grad = (sum_j clip(g_j) + noise) / M``, where ``g_j`` is the mean gradient
+    of micro-batch ``j`` (``micro_batch_size`` examples) and ``M`` the number of
+    micro-batches. "Micro-batch" is the clipping unit (TF Privacy's meaning),
+    not a memory chunk.
+
+    Args:
+        model: the model; it stays the same object (hooks only).
+        optimizer: any torch optimizer over the model's parameters; the engine
+            writes ``p.grad`` in a step pre-hook.
+        micro_batch_size: ``b``. 1 is per-example clipping (DP-SGD); the batch
+            size is ordinary clipping of the whole batch.
+        max_grad_norm: the bound ``C``. With ``clipping="per_layer"``: one float
+            (split equally, ``C/sqrt(K)`` per parameter), a list (one per trainable
+            parameter, in ``model.named_parameters()`` order) or a dict by name.
+        clipping: ``"fixed"`` (min(1, C/||g_j||)), ``"adaptive"`` (the bound is the
+            smallest micro-batch norm: Wang, Algorithm 1; not DP), ``"per_layer"``,
+            or ``"normalize"`` (C g_j / (||g_j|| + normalize_gamma)).
+        noise_multiplier: ``z``; the clipped sum gets ``N(0, (z C)^2)`` noise per
+            coordinate. ``None`` trains noise-free (no privacy claim).
+        grouping: ``"contiguous"`` (examples ``[b j, b (j+1))``; the batch size must
+            be a multiple of b), ``"keyed"`` (each example drawn into one of M groups
+            independently of the others), or ``"auto"`` (contiguous when noise-free).
+        num_groups: M for keyed grouping (default ``ceil(B / b)`` per batch).
+        loss_reduction: ``"mean"`` if your loss averages per-example losses over
+            the batch (default), ``"sum"`` if it sums them. A loss that averages over
+            tokens of the whole batch couples examples: use a per-example mean.
+        grad_mode: ``"auto"`` picks per layer from its shapes; ``"bookkeeping"``
+            (ghost norms + one weighted matmul where a rule supports it),
+            ``"materialize"`` (per-group gradients), ``"func"`` (torch.func for every layer).
+        fallback: for modules with parameters and no rule: ``"generic"`` (torch.func
+            per micro-batch, with a warning) or ``"error"``. Default: generic when
+            noise-free, error in DP mode.
+        normalize_gamma: the ``gamma`` of ``clipping="normalize"``.
+        batch_first: force the batch dimension (0 if True, 1 if False) of the model
+            input and of modules that do not declare one. Default: dimension 0,
+            or what a module declares (``batch_first`` of MHA / transformer layers).
+        seed: seeds the engine's own noise and grouping generators (default: a
+            random seed from the OS; torch's global RNG is never used).
+
+    Returns:
+        The :class:`Engine`. ``engine.detach()`` removes it.
+
+    Raises:
+        ConfigurationError: an invalid argument (the message names the fix).
+        UnsupportedModuleError: a module cannot be handled exactly (named).
+    """
+    if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
+        raise ConfigurationError(f"micro_batch_size must be an integer >= 1. Found {micro_batch_size!r}.")
+    _choice("clipping", clipping, CLIPPING_MODES)
+    _choice("grad_mode", grad_mode, GRAD_MODES)
+    _choice("grouping", grouping, GROUPINGS)
+    _choice("loss_reduction", loss_reduction, ("mean", "sum"))
+    _choice("fallback", fallback, (None, "generic", "error"))
+    if clipping == "per_layer":
+        scalar_c = _total_bound(max_grad_norm)
+    else:
+        if not isinstance(max_grad_norm, (int, float)) or isinstance(max_grad_norm, bool) or max_grad_norm <= 0:
+            raise ConfigurationError(
+                f"max_grad_norm must be a number > 0 for clipping={clipping!r}. Found {max_grad_norm!r}."
+            )
+        scalar_c = float(max_grad_norm)
+    if noise_multiplier is not None and noise_multiplier < 0:
+        raise ConfigurationError(f"noise_multiplier must be >= 0. Found {noise_multiplier}.")
+    if normalize_gamma <= 0:
+        raise ConfigurationError(f"normalize_gamma must be > 0. Found {normalize_gamma}.")
+    dp = False
+    if grouping == "auto":
+        grouping = "contiguous"
+    config = dict(
+        micro_batch_size=micro_batch_size, max_grad_norm=scalar_c, max_grad_norm_raw=max_grad_norm,
+        clipping=clipping, noise_multiplier=noise_multiplier or None, grouping=grouping,
+        num_groups=num_groups, public_num_groups=None, loss_reduction=loss_reduction, grad_mode=grad_mode,
+        fallback=fallback, normalize_gamma=normalize_gamma, batch_first=batch_first, seed=seed, dp=dp,
+    )
+    engine = Engine(model, optimizer, config)
+    engine._noise_on = bool(noise_multiplier)
+    return engine
+
+
+def _total_bound(raw) -> float:
+    if isinstance(raw, Mapping):
+        values = list(raw.values())
+    elif isinstance(raw, Sequence) and not isinstance(raw, str):
+        values = list(raw)
+    else:
+        values = [raw]
+    if not values or any(not isinstance(v, (int, float)) or v <= 0 for v in values):
+        raise ConfigurationError(f"max_grad_norm bounds must be numbers > 0. Found {raw!r}.")
+    return math.sqrt(sum(float(v) ** 2 for v in values)) if len(values) > 1 else float(values[0])

@@ -1,0 +1,133 @@
+"""Which micro-batch (group) each example of a batch belongs to.
+
+"Micro-batch" in this package is the *clipping unit* (as in TF Privacy's
+``num_microbatches``), not a memory chunk (as in Opacus' BatchMemoryManager).
+
+Two ways to form groups (DESIGN.md section 1):
+
+* contiguous: examples ``[b*j, b*(j+1))`` form group ``j`` (the papers, TF Privacy).
+  The batch size must be a multiple of ``b``.
+* keyed: every example gets a group drawn uniformly and independently of every
+  other example from the engine's own generator; ``M`` (the number of groups)
+  is a public constant. Groups are ragged and may be empty. This is the only
+  grouping with an example-level DP guarantee for ``b > 1`` after sampling.
+
+Dimension letters: B examples, M groups, R = rows of the largest group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import BatchError
+
+
+@dataclass(frozen=True)
+class Groups:
+    """The group of every example of one forward pass.
+
+    Attributes:
+        index: ``(B,)`` long tensor, the group of each example.
+        num_groups: ``M``, the number of group slots (some may be empty in keyed mode).
+        sizes: ``(M,)`` float tensor, examples per group.
+        equal_size: ``b`` when every group holds exactly ``b`` consecutive examples
+            (contiguous grouping), else ``None``; lets :meth:`pad` be a free reshape.
+    """
+
+    index: torch.Tensor
+    num_groups: int
+    sizes: torch.Tensor
+    equal_size: int | None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.index.shape[0])
+
+    def to(self, device: torch.device) -> "Groups":
+        if self.index.device == device:
+            return self
+        return Groups(self.index.to(device), self.num_groups, self.sizes.to(device), self.equal_size)
+
+    def max_size(self) -> int:
+        return self.equal_size if self.equal_size is not None else int(self.sizes.max().item())
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Rearrange rows ``(B, ...)`` into ``(M, R, ...)``, padding short groups with zeros.
+
+        Zero rows add nothing to a group's sum, so every rule can work on the
+        padded tensor as if groups were equal. Contiguous groups need no copy.
+        """
+        if self.equal_size is not None:
+            return x.reshape(self.num_groups, self.equal_size, *x.shape[1:])  # (M, b, ...)
+        slot = self._slot_in_group()
+        out = x.new_zeros((self.num_groups, self.max_size(), *x.shape[1:]))  # (M, R, ...)
+        out[self.index.to(x.device), slot.to(x.device)] = x
+        return out
+
+    def pad_like_first(self, x: torch.Tensor) -> torch.Tensor:
+        """As :meth:`pad`, but fills the padding with copies of row 0 instead of zeros.
+
+        Used for *inputs* of generic modules: a zero input may give a non-finite
+        output (log, division), while the matching zero output-gradient row
+        already makes the padding contribute nothing.
+        """
+        if self.equal_size is not None:
+            return self.pad(x)
+        slot = self._slot_in_group()
+        out = x[:1].expand(self.num_groups * self.max_size(), *x.shape[1:]).clone()
+        out = out.reshape(self.num_groups, self.max_size(), *x.shape[1:])
+        out[self.index.to(x.device), slot.to(x.device)] = x
+        return out
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum rows ``(B, ...)`` per group into ``(M, ...)``."""
+        if self.equal_size is not None:
+            return x.reshape(self.num_groups, self.equal_size, *x.shape[1:]).sum(1)
+        out = x.new_zeros((self.num_groups, *x.shape[1:]))
+        return out.index_add_(0, self.index.to(x.device), x)
+
+    def _slot_in_group(self) -> torch.Tensor:
+        # Position of each example inside its group, in batch order: (B,)
+        order = torch.argsort(self.index, stable=True)
+        sorted_groups = self.index[order]
+        starts = torch.zeros(self.num_groups + 1, dtype=torch.long, device=self.index.device)
+        starts[1:] = torch.cumsum(torch.bincount(self.index, minlength=self.num_groups), 0)
+        slot_sorted = torch.arange(self.batch_size, device=self.index.device) - starts[sorted_groups]
+        slot = torch.empty_like(slot_sorted)
+        slot[order] = slot_sorted
+        return slot
+
+
+def contiguous_groups(batch_size: int, micro_batch_size: int, device=None) -> Groups:
+    """Groups of ``b`` consecutive examples; raises if ``b`` does not divide ``B``."""
+    if batch_size % micro_batch_size != 0:
+        raise BatchError(
+            f"micro_batch_size={micro_batch_size} does not divide the batch size {batch_size} "
+            f'(grouping="contiguous"). Use a batch size that is a multiple of {micro_batch_size} '
+            '(e.g. DataLoader(..., drop_last=True)), or grouping="keyed".'
+        )
+    num_groups = batch_size // micro_batch_size
+    index = torch.arange(batch_size, device=device) // micro_batch_size
+    sizes = torch.full((num_groups,), float(micro_batch_size), device=device)
+    return Groups(index, num_groups, sizes, micro_batch_size)
+
+
+def keyed_groups(batch_size: int, num_groups: int, generator: torch.Generator) -> Groups:
+    """Every example drawn into one of ``num_groups`` groups, uniformly and independently.
+
+    The draw uses only the engine's generator: an example's group does not
+    depend on any other example, so adding or removing one example changes the
+    contents of exactly one group (the property the 2C sensitivity rests on).
+    The i-th draw goes to the i-th row, but since the draws are i.i.d. the
+    joint law of (example -> group) does not depend on positions.
+    """
+    index = torch.randint(num_groups, (batch_size,), generator=generator, device=generator.device)
+    sizes = torch.bincount(index, minlength=num_groups).to(torch.get_default_dtype())
+    return Groups(index, num_groups, sizes, None)
+
+
+def singleton_groups(batch_size: int, device=None) -> Groups:
+    """b = 1: every example is its own group (never hash buckets, where two could collide)."""
+    return contiguous_groups(batch_size, 1, device)

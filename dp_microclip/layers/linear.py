@@ -1,0 +1,88 @@
+"""nn.Linear, with any number of leading (sequence) dimensions.
+
+Letters: B examples, T positions per example (all leading dims flattened),
+d input features, p output features, M groups, N = rows per group x T.
+
+For group j with input rows A_j (N, d) and output-gradient rows G_j (N, p):
+  weight gradient  = G_j^T A_j                        (p, d)
+  squared norm     = ||G_j^T A_j||^2 = <A_j A_j^T, G_j G_j^T>   (Gram form)
+The Gram form costs ~N^2 (d + p) per group instead of N d p: cheaper when
+N < d p / (d + p) (ghost clipping, Li et al. 2021; book-keeping, Bu et al. 2023,
+here per micro-batch instead of per example).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..grouping import Groups
+from .registry import LayerRule, register_rule
+
+
+def _as_rows(a: torch.Tensor, g: torch.Tensor):
+    batch = a.shape[0]
+    return a.reshape(batch, -1, a.shape[-1]), g.reshape(batch, -1, g.shape[-1])  # (B, T, d), (B, T, p)
+
+
+def linear_group_grads(a, g, groups: Groups, with_bias: bool) -> dict:
+    a3, g3 = _as_rows(a, g)
+    pa = groups.pad(a3).flatten(1, 2)  # (M, N, d)
+    pg = groups.pad(g3).flatten(1, 2)  # (M, N, p)
+    out = {"weight": torch.bmm(pg.transpose(1, 2), pa)}  # (M, p, d)
+    if with_bias:
+        out["bias"] = groups.sum(g3.sum(1))  # (M, p)
+    return out
+
+
+def linear_group_sq_norms(a, g, groups: Groups, with_bias: bool) -> dict:
+    a3, g3 = _as_rows(a, g)
+    if a3.shape[1] == 1 and groups.equal_size == 1:
+        # One row per group: ||g a^T||^2 = ||a||^2 ||g||^2.
+        w = a3[:, 0].pow(2).sum(-1) * g3[:, 0].pow(2).sum(-1)  # (B,)
+    else:
+        pa = groups.pad(a3).flatten(1, 2)  # (M, N, d)
+        pg = groups.pad(g3).flatten(1, 2)  # (M, N, p)
+        gram_a = torch.bmm(pa, pa.transpose(1, 2))  # (M, N, N)
+        gram_g = torch.bmm(pg, pg.transpose(1, 2))  # (M, N, N)
+        w = (gram_a * gram_g).sum((1, 2))  # (M,)
+    out = {"weight": w}
+    if with_bias:
+        out["bias"] = groups.sum(g3.sum(1)).pow(2).sum(-1)  # (M,)
+    return out
+
+
+def linear_weighted_sum(a, g, row_weight: dict, with_bias: bool) -> dict:
+    a3, g3 = _as_rows(a, g)
+    out = {}
+    if "weight" in row_weight:
+        gw = g3 * row_weight["weight"].to(g3.dtype)[:, None, None]  # (B, T, p)
+        out["weight"] = gw.flatten(0, 1).t() @ a3.flatten(0, 1)  # (p, d)
+    if with_bias and "bias" in row_weight:
+        out["bias"] = torch.einsum("btp,b->p", g3, row_weight["bias"].to(g3.dtype))
+    return out
+
+
+def linear_prefers_ghost(a, g, groups: Groups) -> bool:
+    d, p = a.shape[-1], g.shape[-1]
+    rows_per_group = groups.max_size() * (a[0].numel() // d)
+    return rows_per_group * (d + p) < d * p
+
+
+def _group_grads(layer: nn.Linear, inputs, out_grad, groups):
+    return linear_group_grads(inputs[0], out_grad, groups, layer.bias is not None)
+
+
+def _group_sq_norms(layer: nn.Linear, inputs, out_grad, groups):
+    return linear_group_sq_norms(inputs[0], out_grad, groups, layer.bias is not None)
+
+
+def _weighted_sum(layer: nn.Linear, inputs, out_grad, row_weight):
+    return linear_weighted_sum(inputs[0], out_grad, row_weight, layer.bias is not None)
+
+
+def _prefers_ghost(layer: nn.Linear, inputs, out_grad, groups):
+    return linear_prefers_ghost(inputs[0], out_grad, groups)
+
+
+register_rule(nn.Linear, LayerRule(_group_grads, _group_sq_norms, _weighted_sum, _prefers_ghost))
