@@ -82,6 +82,7 @@ class Engine:
         self._reset_step()
         self.steps_taken = 0
         self.last_group_norms: torch.Tensor | None = None
+        self.last_groups: grouping.Groups | None = None
         self.last_strategies: dict[str, str] = {}
 
         self._units = self._discover_units()
@@ -91,9 +92,9 @@ class Engine:
 
         self._original_requires_grad = {id(p): p.requires_grad for p in model.parameters()}
         self._hooks = HookSet(self, self._root_batch_dim())
-        self._hooks.install_root(model, self._root_batch_dim())
         for unit in self._units:
             self._hooks.install_unit(unit)
+        self._hooks.install_root(model, self._root_batch_dim())
         for p in self._managed:
             p.requires_grad_(False)
         self._step_handle = optimizer.register_step_pre_hook(self._before_step)
@@ -190,6 +191,7 @@ class Engine:
 
     def open_context(self, batch_size: int, device: torch.device) -> None:
         self._context = ForwardContext(batch_size, self._make_groups(batch_size, device))
+        self.last_groups = self._context.groups
 
     def close_context(self) -> None:
         self._context = None

@@ -116,7 +116,9 @@ class HookSet:
             self.engine.close_context()
             return None
 
-        self.handles.append(root.register_forward_pre_hook(pre, with_kwargs=True))
+        # Installed after the units: the pre-hook goes first (prepend) and the post-hook last, so a
+        # root that is itself a hooked layer still sees an open context.
+        self.handles.append(root.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
         self.handles.append(root.register_forward_hook(post, with_kwargs=True, always_call=True))
 
     def install_unit(self, unit: Unit) -> None:
