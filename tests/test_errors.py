@@ -1,0 +1,142 @@
+"""Every error a user can hit names the problem and the fix."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import dp_microclip
+from dp_microclip import BatchError, ConfigurationError, UnsupportedModuleError
+
+from .models import Scale
+
+
+def _attach(model, **kwargs):
+    kwargs.setdefault("micro_batch_size", 2)
+    kwargs.setdefault("max_grad_norm", 1.0)
+    return dp_microclip.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+
+
+def test_batch_not_divisible_names_the_fix():
+    model = nn.Linear(3, 2)
+    _attach(model, micro_batch_size=4)
+    with pytest.raises(BatchError, match=r"micro_batch_size=4 does not divide the batch size 6.*multiple of 4.*keyed"):
+        model(torch.randn(6, 3)).sum().backward()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"micro_batch_size": 0}, "micro_batch_size must be an integer >= 1"),
+        ({"clipping": "clip"}, "clipping='clip' is not one of"),
+        ({"grad_mode": "fast"}, "grad_mode='fast' is not one of"),
+        ({"grouping": "random"}, "grouping='random' is not one of"),
+        ({"max_grad_norm": -1.0}, "max_grad_norm must be a number > 0"),
+        ({"noise_multiplier": -0.5}, "noise_multiplier must be >= 0"),
+        ({"loss_reduction": "none"}, "loss_reduction='none' is not one of"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ConfigurationError, match=match):
+        _attach(nn.Linear(3, 2), **kwargs)
+
+
+def test_per_layer_bounds_must_cover_every_parameter():
+    with pytest.raises(ConfigurationError, match=r"Missing: \['bias'\]"):
+        _attach(nn.Linear(3, 2), clipping="per_layer", max_grad_norm={"weight": 1.0})
+    with pytest.raises(ConfigurationError, match="Give one per parameter"):
+        _attach(nn.Linear(3, 2), clipping="per_layer", max_grad_norm=[1.0, 1.0, 1.0])
+
+
+def test_module_without_rule_with_fallback_error_names_the_module():
+    model = nn.Sequential(nn.Linear(3, 3), Scale(3))
+    with pytest.raises(UnsupportedModuleError, match=r"^1 \(Scale\).*register_rule.*fallback=\"generic\""):
+        _attach(model, fallback="error")
+
+
+def test_generic_fallback_warns_once_naming_the_module():
+    model = nn.Sequential(nn.Linear(3, 3), Scale(3))
+    with pytest.warns(UserWarning, match=r"1 \(Scale\) has no rule"):
+        engine = _attach(model)
+    assert "generic torch.func path" in engine.summary()
+
+
+def test_sparse_embedding_refused():
+    with pytest.raises(UnsupportedModuleError, match="sparse=False, scale_grad_by_freq=False"):
+        _attach(nn.Embedding(5, 3, sparse=True))
+
+
+def test_batchnorm_warns_when_noise_free():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    with pytest.warns(UserWarning, match="nn.GroupNorm"):
+        _attach(model)
+
+
+def test_optimizer_with_foreign_parameter():
+    model = nn.Linear(3, 2)
+    stranger = nn.Parameter(torch.zeros(2))
+    with pytest.raises(ConfigurationError, match="not in the attached model"):
+        dp_microclip.attach(model, torch.optim.SGD([*model.parameters(), stranger], lr=0.1),
+                            micro_batch_size=1, max_grad_norm=1.0)
+
+
+class BroadcastPositions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(10, 4)
+        self.pos = nn.Embedding(6, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, tokens):
+        positions = torch.arange(tokens.shape[1]).unsqueeze(0)  # (1, T): shared by the batch
+        return self.head((self.tok(tokens) + self.pos(positions)).mean(1))
+
+
+def test_batch_broadcast_input_is_refused_by_name():
+    model = BroadcastPositions()
+    _attach(model, micro_batch_size=1)
+    with pytest.raises(BatchError, match=r"pos \(Embedding\).*expand it to the batch"):
+        model(torch.randint(0, 10, (3, 6)))
+
+
+def test_submodule_called_directly_is_refused():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    _attach(model, micro_batch_size=1)
+    with pytest.raises(BatchError, match="Call the model passed to attach"):
+        model[0](torch.randn(2, 3))
+
+
+def test_cross_attention_refused():
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x * 2, x * 2)[0].sum(1)
+
+    model = Cross()
+    _attach(model, micro_batch_size=1)
+    with pytest.raises(UnsupportedModuleError, match="query is key is value"):
+        model(torch.randn(2, 3, 4))
+
+
+def test_mha_bias_kv_refused():
+    with pytest.raises(UnsupportedModuleError, match="add_bias_kv=False"):
+        _attach(nn.MultiheadAttention(4, 2, add_bias_kv=True))
+
+
+def test_adaptive_zero_norm_warns():
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    dp_microclip.attach(model, opt, micro_batch_size=1, max_grad_norm=1.0, clipping="adaptive")
+    x = torch.randn(2, 3)
+    x[0] = 0.0
+    out = model(x)
+    (out[1].sum() * 1.0).backward()  # example 0 has a zero gradient
+    with pytest.warns(RuntimeWarning, match="rho is 0"):
+        opt.step()
+    assert torch.count_nonzero(model.weight.grad) == 0
