@@ -31,6 +31,24 @@ from .layers.registry import LayerRule, rule_for_type
 _context_ids = itertools.count()
 
 
+class RequireGrad(torch.autograd.Function):
+    """``y = x`` that requires grad, so a tensor hook on ``y`` receives dL/dy.
+
+    Returns a copy, not ``x`` itself: an input returned as-is becomes a view that a
+    later in-place op (``ReLU(inplace=True)``) may not modify. The copy costs one
+    pass over the output, far less than the input-gradient product that making the
+    layer's input require grad would cost. Nothing flows further back.
+    """
+
+    @staticmethod
+    def forward(ctx, anchor, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None
+
+
 @dataclass
 class ForwardContext:
     """One forward pass of the attached model: its batch size and groups."""
@@ -95,6 +113,7 @@ class HookSet:
         self.handles: list = []
         # When both dims 0 and 1 have the batch size and nothing is declared, use the root's layout.
         self.preferred_batch_dim = preferred_batch_dim
+        self.anchor = torch.zeros((), requires_grad=True)  # makes RequireGrad's output need a gradient
 
     # ------------------------------------------------------------------ install
     def install_root(self, root: nn.Module, batch_dim: int) -> None:
@@ -214,18 +233,6 @@ class HookSet:
 
     # ------------------------------------------------------------------ layers
     def _install_layer(self, unit: Unit) -> None:
-        def pre(module, args, kwargs):
-            # The engine switched the weights' own requires_grad off (autograd would compute an
-            # unclipped weight gradient and throw it away). If the input needs no gradient either,
-            # the output would need none and no output gradient would arrive: make the input a leaf
-            # that requires grad. Costs one input-gradient product on the first layer only.
-            if self._capturing() is None or not args:
-                return None
-            x = args[0]
-            if torch.is_tensor(x) and x.is_floating_point() and not x.requires_grad:
-                return (x.detach().requires_grad_(), *args[1:]), kwargs
-            return None
-
         def post(module, args, kwargs, output):
             ctx = self._capturing()
             if ctx is None:
@@ -250,15 +257,16 @@ class HookSet:
             )
             replaced = None
             if not output.requires_grad:
-                # No float input needed a gradient (an embedding's integer indices): make the output
-                # a leaf so its gradient still arrives.
-                output = replaced = output.detach().requires_grad_()
+                # The engine switched the weights' own requires_grad off (autograd would compute an
+                # unclipped weight gradient and throw it away). With an input that needs no gradient
+                # either (the first layer, an embedding), the output would need none and no output
+                # gradient would arrive: tie the output to the engine's anchor so it does.
+                output = replaced = RequireGrad.apply(self.anchor, output)
             cloned = self._watch_output(
                 unit, unit.path, unit.rule, module, unit.params, inputs, dict(kwargs), ctx, output, bd
             )
             return cloned if cloned is not None else replaced
 
-        self.handles.append(unit.module.register_forward_pre_hook(pre, with_kwargs=True))
         self.handles.append(unit.module.register_forward_hook(post, with_kwargs=True))
 
     # --------------------------------------------------------------- attention

@@ -59,7 +59,8 @@ def linear_weighted_sum(a, g, row_weight: dict, with_bias: bool) -> dict:
         gw = g3 * row_weight["weight"].to(g3.dtype)[:, None, None]  # (B, T, p)
         out["weight"] = gw.flatten(0, 1).t() @ a3.flatten(0, 1)  # (p, d)
     if with_bias and "bias" in row_weight:
-        out["bias"] = torch.einsum("btp,b->p", g3, row_weight["bias"].to(g3.dtype))
+        rows = row_weight["bias"].to(g3.dtype)
+        out["bias"] = torch.mv(g3.sum(1).t(), rows) if g3.shape[1] > 1 else torch.mv(g3[:, 0].t(), rows)  # (p,)
     return out
 
 
