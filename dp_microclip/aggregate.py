@@ -22,11 +22,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from . import clipping as clip
-from .grads import Record
+from .grads import ForwardContext, Record
 from .layers.generic import generic_group_grads
 
 
@@ -42,20 +43,48 @@ class ClipSettings:
 
 @dataclass
 class PassResult:
-    sums: dict = field(default_factory=dict)  # id(param) -> (param, clipped sum)
-    num_groups: int = 0
+    """Clipped gradients of one backward pass, already averaged: ``sum_j f_j g_j / num_groups``.
+
+    Storing the mean (not the sum) saves a division over every parameter at the
+    step; passes and contexts are combined with :func:`merge_means`.
+    """
+
+    sums: dict = field(default_factory=dict)  # id(param) -> (param, clipped mean)
+    num_groups: float = 0.0  # the divisor used (public M in DP mode)
     group_norms: list = field(default_factory=list)  # one (M,) tensor per context
     min_norm: float = float("inf")  # smallest norm over non-empty groups (adaptive)
     strategies: dict = field(default_factory=dict)  # record name -> strategy used
 
 
-def clip_and_sum(records: list[Record], settings: ClipSettings, replay_guard) -> PassResult:
+def merge_means(acc: dict, acc_count: float, new: dict, new_count: float) -> tuple[dict, float]:
+    """Combine two averages over ``acc_count`` and ``new_count`` groups into one over their sum.
+
+    Tensors in ``acc`` are updated in place (they belong to the engine).
+    """
+    if acc_count == 0:
+        return new, new_count
+    total = acc_count + new_count
+    keep, add = acc_count / total, new_count / total
+    for pid, (p, value) in acc.items():
+        value.mul_(keep)
+    for pid, (p, value) in new.items():
+        if pid in acc:
+            acc[pid][1].add_(value, alpha=add)
+        else:
+            acc[pid] = (p, value * add)
+    return acc, total
+
+
+def clip_and_sum(
+    records: list[Record], settings: ClipSettings, replay_guard, divisor_of: Callable[[ForwardContext], float]
+) -> PassResult:
+    """Clipped, averaged gradients of one backward pass; ``divisor_of(ctx)`` is the M of a batch."""
     result = PassResult()
     by_context: dict[int, list[Record]] = {}
     for record in records:
         by_context.setdefault(record.ctx.id, []).append(record)
     for ctx_records in by_context.values():
-        _one_context(ctx_records, settings, replay_guard, result)
+        _one_context(ctx_records, settings, replay_guard, result, float(divisor_of(ctx_records[0].ctx)))
     return result
 
 
@@ -74,7 +103,7 @@ def _strategy(record: Record, settings: ClipSettings, uses: Counter) -> str:
     return "materialize"
 
 
-def _one_context(records: list[Record], settings: ClipSettings, replay_guard, result: PassResult) -> None:
+def _one_context(records: list[Record], settings: ClipSettings, replay_guard, result: PassResult, divisor: float) -> None:
     ctx = records[0].ctx
     device = records[0].out_grad.device
     groups = ctx.groups.to(device)
@@ -115,10 +144,11 @@ def _one_context(records: list[Record], settings: ClipSettings, replay_guard, re
 
     total_norm = (torch.stack(list(sq_norms.values())).sum(0).clamp(min=0).sqrt()) * to_mean  # (M,)
     weights: dict[int, torch.Tensor] = {}
+    to_average = to_mean / divisor  # folds the final 1/M into the per-group weights
     if settings.mode == "per_layer":
         for pid, sq in sq_norms.items():
             norm_p = sq.clamp(min=0).sqrt() * to_mean
-            weights[pid] = clip.fixed_factors(norm_p, settings.per_param_bound[pid]) * to_mean
+            weights[pid] = clip.fixed_factors(norm_p, settings.per_param_bound[pid]) * to_average
     else:
         if settings.mode == "fixed":
             factors = clip.fixed_factors(total_norm, settings.max_grad_norm)
@@ -128,25 +158,25 @@ def _one_context(records: list[Record], settings: ClipSettings, replay_guard, re
             factors = clip.unit_factors(total_norm)
         else:  # validated in attach()
             raise AssertionError(settings.mode)
-        group_weight = factors * to_mean  # (M,)
+        group_weight = factors * to_average  # (M,)
         weights = {pid: group_weight for pid in sq_norms}
 
     if settings.mode == "adaptive" and bool(nonempty.any()):
         result.min_norm = min(result.min_norm, float(total_norm[nonempty].min()))
     result.group_norms.append(total_norm.detach())
-    result.num_groups += groups.num_groups
+    sums: dict = {}
 
     def add(pid: int, value: torch.Tensor) -> None:
-        p = params[pid]
-        if pid in result.sums:
-            result.sums[pid] = (p, result.sums[pid][1] + value)
+        if pid in sums:
+            sums[pid][1].add_(value)
         else:
-            result.sums[pid] = (p, value)
+            sums[pid] = (params[pid], value)
 
     for pid, g in materialised.items():
         add(pid, torch.einsum("m,m...->...", weights[pid].to(g.dtype), g))
     for record in ghost_records:
         row_weight = {name: weights[id(p)][groups.index] for name, p in record.params.items()}
-        sums = record.rule.weighted_sum(record.layer, record.inputs, record.out_grad, row_weight)
+        weighted = record.rule.weighted_sum(record.layer, record.inputs, record.out_grad, row_weight)
         for name, p in record.params.items():
-            add(id(p), sums[name])
+            add(id(p), weighted[name])
+    result.sums, result.num_groups = merge_means(result.sums, result.num_groups, sums, divisor)

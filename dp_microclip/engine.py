@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import grouping
-from .aggregate import ClipSettings, PassResult, clip_and_sum
+from .aggregate import ClipSettings, PassResult, clip_and_sum, merge_means
 from .errors import ConfigurationError, PrivacyError, UnsupportedModuleError
 from .grads import ForwardContext, HookSet, Record, Unit
 from .layers.attention import check_attention_supported
@@ -215,16 +215,16 @@ class Engine:
         self._callback_queued = False
         if not self._enabled or not records:
             return
-        result = clip_and_sum(records, self._settings, self._replay)
+        result = clip_and_sum(records, self._settings, self._replay, self._divisor_of)
         self._accumulate(result)
 
+    def _divisor_of(self, ctx: ForwardContext) -> float:
+        """M of one batch: its number of groups, or the public constant in DP mode."""
+        public = self._cfg["public_num_groups"]
+        return float(public) if public is not None else float(ctx.groups.num_groups)
+
     def _accumulate(self, result: PassResult) -> None:
-        for pid, (p, value) in result.sums.items():
-            if pid in self._sums:
-                self._sums[pid] = (p, self._sums[pid][1] + value)
-            else:
-                self._sums[pid] = (p, value)
-        self._groups_seen += result.num_groups
+        self._sums, self._groups_seen = merge_means(self._sums, self._groups_seen, result.sums, result.num_groups)
         self._min_norm = min(self._min_norm, result.min_norm)
         self._passes += 1
         if result.group_norms:
@@ -233,15 +233,9 @@ class Engine:
 
     def _reset_step(self) -> None:
         self._sums: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
-        self._groups_seen = 0
+        self._groups_seen = 0.0
         self._min_norm = float("inf")
         self._passes = 0
-
-    def _divisor(self) -> float:
-        """M: the number of groups the clipped sum is divided by (public in DP mode)."""
-        if self._cfg["public_num_groups"] is not None:
-            return float(self._cfg["public_num_groups"] * max(self._passes, 1))
-        return float(self._groups_seen)
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         if not self._enabled:
@@ -263,8 +257,8 @@ class Engine:
                     "and this step is zero. A micro-batch whose gradient vanishes stops training; consider "
                     'clipping="fixed".', RuntimeWarning, stacklevel=3,
                 )
-        divisor = self._divisor()
-        std = self.noise_std if self._noise_on else 0.0
+        # self._sums holds means over the step's groups (the 1/M is already applied).
+        std = self.noise_std / self._groups_seen if self._noise_on else 0.0
         for p in self._managed:
             entry = self._sums.get(id(p))
             if entry is None and std == 0.0:
@@ -272,10 +266,10 @@ class Engine:
                 continue
             total = torch.zeros_like(p) if entry is None else entry[1]
             if rho != 1.0:
-                total = total * rho
+                total.mul_(rho)
             if std > 0.0:
-                total = total + self._noise_source.gaussian_like(p, std)
-            p.grad = (total / divisor).to(p.dtype)
+                total.add_(self._noise_source.gaussian_like(p, std))
+            p.grad = total if total.dtype == p.dtype else total.to(p.dtype)
         self._after_step()
         self._reset_step()
         self.steps_taken += 1

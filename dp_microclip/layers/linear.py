@@ -35,20 +35,27 @@ def linear_group_grads(a, g, groups: Groups, with_bias: bool) -> dict:
     return out
 
 
+def _sq_row_norms(x: torch.Tensor) -> torch.Tensor:
+    # One reduction pass, no (B, d) temporary (pow + sum would make one).
+    return torch.linalg.vector_norm(x, dim=-1).square()
+
+
 def linear_group_sq_norms(a, g, groups: Groups, with_bias: bool) -> dict:
     a3, g3 = _as_rows(a, g)
     if a3.shape[1] == 1 and groups.equal_size == 1:
-        # One row per group: ||g a^T||^2 = ||a||^2 ||g||^2.
-        w = a3[:, 0].pow(2).sum(-1) * g3[:, 0].pow(2).sum(-1)  # (B,)
-    else:
-        pa = groups.pad(a3).flatten(1, 2)  # (M, N, d)
-        pg = groups.pad(g3).flatten(1, 2)  # (M, N, p)
-        gram_a = torch.bmm(pa, pa.transpose(1, 2))  # (M, N, N)
-        gram_g = torch.bmm(pg, pg.transpose(1, 2))  # (M, N, N)
-        w = (gram_a * gram_g).sum((1, 2))  # (M,)
-    out = {"weight": w}
+        # One row per group: ||g a^T||^2 = ||a||^2 ||g||^2, and the bias norm is ||g||^2.
+        g_sq = _sq_row_norms(g3[:, 0])  # (B,)
+        out = {"weight": _sq_row_norms(a3[:, 0]) * g_sq}
+        if with_bias:
+            out["bias"] = g_sq
+        return out
+    pa = groups.pad(a3).flatten(1, 2)  # (M, N, d)
+    pg = groups.pad(g3).flatten(1, 2)  # (M, N, p)
+    gram_a = torch.bmm(pa, pa.transpose(1, 2))  # (M, N, N)
+    gram_g = torch.bmm(pg, pg.transpose(1, 2))  # (M, N, N)
+    out = {"weight": (gram_a * gram_g).sum((1, 2))}  # (M,)
     if with_bias:
-        out["bias"] = groups.sum(g3.sum(1)).pow(2).sum(-1)  # (M,)
+        out["bias"] = _sq_row_norms(groups.sum(g3.sum(1)))  # (M,)
     return out
 
 
