@@ -73,6 +73,11 @@ class Engine:
         self._group_generator = torch.Generator().manual_seed(self._noise_source.seed ^ 0x5DEECE66D)
         self._noise_on = self.dp
         self.noise_multiplier: float | None = config["noise_multiplier"]
+        self._privacy = None  # PrivacyState in DP mode (set by attach)
+        self._sampling_generator = torch.Generator().manual_seed(self._noise_source.seed ^ 0x2545F491)
+        self._sampled_batches = 0  # batches drawn by engine.data_loader
+        self._consumed_batches = 0  # of those, how many a step has used
+        self._last_batch_size: int | None = None
         self._enabled = True
         self._replaying = False
         self._context: ForwardContext | None = None
@@ -121,6 +126,73 @@ class Engine:
             return 0.0
         return self.noise_multiplier * self._sensitivity_scale()
 
+    @property
+    def sample_rate(self) -> float | None:
+        return self._cfg["sample_rate"]
+
+    def data_loader(self, dataset, batch_size: int | None = None, **loader_kwargs):
+        """A DataLoader with Poisson sampling at the engine's ``sample_rate``: the sampling epsilon is computed for.
+
+        Each record joins each batch independently with probability ``q``; one
+        epoch is ``round(1/q)`` steps; batches are ragged and may be empty. In DP
+        mode this also fixes the public number of groups ``M = round(q N / b)``.
+
+        Args:
+            dataset: a map-style dataset of ``N`` records.
+            batch_size: the expected batch size ``q N``; needed only when attach() got no
+                sample_rate (noise-free), otherwise checked against it.
+            **loader_kwargs: passed to ``DataLoader`` (num_workers, collate_fn, ...).
+        """
+        from .data import poisson_loader
+
+        n = len(dataset)
+        q = self._cfg["sample_rate"]
+        if q is None:
+            if batch_size is None:
+                raise ConfigurationError("engine.data_loader(dataset, batch_size=...) needs the expected batch size.")
+            q = batch_size / n
+            self._cfg["sample_rate"] = q
+        elif batch_size is not None and abs(batch_size - q * n) > 0.5:
+            raise ConfigurationError(
+                f"batch_size={batch_size} disagrees with sample_rate={q} x len(dataset)={n} = {q * n:.1f}. "
+                f"Pass batch_size={round(q * n)} or omit it."
+            )
+        if self.dp:
+            public = public_groups(q * n, self.micro_batch_size)
+            current = self._cfg["public_num_groups"]
+            if current is not None and current != public:
+                raise ConfigurationError(
+                    f"expected_batch_size given to attach() implies {current} groups, but this dataset "
+                    f"(N={n}, q={q}) implies {public}. Make them agree."
+                )
+            self._cfg["public_num_groups"] = self._cfg["num_groups"] = public
+        self._dataset_size = n
+
+        def on_batch(size: int) -> None:
+            self._sampled_batches += 1
+
+        return poisson_loader(dataset, q, self._sampling_generator, on_batch=on_batch, **loader_kwargs)
+
+    def epsilon(self, delta: float | None = None, accountant: str | None = None) -> float:
+        """Epsilon of everything trained so far at ``delta`` (default: attach's delta).
+
+        ``inf`` when the engine trains noise-free or any step ran with noise off.
+
+        Raises:
+            PrivacyError: when no valid number exists (e.g. batches not from
+                ``engine.data_loader`` without a declaration); never a guess.
+        """
+        if self._privacy is None:
+            return math.inf
+        return self._privacy.epsilon(delta, accountant)
+
+    def privacy_statement(self, delta: float | None = None) -> str:
+        """A plain-language statement of the guarantee (adjacency, sampling, grouping, micro-batching)."""
+        if self._privacy is None:
+            return ("Noise-free training: no differential-privacy guarantee (epsilon is infinite). "
+                    "Attach with noise_multiplier=... or target_epsilon=... for DP training.")
+        return self._privacy.statement(delta, getattr(self, "_dataset_size", None))
+
     def detach(self) -> None:
         """Remove every hook and restore every ``requires_grad`` flag; the model then trains as before.
 
@@ -162,6 +234,8 @@ class Engine:
             "group_generator": self._group_generator.get_state(),
             "steps_taken": self.steps_taken,
             "noise_on": self._noise_on,
+            "sampling_generator": self._sampling_generator.get_state(),
+            "privacy": None if self._privacy is None else self._privacy.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -169,6 +243,11 @@ class Engine:
         self._group_generator.set_state(state["group_generator"])
         self.steps_taken = int(state["steps_taken"])
         self._noise_on = bool(state["noise_on"])
+        self._sampling_generator.set_state(state["sampling_generator"])
+        if (state["privacy"] is None) != (self._privacy is None):
+            raise ConfigurationError("This state_dict comes from an engine with a different DP mode.")
+        if self._privacy is not None:
+            self._privacy.load_state_dict(state["privacy"])
 
     # ============================================================ hook callbacks
     def active(self) -> bool:
@@ -205,9 +284,17 @@ class Engine:
     # ================================================================ internals
     def _make_groups(self, batch_size: int, device) -> grouping.Groups:
         b = self.micro_batch_size
+        self._last_batch_size = batch_size
         if self.grouping == "contiguous" or b == 1:
             return grouping.contiguous_groups(batch_size, b, device)
-        num_groups = self._cfg["num_groups"] or max(1, math.ceil(batch_size / b))
+        num_groups = self._cfg["num_groups"]
+        if num_groups is None:
+            if self.dp:
+                raise ConfigurationError(
+                    "DP mode needs the public number of groups before the first batch: build the loader with "
+                    "engine.data_loader(dataset), or pass expected_batch_size=... to attach()."
+                )
+            num_groups = max(1, math.ceil(batch_size / b))
         return grouping.keyed_groups(batch_size, num_groups, self._group_generator)
 
     def _finish_pass(self) -> None:
@@ -221,6 +308,8 @@ class Engine:
     def _divisor_of(self, ctx: ForwardContext) -> float:
         """M of one batch: its number of groups, or the public constant in DP mode."""
         public = self._cfg["public_num_groups"]
+        if self.dp and self.micro_batch_size == 1:
+            public = self._cfg["public_num_groups"]  # b = 1: M is the expected batch size
         return float(public) if public is not None else float(ctx.groups.num_groups)
 
     def _accumulate(self, result: PassResult) -> None:
@@ -240,13 +329,29 @@ class Engine:
     def _before_step(self, optimizer, args, kwargs) -> None:
         if not self._enabled:
             return
-        if self._passes == 0:
+        empty_batch = self._passes == 0 and self._last_batch_size == 0
+        if self._passes == 0 and not (self.dp and empty_batch):
             if self.dp:
                 raise PrivacyError(
                     "optimizer.step() was called with no backward pass since the last step; in DP mode "
                     "every step must come from a sampled batch. Call loss.backward() first."
                 )
             return  # like plain PyTorch with no gradients: the optimizer has nothing to do
+        if self.dp:
+            if self._passes > 1:
+                raise PrivacyError(
+                    f"{self._passes} backward passes before one optimizer.step() in DP mode: each step must be "
+                    "one Poisson-sampled batch with one backward pass (gradient accumulation would change the "
+                    "public normaliser). Use a larger sample_rate instead of accumulation."
+                )
+            if self._cfg["public_num_groups"] is None:
+                raise ConfigurationError(
+                    "DP mode needs the public number of groups: build the loader with engine.data_loader(dataset), "
+                    "or pass expected_batch_size=... to attach()."
+                )
+            self._privacy.before_step(self._noise_on)
+            if empty_batch:
+                self._groups_seen = float(self._cfg["public_num_groups"])
         rho = 1.0
         if self.clipping == "adaptive":
             rho = 0.0 if math.isinf(self._min_norm) else self._min_norm
@@ -275,7 +380,14 @@ class Engine:
         self.steps_taken += 1
 
     def _after_step(self) -> None:
-        """Hook for privacy accounting (DP mode)."""
+        """Record the step with the accountant (DP mode), noting whether our sampler drew its batch."""
+        self._last_batch_size = None
+        if self._privacy is None:
+            return
+        sampled_by_engine = self._sampled_batches > self._consumed_batches
+        if sampled_by_engine:
+            self._consumed_batches += 1
+        self._privacy.after_step(self._noise_on, sampled_by_engine)
 
     # ------------------------------------------------------------- discovery
     def _sensitivity_scale(self) -> float:
@@ -444,6 +556,16 @@ def attach(
     max_grad_norm: float | Sequence[float] | Mapping[str, float],
     clipping: str = "fixed",
     noise_multiplier: float | None = None,
+    target_epsilon: float | None = None,
+    delta: float | None = None,
+    sample_rate: float | None = None,
+    expected_batch_size: int | None = None,
+    steps: int | None = None,
+    epochs: float | None = None,
+    sampling: str = "engine",
+    adjacency: str = "add_remove",
+    accountant: str = "prv",
+    enforce_budget: bool = True,
     grouping: str = "auto",
     num_groups: int | None = None,
     loss_reduction: str = "mean",
@@ -474,7 +596,32 @@ def attach(
             smallest micro-batch norm: Wang, Algorithm 1; not DP), ``"per_layer"``,
             or ``"normalize"`` (C g_j / (||g_j|| + normalize_gamma)).
         noise_multiplier: ``z``; the clipped sum gets ``N(0, (z C)^2)`` noise per
-            coordinate. ``None`` trains noise-free (no privacy claim).
+            coordinate. ``None`` (and no ``target_epsilon``) trains noise-free, with no
+            privacy claim. Giving it (or ``target_epsilon``) turns on DP mode: keyed
+            groups, a public normaliser, a ledger, and refusals of anything without a
+            valid guarantee. With ``micro_batch_size > 1`` the sensitivity is 2C, so
+            the accountant is given ``z / 2``: the same ``z`` buys a larger epsilon.
+        target_epsilon: DP mode: calibrate ``z`` (if not given) so that ``epsilon``
+            reaches this after ``steps`` (or ``epochs``) steps; with
+            ``enforce_budget=True`` (default) a step that would exceed it raises.
+        delta: the delta of the guarantee (e.g. ``1 / dataset size`` or smaller).
+        sample_rate: DP mode, required: ``q``, the probability that a record joins a
+            batch (``engine.data_loader(dataset)`` samples with it; expected batch
+            size ``q * len(dataset)``).
+        expected_batch_size: the public expected batch size ``q N`` (set by
+            ``engine.data_loader``); the number of groups is ``round(q N / b)``.
+        steps, epochs: the planned length of training, for calibration (epochs
+            are ``round(1/q)`` steps each).
+        sampling: ``"engine"`` (default: batches must come from ``engine.data_loader``,
+            or ``epsilon()`` refuses), ``"poisson"`` (you declare that your own loader
+            samples each record independently with probability ``sample_rate``; the
+            privacy statement says it rests on that), ``"shuffle"`` (no epsilon).
+        adjacency: ``"add_remove"`` (default) or ``"replace_one"`` where the
+            accountant supports it.
+        accountant: ``"prv"`` (default, Opacus PRV), ``"rdp"`` or ``"pld"`` (Google's
+            dp_accounting, the ``accounting`` extra).
+        enforce_budget: with ``target_epsilon``, raise before a step that would
+            exceed it (including any step with noise off).
         grouping: ``"contiguous"`` (examples ``[b j, b (j+1))``; the batch size must
             be a multiple of b), ``"keyed"`` (each example drawn into one of M groups
             independently of the others), or ``"auto"`` (contiguous when noise-free).
@@ -521,18 +668,89 @@ def attach(
         raise ConfigurationError(f"noise_multiplier must be >= 0. Found {noise_multiplier}.")
     if normalize_gamma <= 0:
         raise ConfigurationError(f"normalize_gamma must be > 0. Found {normalize_gamma}.")
-    dp = False
-    if grouping == "auto":
+    _choice("sampling", sampling, ("engine", "poisson", "shuffle"))
+    _choice("adjacency", adjacency, ("add_remove", "replace_one"))
+    dp = noise_multiplier is not None or target_epsilon is not None
+    privacy = None
+    public_num_groups = None
+    if dp:
+        privacy, noise_multiplier, grouping, public_num_groups = _dp_setup(
+            micro_batch_size=micro_batch_size, clipping=clipping, grouping=grouping,
+            noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, delta=delta,
+            sample_rate=sample_rate, expected_batch_size=expected_batch_size, steps=steps, epochs=epochs,
+            sampling=sampling, adjacency=adjacency, accountant=accountant, enforce_budget=enforce_budget,
+        )
+        num_groups = public_num_groups
+    elif grouping == "auto":
         grouping = "contiguous"
     config = dict(
         micro_batch_size=micro_batch_size, max_grad_norm=scalar_c, max_grad_norm_raw=max_grad_norm,
-        clipping=clipping, noise_multiplier=noise_multiplier or None, grouping=grouping,
-        num_groups=num_groups, public_num_groups=None, loss_reduction=loss_reduction, grad_mode=grad_mode,
-        fallback=fallback, normalize_gamma=normalize_gamma, batch_first=batch_first, seed=seed, dp=dp,
+        clipping=clipping, noise_multiplier=noise_multiplier, grouping=grouping,
+        num_groups=num_groups, public_num_groups=public_num_groups, loss_reduction=loss_reduction,
+        grad_mode=grad_mode, fallback=fallback, normalize_gamma=normalize_gamma, batch_first=batch_first,
+        seed=seed, dp=dp, sample_rate=sample_rate,
     )
     engine = Engine(model, optimizer, config)
-    engine._noise_on = bool(noise_multiplier)
+    engine._privacy = privacy
+    engine._noise_on = dp
     return engine
+
+
+def _dp_setup(*, micro_batch_size, clipping, grouping, noise_multiplier, target_epsilon, delta, sample_rate,
+              expected_batch_size, steps, epochs, sampling, adjacency, accountant, enforce_budget):
+    """Validate a DP configuration; return (PrivacyState, z, grouping, public M or None)."""
+    from .privacy import PrivacySettings, PrivacyState, steps_from_epochs
+
+    if clipping == "adaptive":
+        raise PrivacyError(
+            'clipping="adaptive" sets the bound from the data (the smallest micro-batch norm), so it has no '
+            'differential-privacy guarantee. Use clipping="fixed" (or "per_layer"/"normalize") with noise, or '
+            "adaptive clipping without noise_multiplier/target_epsilon."
+        )
+    if sample_rate is None or not (0 < sample_rate <= 1):
+        raise ConfigurationError(
+            f"DP mode needs sample_rate in (0, 1], the probability that a record joins a batch "
+            f"(expected batch size / dataset size). Found {sample_rate!r}. engine.data_loader(dataset) then "
+            "samples with it."
+        )
+    if delta is not None and not (0 < delta < 1):
+        raise ConfigurationError(f"delta must be in (0, 1). Found {delta}.")
+    if grouping == "auto":
+        grouping = "keyed"
+    if micro_batch_size == 1:
+        grouping = "keyed"  # b = 1: every example its own group; position plays no role
+    if steps is None and epochs is not None:
+        steps = steps_from_epochs(epochs, sample_rate)
+    if target_epsilon is not None:
+        if target_epsilon <= 0:
+            raise ConfigurationError(f"target_epsilon must be > 0. Found {target_epsilon}.")
+        if delta is None:
+            raise ConfigurationError("target_epsilon needs delta=..., e.g. attach(..., delta=1e-5).")
+    if noise_multiplier is None:
+        if steps is None:
+            raise ConfigurationError(
+                "target_epsilon without noise_multiplier needs the planned length of training to calibrate "
+                "the noise: pass steps=... or epochs=...."
+            )
+        noise_multiplier = PrivacyState.calibrate(
+            target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
+            micro_batch_size=micro_batch_size, adjacency=adjacency, sampling=sampling, accountant=accountant,
+        )
+    public = None
+    if expected_batch_size is not None:
+        public = public_groups(expected_batch_size, micro_batch_size)
+    settings = PrivacySettings(
+        micro_batch_size=micro_batch_size, clipping=clipping, grouping=grouping, sample_rate=float(sample_rate),
+        noise_multiplier=float(noise_multiplier), delta=delta, target_epsilon=target_epsilon,
+        planned_steps=steps, sampling=sampling, adjacency=adjacency, accountant=accountant,
+        enforce_budget=enforce_budget,
+    )
+    return PrivacyState(settings), float(noise_multiplier), grouping, public
+
+
+def public_groups(expected_batch_size: float, micro_batch_size: int) -> int:
+    """The public number of groups M = round(expected batch size / b), at least 1."""
+    return max(1, round(expected_batch_size / micro_batch_size))
 
 
 def _total_bound(raw) -> float:

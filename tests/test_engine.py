@@ -137,12 +137,16 @@ def test_keyed_groups_equal_naive_loop_with_the_same_groups():
 
 
 # ---------------------------------------------------------------- noise
+# DP mode with a declared Poisson loader of expected batch size 8 (these tests feed batches by hand).
+DP = dict(sample_rate=0.01, expected_batch_size=8, sampling="poisson")
+
+
 def test_noise_has_the_right_standard_deviation_and_is_reproducible():
     torch.manual_seed(0)
     model = nn.Linear(200, 100)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     z, C, b, batch = 1.3, 0.7, 2, 8
-    engine = dp_microclip.attach(model, opt, micro_batch_size=b, max_grad_norm=C, noise_multiplier=z, seed=123)
+    engine = dp_microclip.attach(model, opt, micro_batch_size=b, max_grad_norm=C, noise_multiplier=z, seed=123, **DP)
     x = torch.randn(batch, 200)
     (model(x).sum() * 0.0).backward()  # zero gradients: p.grad is pure noise / M
     opt.step()
@@ -158,7 +162,7 @@ def test_noise_has_the_right_standard_deviation_and_is_reproducible():
     torch.manual_seed(0)
     model2 = nn.Linear(200, 100)
     opt2 = torch.optim.SGD(model2.parameters(), lr=0.0)
-    engine2 = dp_microclip.attach(model2, opt2, micro_batch_size=b, max_grad_norm=C, noise_multiplier=z, seed=123)
+    engine2 = dp_microclip.attach(model2, opt2, micro_batch_size=b, max_grad_norm=C, noise_multiplier=z, seed=123, **DP)
     (model2(x).sum() * 0.0).backward()
     opt2.step()
     again = torch.cat([p.grad.flatten() for p in model2.parameters()]) * (batch // b)
@@ -171,7 +175,10 @@ def test_resuming_from_state_dict_gives_the_same_noise():
         torch.manual_seed(0)
         model = nn.Linear(5, 4)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        return model, opt, dp_microclip.attach(model, opt, micro_batch_size=1, max_grad_norm=1.0, noise_multiplier=1.0)
+        return model, opt, dp_microclip.attach(
+            model, opt, micro_batch_size=1, max_grad_norm=1.0, noise_multiplier=1.0, sampling="poisson",
+            sample_rate=0.1, expected_batch_size=2,
+        )
 
     def step(model, opt):
         opt.zero_grad()
@@ -191,7 +198,8 @@ def test_resuming_from_state_dict_gives_the_same_noise():
 def test_noise_toggle():
     model = nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    engine = dp_microclip.attach(model, opt, micro_batch_size=1, max_grad_norm=1.0, noise_multiplier=1.0)
+    engine = dp_microclip.attach(model, opt, micro_batch_size=1, max_grad_norm=1.0, noise_multiplier=1.0,
+                                 sample_rate=0.1, expected_batch_size=2, sampling="poisson")
     assert engine.noise
     engine.noise = False
     (model(torch.ones(2, 3)).sum() * 0).backward()

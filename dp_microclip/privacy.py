@@ -1,0 +1,180 @@
+"""The engine's side of DP: which mechanism each step ran, the ledger, the budget.
+
+The rules (which noise the accountant sees, what is refused) live in
+``accounting/`` only; this module describes each step to it and never decides
+a sensitivity itself. See DESIGN.md section 2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import ConfigurationError, PrivacyError
+
+
+@dataclass
+class PrivacySettings:
+    micro_batch_size: int
+    clipping: str
+    grouping: str
+    sample_rate: float
+    noise_multiplier: float
+    delta: float | None
+    target_epsilon: float | None
+    planned_steps: int | None
+    sampling: str  # "engine" (engine.data_loader) | "poisson" (declared by the user) | "shuffle"
+    adjacency: str
+    accountant: str
+    enforce_budget: bool
+
+
+def _refusal_to_error(err: Exception) -> PrivacyError:
+    return PrivacyError(f"No privacy guarantee: {err}")
+
+
+class PrivacyState:
+    """Owns the ledger of one DP engine and answers epsilon / budget questions."""
+
+    def __init__(self, settings: PrivacySettings):
+        import accounting
+
+        self.settings = settings
+        self._accounting = accounting
+        self.ledger = accounting.Ledger()
+        self.unverified_steps = 0  # steps whose batch did not come from engine.data_loader
+        self._allowed: dict = {}  # mechanism -> total steps verified to stay within the target
+        self.check_mechanism(noise_on=True)
+
+    @staticmethod
+    def calibrate(*, target_epsilon, delta, sample_rate, steps, micro_batch_size, adjacency, sampling,
+                  accountant) -> float:
+        """The engine's noise multiplier that reaches ``target_epsilon`` after ``steps`` steps."""
+        from accounting.calibrate import noise_multiplier_for_epsilon
+
+        try:
+            return noise_multiplier_for_epsilon(
+                target_epsilon, delta, sample_rate=sample_rate, steps=steps, micro_batch_size=micro_batch_size,
+                adjacency=adjacency, grouping="keyed", sampling=_accounting_sampling(sampling),
+                accountant=accountant,
+            )
+        except ValueError as err:
+            raise _refusal_to_error(err) from err
+
+    def mechanism(self, noise_on: bool):
+        s = self.settings
+        return self._accounting.Mechanism(
+            sample_rate=s.sample_rate,
+            noise_multiplier=s.noise_multiplier if noise_on else None,
+            micro_batch_size=s.micro_batch_size,
+            adjacency=s.adjacency,
+            grouping=s.grouping,
+            sampling=_accounting_sampling(s.sampling),
+            clipping=s.clipping,
+        )
+
+    def check_mechanism(self, noise_on: bool) -> None:
+        """Raise PrivacyError now if the accountant would refuse this mechanism."""
+        try:
+            self._accounting.effective_noise_multiplier(self.mechanism(noise_on=True))
+        except ValueError as err:
+            raise _refusal_to_error(err) from err
+
+    def before_step(self, noise_on: bool) -> None:
+        """Budget enforcement: raise before a step that would take epsilon past the target."""
+        s = self.settings
+        if not (s.enforce_budget and s.target_epsilon is not None):
+            return
+        if not noise_on:
+            raise PrivacyError(
+                f"Budget enforcement: a step with engine.noise = False makes epsilon infinite, above the target "
+                f"{s.target_epsilon}. Turn noise back on, or attach with enforce_budget=False to allow it."
+            )
+        if self.ledger.steps + 1 > self._allowed_steps():
+            raise PrivacyError(
+                f"Privacy budget exhausted: one more step would take epsilon above target_epsilon="
+                f"{s.target_epsilon} at delta={s.delta} ({self.ledger.steps} steps taken). Stop training, or "
+                "attach with a larger target_epsilon or enforce_budget=False."
+            )
+
+    def _allowed_steps(self) -> int:
+        """Total steps (history included) within the target under the current mechanism, cached."""
+        s = self.settings
+        mech = self.mechanism(noise_on=True)
+        key = (mech, self.ledger.steps if self.ledger.first_nonprivate_step is not None else None)
+        if key in self._allowed and self._allowed[key] > self.ledger.steps:
+            return self._allowed[key]
+        if s.planned_steps is not None and self._plan_holds():
+            self._allowed[key] = s.planned_steps
+            if s.planned_steps > self.ledger.steps:
+                return s.planned_steps
+
+        def within(extra: int) -> bool:
+            return self.ledger.epsilon_after(mech, extra, s.delta, accountant=s.accountant) <= s.target_epsilon
+
+        lo, hi = 0, 1
+        while within(hi) and hi < 10**8:
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if within(mid) else (lo, mid)
+        self._allowed[key] = self.ledger.steps + lo
+        return self._allowed[key]
+
+    def _plan_holds(self) -> bool:
+        """True while every step so far ran the calibrated mechanism (so the calibration covers them)."""
+        entries = self.ledger.entries
+        planned = self.mechanism(noise_on=True)
+        return all(e.mechanism == planned for e in entries)
+
+    def after_step(self, noise_on: bool, sampled_by_engine: bool) -> None:
+        if not sampled_by_engine and self.settings.sampling == "engine":
+            self.unverified_steps += 1
+        self.ledger.record(self.mechanism(noise_on))
+
+    def epsilon(self, delta: float | None = None, accountant: str | None = None) -> float:
+        s = self.settings
+        delta = s.delta if delta is None else delta
+        if delta is None:
+            raise ConfigurationError("epsilon needs a delta: engine.epsilon(delta=1e-5), or attach(..., delta=1e-5).")
+        if self.unverified_steps:
+            raise PrivacyError(
+                f"No epsilon: {self.unverified_steps} step(s) used batches that did not come from "
+                "engine.data_loader(...), so the engine cannot vouch for Poisson sampling. Use "
+                "engine.data_loader(dataset), or attach(..., sampling=\"poisson\") to declare that your own "
+                "loader samples each record independently with probability sample_rate."
+            )
+        try:
+            return float(self.ledger.epsilon(delta, accountant=accountant or s.accountant))
+        except ValueError as err:
+            raise _refusal_to_error(err) from err
+
+    def statement(self, delta: float | None = None, dataset_size: int | None = None) -> str:
+        from accounting.statement import privacy_statement
+
+        s = self.settings
+        delta = s.delta if delta is None else delta
+        text = privacy_statement(
+            self.ledger, delta, accountant=s.accountant, sampling_declared_by_user=s.sampling == "poisson",
+            dataset_size=dataset_size,
+        )
+        if self.unverified_steps:
+            text += (f"\nWARNING: {self.unverified_steps} step(s) used batches not drawn by engine.data_loader; "
+                     "engine.epsilon() refuses to report a number.")
+        return text
+
+    def state_dict(self) -> dict:
+        return {"ledger": self.ledger.state_dict(), "unverified_steps": self.unverified_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ledger.load_state_dict(state["ledger"])
+        self.unverified_steps = int(state["unverified_steps"])
+        self._allowed.clear()
+
+
+def _accounting_sampling(sampling: str) -> str:
+    return "shuffle" if sampling == "shuffle" else "poisson"
+
+
+def steps_from_epochs(epochs: float, sample_rate: float) -> int:
+    return max(1, math.ceil(epochs / sample_rate))
