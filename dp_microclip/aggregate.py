@@ -133,7 +133,7 @@ def _one_context(records: list[Record], settings: ClipSettings, replay_guard, re
             g = grads[name]
             materialised[id(p)] = g if id(p) not in materialised else materialised[id(p)] + g
     for pid, g in materialised.items():
-        sq_norms[pid] = g.flatten(1).pow(2).sum(1)  # (M,)
+        sq_norms[pid] = torch.linalg.vector_norm(g.flatten(1), dim=1).square()  # (M,), one pass
 
     dtype = next(iter(sq_norms.values())).dtype
     scale = float(ctx.batch_size) if settings.loss_reduction == "mean" else 1.0

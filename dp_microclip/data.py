@@ -18,27 +18,57 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.dataloader import default_collate
 
 
+def sample_with_groups(coins: torch.Tensor, sample_rate: float, num_groups: int | None):
+    """Poisson sampling and keyed groups from ONE uniform coin per record.
+
+    Record ``r`` joins the batch iff ``coins[r] < q``; given that, ``coins[r] / q``
+    is uniform on [0, 1) and independent of every other record, so
+    ``floor(coins[r] / q * M)`` puts it in a uniform group chosen from its own
+    randomness only. Adding or removing a record changes the contents of exactly
+    one group (the property the 2C sensitivity rests on; tested with hypothesis).
+
+    Returns:
+        ``(indices, groups)``: sampled record indices (ascending) and their groups
+        (``None`` when ``num_groups`` is None).
+    """
+    mask = coins < sample_rate
+    indices = mask.nonzero().flatten()
+    if num_groups is None:
+        return indices, None
+    groups = (coins[indices] / sample_rate * num_groups).floor().long().clamp_(max=num_groups - 1)
+    return indices, groups
+
+
 class PoissonBatchSampler(Sampler[list[int]]):
-    """Yields ``steps_per_epoch`` batches of independently Poisson-sampled indices."""
+    """Yields ``steps_per_epoch`` batches of independently Poisson-sampled indices.
+
+    ``on_batch(indices, groups)`` is told about every batch as it is drawn, so the
+    engine can give each example the group its own coin chose.
+    """
 
     def __init__(self, num_records: int, sample_rate: float, generator: torch.Generator,
-                 steps_per_epoch: int, on_batch: Callable[[int], None] | None = None):
+                 steps_per_epoch: int, num_groups: int | None = None, on_batch: Callable | None = None,
+                 on_epoch: Callable | None = None):
         self.num_records = num_records
         self.sample_rate = sample_rate
         self.generator = generator
         self.steps_per_epoch = steps_per_epoch
+        self.num_groups = num_groups
         self.on_batch = on_batch
+        self.on_epoch = on_epoch
 
     def __len__(self) -> int:
         return self.steps_per_epoch
 
     def __iter__(self):
+        if self.on_epoch is not None:
+            self.on_epoch()
         for _ in range(self.steps_per_epoch):
-            mask = torch.rand(self.num_records, generator=self.generator) < self.sample_rate
-            indices = mask.nonzero().flatten().tolist()
+            coins = torch.rand(self.num_records, generator=self.generator, dtype=torch.float64)
+            indices, groups = sample_with_groups(coins, self.sample_rate, self.num_groups)
             if self.on_batch is not None:
-                self.on_batch(len(indices))
-            yield indices
+                self.on_batch(indices, groups)
+            yield indices.tolist()
 
 
 def empty_batch_collate(dataset: Dataset, collate: Callable = default_collate) -> Callable:
@@ -63,8 +93,9 @@ def _take_zero_rows(batch):
     return batch
 
 
-def poisson_loader(dataset: Dataset, sample_rate: float, generator: torch.Generator,
-                   on_batch: Callable[[int], None] | None = None, **loader_kwargs) -> DataLoader:
+def poisson_loader(dataset: Dataset, sample_rate: float, generator: torch.Generator, *,
+                   num_groups: int | None = None, on_batch: Callable | None = None,
+                   on_epoch: Callable | None = None, **loader_kwargs) -> DataLoader:
     """A DataLoader over ``dataset`` with Poisson sampling at rate ``sample_rate``.
 
     One epoch is ``round(1 / sample_rate)`` steps (each record is then seen once per
@@ -77,6 +108,6 @@ def poisson_loader(dataset: Dataset, sample_rate: float, generator: torch.Genera
                 f"engine.data_loader(...) sets {forbidden} itself (Poisson sampling); remove {forbidden}=."
             )
     steps = max(1, round(1.0 / sample_rate))
-    sampler = PoissonBatchSampler(len(dataset), sample_rate, generator, steps, on_batch)
+    sampler = PoissonBatchSampler(len(dataset), sample_rate, generator, steps, num_groups, on_batch, on_epoch)
     collate = loader_kwargs.pop("collate_fn", default_collate)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=empty_batch_collate(dataset, collate), **loader_kwargs)

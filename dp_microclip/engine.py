@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import warnings
@@ -30,7 +31,7 @@ from torch import nn
 
 from . import grouping
 from .aggregate import ClipSettings, PassResult, clip_and_sum, merge_means
-from .errors import ConfigurationError, PrivacyError, UnsupportedModuleError
+from .errors import BatchError, ConfigurationError, PrivacyError, UnsupportedModuleError
 from .grads import ForwardContext, HookSet, Record, Unit
 from .layers.attention import check_attention_supported
 from .layers.registry import rule_for
@@ -75,8 +76,8 @@ class Engine:
         self.noise_multiplier: float | None = config["noise_multiplier"]
         self._privacy = None  # PrivacyState in DP mode (set by attach)
         self._sampling_generator = torch.Generator().manual_seed(self._noise_source.seed ^ 0x2545F491)
-        self._sampled_batches = 0  # batches drawn by engine.data_loader
-        self._consumed_batches = 0  # of those, how many a step has used
+        self._pending_batches: collections.deque = collections.deque()  # (indices, groups) drawn by data_loader
+        self._step_unsampled = False  # a batch of this step did not come from engine.data_loader
         self._last_batch_size: int | None = None
         self._enabled = True
         self._replaying = False
@@ -168,10 +169,14 @@ class Engine:
             self._cfg["public_num_groups"] = self._cfg["num_groups"] = public
         self._dataset_size = n
 
-        def on_batch(size: int) -> None:
-            self._sampled_batches += 1
+        def on_batch(indices, groups) -> None:
+            self._pending_batches.append((int(indices.numel()), groups))
 
-        return poisson_loader(dataset, q, self._sampling_generator, on_batch=on_batch, **loader_kwargs)
+        keyed = self.grouping == "keyed" and self.micro_batch_size > 1
+        return poisson_loader(
+            dataset, q, self._sampling_generator, num_groups=self._cfg["num_groups"] if keyed else None,
+            on_batch=on_batch, on_epoch=self._pending_batches.clear, **loader_kwargs,
+        )
 
     def epsilon(self, delta: float | None = None, accountant: str | None = None) -> float:
         """Epsilon of everything trained so far at ``delta`` (default: attach's delta).
@@ -285,6 +290,7 @@ class Engine:
     def _make_groups(self, batch_size: int, device) -> grouping.Groups:
         b = self.micro_batch_size
         self._last_batch_size = batch_size
+        drawn = self._take_pending_batch(batch_size)
         if self.grouping == "contiguous" or b == 1:
             return grouping.contiguous_groups(batch_size, b, device)
         num_groups = self._cfg["num_groups"]
@@ -295,7 +301,25 @@ class Engine:
                     "engine.data_loader(dataset), or pass expected_batch_size=... to attach()."
                 )
             num_groups = max(1, math.ceil(batch_size / b))
+        if drawn is not None:
+            return grouping.groups_from_index(drawn.to(device), num_groups)
         return grouping.keyed_groups(batch_size, num_groups, self._group_generator)
+
+    def _take_pending_batch(self, batch_size: int):
+        """The groups engine.data_loader drew for this batch (None if it drew none), checking the size."""
+        if not self._pending_batches:
+            self._step_unsampled = True
+            return None
+        size, groups = self._pending_batches.popleft()
+        if size != batch_size:
+            self._pending_batches.clear()
+            raise BatchError(
+                f"The batch has {batch_size} examples, but engine.data_loader drew {size} for it: batches reached "
+                "the model out of order, or not every drawn batch was used. Feed each batch of "
+                "engine.data_loader(...) to the model exactly once, in order (forward passes under "
+                "torch.no_grad() do not count)."
+            )
+        return groups
 
     def _finish_pass(self) -> None:
         records, self._records = self._records, []
@@ -384,9 +408,8 @@ class Engine:
         self._last_batch_size = None
         if self._privacy is None:
             return
-        sampled_by_engine = self._sampled_batches > self._consumed_batches
-        if sampled_by_engine:
-            self._consumed_batches += 1
+        sampled_by_engine = not self._step_unsampled
+        self._step_unsampled = False
         self._privacy.after_step(self._noise_on, sampled_by_engine)
 
     # ------------------------------------------------------------- discovery

@@ -118,8 +118,8 @@ class HookSet:
     # ------------------------------------------------------------------ install
     def install_root(self, root: nn.Module, batch_dim: int) -> None:
         def pre(module, args, kwargs):
-            if not self.engine.active():
-                return None
+            if not self.engine.active() or not torch.is_grad_enabled():
+                return None  # evaluation passes take no micro-batch and no sampled batch
             x = first_tensor((args, kwargs))
             if x is None:
                 raise BatchError("The model was called without a tensor argument: cannot find the batch size.")

@@ -128,6 +128,12 @@ def keyed_groups(batch_size: int, num_groups: int, generator: torch.Generator) -
     return Groups(index, num_groups, sizes, None)
 
 
+def groups_from_index(index: torch.Tensor, num_groups: int) -> Groups:
+    """Groups given by a precomputed ``(B,)`` index (drawn by the Poisson sampler)."""
+    sizes = torch.bincount(index, minlength=num_groups).to(torch.get_default_dtype())
+    return Groups(index, num_groups, sizes, None)
+
+
 def singleton_groups(batch_size: int, device=None) -> Groups:
     """b = 1: every example is its own group (never hash buckets, where two could collide)."""
     return contiguous_groups(batch_size, 1, device)

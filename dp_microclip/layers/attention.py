@@ -103,6 +103,12 @@ class AttentionCapture(TorchFunctionMode):
         qkv = F.linear(x, in_parts.weight, in_parts.bias)  # (T, B, 3E)
         self.on_linear("in_proj", in_parts, x, qkv)
         q, k, v = qkv.chunk(3, dim=-1)  # each (T, B, E)
+        attn = _sdpa_core(q, k, v, a, mha.num_heads)
+        if attn is not None:  # the common case, without the identity projections below
+            out_parts = LinearParts(mha.out_proj.weight, mha.out_proj.bias)
+            out = F.linear(attn, out_parts.weight, out_parts.bias)  # (T*B, E), T-major rows
+            self.on_linear("out_proj", out_parts, attn, out)
+            return out.view(q.shape[0], q.shape[1], -1), None
         eye = torch.eye(mha.embed_dim, dtype=qkv.dtype, device=qkv.device)
         args = dict(a)
         args.update(
@@ -115,3 +121,42 @@ class AttentionCapture(TorchFunctionMode):
         out = F.linear(attn, out_parts.weight, out_parts.bias)  # (T, B, E)
         self.on_linear("out_proj", out_parts, attn, out)
         return out, weights
+
+
+def _sdpa_core(q, k, v, a: dict, num_heads: int):
+    """The attention between the projections, as ``F.multi_head_attention_forward`` computes it
+    on its ``need_weights=False`` path (scaled_dot_product_attention), or None where that path
+    is not replicated here (attention weights requested, key_padding_mask): the caller then
+    runs torch's own function with identity projections, which is exact but costs four
+    extra E x E products.
+
+    Returns ``(T*B, E)`` with T-major rows, the input of ``out_proj``.
+    """
+    if a["need_weights"] or a["key_padding_mask"] is not None or not hasattr(F, "_canonical_mask"):
+        return None
+    attn_mask, is_causal = a["attn_mask"], a["is_causal"]
+    if is_causal and attn_mask is None:
+        return None  # torch's function raises its own error for this
+    tgt_len, bsz, embed_dim = q.shape
+    src_len = k.shape[0]
+    head_dim = embed_dim // num_heads
+    if is_causal:
+        attn_mask = None  # torch passes the hint to SDPA instead of the mask
+    else:
+        attn_mask = F._canonical_mask(
+            mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+            target_type=q.dtype, check_other=False,
+        )
+    if attn_mask is not None:
+        if attn_mask.dim() == 2:
+            attn_mask = attn_mask.unsqueeze(0)  # (1, T, S)
+        if attn_mask.size(0) == 1 and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(0)  # (1, 1, T, S)
+        else:
+            attn_mask = attn_mask.view(bsz, num_heads, -1, src_len)  # (B, H, T, S)
+    qh = q.reshape(tgt_len, bsz * num_heads, head_dim).transpose(0, 1).view(bsz, num_heads, tgt_len, head_dim)
+    kh = k.reshape(src_len, bsz * num_heads, head_dim).transpose(0, 1).view(bsz, num_heads, src_len, head_dim)
+    vh = v.reshape(src_len, bsz * num_heads, head_dim).transpose(0, 1).view(bsz, num_heads, src_len, head_dim)
+    dropout_p = a["dropout_p"] if a["training"] else 0.0
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask, dropout_p, is_causal)  # (B, H, T, hd)
+    return out.permute(2, 0, 1, 3).contiguous().view(bsz * tgt_len, embed_dim)
