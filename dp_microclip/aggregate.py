@@ -20,6 +20,8 @@ between its uses are in the norm. Nothing is dropped.
 
 from __future__ import annotations
 
+import math
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -76,7 +78,8 @@ def merge_means(acc: dict, acc_count: float, new: dict, new_count: float) -> tup
 
 
 def clip_and_sum(
-    records: list[Record], settings: ClipSettings, replay_guard, divisor_of: Callable[[ForwardContext], float]
+    records: list[Record], settings: ClipSettings, replay_guard, divisor_of: Callable[[ForwardContext], float],
+    tuner: Autotuner | None = None,
 ) -> PassResult:
     """Clipped, averaged gradients of one backward pass; ``divisor_of(ctx)`` is the M of a batch."""
     result = PassResult()
@@ -84,27 +87,116 @@ def clip_and_sum(
     for record in records:
         by_context.setdefault(record.ctx.id, []).append(record)
     for ctx_records in by_context.values():
-        _one_context(ctx_records, settings, replay_guard, result, float(divisor_of(ctx_records[0].ctx)))
+        _one_context(ctx_records, settings, replay_guard, result, float(divisor_of(ctx_records[0].ctx)),
+                     tuner or Autotuner())
     return result
 
 
-def _strategy(record: Record, settings: ClipSettings, uses: Counter) -> str:
+def choose_strategy(record: Record, settings: ClipSettings, uses: Counter, budget: list, tuner: "Autotuner") -> str:
+    """The route for one record: "ghost", "materialize", "norms_then_sum" or "func".
+
+    * ghost: Gram norms, then one weighted product over all rows for the sum.
+    * materialize: per-group gradients kept until the clip factors are known, the
+      sum an einsum over them.
+    * norms_then_sum: per-group gradients for the norms only, freed at once, the
+      sum a weighted product (no M x params memory held).
+
+    ``grad_mode="auto"``: every route is exact, so the choice is only about speed
+    and memory. Flop counts mislead here (a batched product of many small
+    matrices runs several times slower per flop than one large product, and
+    that ratio differs between CPUs and GPUs), so the routes whose kept memory
+    fits ``budget`` are timed once per layer and shape class (:class:`Autotuner`)
+    and the fastest is kept. The budget, in elements, is the size of everything
+    the pass captured: the engine at most doubles what it holds, never B x params.
+    """
     if record.rule is None or (settings.grad_mode == "func" and record.unit.kind != "attention"):
         return "func"
     shared = any(uses[id(p)] > 1 for p in record.params.values())
     if shared or not record.rule.has_ghost or settings.grad_mode == "materialize":
         return "materialize"
-    if settings.grad_mode == "bookkeeping":
+    if settings.grad_mode == "bookkeeping" or record.rule.flops is None:
         return "ghost"
-    prefers = record.rule.prefers_ghost
     groups = record.ctx.groups.to(record.out_grad.device)
-    if prefers is None or prefers(record.layer, record.inputs, record.out_grad, groups):
-        return "ghost"
-    return "materialize"
+    f = record.rule.flops(record.layer, record.inputs, record.out_grad, groups)
+    candidates = ["ghost", "norms_then_sum"]
+    if f["group_grad_elements"] <= budget[0]:
+        candidates.append("materialize")
+    choice = tuner.choose(record, groups, candidates)
+    if choice == "materialize":
+        budget[0] -= f["group_grad_elements"]
+    return choice
 
 
-def _one_context(records: list[Record], settings: ClipSettings, replay_guard, result: PassResult, divisor: float) -> None:
+class Autotuner:
+    """Times each candidate route once per (layer, shape class) and remembers the fastest.
+
+    The shape class buckets the rows per group and the batch size to powers of two,
+    so Poisson-sampled batches of varying size do not trigger a new measurement.
+    """
+
+    def __init__(self):
+        self.choices: dict = {}
+
+    @staticmethod
+    def _key(record: Record, groups) -> tuple:
+        a = next(x for x in record.inputs if torch.is_tensor(x))
+        bucket = lambda n: max(1, int(n)).bit_length()  # noqa: E731
+        return (record.name, groups.num_groups, bucket(groups.max_size()), bucket(a.shape[0]),
+                tuple(a.shape[2:]), tuple(record.out_grad.shape[2:]), a.shape[1] if a.dim() > 2 else None)
+
+    def choose(self, record: Record, groups, candidates: list[str]) -> str:
+        key = self._key(record, groups)
+        if key not in self.choices:
+            timings = {c: self._time(record, groups, c) for c in candidates}
+            self.choices[key] = min(timings, key=timings.get)
+        choice = self.choices[key]
+        return choice if choice in candidates else "ghost"
+
+    @staticmethod
+    def _time(record: Record, groups, route: str) -> float:
+        rule, args = record.rule, (record.layer, record.inputs, record.out_grad)
+        weights = {name: torch.ones(groups.batch_size, device=record.out_grad.device) for name in record.params}
+
+        def run():
+            if route == "ghost":
+                rule.group_sq_norms(*args, groups)
+                rule.weighted_sum(*args, weights)
+            elif route == "norms_then_sum":
+                for g in rule.group_grads(*args, groups).values():
+                    torch.linalg.vector_norm(g.flatten(1), dim=1)
+                rule.weighted_sum(*args, weights)
+            else:
+                for g in rule.group_grads(*args, groups).values():
+                    torch.linalg.vector_norm(g.flatten(1), dim=1)
+                    torch.einsum("m,m...->...", torch.ones(g.shape[0], dtype=g.dtype, device=g.device), g)
+
+        run()  # warm-up
+        best = math.inf
+        for _ in range(2):
+            _sync(record.out_grad.device)
+            start = time.perf_counter()
+            run()
+            _sync(record.out_grad.device)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _numel(inputs) -> int:
+    return sum(x.numel() for x in inputs if torch.is_tensor(x))
+
+
+def _one_context(
+    records: list[Record], settings: ClipSettings, replay_guard, result: PassResult, divisor: float, tuner: Autotuner
+) -> None:
     ctx = records[0].ctx
+    if ctx.batch_size == 0:  # an empty Poisson batch: no gradient, but its groups still count in M
+        result.sums, result.num_groups = merge_means(result.sums, result.num_groups, {}, divisor)
+        return
     device = records[0].out_grad.device
     groups = ctx.groups.to(device)
     uses = Counter(id(p) for r in records for p in r.params.values())
@@ -112,12 +204,18 @@ def _one_context(records: list[Record], settings: ClipSettings, replay_guard, re
 
     sq_norms: dict[int, torch.Tensor] = {}
     materialised: dict[int, torch.Tensor] = {}
-    ghost_records: list[Record] = []
+    ghost_records: list[Record] = []  # records whose sum is a weighted product over rows
+    budget = [sum(_numel(r.inputs) + r.out_grad.numel() for r in records)]
     for record in records:
-        strategy = _strategy(record, settings, uses)
+        strategy = choose_strategy(record, settings, uses, budget, tuner)
         result.strategies[record.name] = strategy
-        if strategy == "ghost":
-            norms = record.rule.group_sq_norms(record.layer, record.inputs, record.out_grad, groups)
+        if strategy in ("ghost", "norms_then_sum"):
+            if strategy == "ghost":
+                norms = record.rule.group_sq_norms(record.layer, record.inputs, record.out_grad, groups)
+            else:
+                grads = record.rule.group_grads(record.layer, record.inputs, record.out_grad, groups)
+                norms = {n: torch.linalg.vector_norm(g.flatten(1), dim=1).square() for n, g in grads.items()}
+                del grads
             for name, p in record.params.items():
                 sq_norms[id(p)] = norms[name]
             ghost_records.append(record)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import grouping
-from .aggregate import ClipSettings, PassResult, clip_and_sum, merge_means
+from .aggregate import Autotuner, ClipSettings, PassResult, clip_and_sum, merge_means
 from .errors import BatchError, ConfigurationError, PrivacyError, UnsupportedModuleError
 from .grads import ForwardContext, HookSet, Record, Unit
 from .layers.attention import check_attention_supported
@@ -94,6 +94,7 @@ class Engine:
         self._units = self._discover_units()
         self._managed = self._managed_parameters()
         self._settings = self._clip_settings()
+        self._tuner = Autotuner()
         self._check_optimizer()
 
         self._original_requires_grad = {id(p): p.requires_grad for p in model.parameters()}
@@ -326,7 +327,7 @@ class Engine:
         self._callback_queued = False
         if not self._enabled or not records:
             return
-        result = clip_and_sum(records, self._settings, self._replay, self._divisor_of)
+        result = clip_and_sum(records, self._settings, self._replay, self._divisor_of, self._tuner)
         self._accumulate(result)
 
     def _divisor_of(self, ctx: ForwardContext) -> float:

@@ -16,9 +16,9 @@ to subclass):
 * ``weighted_sum(layer, inputs, out_grad, row_weight) -> {name: param-shaped}``:
   ``sum_i w_i * grad_i`` with one weight per example (``row_weight[name]``, ``(B,)``),
   i.e. the clipped sum as one weighted matmul.
-* ``prefers_ghost(layer, inputs, out_grad, groups) -> bool``: whether the
-  norms+weighted-sum route costs fewer flops than materialising for these shapes
-  (``grad_mode="auto"`` asks it).
+* ``flops(layer, inputs, out_grad, groups) -> {"ghost_norms", "group_grads", "weighted_sum"}``:
+  multiply-adds of each piece for these shapes, so ``grad_mode="auto"`` can pick
+  the cheapest exact route per call (see ``aggregate.choose_strategy``).
 
 The signature follows Opacus' grad samplers (``opacus/grad_sample/linear.py``:
 ``(layer, activations, backprops)``), extended from examples to groups. The
@@ -42,7 +42,7 @@ class LayerRule(NamedTuple):
     group_grads: Callable[[nn.Module, tuple, torch.Tensor, Groups], GradDict]
     group_sq_norms: Callable[[nn.Module, tuple, torch.Tensor, Groups], GradDict] | None = None
     weighted_sum: Callable[[nn.Module, tuple, torch.Tensor, GradDict], GradDict] | None = None
-    prefers_ghost: Callable[[nn.Module, tuple, torch.Tensor, Groups], bool] | None = None
+    flops: Callable[[nn.Module, tuple, torch.Tensor, Groups], dict] | None = None
 
     @property
     def has_ghost(self) -> bool:
