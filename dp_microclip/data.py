@@ -107,7 +107,7 @@ def poisson_loader(dataset: Dataset, sample_rate: float, generator: torch.Genera
             raise ValueError(
                 f"engine.data_loader(...) sets {forbidden} itself (Poisson sampling); remove {forbidden}=."
             )
-    steps = max(1, round(1.0 / sample_rate))
+    steps = max(1, round(1.0 / sample_rate))  # = privacy.steps_per_epoch (kept in one formula)
     sampler = PoissonBatchSampler(len(dataset), sample_rate, generator, steps, num_groups, on_batch, on_epoch)
     collate = loader_kwargs.pop("collate_fn", default_collate)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=empty_batch_collate(dataset, collate), **loader_kwargs)

@@ -176,5 +176,10 @@ def _accounting_sampling(sampling: str) -> str:
     return "shuffle" if sampling == "shuffle" else "poisson"
 
 
+def steps_per_epoch(sample_rate: float) -> int:
+    """Steps in one epoch of engine.data_loader: round(1/q), each record seen once on average."""
+    return max(1, round(1.0 / sample_rate))
+
+
 def steps_from_epochs(epochs: float, sample_rate: float) -> int:
-    return max(1, math.ceil(epochs / sample_rate))
+    return max(1, math.ceil(epochs * steps_per_epoch(sample_rate)))
