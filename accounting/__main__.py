@@ -1,0 +1,5 @@
+"""``python -m accounting epsilon ...`` is the same as ``dp-microclip epsilon ...``."""
+
+from accounting.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,32 @@
+"""Exception and warning types of ``accounting``.
+
+Every message says what is wrong, the value found, and the fix (STYLE.md,
+"Errors that name the fix"). ``accounting`` imports nothing from
+``dp_microclip``, so these types are its own; the engine turns them into its
+``PrivacyError`` where it needs to.
+"""
+
+from __future__ import annotations
+
+
+class PrivacyRefusal(ValueError):
+    """No epsilon can be reported for this mechanism or history.
+
+    Raised when the step is noisy but the analysis behind the accountant does
+    not hold for it (adaptive clipping, contiguous groups of b > 1, shuffled
+    epochs, an adjacency a backend cannot compute). A ``ValueError`` so that a
+    caller validating its arguments catches it with the rest.
+    """
+
+
+class AccountantError(RuntimeError):
+    """A backend could not compute a number it can stand behind.
+
+    Raised instead of returning a number that may be wrong, e.g. when Opacus'
+    PRV accountant would need more memory than allowed and the caller asked
+    for no fallback.
+    """
+
+
+class AccountingWarning(UserWarning):
+    """A number was computed, but not the way the caller asked (e.g. PRV fell back to RDP)."""
