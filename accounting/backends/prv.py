@@ -83,8 +83,6 @@ class PrvBackend:
         if math.isinf(rdp_bound):
             return math.inf
         accountants = _import_opacus_accountants()
-        from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
-
         history = [(float(s.noise_multiplier), float(s.sample_rate), int(s.steps)) for s in history if s.steps]
         eps_error = min(0.01, max(self.relative_error * rdp_bound, 1e-6))
         delta_error = delta / 1000  # Opacus' default
@@ -92,24 +90,35 @@ class PrvBackend:
         # Reuse Opacus by filling its history of (noise_multiplier, sample_rate, steps).
         acc.history = history
         try:
-            # Ask Opacus for the grid it would build (its own sizing rule), before building it.
-            domain = acc._get_domain(
-                prvs=[PoissonSubsampledGaussianPRV(q, z) for z, q, _ in history],
-                num_self_compositions=[n for _, _, n in history],
-                eps_error=eps_error,
-                delta_error=delta_error,
-            )
-            if domain.size > self.max_grid_points:
-                return self._fall_back(
-                    f"would need a grid of {domain.size:.3g} points (max_grid_points={self.max_grid_points:.3g})",
-                    rdp_bound,
-                )
-            eps = float(acc.get_epsilon(delta, eps_error=eps_error, delta_error=delta_error))
+            with warnings.catch_warnings():
+                # Opacus sizes the grid from an RDP bound and warns when its best order is at the end of its
+                # default grid; that only makes the grid larger, never the epsilon wrong.
+                warnings.filterwarnings("ignore", message="Optimal order is the")
+                eps = self._opacus_prv(acc, eps_error, delta_error, delta)
         except (ArithmeticError, ValueError, MemoryError, RuntimeError) as err:
             return self._fall_back(f"failed ({type(err).__name__}: {err})", rdp_bound)
+        if eps is None:
+            return self._fall_back(
+                f"would need a grid of more than max_grid_points={self.max_grid_points:.3g} points", rdp_bound
+            )
         if math.isnan(eps) or eps < 0:
             return self._fall_back(f"returned {eps}", rdp_bound)
         return eps
+
+    def _opacus_prv(self, acc, eps_error: float, delta_error: float, delta: float) -> float | None:
+        """Opacus' PRV epsilon for ``acc.history``, or None when its grid would exceed ``max_grid_points``."""
+        from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
+
+        # Ask Opacus for the grid it would build (its own sizing rule, a private method), before building it.
+        domain = acc._get_domain(
+            prvs=[PoissonSubsampledGaussianPRV(q, z) for z, q, _ in acc.history],
+            num_self_compositions=[n for _, _, n in acc.history],
+            eps_error=eps_error,
+            delta_error=delta_error,
+        )
+        if domain.size > self.max_grid_points:
+            return None
+        return float(acc.get_epsilon(delta, eps_error=eps_error, delta_error=delta_error))
 
     def _fall_back(self, reason: str, rdp_bound: float) -> float:
         message = f"Opacus' PRV accountant {reason} for this history"
