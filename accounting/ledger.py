@@ -76,7 +76,7 @@ class Ledger:
         >>> ledger = Ledger()
         >>> ledger.record(Mechanism(sample_rate=0.01, noise_multiplier=1.0), steps=100)
         >>> ledger.steps, round(ledger.epsilon(1e-5, accountant="rdp"), 2)
-        (100, 1.22)
+        (100, 1.21)
     """
 
     def __init__(self) -> None:

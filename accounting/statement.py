@@ -95,7 +95,7 @@ def privacy_statement(
         >>> ledger = Ledger()
         >>> ledger.record(Mechanism(sample_rate=0.01, noise_multiplier=1.0), steps=100)
         >>> print(privacy_statement(ledger, 1e-5, accountant="rdp").splitlines()[-1])
-        Epsilon: 1.225 at delta = 1e-05.
+        Epsilon: 1.214 at delta = 1e-05.
     """
     name = backends.name_of(accountant)
     eps = ledger.epsilon(delta, accountant)

@@ -118,9 +118,12 @@ def choose_strategy(record: Record, settings: ClipSettings, uses: Counter, budge
         return "ghost"
     groups = record.ctx.groups.to(record.out_grad.device)
     f = record.rule.flops(record.layer, record.inputs, record.out_grad, groups)
-    candidates = ["ghost", "norms_then_sum"]
+    candidates = ["ghost"]
     if f["group_grad_elements"] <= budget[0]:
-        candidates.append("materialize")
+        # Both other routes build every group gradient of the layer at once (norms_then_sum frees them right
+        # after the norms, materialize keeps them for the sum): only where that fits the memory budget, so the
+        # engine's peak never grows like B x params, not even while the autotuner times them.
+        candidates += ["norms_then_sum", "materialize"]
     choice = tuner.choose(record, groups, candidates)
     if choice == "materialize":
         budget[0] -= f["group_grad_elements"]

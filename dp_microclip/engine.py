@@ -173,6 +173,12 @@ class Engine:
         def on_batch(indices, groups) -> None:
             self._pending_batches.append((int(indices.numel()), groups))
 
+        if not self.dp and self._cfg["grouping_auto"] and self.micro_batch_size > 1 and self.grouping != "keyed":
+            # grouping="auto": Poisson batches vary in size, so contiguous slices of b would not divide them;
+            # draw keyed groups instead, about b examples each.
+            self.grouping = "keyed"
+            if self._cfg["num_groups"] is None:
+                self._cfg["num_groups"] = public_groups(q * n, self.micro_batch_size)
         keyed = self.grouping == "keyed" and self.micro_batch_size > 1
         return poisson_loader(
             dataset, q, self._sampling_generator, num_groups=self._cfg["num_groups"] if keyed else None,
@@ -275,7 +281,8 @@ class Engine:
         return self._context
 
     def open_context(self, batch_size: int, device: torch.device) -> None:
-        self._context = ForwardContext(batch_size, self._make_groups(batch_size, device))
+        groups, drawn = self._make_groups(batch_size, device)
+        self._context = ForwardContext(batch_size, groups, drawn_by_engine=drawn)
         self.last_groups = self._context.groups
 
     def close_context(self) -> None:
@@ -288,12 +295,13 @@ class Engine:
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_pass)
 
     # ================================================================ internals
-    def _make_groups(self, batch_size: int, device) -> grouping.Groups:
+    def _make_groups(self, batch_size: int, device) -> tuple[grouping.Groups, bool]:
+        """The batch's groups, and whether engine.data_loader drew this batch."""
         b = self.micro_batch_size
         self._last_batch_size = batch_size
-        drawn = self._take_pending_batch(batch_size)
+        from_loader, drawn = self._take_pending_batch(batch_size)
         if self.grouping == "contiguous" or b == 1:
-            return grouping.contiguous_groups(batch_size, b, device)
+            return grouping.contiguous_groups(batch_size, b, device), from_loader
         num_groups = self._cfg["num_groups"]
         if num_groups is None:
             if self.dp:
@@ -303,14 +311,13 @@ class Engine:
                 )
             num_groups = max(1, math.ceil(batch_size / b))
         if drawn is not None:
-            return grouping.groups_from_index(drawn.to(device), num_groups)
-        return grouping.keyed_groups(batch_size, num_groups, self._group_generator)
+            return grouping.groups_from_index(drawn.to(device), num_groups), from_loader
+        return grouping.keyed_groups(batch_size, num_groups, self._group_generator), False
 
-    def _take_pending_batch(self, batch_size: int):
-        """The groups engine.data_loader drew for this batch (None if it drew none), checking the size."""
+    def _take_pending_batch(self, batch_size: int) -> tuple[bool, torch.Tensor | None]:
+        """(whether engine.data_loader drew this batch, the group of each example it drew or None), checking the size."""
         if not self._pending_batches:
-            self._step_unsampled = True
-            return None
+            return False, None
         size, groups = self._pending_batches.popleft()
         if size != batch_size:
             self._pending_batches.clear()
@@ -320,13 +327,17 @@ class Engine:
                 "engine.data_loader(...) to the model exactly once, in order (forward passes under "
                 "torch.no_grad() do not count)."
             )
-        return groups
+        return True, groups
 
     def _finish_pass(self) -> None:
         records, self._records = self._records, []
         self._callback_queued = False
         if not self._enabled or not records:
             return
+        # Only batches that reach a backward pass count: an evaluation forward outside torch.no_grad()
+        # does not make the step unverified.
+        if not all(r.ctx.drawn_by_engine for r in records):
+            self._step_unsampled = True
         result = clip_and_sum(records, self._settings, self._replay, self._divisor_of, self._tuner)
         self._accumulate(result)
 
@@ -648,7 +659,8 @@ def attach(
             exceed it (including any step with noise off).
         grouping: ``"contiguous"`` (examples ``[b j, b (j+1))``; the batch size must
             be a multiple of b), ``"keyed"`` (each example drawn into one of M groups
-            independently of the others), or ``"auto"`` (contiguous when noise-free).
+            independently of the others), or ``"auto"`` (contiguous when noise-free, keyed for
+            batches of ``engine.data_loader`` and in DP mode).
         num_groups: M for keyed grouping (default ``ceil(B / b)`` per batch).
         loss_reduction: ``"mean"`` if your loss averages per-example losses over
             the batch (default), ``"sum"`` if it sums them. A loss that averages over
@@ -705,9 +717,10 @@ def attach(
             sampling=sampling, adjacency=adjacency, accountant=accountant, enforce_budget=enforce_budget,
         )
         num_groups = public_num_groups
-    elif grouping == "auto":
-        grouping = "contiguous"
-    config = dict(
+    grouping_auto = grouping == "auto"
+    if grouping_auto and not dp:
+        grouping = "contiguous"  # engine.data_loader switches to keyed (its batches vary in size)
+    config = dict(grouping_auto=grouping_auto, 
         micro_batch_size=micro_batch_size, max_grad_norm=scalar_c, max_grad_norm_raw=max_grad_norm,
         clipping=clipping, noise_multiplier=noise_multiplier, grouping=grouping,
         num_groups=num_groups, public_num_groups=public_num_groups, loss_reduction=loss_reduction,
@@ -739,6 +752,12 @@ def _dp_setup(*, micro_batch_size, clipping, grouping, noise_multiplier, target_
         )
     if delta is not None and not (0 < delta < 1):
         raise ConfigurationError(f"delta must be in (0, 1). Found {delta}.")
+    try:  # an unknown accountant, or one that cannot analyse this adjacency, fails here rather than at epsilon()
+        from accounting.backends import check_supported
+
+        check_supported(accountant, adjacency)
+    except ValueError as err:
+        raise PrivacyError(f"{err}") from err
     if grouping == "auto":
         grouping = "keyed"
     if micro_batch_size == 1:

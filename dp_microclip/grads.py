@@ -55,6 +55,7 @@ class ForwardContext:
 
     batch_size: int
     groups: Groups
+    drawn_by_engine: bool = False  # its groups came from engine.data_loader (DP: Poisson sampling verified)
     id: int = field(default_factory=lambda: next(_context_ids))
 
 

@@ -30,7 +30,8 @@ class PrivacySettings:
 
 
 def _refusal_to_error(err: Exception) -> PrivacyError:
-    return PrivacyError(f"No privacy guarantee: {err}")
+    message = str(err)
+    return PrivacyError(message if message.startswith("No epsilon") else f"No privacy guarantee: {message}")
 
 
 class PrivacyState:
@@ -104,13 +105,15 @@ class PrivacyState:
         key = (mech, self.ledger.steps if self.ledger.first_nonprivate_step is not None else None)
         if key in self._allowed and self._allowed[key] > self.ledger.steps:
             return self._allowed[key]
-        if s.planned_steps is not None and self._plan_holds():
-            self._allowed[key] = s.planned_steps
-            if s.planned_steps > self.ledger.steps:
-                return s.planned_steps
-
         def within(extra: int) -> bool:
             return self.ledger.epsilon_after(mech, extra, s.delta, accountant=s.accountant) <= s.target_epsilon
+
+        if s.planned_steps is not None and s.planned_steps > self.ledger.steps and self._plan_holds():
+            # The plan is checked, not trusted: one epsilon computation for the whole planned run (with a
+            # calibrated z it holds by construction; with a z the user chose it may not).
+            if within(s.planned_steps - self.ledger.steps):
+                self._allowed[key] = s.planned_steps
+                return s.planned_steps
 
         lo, hi = 0, 1
         while within(hi) and hi < 10**8:
@@ -150,18 +153,19 @@ class PrivacyState:
             raise _refusal_to_error(err) from err
 
     def statement(self, delta: float | None = None, dataset_size: int | None = None) -> str:
+        """The plain-language statement; refuses (like :meth:`epsilon`) where no epsilon can be reported."""
         from accounting.statement import privacy_statement
 
         s = self.settings
+        self.epsilon(delta)  # the same refusals, before any number is written
         delta = s.delta if delta is None else delta
-        text = privacy_statement(
-            self.ledger, delta, accountant=s.accountant, sampling_declared_by_user=s.sampling == "poisson",
-            dataset_size=dataset_size,
-        )
-        if self.unverified_steps:
-            text += (f"\nWARNING: {self.unverified_steps} step(s) used batches not drawn by engine.data_loader; "
-                     "engine.epsilon() refuses to report a number.")
-        return text
+        try:
+            return privacy_statement(
+                self.ledger, delta, accountant=s.accountant, sampling_declared_by_user=s.sampling == "poisson",
+                dataset_size=dataset_size,
+            )
+        except ValueError as err:
+            raise _refusal_to_error(err) from err
 
     def state_dict(self) -> dict:
         return {"ledger": self.ledger.state_dict(), "unverified_steps": self.unverified_steps}

@@ -247,3 +247,54 @@ def test_resume_from_state_dict_reports_the_same_epsilon():
     engine2.data_loader(dataset())
     engine2.load_state_dict(state)
     assert engine2.epsilon() == engine.epsilon()
+
+
+# ------------------------------------------------------------ regressions found in review
+def test_budget_is_checked_not_trusted_when_the_user_sets_both_noise_and_target():
+    # z = 0.3 over 30 planned steps far exceeds epsilon 1: the plan must not be taken on trust.
+    m = model()
+    engine = dp_attach(m, noise_multiplier=0.3, target_epsilon=1.0, steps=30, accountant="rdp", micro_batch_size=1)
+    loader = engine.data_loader(dataset())
+    with pytest.raises(PrivacyError, match="budget exhausted"):
+        for _ in range(10):
+            train(engine, m, 3, loader)
+    assert engine.epsilon() <= 1.0
+
+
+def test_statement_refuses_like_epsilon_when_sampling_is_unverified():
+    m = model()
+    engine = dp_attach(m, expected_batch_size=20, accountant="rdp")
+    loader = torch.utils.data.DataLoader(dataset(), batch_size=20, shuffle=True)
+    train(engine, m, 1, loader)
+    with pytest.raises(PrivacyError, match="did not come from engine.data_loader"):
+        engine.privacy_statement()
+
+
+def test_an_evaluation_forward_with_grad_enabled_does_not_void_the_epsilon():
+    m = model()
+    engine = dp_attach(m, accountant="rdp")
+    loader = engine.data_loader(dataset())
+    for x, y in loader:
+        engine.optimizer.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        m(torch.randn(8, 6))  # evaluation outside torch.no_grad(), never backpropagated
+        engine.optimizer.step()
+        break
+    assert math.isfinite(engine.epsilon())
+
+
+def test_unknown_accountant_and_unsupported_adjacency_fail_at_attach():
+    with pytest.raises(PrivacyError, match="Unknown accountant 'foo'"):
+        dp_attach(model(), accountant="foo")
+    with pytest.raises(PrivacyError, match='accountant="pld"'):
+        dp_attach(model(), adjacency="replace_one", accountant="prv")
+    dp_attach(model(), adjacency="replace_one", accountant="pld")  # the backend that analyses it
+
+
+def test_noise_free_data_loader_with_default_grouping_handles_ragged_batches():
+    m = model()
+    engine = dp_microclip.attach(m, torch.optim.SGD(m.parameters(), lr=0.1), micro_batch_size=4, max_grad_norm=1.0)
+    loader = engine.data_loader(dataset(), batch_size=18)  # Poisson batches, rarely a multiple of 4
+    train(engine, m, 5, loader)
+    assert engine.grouping == "keyed"
+    assert math.isfinite(float(sum(p.grad.norm() for p in m.parameters())))

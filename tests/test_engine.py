@@ -266,3 +266,25 @@ def test_transformer_summary_names_every_path():
     assert "encoder.layers.0.self_attn: MultiheadAttention -> attention capture" in text
     assert "embed: Embedding -> rule" in text
     engine.detach()
+
+
+def test_auto_never_times_or_builds_group_gradients_that_exceed_the_memory_budget(monkeypatch):
+    # b = 1 on a 256x256 Linear with B = 64: the group gradients (64 x 65k elements) are far larger than
+    # everything captured (64 x 512): only the ghost route may even be timed.
+    from dp_microclip.aggregate import Autotuner
+
+    timed = []
+    original = Autotuner._time
+
+    def spy(record, groups, route):
+        timed.append(route)
+        return original(record, groups, route)
+
+    monkeypatch.setattr(Autotuner, "_time", staticmethod(spy))
+    torch.manual_seed(0)
+    m = nn.Linear(256, 256)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    engine = dp_microclip.attach(m, opt, micro_batch_size=1, max_grad_norm=1.0, grad_mode="auto")
+    m(torch.randn(64, 256)).square().mean().backward()
+    assert set(timed) <= {"ghost"}
+    assert set(engine.last_strategies.values()) == {"ghost"}

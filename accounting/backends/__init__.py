@@ -52,6 +52,7 @@ class Backend(Protocol):
     """What the ledger needs from a backend."""
 
     name: str
+    adjacencies: tuple[str, ...]  # the neighbouring relations its analysis covers
 
     def epsilon(self, history: Sequence[Segment], delta: float, *, adjacency: str = "add_remove") -> float:
         """Epsilon at ``delta`` of the composition of ``history``."""
@@ -145,6 +146,17 @@ def resolve(accountant: AccountantSpec) -> Backend:
         f"Unknown accountant {accountant!r}. Use one of {', '.join(repr(a) for a in ACCOUNTANTS)} "
         '(accountant="prv" is the default; "pld" needs pip install dp-microclip[accounting]).'
     )
+
+
+def check_supported(accountant: AccountantSpec, adjacency: str) -> None:
+    """Raise now if ``accountant`` is unknown or cannot analyse ``adjacency`` (to fail at set-up, not later).
+
+    Raises:
+        ValueError: an unknown accountant or adjacency.
+        PrivacyRefusal: the backend does not analyse this adjacency; the message names one that does.
+    """
+    backend = resolve(accountant)
+    check_adjacency(adjacency, backend=backend.name, supported=getattr(backend, "adjacencies", ("add_remove",)))
 
 
 def name_of(accountant: AccountantSpec) -> str:

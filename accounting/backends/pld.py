@@ -19,7 +19,7 @@ Needs the ``accounting`` extra: ``pip install "dp-microclip[accounting]"``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 from accounting.backends import (
     Segment,
@@ -47,6 +47,7 @@ class PldBackend:
 
     value_discretization_interval: float = 1e-4
     name: str = dataclasses.field(default="pld", init=False)
+    adjacencies: ClassVar[tuple[str, ...]] = ("add_remove", "replace_one")
 
     def __post_init__(self) -> None:
         if not 0 < self.value_discretization_interval <= 0.1:
@@ -61,7 +62,7 @@ class PldBackend:
             ImportError: dp_accounting is not installed (names the extra).
         """
         check_delta(delta)
-        check_adjacency(adjacency, backend=self.name, supported=("add_remove", "replace_one"))
+        check_adjacency(adjacency, backend=self.name, supported=self.adjacencies)
         history = as_segments(history)
         trivial = trivial_epsilon(history)
         if trivial is not None:

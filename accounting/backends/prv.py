@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 from accounting.backends import Segment, as_segments, check_adjacency, check_delta, trivial_epsilon
 from accounting.backends.rdp import RdpBackend, _import_opacus_accountants
@@ -57,6 +57,7 @@ class PrvBackend:
     max_grid_points: int = 5_000_000
     fallback: str = "rdp"
     name: str = dataclasses.field(default="prv", init=False)
+    adjacencies: ClassVar[tuple[str, ...]] = ("add_remove",)
 
     def __post_init__(self) -> None:
         if not 0 < self.relative_error <= 0.1:
@@ -74,7 +75,7 @@ class PrvBackend:
             AccountantError: the PRV cannot be computed and ``fallback="error"``.
         """
         check_delta(delta)
-        check_adjacency(adjacency, backend=self.name, supported=("add_remove",))
+        check_adjacency(adjacency, backend=self.name, supported=self.adjacencies)
         history = as_segments(history)
         trivial = trivial_epsilon(history)
         if trivial is not None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 
@@ -85,6 +85,7 @@ class RdpBackend:
 
     orders: tuple[float, ...] = DEFAULT_ORDERS
     name: str = dataclasses.field(default="rdp", init=False)
+    adjacencies: ClassVar[tuple[str, ...]] = ("add_remove",)
 
     def epsilon(self, history: Sequence[Segment], delta: float, *, adjacency: str = "add_remove") -> float:
         """Epsilon at ``delta``: an upper bound, from Opacus' RDP analysis.
@@ -94,7 +95,7 @@ class RdpBackend:
             AccountantError: Opacus failed even on integer orders.
         """
         check_delta(delta)
-        check_adjacency(adjacency, backend=self.name, supported=("add_remove",))
+        check_adjacency(adjacency, backend=self.name, supported=self.adjacencies)
         history = as_segments(history)
         trivial = trivial_epsilon(history)
         if trivial is not None:
@@ -143,6 +144,7 @@ class RdpGoogleBackend:
 
     orders: tuple[float, ...] = DEFAULT_ORDERS
     name: str = dataclasses.field(default="rdp_google", init=False)
+    adjacencies: ClassVar[tuple[str, ...]] = ("add_remove",)
 
     def epsilon(self, history: Sequence[Segment], delta: float, *, adjacency: str = "add_remove") -> float:
         """Epsilon at ``delta``: an upper bound, from dp_accounting's RDP analysis.
@@ -153,7 +155,7 @@ class RdpGoogleBackend:
             ImportError: dp_accounting is not installed.
         """
         check_delta(delta)
-        check_adjacency(adjacency, backend=self.name, supported=("add_remove",))
+        check_adjacency(adjacency, backend=self.name, supported=self.adjacencies)
         history = as_segments(history)
         trivial = trivial_epsilon(history)
         if trivial is not None:
