@@ -144,7 +144,7 @@ class Autotuner:
     def _key(record: Record, groups) -> tuple:
         a = next(x for x in record.inputs if torch.is_tensor(x))
         bucket = lambda n: max(1, int(n)).bit_length()  # noqa: E731
-        return (record.name, groups.num_groups, bucket(groups.max_size()), bucket(a.shape[0]),
+        return (record.name, bucket(groups.num_groups), bucket(groups.max_size()), bucket(a.shape[0]),
                 tuple(a.shape[2:]), tuple(record.out_grad.shape[2:]), a.shape[1] if a.dim() > 2 else None)
 
     def choose(self, record: Record, groups, candidates: list[str]) -> str:

@@ -16,9 +16,12 @@ to subclass):
 * ``weighted_sum(layer, inputs, out_grad, row_weight) -> {name: param-shaped}``:
   ``sum_i w_i * grad_i`` with one weight per example (``row_weight[name]``, ``(B,)``),
   i.e. the clipped sum as one weighted matmul.
-* ``flops(layer, inputs, out_grad, groups) -> {"ghost_norms", "group_grads", "weighted_sum"}``:
-  multiply-adds of each piece for these shapes, so ``grad_mode="auto"`` can pick
-  the cheapest exact route per call (see ``aggregate.choose_strategy``).
+* ``flops(layer, inputs, out_grad, groups) -> {..., "group_grad_elements"}``:
+  cost estimates for these shapes. ``grad_mode="auto"`` reads only
+  ``group_grad_elements`` (the memory of materialised group gradients, checked
+  against its budget); it times the routes instead of trusting flop counts
+  (see ``aggregate.choose_strategy``). Without ``flops`` the rule always takes
+  the ghost route under ``auto``.
 
 The signature follows Opacus' grad samplers (``opacus/grad_sample/linear.py``:
 ``(layer, activations, backprops)``), extended from examples to groups. The
