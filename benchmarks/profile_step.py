@@ -20,7 +20,6 @@ Writes ``<out>/<machine>-profile.md``.
 from __future__ import annotations
 
 import cProfile
-import io
 import os
 import pstats
 import statistics
@@ -28,7 +27,6 @@ import sys
 import time
 import warnings
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from .methods import MethodSpec, _sync, make_runner
@@ -156,7 +154,7 @@ def profile_model(model: str, device, args, b: int = 1, mode: str = "auto") -> s
         f"torch.profiler, {unit} time per step summed over ops: plain {total_plain:.1f} ms, engine "
         f"{total_engine:.1f} ms (profiler overhead included in both). Top ops by extra time (engine minus plain):",
         "",
-        f"| op | extra ms/step | engine ms/step | plain ms/step | engine calls/step | plain calls/step |",
+        "| op | extra ms/step | engine ms/step | plain ms/step | engine calls/step | plain calls/step |",
         "|---|---|---|---|---|---|",
     ]
     for diff, name, e_ms, p_ms, e_calls, p_calls in rows[:15]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .measure import Timing
 from .methods import CHECK_TOLERANCE, MethodSpec

@@ -97,6 +97,19 @@ def trivial_epsilon(history: Sequence[Segment]) -> float | None:
     return None
 
 
+def begin(backend, history, delta: float, adjacency: str) -> tuple[tuple[Segment, ...], float | None]:
+    """What every backend does first: check delta and adjacency, validate the history, answer the trivial cases.
+
+    Returns:
+        The history as segments, and 0.0 / ``math.inf`` when no library is needed
+        (see :func:`trivial_epsilon`), else None.
+    """
+    check_delta(delta)
+    check_adjacency(adjacency, backend=backend.name, supported=backend.adjacencies)
+    segments = as_segments(history)
+    return segments, trivial_epsilon(segments)
+
+
 def check_delta(delta: float) -> None:
     """Raise unless 0 < delta < 1 (epsilon at delta >= 1 is meaningless)."""
     if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not 0 < delta < 1:

@@ -21,15 +21,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Sequence
 
-from accounting.backends import (
-    Segment,
-    as_segments,
-    check_adjacency,
-    check_delta,
-    dp_accounting_event,
-    import_dp_accounting,
-    trivial_epsilon,
-)
+from accounting.backends import Segment, begin, dp_accounting_event, import_dp_accounting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,10 +53,7 @@ class PldBackend:
         Raises:
             ImportError: dp_accounting is not installed (names the extra).
         """
-        check_delta(delta)
-        check_adjacency(adjacency, backend=self.name, supported=self.adjacencies)
-        history = as_segments(history)
-        trivial = trivial_epsilon(history)
+        history, trivial = begin(self, history, delta, adjacency)
         if trivial is not None:
             return trivial
         dpa = import_dp_accounting()

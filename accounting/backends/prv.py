@@ -27,7 +27,7 @@ import math
 import warnings
 from typing import ClassVar, Sequence
 
-from accounting.backends import Segment, as_segments, check_adjacency, check_delta, trivial_epsilon
+from accounting.backends import Segment, begin
 from accounting.backends.rdp import RdpBackend, _import_opacus_accountants
 from accounting.errors import AccountantError, AccountingWarning
 
@@ -74,10 +74,7 @@ class PrvBackend:
             PrivacyRefusal: adjacency="replace_one" (Opacus analyses add/remove only).
             AccountantError: the PRV cannot be computed and ``fallback="error"``.
         """
-        check_delta(delta)
-        check_adjacency(adjacency, backend=self.name, supported=self.adjacencies)
-        history = as_segments(history)
-        trivial = trivial_epsilon(history)
+        history, trivial = begin(self, history, delta, adjacency)
         if trivial is not None:
             return trivial
         rdp_bound = RdpBackend().epsilon(history, delta)

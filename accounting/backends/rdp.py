@@ -26,15 +26,7 @@ from typing import ClassVar, Sequence
 
 import numpy as np
 
-from accounting.backends import (
-    Segment,
-    as_segments,
-    check_adjacency,
-    check_delta,
-    dp_accounting_event,
-    import_dp_accounting,
-    trivial_epsilon,
-)
+from accounting.backends import Segment, begin, dp_accounting_event, import_dp_accounting
 from accounting.errors import AccountantError, AccountingWarning
 
 # dp_accounting's default grid (every 0.1 from 1.1 to 10.9, every integer to 63, then 128, 256, 512, 1024), so
@@ -94,10 +86,7 @@ class RdpBackend:
             PrivacyRefusal: adjacency="replace_one" (Opacus analyses add/remove only).
             AccountantError: Opacus failed even on integer orders.
         """
-        check_delta(delta)
-        check_adjacency(adjacency, backend=self.name, supported=self.adjacencies)
-        history = as_segments(history)
-        trivial = trivial_epsilon(history)
+        history, trivial = begin(self, history, delta, adjacency)
         if trivial is not None:
             return trivial
         accountants = _import_opacus_accountants()
@@ -154,10 +143,7 @@ class RdpGoogleBackend:
                 Poisson sampling under REPLACE_ONE).
             ImportError: dp_accounting is not installed.
         """
-        check_delta(delta)
-        check_adjacency(adjacency, backend=self.name, supported=self.adjacencies)
-        history = as_segments(history)
-        trivial = trivial_epsilon(history)
+        history, trivial = begin(self, history, delta, adjacency)
         if trivial is not None:
             return trivial
         dpa = import_dp_accounting()

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-import accounting
 from accounting import Ledger, Mechanism, privacy_statement
 from accounting.cli import main
 from tests.accounting import reference
