@@ -130,12 +130,17 @@ def choose_strategy(record: Record, settings: ClipSettings, uses: Counter, budge
     return choice
 
 
+MEMORY_ORDER = ("ghost", "norms_then_sum", "materialize")  # least memory held first
+
+
 class Autotuner:
     """Times each candidate route once per (layer, shape class) and remembers the fastest.
 
     The shape class buckets the rows per group and the batch size to powers of two,
     so Poisson-sampled batches of varying size do not trigger a new measurement.
     """
+
+    TIE = 0.10  # routes within 10% of the fastest count as equally fast
 
     def __init__(self):
         self.choices: dict = {}
@@ -151,7 +156,12 @@ class Autotuner:
         key = self._key(record, groups)
         if key not in self.choices:
             timings = {c: self._time(record, groups, c) for c in candidates}
-            self.choices[key] = min(timings, key=timings.get)
+            fastest = min(timings.values())
+            # Memory breaks near-ties: among routes within TIE of the fastest, take the one that holds the least
+            # (ghost holds nothing extra, norms_then_sum one layer's group gradients briefly, materialize keeps them
+            # until the clip factors are known). Timing noise alone is a few percent.
+            near = [c for c in MEMORY_ORDER if c in timings and timings[c] <= fastest * (1 + self.TIE)]
+            self.choices[key] = near[0]
         choice = self.choices[key]
         return choice if choice in candidates else "ghost"
 
