@@ -4,7 +4,8 @@
 """
 
 from . import layers  # noqa: F401  (registers the built-in layer rules)
-from .engine import Engine, attach
+from .configure import attach
+from .engine import Engine
 from .errors import BatchError, ConfigurationError, MicroclipError, PrivacyError, UnsupportedModuleError
 from .layers.registry import LayerRule, register_rule, registered_types, rule_for
 

@@ -137,3 +137,8 @@ def groups_from_index(index: torch.Tensor, num_groups: int) -> Groups:
 def singleton_groups(batch_size: int, device=None) -> Groups:
     """b = 1: every example is its own group (never hash buckets, where two could collide)."""
     return contiguous_groups(batch_size, 1, device)
+
+
+def public_groups(expected_batch_size: float, micro_batch_size: int) -> int:
+    """The public number of groups M = round(expected batch size / b), at least 1."""
+    return max(1, round(expected_batch_size / micro_batch_size))

@@ -1,0 +1,248 @@
+"""``attach(model, optimizer, ...) -> Engine``: validate the user's choices and build the engine.
+
+Everything a user can get wrong at set-up is checked here, before any hook is
+installed, with an error that names the argument and the fix; DP choices are
+checked against the rules in ``accounting/`` (``_dp_setup``). The engine itself
+(``engine.py``) then trusts its configuration.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .engine import Engine
+from .errors import ConfigurationError, PrivacyError
+from .grouping import public_groups
+
+CLIPPING_MODES = ("fixed", "adaptive", "per_layer", "normalize")
+GRAD_MODES = ("auto", "bookkeeping", "materialize", "func")
+GROUPINGS = ("auto", "contiguous", "keyed")
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigurationError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}.")
+
+
+def attach(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    micro_batch_size: int,
+    max_grad_norm: float | Sequence[float] | Mapping[str, float],
+    clipping: str = "fixed",
+    noise_multiplier: float | None = None,
+    target_epsilon: float | None = None,
+    delta: float | None = None,
+    sample_rate: float | None = None,
+    expected_batch_size: int | None = None,
+    steps: int | None = None,
+    epochs: float | None = None,
+    sampling: str = "engine",
+    adjacency: str = "add_remove",
+    accountant: str = "prv",
+    enforce_budget: bool = True,
+    grouping: str = "auto",
+    num_groups: int | None = None,
+    loss_reduction: str = "mean",
+    grad_mode: str = "auto",
+    fallback: str | None = None,
+    normalize_gamma: float = 0.01,
+    batch_first: bool | None = None,
+    seed: int | None = None,
+) -> Engine:
+    """Attach micro-batch clipping to an unchanged model and optimizer.
+
+    After ``attach``, ``loss.backward(); optimizer.step()`` applies, per step,
+    ``p.grad = (sum_j clip(g_j) + noise) / M``, where ``g_j`` is the mean gradient
+    of micro-batch ``j`` (``micro_batch_size`` examples) and ``M`` the number of
+    micro-batches. "Micro-batch" is the clipping unit (TF Privacy's meaning),
+    not a memory chunk.
+
+    Args:
+        model: the model; it stays the same object (hooks only).
+        optimizer: any torch optimizer over the model's parameters; the engine
+            writes ``p.grad`` in a step pre-hook.
+        micro_batch_size: ``b``. 1 is per-example clipping (DP-SGD); the batch
+            size is ordinary clipping of the whole batch.
+        max_grad_norm: the bound ``C``. With ``clipping="per_layer"``: one float
+            (split equally, ``C/sqrt(K)`` per parameter), a list (one per trainable
+            parameter, in ``model.named_parameters()`` order) or a dict by name.
+        clipping: ``"fixed"`` (min(1, C/||g_j||)), ``"adaptive"`` (the bound is the
+            smallest micro-batch norm: Wang, Algorithm 1; not DP), ``"per_layer"``,
+            or ``"normalize"`` (C g_j / (||g_j|| + normalize_gamma)).
+        noise_multiplier: ``z``; the clipped sum gets ``N(0, (z C)^2)`` noise per
+            coordinate. ``None`` (and no ``target_epsilon``) trains noise-free, with no
+            privacy claim. Giving it (or ``target_epsilon``) turns on DP mode: keyed
+            groups, a public normaliser, a ledger, and refusals of anything without a
+            valid guarantee. With ``micro_batch_size > 1`` the sensitivity is 2C, so
+            the accountant is given ``z / 2``: the same ``z`` buys a larger epsilon.
+        target_epsilon: DP mode: calibrate ``z`` (if not given) so that ``epsilon``
+            reaches this after ``steps`` (or ``epochs``) steps; with
+            ``enforce_budget=True`` (default) a step that would exceed it raises.
+        delta: the delta of the guarantee (e.g. ``1 / dataset size`` or smaller).
+        sample_rate: DP mode, required: ``q``, the probability that a record joins a
+            batch (``engine.data_loader(dataset)`` samples with it; expected batch
+            size ``q * len(dataset)``).
+        expected_batch_size: the public expected batch size ``q N`` (set by
+            ``engine.data_loader``); the number of groups is ``round(q N / b)``.
+        steps, epochs: the planned length of training, for calibration (epochs
+            are ``round(1/q)`` steps each).
+        sampling: ``"engine"`` (default: batches must come from ``engine.data_loader``,
+            or ``epsilon()`` refuses), ``"poisson"`` (you declare that your own loader
+            samples each record independently with probability ``sample_rate``; the
+            privacy statement says it rests on that), ``"shuffle"`` (no epsilon).
+        adjacency: ``"add_remove"`` (default) or ``"replace_one"`` where the
+            accountant supports it.
+        accountant: ``"prv"`` (default, Opacus PRV), ``"rdp"`` or ``"pld"`` (Google's
+            dp_accounting, the ``accounting`` extra).
+        enforce_budget: with ``target_epsilon``, raise before a step that would
+            exceed it (including any step with noise off).
+        grouping: ``"contiguous"`` (examples ``[b j, b (j+1))``; the batch size must
+            be a multiple of b), ``"keyed"`` (each example drawn into one of M groups
+            independently of the others), or ``"auto"`` (contiguous when noise-free, keyed for
+            batches of ``engine.data_loader`` and in DP mode).
+        num_groups: M for keyed grouping (default ``ceil(B / b)`` per batch).
+        loss_reduction: ``"mean"`` if your loss averages per-example losses over
+            the batch (default), ``"sum"`` if it sums them. A loss that averages over
+            tokens of the whole batch couples examples: use a per-example mean.
+        grad_mode: ``"auto"`` picks per layer from its shapes; ``"bookkeeping"``
+            (ghost norms + one weighted matmul where a rule supports it),
+            ``"materialize"`` (per-group gradients), ``"func"`` (torch.func for every layer).
+        fallback: for modules with parameters and no rule: ``"generic"`` (torch.func
+            per micro-batch, with a warning) or ``"error"``. Default: generic when
+            noise-free, error in DP mode.
+        normalize_gamma: the ``gamma`` of ``clipping="normalize"``.
+        batch_first: force the batch dimension (0 if True, 1 if False) of the model
+            input and of modules that do not declare one. Default: dimension 0,
+            or what a module declares (``batch_first`` of MHA / transformer layers).
+        seed: seeds the engine's own noise and grouping generators (default: a
+            random seed from the OS; torch's global RNG is never used).
+
+    Returns:
+        The :class:`Engine`. ``engine.detach()`` removes it.
+
+    Raises:
+        ConfigurationError: an invalid argument (the message names the fix).
+        UnsupportedModuleError: a module cannot be handled exactly (named).
+    """
+    if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
+        raise ConfigurationError(f"micro_batch_size must be an integer >= 1. Found {micro_batch_size!r}.")
+    _choice("clipping", clipping, CLIPPING_MODES)
+    _choice("grad_mode", grad_mode, GRAD_MODES)
+    _choice("grouping", grouping, GROUPINGS)
+    _choice("loss_reduction", loss_reduction, ("mean", "sum"))
+    _choice("fallback", fallback, (None, "generic", "error"))
+    if clipping == "per_layer":
+        scalar_c = _total_bound(max_grad_norm)
+    else:
+        if not isinstance(max_grad_norm, (int, float)) or isinstance(max_grad_norm, bool) or max_grad_norm <= 0:
+            raise ConfigurationError(
+                f"max_grad_norm must be a number > 0 for clipping={clipping!r}. Found {max_grad_norm!r}."
+            )
+        scalar_c = float(max_grad_norm)
+    if noise_multiplier is not None and noise_multiplier < 0:
+        raise ConfigurationError(f"noise_multiplier must be >= 0. Found {noise_multiplier}.")
+    if normalize_gamma <= 0:
+        raise ConfigurationError(f"normalize_gamma must be > 0. Found {normalize_gamma}.")
+    _choice("sampling", sampling, ("engine", "poisson", "shuffle"))
+    _choice("adjacency", adjacency, ("add_remove", "replace_one"))
+    dp = noise_multiplier is not None or target_epsilon is not None
+    privacy = None
+    public_num_groups = None
+    if dp:
+        privacy, noise_multiplier, grouping, public_num_groups = _dp_setup(
+            micro_batch_size=micro_batch_size, clipping=clipping, grouping=grouping,
+            noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, delta=delta,
+            sample_rate=sample_rate, expected_batch_size=expected_batch_size, steps=steps, epochs=epochs,
+            sampling=sampling, adjacency=adjacency, accountant=accountant, enforce_budget=enforce_budget,
+        )
+        num_groups = public_num_groups
+    grouping_auto = grouping == "auto"
+    if grouping_auto and not dp:
+        grouping = "contiguous"  # engine.data_loader switches to keyed (its batches vary in size)
+    config = dict(grouping_auto=grouping_auto, 
+        micro_batch_size=micro_batch_size, max_grad_norm=scalar_c, max_grad_norm_raw=max_grad_norm,
+        clipping=clipping, noise_multiplier=noise_multiplier, grouping=grouping,
+        num_groups=num_groups, public_num_groups=public_num_groups, loss_reduction=loss_reduction,
+        grad_mode=grad_mode, fallback=fallback, normalize_gamma=normalize_gamma, batch_first=batch_first,
+        seed=seed, dp=dp, sample_rate=sample_rate,
+    )
+    engine = Engine(model, optimizer, config)
+    engine._privacy = privacy
+    engine._noise_on = dp
+    return engine
+
+
+def _dp_setup(*, micro_batch_size, clipping, grouping, noise_multiplier, target_epsilon, delta, sample_rate,
+              expected_batch_size, steps, epochs, sampling, adjacency, accountant, enforce_budget):
+    """Validate a DP configuration; return (PrivacyState, z, grouping, public M or None)."""
+    from .privacy import PrivacySettings, PrivacyState, steps_from_epochs
+
+    if clipping == "adaptive":
+        raise PrivacyError(
+            'clipping="adaptive" sets the bound from the data (the smallest micro-batch norm), so it has no '
+            'differential-privacy guarantee. Use clipping="fixed" (or "per_layer"/"normalize") with noise, or '
+            "adaptive clipping without noise_multiplier/target_epsilon."
+        )
+    if sample_rate is None or not (0 < sample_rate <= 1):
+        raise ConfigurationError(
+            f"DP mode needs sample_rate in (0, 1], the probability that a record joins a batch "
+            f"(expected batch size / dataset size). Found {sample_rate!r}. engine.data_loader(dataset) then "
+            "samples with it."
+        )
+    if delta is not None and not (0 < delta < 1):
+        raise ConfigurationError(f"delta must be in (0, 1). Found {delta}.")
+    try:  # an unknown accountant, or one that cannot analyse this adjacency, fails here rather than at epsilon()
+        from accounting.backends import check_supported
+
+        check_supported(accountant, adjacency)
+    except ValueError as err:
+        raise PrivacyError(f"{err}") from err
+    if grouping == "auto":
+        grouping = "keyed"
+    if micro_batch_size == 1:
+        grouping = "keyed"  # b = 1: every example its own group; position plays no role
+    if steps is None and epochs is not None:
+        steps = steps_from_epochs(epochs, sample_rate)
+    if target_epsilon is not None:
+        if target_epsilon <= 0:
+            raise ConfigurationError(f"target_epsilon must be > 0. Found {target_epsilon}.")
+        if delta is None:
+            raise ConfigurationError("target_epsilon needs delta=..., e.g. attach(..., delta=1e-5).")
+    if noise_multiplier is None:
+        if steps is None:
+            raise ConfigurationError(
+                "target_epsilon without noise_multiplier needs the planned length of training to calibrate "
+                "the noise: pass steps=... or epochs=...."
+            )
+        noise_multiplier = PrivacyState.calibrate(
+            target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
+            micro_batch_size=micro_batch_size, adjacency=adjacency, sampling=sampling, accountant=accountant,
+        )
+    public = None
+    if expected_batch_size is not None:
+        public = public_groups(expected_batch_size, micro_batch_size)
+    settings = PrivacySettings(
+        micro_batch_size=micro_batch_size, clipping=clipping, grouping=grouping, sample_rate=float(sample_rate),
+        noise_multiplier=float(noise_multiplier), delta=delta, target_epsilon=target_epsilon,
+        planned_steps=steps, sampling=sampling, adjacency=adjacency, accountant=accountant,
+        enforce_budget=enforce_budget,
+    )
+    return PrivacyState(settings), float(noise_multiplier), grouping, public
+
+
+def _total_bound(raw) -> float:
+    if isinstance(raw, Mapping):
+        values = list(raw.values())
+    elif isinstance(raw, Sequence) and not isinstance(raw, str):
+        values = list(raw)
+    else:
+        values = [raw]
+    if not values or any(not isinstance(v, (int, float)) or v <= 0 for v in values):
+        raise ConfigurationError(f"max_grad_norm bounds must be numbers > 0. Found {raw!r}.")
+    return math.sqrt(sum(float(v) ** 2 for v in values)) if len(values) > 1 else float(values[0])
