@@ -138,6 +138,8 @@ def privacy_statement(
             "steps alone do not describe what was released."
         )
     lines.append(f"Accountant: {_ACCOUNTANT_NAMES.get(name, name)}.")
+    lines.append("Assumes: the training loss is the mean (or sum) of per-example losses, each depending on its own "
+                 "example only; a loss averaged over all tokens of a batch couples examples and voids this guarantee.")
     lines.append("Not covered: privacy cost of hyperparameter tuning, and any data used outside these steps.")
     lines.append(f"Epsilon: {_fmt(eps)} at delta = {delta:g}.")
     return "\n".join(lines)

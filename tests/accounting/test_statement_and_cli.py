@@ -27,6 +27,7 @@ def test_statement_names_adjacency_sampling_grouping_and_micro_batching():
     assert "Poisson sampling" in text and "performed by the engine's loader" in text
     assert "keyed groups" in text and "b=8" in text
     assert "sensitivity 2C" in text and "z/2 = 0.55" in text
+    assert "per-example losses" in text  # the loss assumption is stated, not silent
     assert "Dataset: 10000 examples; 1 epochs in expectation" in text  # 100 steps at q = 0.01
     eps = _ledger().epsilon(1e-5, "rdp")
     assert text.splitlines()[-1] == f"Epsilon: {eps:.4g} at delta = 1e-05."
