@@ -155,7 +155,7 @@ class Autotuner:
     def choose(self, record: Record, groups, candidates: list[str]) -> str:
         key = self._key(record, groups)
         if key not in self.choices:
-            timings = {c: self._time(record, groups, c) for c in candidates}
+            timings = self._time_routes(record, groups, candidates)
             fastest = min(timings.values())
             # Memory breaks near-ties: among routes within TIE of the fastest, take the one that holds the least
             # (ghost holds nothing extra, norms_then_sum one layer's group gradients briefly, materialize keeps them
@@ -165,8 +165,28 @@ class Autotuner:
         choice = self.choices[key]
         return choice if choice in candidates else "ghost"
 
+    REPEATS = 3
+
+    @classmethod
+    def _time_routes(cls, record: Record, groups, routes: list[str]) -> dict[str, float]:
+        """Best time of each route over interleaved repeats (a burst of load then hits every route alike)."""
+        runs = {route: cls._runner(record, groups, route) for route in routes}
+        for run in runs.values():
+            run()  # warm-up
+        best = {route: math.inf for route in routes}
+        device = record.out_grad.device
+        for _ in range(cls.REPEATS):
+            for route, run in runs.items():
+                _sync(device)
+                start = time.perf_counter()
+                run()
+                _sync(device)
+                best[route] = min(best[route], time.perf_counter() - start)
+        return best
+
     @staticmethod
-    def _time(record: Record, groups, route: str) -> float:
+    def _runner(record: Record, groups, route: str) -> Callable[[], None]:
+        """The work one route does for this record, as a call to time."""
         rule, args = record.rule, (record.layer, record.inputs, record.out_grad)
         weights = {name: torch.ones(groups.batch_size, device=record.out_grad.device) for name in record.params}
 
@@ -183,15 +203,7 @@ class Autotuner:
                     torch.linalg.vector_norm(g.flatten(1), dim=1)
                     torch.einsum("m,m...->...", torch.ones(g.shape[0], dtype=g.dtype, device=g.device), g)
 
-        run()  # warm-up
-        best = math.inf
-        for _ in range(2):
-            _sync(record.out_grad.device)
-            start = time.perf_counter()
-            run()
-            _sync(record.out_grad.device)
-            best = min(best, time.perf_counter() - start)
-        return best
+        return run
 
 
 def _sync(device: torch.device) -> None:

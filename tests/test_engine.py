@@ -274,17 +274,17 @@ def test_auto_never_times_or_builds_group_gradients_that_exceed_the_memory_budge
     from dp_microclip.aggregate import Autotuner
 
     timed = []
-    original = Autotuner._time
+    original = Autotuner._runner
 
     def spy(record, groups, route):
         timed.append(route)
         return original(record, groups, route)
 
-    monkeypatch.setattr(Autotuner, "_time", staticmethod(spy))
+    monkeypatch.setattr(Autotuner, "_runner", staticmethod(spy))
     torch.manual_seed(0)
     m = nn.Linear(256, 256)
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     engine = dp_microclip.attach(m, opt, micro_batch_size=1, max_grad_norm=1.0, grad_mode="auto")
     m(torch.randn(64, 256)).square().mean().backward()
-    assert set(timed) <= {"ghost"}
+    assert timed and set(timed) == {"ghost"}
     assert set(engine.last_strategies.values()) == {"ghost"}
