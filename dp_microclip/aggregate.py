@@ -20,8 +20,6 @@ between its uses are in the norm. Nothing is dropped.
 
 from __future__ import annotations
 
-import math
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -31,6 +29,7 @@ import torch
 from . import clipping as clip
 from .grads import ForwardContext, Record
 from .layers.generic import generic_group_grads
+from .timing import best_times
 
 
 @dataclass(frozen=True)
@@ -92,7 +91,9 @@ def clip_and_sum(
     return result
 
 
-def choose_strategy(record: Record, settings: ClipSettings, uses: Counter, budget: list, tuner: "Autotuner") -> str:
+def choose_strategy(
+    record: Record, groups, settings: ClipSettings, uses: Counter, budget: list, tuner: "Autotuner"
+) -> str:
     """The route for one record: "ghost", "materialize", "norms_then_sum" or "func".
 
     * ghost: Gram norms, then one weighted product over all rows for the sum.
@@ -114,19 +115,18 @@ def choose_strategy(record: Record, settings: ClipSettings, uses: Counter, budge
     shared = any(uses[id(p)] > 1 for p in record.params.values())
     if shared or not record.rule.has_ghost or settings.grad_mode == "materialize":
         return "materialize"
-    if settings.grad_mode == "bookkeeping" or record.rule.flops is None:
+    if settings.grad_mode == "bookkeeping" or record.rule.group_grad_elements is None:
         return "ghost"
-    groups = record.ctx.groups.to(record.out_grad.device)
-    f = record.rule.flops(record.layer, record.inputs, record.out_grad, groups)
+    elements = record.rule.group_grad_elements(record.layer, record.inputs, record.out_grad, groups)
     candidates = ["ghost"]
-    if f["group_grad_elements"] <= budget[0]:
+    if elements <= budget[0]:
         # Both other routes build every group gradient of the layer at once (norms_then_sum frees them right
         # after the norms, materialize keeps them for the sum): only where that fits the memory budget, so the
         # engine's peak never grows like B x params, not even while the autotuner times them.
         candidates += ["norms_then_sum", "materialize"]
     choice = tuner.choose(record, groups, candidates)
     if choice == "materialize":
-        budget[0] -= f["group_grad_elements"]
+        budget[0] -= elements
     return choice
 
 
@@ -169,20 +169,9 @@ class Autotuner:
 
     @classmethod
     def _time_routes(cls, record: Record, groups, routes: list[str]) -> dict[str, float]:
-        """Best time of each route over interleaved repeats (a burst of load then hits every route alike)."""
+        """Best time of each route (interleaved repeats, see ``timing.py``)."""
         runs = {route: cls._runner(record, groups, route) for route in routes}
-        for run in runs.values():
-            run()  # warm-up
-        best = {route: math.inf for route in routes}
-        device = record.out_grad.device
-        for _ in range(cls.REPEATS):
-            for route, run in runs.items():
-                _sync(device)
-                start = time.perf_counter()
-                run()
-                _sync(device)
-                best[route] = min(best[route], time.perf_counter() - start)
-        return best
+        return best_times(runs, record.out_grad.device, cls.REPEATS)
 
     @staticmethod
     def _runner(record: Record, groups, route: str) -> Callable[[], None]:
@@ -206,11 +195,6 @@ class Autotuner:
         return run
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _numel(inputs) -> int:
     return sum(x.numel() for x in inputs if torch.is_tensor(x))
 
@@ -232,7 +216,7 @@ def _one_context(
     ghost_records: list[Record] = []  # records whose sum is a weighted product over rows
     budget = [sum(_numel(r.inputs) + r.out_grad.numel() for r in records)]
     for record in records:
-        strategy = choose_strategy(record, settings, uses, budget, tuner)
+        strategy = choose_strategy(record, groups, settings, uses, budget, tuner)
         result.strategies[record.name] = strategy
         if strategy in ("ghost", "norms_then_sum"):
             if strategy == "ghost":

@@ -165,9 +165,9 @@ def attach(
     grouping_auto = grouping == "auto"
     if grouping_auto and not dp:
         grouping = "contiguous"  # engine.data_loader switches to keyed (its batches vary in size)
-    config = dict(grouping_auto=grouping_auto, 
+    config = dict(
         micro_batch_size=micro_batch_size, max_grad_norm=scalar_c, max_grad_norm_raw=max_grad_norm,
-        clipping=clipping, noise_multiplier=noise_multiplier, grouping=grouping,
+        grouping_auto=grouping_auto, clipping=clipping, noise_multiplier=noise_multiplier, grouping=grouping,
         num_groups=num_groups, public_num_groups=public_num_groups, loss_reduction=loss_reduction,
         grad_mode=grad_mode, fallback=fallback, normalize_gamma=normalize_gamma, batch_first=batch_first,
         seed=seed, dp=dp, sample_rate=sample_rate,
@@ -202,10 +202,8 @@ def _dp_setup(*, micro_batch_size, clipping, grouping, noise_multiplier, target_
 
         check_supported(accountant, adjacency)
     except ValueError as err:
-        raise PrivacyError(f"{err}") from err
-    if grouping == "auto":
-        grouping = "keyed"
-    if micro_batch_size == 1:
+        raise PrivacyError(str(err)) from err
+    if grouping == "auto" or micro_batch_size == 1:
         grouping = "keyed"  # b = 1: every example its own group; position plays no role
     if steps is None and epochs is not None:
         steps = steps_from_epochs(epochs, sample_rate)

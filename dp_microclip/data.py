@@ -17,6 +17,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.dataloader import default_collate
 
+from .privacy import steps_per_epoch
+
 
 def sample_with_groups(coins: torch.Tensor, sample_rate: float, num_groups: int | None):
     """Poisson sampling and keyed groups from ONE uniform coin per record.
@@ -107,7 +109,7 @@ def poisson_loader(dataset: Dataset, sample_rate: float, generator: torch.Genera
             raise ValueError(
                 f"engine.data_loader(...) sets {forbidden} itself (Poisson sampling); remove {forbidden}=."
             )
-    steps = max(1, round(1.0 / sample_rate))  # = privacy.steps_per_epoch (kept in one formula)
+    steps = steps_per_epoch(sample_rate)  # the same formula the privacy plan uses for epochs
     sampler = PoissonBatchSampler(len(dataset), sample_rate, generator, steps, num_groups, on_batch, on_epoch)
     collate = loader_kwargs.pop("collate_fn", default_collate)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=empty_batch_collate(dataset, collate), **loader_kwargs)

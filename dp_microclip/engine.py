@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from . import grouping
-from .grouping import public_groups
 from .aggregate import Autotuner, ClipSettings, PassResult, clip_and_sum, merge_means
 from .errors import BatchError, ConfigurationError, PrivacyError, UnsupportedModuleError
 from .grads import ForwardContext, HookSet, Record, Unit
@@ -153,7 +152,7 @@ class Engine:
                 f"Pass batch_size={round(q * n)} or omit it."
             )
         if self.dp:
-            public = public_groups(q * n, self.micro_batch_size)
+            public = grouping.public_groups(q * n, self.micro_batch_size)
             current = self._cfg["public_num_groups"]
             if current is not None and current != public:
                 raise ConfigurationError(
@@ -171,7 +170,7 @@ class Engine:
             # draw keyed groups instead, about b examples each.
             self.grouping = "keyed"
             if self._cfg["num_groups"] is None:
-                self._cfg["num_groups"] = public_groups(q * n, self.micro_batch_size)
+                self._cfg["num_groups"] = grouping.public_groups(q * n, self.micro_batch_size)
         keyed = self.grouping == "keyed" and self.micro_batch_size > 1
         return poisson_loader(
             dataset, q, self._sampling_generator, num_groups=self._cfg["num_groups"] if keyed else None,
@@ -298,17 +297,14 @@ class Engine:
         num_groups = self._cfg["num_groups"]
         if num_groups is None:
             if self.dp:
-                raise ConfigurationError(
-                    "DP mode needs the public number of groups before the first batch: build the loader with "
-                    "engine.data_loader(dataset), or pass expected_batch_size=... to attach()."
-                )
+                raise _missing_public_groups()
             num_groups = max(1, math.ceil(batch_size / b))
         if drawn is not None:
             return grouping.groups_from_index(drawn.to(device), num_groups), from_loader
         return grouping.keyed_groups(batch_size, num_groups, self._group_generator), False
 
     def _take_pending_batch(self, batch_size: int) -> tuple[bool, torch.Tensor | None]:
-        """(whether engine.data_loader drew this batch, the group of each example it drew or None), checking the size."""
+        """(whether engine.data_loader drew this batch, its examples' groups or None); checks the size."""
         if not self._pending_batches:
             return False, None
         size, groups = self._pending_batches.popleft()
@@ -336,9 +332,7 @@ class Engine:
 
     def _divisor_of(self, ctx: ForwardContext) -> float:
         """M of one batch: its number of groups, or the public constant in DP mode."""
-        public = self._cfg["public_num_groups"]
-        if self.dp and self.micro_batch_size == 1:
-            public = self._cfg["public_num_groups"]  # b = 1: M is the expected batch size
+        public = self._cfg["public_num_groups"]  # in DP mode round(q N / b); b = 1: the expected batch size
         return float(public) if public is not None else float(ctx.groups.num_groups)
 
     def _accumulate(self, result: PassResult) -> None:
@@ -374,10 +368,7 @@ class Engine:
                     "public normaliser). Use a larger sample_rate instead of accumulation."
                 )
             if self._cfg["public_num_groups"] is None:
-                raise ConfigurationError(
-                    "DP mode needs the public number of groups: build the loader with engine.data_loader(dataset), "
-                    "or pass expected_batch_size=... to attach()."
-                )
+                raise _missing_public_groups()
             self._privacy.before_step(self._noise_on)
             if empty_batch:
                 self._groups_seen = float(self._cfg["public_num_groups"])
@@ -567,6 +558,13 @@ class Engine:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, UserWarning, stacklevel=4)
+
+
+def _missing_public_groups() -> ConfigurationError:
+    return ConfigurationError(
+        "DP mode needs the public number of groups before the first batch: build the loader with "
+        "engine.data_loader(dataset), or pass expected_batch_size=... to attach()."
+    )
 
 
 def _has_param(module: nn.Module, dotted: str) -> bool:

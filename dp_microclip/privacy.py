@@ -45,7 +45,7 @@ class PrivacyState:
         self.ledger = accounting.Ledger()
         self.unverified_steps = 0  # steps whose batch did not come from engine.data_loader
         self._allowed: dict = {}  # mechanism -> total steps verified to stay within the target
-        self.check_mechanism(noise_on=True)
+        self.check_mechanism()
 
     @staticmethod
     def calibrate(*, target_epsilon, delta, sample_rate, steps, micro_batch_size, adjacency, sampling,
@@ -74,8 +74,8 @@ class PrivacyState:
             clipping=s.clipping,
         )
 
-    def check_mechanism(self, noise_on: bool) -> None:
-        """Raise PrivacyError now if the accountant would refuse this mechanism."""
+    def check_mechanism(self) -> None:
+        """Raise PrivacyError now if the accountant would refuse this mechanism with its noise on."""
         try:
             self._accounting.effective_noise_multiplier(self.mechanism(noise_on=True))
         except ValueError as err:
@@ -137,16 +137,8 @@ class PrivacyState:
 
     def epsilon(self, delta: float | None = None, accountant: str | None = None) -> float:
         s = self.settings
-        delta = s.delta if delta is None else delta
-        if delta is None:
-            raise ConfigurationError("epsilon needs a delta: engine.epsilon(delta=1e-5), or attach(..., delta=1e-5).")
-        if self.unverified_steps:
-            raise PrivacyError(
-                f"No epsilon: {self.unverified_steps} step(s) used batches that did not come from "
-                "engine.data_loader(...), so the engine cannot vouch for Poisson sampling. Use "
-                "engine.data_loader(dataset), or attach(..., sampling=\"poisson\") to declare that your own "
-                "loader samples each record independently with probability sample_rate."
-            )
+        delta = self._delta(delta)
+        self._check_sampling_verified()
         try:
             return float(self.ledger.epsilon(delta, accountant=accountant or s.accountant))
         except ValueError as err:
@@ -157,8 +149,8 @@ class PrivacyState:
         from accounting.statement import privacy_statement
 
         s = self.settings
-        self.epsilon(delta)  # the same refusals, before any number is written
-        delta = s.delta if delta is None else delta
+        delta = self._delta(delta)
+        self._check_sampling_verified()  # the same refusal as epsilon(), before any number is written
         try:
             return privacy_statement(
                 self.ledger, delta, accountant=s.accountant, sampling_declared_by_user=s.sampling == "poisson",
@@ -166,6 +158,22 @@ class PrivacyState:
             )
         except ValueError as err:
             raise _refusal_to_error(err) from err
+
+    def _delta(self, delta: float | None) -> float:
+        """The delta asked for, or attach's; refuses when neither was given."""
+        delta = self.settings.delta if delta is None else delta
+        if delta is None:
+            raise ConfigurationError("epsilon needs a delta: engine.epsilon(delta=1e-5), or attach(..., delta=1e-5).")
+        return delta
+
+    def _check_sampling_verified(self) -> None:
+        if self.unverified_steps:
+            raise PrivacyError(
+                f"No epsilon: {self.unverified_steps} step(s) used batches that did not come from "
+                "engine.data_loader(...), so the engine cannot vouch for Poisson sampling. Use "
+                "engine.data_loader(dataset), or attach(..., sampling=\"poisson\") to declare that your own "
+                "loader samples each record independently with probability sample_rate."
+            )
 
     def state_dict(self) -> dict:
         return {"ledger": self.ledger.state_dict(), "unverified_steps": self.unverified_steps}

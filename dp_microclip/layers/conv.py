@@ -25,14 +25,12 @@ Letters: B examples, C in channels, O out channels, S spatial dims, K kernel, M 
 
 from __future__ import annotations
 
-import math
-import time
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..grouping import Groups
+from ..timing import best_times
 from .registry import LayerRule, register_rule
 
 _WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
@@ -94,19 +92,9 @@ def _fastest(layer, x, padding, out_grad, groups: Groups) -> str:
     key = (x.device.type, x.dtype, tuple(x.shape[1:]), tuple(out_grad.shape[1:]), groups.num_groups,
            groups.max_size(), tuple(layer.kernel_size), tuple(layer.stride), tuple(layer.dilation), tuple(padding))
     if key not in _FASTEST:
-        for impl in _IMPLEMENTATIONS.values():
-            impl(layer, x, padding, out_grad, groups)  # warm-up
-        # Interleaved repeats, best of each: a burst of load then hits both layouts alike.
-        timings = {name: math.inf for name in _IMPLEMENTATIONS}
-        for _ in range(_TIMING_REPEATS):
-            for name, impl in _IMPLEMENTATIONS.items():
-                if x.device.type == "cuda":
-                    torch.cuda.synchronize(x.device)
-                start = time.perf_counter()
-                impl(layer, x, padding, out_grad, groups)
-                if x.device.type == "cuda":
-                    torch.cuda.synchronize(x.device)
-                timings[name] = min(timings[name], time.perf_counter() - start)
+        args = (layer, x, padding, out_grad, groups)
+        runs = {name: (lambda impl=impl: impl(*args)) for name, impl in _IMPLEMENTATIONS.items()}
+        timings = best_times(runs, x.device, _TIMING_REPEATS)
         _FASTEST[key] = min(timings, key=timings.get)
     return _FASTEST[key]
 

@@ -50,17 +50,11 @@ def embedding_weighted_sum(layer: nn.Embedding, inputs, out_grad, row_weight) ->
     return {"weight": torch.zeros_like(layer.weight).index_add_(0, idx.reshape(-1), gw)}
 
 
-def embedding_flops(layer: nn.Embedding, inputs, out_grad, groups: Groups) -> dict:
-    rows_d = out_grad.numel()
-    return {
-        "ghost_norms": rows_d,
-        "group_grads": groups.num_groups * layer.weight.numel(),  # a zero (M, V, d) table to fill
-        "weighted_sum": rows_d,
-        "group_grad_elements": groups.num_groups * layer.weight.numel(),
-    }
+def embedding_group_grad_elements(layer: nn.Embedding, inputs, out_grad, groups: Groups) -> int:
+    return groups.num_groups * layer.weight.numel()  # a zero (M, V, d) table to fill
 
 
 register_rule(
     nn.Embedding,
-    LayerRule(embedding_group_grads, embedding_group_sq_norms, embedding_weighted_sum, embedding_flops),
+    LayerRule(embedding_group_grads, embedding_group_sq_norms, embedding_weighted_sum, embedding_group_grad_elements),
 )

@@ -71,20 +71,6 @@ def linear_weighted_sum(a, g, row_weight: dict, with_bias: bool) -> dict:
     return out
 
 
-def linear_flops(a, g, groups: Groups) -> dict:
-    """Multiply-adds of each route (N rows per group = group size x positions)."""
-    d, p = a.shape[-1], g.shape[-1]
-    positions = a[0].numel() // d if a.shape[0] else 1
-    rows = groups.max_size() * positions
-    m = groups.num_groups
-    return {
-        "ghost_norms": m * rows * rows * (d + p),  # two Gram matrices per group
-        "group_grads": m * rows * d * p,  # one (p, d) product per group
-        "weighted_sum": a.shape[0] * positions * d * p,  # one product over all rows
-        "group_grad_elements": m * d * p,
-    }
-
-
 def _group_grads(layer: nn.Linear, inputs, out_grad, groups):
     return linear_group_grads(inputs[0], out_grad, groups, layer.bias is not None)
 
@@ -97,8 +83,8 @@ def _weighted_sum(layer: nn.Linear, inputs, out_grad, row_weight):
     return linear_weighted_sum(inputs[0], out_grad, row_weight, layer.bias is not None)
 
 
-def _flops(layer: nn.Linear, inputs, out_grad, groups):
-    return linear_flops(inputs[0], out_grad, groups)
+def _group_grad_elements(layer: nn.Linear, inputs, out_grad, groups) -> int:
+    return groups.num_groups * layer.weight.numel()  # (M, p, d); the bias adds only M x p
 
 
-register_rule(nn.Linear, LayerRule(_group_grads, _group_sq_norms, _weighted_sum, _flops))
+register_rule(nn.Linear, LayerRule(_group_grads, _group_sq_norms, _weighted_sum, _group_grad_elements))

@@ -16,12 +16,12 @@ to subclass):
 * ``weighted_sum(layer, inputs, out_grad, row_weight) -> {name: param-shaped}``:
   ``sum_i w_i * grad_i`` with one weight per example (``row_weight[name]``, ``(B,)``),
   i.e. the clipped sum as one weighted matmul.
-* ``flops(layer, inputs, out_grad, groups) -> {..., "group_grad_elements"}``:
-  cost estimates for these shapes. ``grad_mode="auto"`` reads only
-  ``group_grad_elements`` (the memory of materialised group gradients, checked
-  against its budget); it times the routes instead of trusting flop counts
-  (see ``aggregate.choose_strategy``). Without ``flops`` the rule always takes
-  the ghost route under ``auto``.
+* ``group_grad_elements(layer, inputs, out_grad, groups) -> int``: how many
+  elements ``group_grads`` would allocate for these shapes. ``grad_mode="auto"``
+  checks it against its memory budget before it even times a route that builds
+  group gradients, then times the routes that fit (see
+  ``aggregate.choose_strategy``). Without it the rule always takes the ghost
+  route under ``auto``.
 
 The signature follows Opacus' grad samplers (``opacus/grad_sample/linear.py``:
 ``(layer, activations, backprops)``), extended from examples to groups. The
@@ -45,7 +45,7 @@ class LayerRule(NamedTuple):
     group_grads: Callable[[nn.Module, tuple, torch.Tensor, Groups], GradDict]
     group_sq_norms: Callable[[nn.Module, tuple, torch.Tensor, Groups], GradDict] | None = None
     weighted_sum: Callable[[nn.Module, tuple, torch.Tensor, GradDict], GradDict] | None = None
-    flops: Callable[[nn.Module, tuple, torch.Tensor, Groups], dict] | None = None
+    group_grad_elements: Callable[[nn.Module, tuple, torch.Tensor, Groups], int] | None = None
 
     @property
     def has_ghost(self) -> bool:
