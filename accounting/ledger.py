@@ -81,6 +81,9 @@ class Ledger:
 
     def __init__(self) -> None:
         self._entries: list[LedgerEntry] = []
+        # The last answer and what it was for: a statement right after epsilon() (engine, CLI) costs one
+        # PRV/PLD computation, not two. The key holds the whole history, so a new step never hits it.
+        self._last_answer: tuple | None = None
 
     # ----------------------------------------------------------------- recording
     def record(self, mechanism: Mechanism, steps: int = 1) -> None:
@@ -166,7 +169,12 @@ class Ledger:
         backend = backends.resolve(accountant)
         if self.first_nonprivate_step is not None:
             return math.inf
-        return backend.epsilon(self.history(), delta, adjacency=self.adjacency)
+        key = (self.history(), self.adjacency, float(delta), accountant)
+        if self._last_answer is not None and self._last_answer[0] == key:
+            return self._last_answer[1]
+        eps = backend.epsilon(key[0], delta, adjacency=self.adjacency)
+        self._last_answer = (key, eps)
+        return eps
 
     def epsilon_after(
         self, mechanism: Mechanism, extra_steps: int, delta: float, accountant: AccountantSpec = "prv"

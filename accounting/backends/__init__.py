@@ -37,6 +37,9 @@ import math
 import numbers
 from typing import NamedTuple, Protocol, Sequence, Union
 
+from accounting.errors import PrivacyRefusal
+from accounting.mechanism import ADJACENCIES
+
 ACCOUNTANTS = ("rdp", "rdp_google", "prv", "pld")
 
 
@@ -220,9 +223,6 @@ def check_adjacency(adjacency: str, *, backend: str, supported: tuple[str, ...])
         PrivacyRefusal: a known adjacency this backend cannot analyse; the
             message names the backend that can, and add_remove.
     """
-    from accounting.errors import PrivacyRefusal
-    from accounting.mechanism import ADJACENCIES
-
     if adjacency not in ADJACENCIES:
         raise ValueError(f"adjacency must be one of {', '.join(repr(a) for a in ADJACENCIES)}. Found {adjacency!r}.")
     if adjacency not in supported:
