@@ -21,7 +21,7 @@ between its uses are in the norm. Nothing is dropped.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -29,17 +29,8 @@ import torch
 from . import clipping as clip
 from .grads import ForwardContext, Record
 from .layers.generic import generic_group_grads
+from .settings import ClipSettings
 from .timing import best_times
-
-
-@dataclass(frozen=True)
-class ClipSettings:
-    mode: str  # "fixed" | "adaptive" | "per_layer" | "normalize"
-    max_grad_norm: float
-    per_param_bound: dict  # id(param) -> C_l (per_layer only)
-    gamma: float
-    loss_reduction: str  # "mean" | "sum"
-    grad_mode: str  # "auto" | "bookkeeping" | "materialize" | "func"
 
 
 @dataclass
@@ -55,6 +46,7 @@ class PassResult:
     group_norms: list = field(default_factory=list)  # one (M,) tensor per context
     min_norm: float = float("inf")  # smallest norm over non-empty groups (adaptive)
     strategies: dict = field(default_factory=dict)  # record name -> strategy used
+    nonfinite_groups: int = 0  # groups whose gradient had a NaN/inf: they contributed zero
 
 
 def merge_means(acc: dict, acc_count: float, new: dict, new_count: float) -> tuple[dict, float]:
@@ -208,14 +200,15 @@ def _one_context(
         return
     device = records[0].out_grad.device
     groups = ctx.groups.to(device)
+    records = [_in_float32(r) for r in records]  # bf16/fp16 (autocast): norms and factors in float32
     uses = Counter(id(p) for r in records for p in r.params.values())
     params = {id(p): p for r in records for p in r.params.values()}
 
     sq_norms: dict[int, torch.Tensor] = {}
     materialised: dict[int, torch.Tensor] = {}
-    ghost_records: list[Record] = []  # records whose sum is a weighted product over rows
+    ghost_index: list[int] = []  # records whose sum is a weighted product over rows
     budget = [sum(_numel(r.inputs) + r.out_grad.numel() for r in records)]
-    for record in records:
+    for position, record in enumerate(records):
         strategy = choose_strategy(record, groups, settings, uses, budget, tuner)
         result.strategies[record.name] = strategy
         if strategy in ("ghost", "norms_then_sum"):
@@ -227,12 +220,12 @@ def _one_context(
                 del grads
             for name, p in record.params.items():
                 sq_norms[id(p)] = norms[name]
-            ghost_records.append(record)
+            ghost_index.append(position)
             continue
         if strategy == "func":
             grads = generic_group_grads(
                 record.unit.module, record.params, record.inputs, record.kwargs, record.out_grad,
-                groups, record.batch_dim, replay_guard, record.unit.path,
+                groups, record.batch_dim, replay_guard, record.unit.path, record.input_dims,
             )
         else:
             grads = record.rule.group_grads(record.layer, record.inputs, record.out_grad, groups)
@@ -250,6 +243,22 @@ def _one_context(
     to_mean = torch.where(nonempty, scale / sizes.clamp(min=1.0), torch.zeros_like(sizes))  # (M,)
 
     total_norm = (torch.stack(list(sq_norms.values())).sum(0).clamp(min=0).sqrt()) * to_mean  # (M,)
+    finite = torch.isfinite(total_norm)
+    if not bool(finite.all()):
+        # A NaN/inf anywhere in a group's gradient: the group contributes zero (a bounded contribution, so the
+        # sensitivity holds) and its rows are zeroed so that 0 * NaN cannot reach the other groups' sums.
+        bad = ~finite
+        result.nonfinite_groups += int(bad.sum())
+        if settings.on_nonfinite == "raise":
+            raise FloatingPointError(
+                f"{int(bad.sum())} micro-batch gradient(s) had a NaN or inf norm. Check the inputs and the loss, or "
+                'attach with on_nonfinite="skip" to let such micro-batches contribute zero.'
+            )
+        records, materialised, sq_norms = _drop_groups(records, materialised, sq_norms, bad, groups)
+        total_norm = torch.where(finite, total_norm, torch.zeros_like(total_norm))
+        nonempty = nonempty & finite
+        to_mean = torch.where(finite, to_mean, torch.zeros_like(to_mean))
+
     weights: dict[int, torch.Tensor] = {}
     to_average = to_mean / divisor  # folds the final 1/M into the per-group weights
     if settings.mode == "per_layer":
@@ -281,9 +290,75 @@ def _one_context(
 
     for pid, g in materialised.items():
         add(pid, torch.einsum("m,m...->...", weights[pid].to(g.dtype), g))
-    for record in ghost_records:
+    for record in (records[i] for i in ghost_index):
         row_weight = {name: weights[id(p)][groups.index] for name, p in record.params.items()}
         weighted = record.rule.weighted_sum(record.layer, record.inputs, record.out_grad, row_weight)
         for name, p in record.params.items():
             add(id(p), weighted[name])
     result.sums, result.num_groups = merge_means(result.sums, result.num_groups, sums, divisor)
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _in_float32(record: Record) -> Record:
+    """The record with 16-bit tensors upcast to float32, so that norms and clip factors are accurate.
+
+    In bf16 a group norm is off by up to ~0.5%, enough for a clipped group to exceed C; under autocast
+    the captured input and output gradient may also differ in dtype.
+    """
+    def up(x):
+        return x.float() if torch.is_tensor(x) and x.dtype in _LOW_PRECISION else x
+
+    tensors = list(record.inputs) + [record.out_grad]
+    if not any(torch.is_tensor(x) and x.dtype in _LOW_PRECISION for x in tensors):
+        return record
+    return replace(record, inputs=tuple(up(x) for x in record.inputs), out_grad=up(record.out_grad))
+
+
+def _drop_groups(records, materialised, sq_norms, bad, groups):
+    """Zero every row of the groups flagged ``bad`` (non-finite), in records and materialised gradients."""
+    row_bad = bad[groups.index]  # (B,)
+    keep = (~row_bad)
+
+    def clean(x):
+        if not torch.is_tensor(x) or not x.is_floating_point():
+            return x
+        mask = keep.reshape(-1, *([1] * (x.dim() - 1))).to(x.device)
+        return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    records = [replace(r, inputs=tuple(clean(x) for x in r.inputs), out_grad=clean(r.out_grad)) for r in records]
+    materialised = {pid: torch.where(bad.reshape(-1, *([1] * (g.dim() - 1))), torch.zeros((), dtype=g.dtype), g)
+                    for pid, g in materialised.items()}
+    sq_norms = {pid: torch.where(bad, torch.zeros_like(sq), sq) for pid, sq in sq_norms.items()}
+    return records, materialised, sq_norms
+
+
+def unclipped_sums(records: list[Record], replay_guard) -> dict[int, torch.Tensor]:
+    """``{id(param): sum over examples of its captured gradient}``: what autograd computes, from the records.
+
+    Used to check the engine against autograd on its first steps (a parameter used outside its module shows
+    up as a difference). One weighted product per record with weight 1, or materialised group gradients.
+    """
+    out: dict[int, torch.Tensor] = {}
+    for record in records:
+        if record.ctx.batch_size == 0:
+            continue
+        record = _in_float32(record)
+        groups = record.ctx.groups.to(record.out_grad.device)
+        if record.rule is not None and record.rule.weighted_sum is not None:
+            ones = {name: torch.ones(groups.batch_size, device=record.out_grad.device) for name in record.params}
+            sums = record.rule.weighted_sum(record.layer, record.inputs, record.out_grad, ones)
+        else:
+            if record.rule is not None:
+                grads = record.rule.group_grads(record.layer, record.inputs, record.out_grad, groups)
+            else:
+                grads = generic_group_grads(
+                    record.unit.module, record.params, record.inputs, record.kwargs, record.out_grad, groups,
+                    record.batch_dim, replay_guard, record.unit.path, record.input_dims,
+                )
+            sums = {name: g.sum(0) for name, g in grads.items()}
+        for name, p in record.params.items():
+            if name in sums:
+                out[id(p)] = sums[name] if id(p) not in out else out[id(p)] + sums[name]
+    return out

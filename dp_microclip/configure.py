@@ -9,23 +9,23 @@ checked against the rules in ``accounting/`` (``_dp_setup``). The engine itself
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .engine import Engine
+from .engine import _DP_HISTORY, Engine
 from .errors import ConfigurationError, PrivacyError
 from .grouping import public_groups
+from .layout import declared_batch_first
+from .settings import (
+    CLIPPING_MODES, FALLBACKS, GRAD_MODES, GROUPINGS, LOSS_REDUCTIONS, NONFINITE_POLICIES, ClipSettings,
+    EngineSettings, check_choice, check_positive_finite, is_real, total_bound,
+)
+from .units import find_units, managed_parameters
 
-CLIPPING_MODES = ("fixed", "adaptive", "per_layer", "normalize")
-GRAD_MODES = ("auto", "bookkeeping", "materialize", "func")
-GROUPINGS = ("auto", "contiguous", "keyed")
-
-
-def _choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ConfigurationError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}.")
+_choice = check_choice
 
 
 def attach(
@@ -54,6 +54,10 @@ def attach(
     normalize_gamma: float = 0.01,
     batch_first: bool | None = None,
     seed: int | None = None,
+    secure_rng: bool = False,
+    on_nonfinite: str = "skip",
+    verify_steps: int = 1,
+    collate_keeps_order: bool = False,
 ) -> Engine:
     """Attach micro-batch clipping to an unchanged model and optimizer.
 
@@ -121,7 +125,19 @@ def attach(
             input and of modules that do not declare one. Default: dimension 0,
             or what a module declares (``batch_first`` of MHA / transformer layers).
         seed: seeds the engine's own noise and grouping generators (default: a
-            random seed from the OS; torch's global RNG is never used).
+            random seed from the OS; torch's global RNG is never used). For DP runs
+            leave it unset: anyone who knows the seed can regenerate the noise.
+        secure_rng: draw the noise from the operating system's cryptographically
+            secure generator instead of a seeded torch generator (no run can then be
+            reproduced; see ``dp_microclip.noise``).
+        on_nonfinite: ``"skip"`` (default: a micro-batch whose gradient has a NaN or inf
+            contributes zero, counted in ``engine.nonfinite_groups``) or ``"raise"``.
+        verify_steps: for this many first steps autograd also computes each parameter's
+            ordinary gradient and the engine checks its own per-example sums against it;
+            a difference (a parameter read outside its module, a penalty term in the
+            loss) raises instead of being silently dropped. 0 turns the check off.
+        collate_keeps_order: declare that the ``collate_fn`` you give
+            ``engine.data_loader`` keeps rows in order (needed in DP mode with b > 1).
 
     Returns:
         The :class:`Engine`. ``engine.detach()`` removes it.
@@ -130,25 +146,38 @@ def attach(
         ConfigurationError: an invalid argument (the message names the fix).
         UnsupportedModuleError: a module cannot be handled exactly (named).
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigurationError(f"attach(model, ...) needs a torch.nn.Module. Found {type(model).__name__}.")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigurationError(f"attach(..., optimizer) needs a torch.optim.Optimizer. Found {type(optimizer).__name__}.")
     if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
         raise ConfigurationError(f"micro_batch_size must be an integer >= 1. Found {micro_batch_size!r}.")
     _choice("clipping", clipping, CLIPPING_MODES)
     _choice("grad_mode", grad_mode, GRAD_MODES)
     _choice("grouping", grouping, GROUPINGS)
-    _choice("loss_reduction", loss_reduction, ("mean", "sum"))
-    _choice("fallback", fallback, (None, "generic", "error"))
+    _choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
+    _choice("fallback", fallback, FALLBACKS)
+    _choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
     if clipping == "per_layer":
-        scalar_c = _total_bound(max_grad_norm)
+        scalar_c, raw_bound = total_bound(max_grad_norm)
     else:
-        if not isinstance(max_grad_norm, (int, float)) or isinstance(max_grad_norm, bool) or max_grad_norm <= 0:
+        if isinstance(max_grad_norm, (Mapping, Sequence)) and not isinstance(max_grad_norm, str):
             raise ConfigurationError(
-                f"max_grad_norm must be a number > 0 for clipping={clipping!r}. Found {max_grad_norm!r}."
+                f"max_grad_norm must be one number for clipping={clipping!r}; per-parameter bounds need "
+                'clipping="per_layer".'
             )
-        scalar_c = float(max_grad_norm)
-    if noise_multiplier is not None and noise_multiplier < 0:
-        raise ConfigurationError(f"noise_multiplier must be >= 0. Found {noise_multiplier}.")
-    if normalize_gamma <= 0:
-        raise ConfigurationError(f"normalize_gamma must be > 0. Found {normalize_gamma}.")
+        scalar_c = check_positive_finite("max_grad_norm", max_grad_norm)
+        raw_bound = scalar_c
+    if noise_multiplier is not None:
+        if not is_real(noise_multiplier) or not math.isfinite(noise_multiplier) or noise_multiplier < 0:
+            raise ConfigurationError(f"noise_multiplier must be a finite number >= 0. Found {noise_multiplier!r}.")
+    normalize_gamma = check_positive_finite("normalize_gamma", normalize_gamma)
+    if expected_batch_size is not None:
+        check_positive_finite("expected_batch_size", expected_batch_size)
+    if num_groups is not None and (isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1):
+        raise ConfigurationError(f"num_groups must be an integer >= 1. Found {num_groups!r}.")
+    if isinstance(verify_steps, bool) or not isinstance(verify_steps, int) or verify_steps < 0:
+        raise ConfigurationError(f"verify_steps must be an integer >= 0. Found {verify_steps!r}.")
     _choice("sampling", sampling, ("engine", "poisson", "shuffle"))
     _choice("adjacency", adjacency, ("add_remove", "replace_one"))
     dp = noise_multiplier is not None or target_epsilon is not None
@@ -161,21 +190,44 @@ def attach(
             sample_rate=sample_rate, expected_batch_size=expected_batch_size, steps=steps, epochs=epochs,
             sampling=sampling, adjacency=adjacency, accountant=accountant, enforce_budget=enforce_budget,
         )
-        num_groups = public_num_groups
-    grouping_auto = grouping == "auto"
-    if grouping_auto and not dp:
-        grouping = "contiguous"  # engine.data_loader switches to keyed (its batches vary in size)
-    config = dict(
-        micro_batch_size=micro_batch_size, max_grad_norm=scalar_c, max_grad_norm_raw=max_grad_norm,
-        grouping_auto=grouping_auto, clipping=clipping, noise_multiplier=noise_multiplier, grouping=grouping,
-        num_groups=num_groups, public_num_groups=public_num_groups, loss_reduction=loss_reduction,
-        grad_mode=grad_mode, fallback=fallback, normalize_gamma=normalize_gamma, batch_first=batch_first,
-        seed=seed, dp=dp, sample_rate=sample_rate,
+        if _DP_HISTORY.get(model):
+            warnings.warn(
+                f"This model already took {_DP_HISTORY[model]} DP step(s) under an earlier engine. The new engine's "
+                "ledger starts empty, so epsilon() refuses until you carry the history: "
+                "engine.load_state_dict(old_engine.state_dict()).", UserWarning, stacklevel=2,
+            )
+    elif grouping == "keyed" and num_groups is None:
+        num_groups = None  # ceil(B / b) per batch
+    if batch_first is not None and not isinstance(batch_first, bool):
+        raise ConfigurationError(f"batch_first must be True, False or None. Found {batch_first!r}.")
+    declared = declared_batch_first(model)
+    root_batch_dim = (0 if batch_first else 1) if batch_first is not None else (
+        1 if declared is False else 0)
+
+    def warn_once(key: str, message: str) -> None:
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+    units = find_units(model, dp=dp, fallback=fallback, root_batch_dim=root_batch_dim, warn=warn_once)
+    managed = managed_parameters(units)
+    names = {id(p): n for n, p in model.named_parameters()}
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in {id(m) for m in managed}]
+    if missing:  # cannot happen with find_units; a guard against silent skips
+        raise ConfigurationError(f"Parameters {missing} are not covered by any hooked module.")
+    per_param = _per_param_bounds(raw_bound, managed, names) if clipping == "per_layer" else {}
+    clip = ClipSettings(
+        micro_batch_size=micro_batch_size, mode=clipping, max_grad_norm=scalar_c, per_param_bound=per_param,
+        gamma=normalize_gamma, loss_reduction=loss_reduction, grad_mode=grad_mode, on_nonfinite=on_nonfinite,
     )
-    engine = Engine(model, optimizer, config)
-    engine._privacy = privacy
-    engine._noise_on = dp
-    return engine
+    settings = EngineSettings(
+        clip=clip, raw_max_grad_norm=raw_bound, grouping=grouping, num_groups=num_groups, fallback=fallback,
+        batch_first=batch_first, seed=seed, secure_rng=bool(secure_rng), collate_keeps_order=bool(collate_keeps_order),
+    )
+    return Engine(
+        model, optimizer, settings, units, managed, root_batch_dim, privacy=privacy,
+        noise_multiplier=None if noise_multiplier is None else float(noise_multiplier),
+        sample_rate=None if sample_rate is None else float(sample_rate), public_num_groups=public_num_groups,
+        verify_steps=verify_steps,
+    )
 
 
 def _dp_setup(*, micro_batch_size, clipping, grouping, noise_multiplier, target_epsilon, delta, sample_rate,
@@ -189,7 +241,11 @@ def _dp_setup(*, micro_batch_size, clipping, grouping, noise_multiplier, target_
             'differential-privacy guarantee. Use clipping="fixed" (or "per_layer"/"normalize") with noise, or '
             "adaptive clipping without noise_multiplier/target_epsilon."
         )
-    if sample_rate is None or not (0 < sample_rate <= 1):
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ConfigurationError(f"steps must be an integer >= 1. Found {steps!r}.")
+    if epochs is not None:
+        check_positive_finite("epochs", epochs)
+    if sample_rate is None or not is_real(sample_rate) or not (0 < sample_rate <= 1):
         raise ConfigurationError(
             f"DP mode needs sample_rate in (0, 1], the probability that a record joins a batch "
             f"(expected batch size / dataset size). Found {sample_rate!r}. engine.data_loader(dataset) then "
@@ -208,8 +264,7 @@ def _dp_setup(*, micro_batch_size, clipping, grouping, noise_multiplier, target_
     if steps is None and epochs is not None:
         steps = steps_from_epochs(epochs, sample_rate)
     if target_epsilon is not None:
-        if target_epsilon <= 0:
-            raise ConfigurationError(f"target_epsilon must be > 0. Found {target_epsilon}.")
+        check_positive_finite("target_epsilon", target_epsilon)
         if delta is None:
             raise ConfigurationError("target_epsilon needs delta=..., e.g. attach(..., delta=1e-5).")
     if noise_multiplier is None:
@@ -234,13 +289,25 @@ def _dp_setup(*, micro_batch_size, clipping, grouping, noise_multiplier, target_
     return PrivacyState(settings), float(noise_multiplier), grouping, public
 
 
-def _total_bound(raw) -> float:
+def _per_param_bounds(raw, managed: list, names: dict) -> dict[int, float]:
+    """``id(param) -> C_l`` for ``clipping="per_layer"``, from a float (split equally), a list or a dict by name."""
+    managed_names = [names[id(p)] for p in managed]
     if isinstance(raw, Mapping):
-        values = list(raw.values())
-    elif isinstance(raw, Sequence) and not isinstance(raw, str):
-        values = list(raw)
-    else:
-        values = [raw]
-    if not values or any(not isinstance(v, (int, float)) or v <= 0 for v in values):
-        raise ConfigurationError(f"max_grad_norm bounds must be numbers > 0. Found {raw!r}.")
-    return math.sqrt(sum(float(v) ** 2 for v in values)) if len(values) > 1 else float(values[0])
+        unknown = set(raw) - set(managed_names)
+        missing = set(managed_names) - set(raw)
+        if unknown or missing:
+            raise ConfigurationError(
+                'clipping="per_layer": max_grad_norm must give a bound for every trainable parameter '
+                f"name. Missing: {sorted(missing)}; unknown: {sorted(unknown)}."
+            )
+        return {id(p): float(raw[names[id(p)]]) for p in managed}
+    if isinstance(raw, tuple):
+        if len(raw) != len(managed):
+            raise ConfigurationError(
+                f'clipping="per_layer": got {len(raw)} bounds for {len(managed)} trainable '
+                f"parameters ({managed_names}). Give one per parameter, a dict by name, or one float C "
+                "(split as C/sqrt(number of parameters) so the total bound is C)."
+            )
+        return {id(p): float(c) for p, c in zip(managed, raw)}
+    share = float(raw) / math.sqrt(len(managed))
+    return {id(p): share for p in managed}

@@ -63,9 +63,9 @@ class PoissonBatchSampler(Sampler[list[int]]):
         return self.steps_per_epoch
 
     def __iter__(self):
-        if self.on_epoch is not None:
-            self.on_epoch()
-        for _ in range(self.steps_per_epoch):
+        # on_epoch returns how many batches of this epoch a resumed run already consumed (0 normally).
+        start = (self.on_epoch() or 0) if self.on_epoch is not None else 0
+        for _ in range(start, self.steps_per_epoch):
             coins = torch.rand(self.num_records, generator=self.generator, dtype=torch.float64)
             indices, groups = sample_with_groups(coins, self.sample_rate, self.num_groups)
             if self.on_batch is not None:

@@ -3,7 +3,8 @@
 The engine only adds hooks (module hooks, one optimizer step pre-hook) and
 switches the ``requires_grad`` flag of the parameters it computes itself, so
 autograd does not compute an unclipped weight gradient it would throw away.
-``detach()`` undoes all of it. See DESIGN.md for the algorithm and the rules.
+``detach()`` undoes all of it. docs/engine.md maps the files; docs/privacy.md
+states the privacy rules the engine enforces.
 
 Example:
     >>> import torch
@@ -24,79 +25,159 @@ import collections
 import contextlib
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from . import grouping
-from .aggregate import Autotuner, ClipSettings, PassResult, clip_and_sum, merge_means
-from .errors import BatchError, ConfigurationError, PrivacyError, UnsupportedModuleError
+from .aggregate import Autotuner, PassResult, clip_and_sum, merge_means, unclipped_sums
+from .errors import BatchError, ConfigurationError, PrivacyError
 from .grads import ForwardContext, HookSet, Record, Unit
-from .layers.attention import check_attention_supported
-from .layers.registry import rule_for
-from .noise import NoiseSource
+from .noise import NoiseSource, SecureNoiseSource
+from .settings import EngineSettings, check_positive_finite, is_real
 
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
-def _declared_batch_first(module: nn.Module) -> bool | None:
-    """The batch layout a module declares, if any (MHA, RNNs, transformer layers)."""
-    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
-        return bool(module.self_attn.batch_first)
-    if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)) and len(module.layers):
-        return _declared_batch_first(module.layers[0])
-    if isinstance(getattr(module, "batch_first", None), bool):
-        return module.batch_first
-    return None
+#: Models that trained DP steps under an engine in this process, with how many (see ``attach``).
+_DP_HISTORY: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
 
 
 class Engine:
-    """Owns every hook, flag change and per-step state of one attachment. Create it with :func:`attach`."""
+    """Owns every hook, flag change and per-step state of one attachment. Create it with :func:`attach`.
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: dict):
+    Settings that change the mechanism are read-only (``micro_batch_size``,
+    ``max_grad_norm``, ``clipping``, ``grouping``, ``noise_multiplier``,
+    ``sample_rate``): assigning one raises. The noise multiplier changes only
+    through :meth:`set_noise_multiplier`, which the ledger records; noise is
+    toggled with ``engine.noise``.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, settings: EngineSettings,
+                 units: list[Unit], managed: list[nn.Parameter], root_batch_dim: int, privacy=None,
+                 noise_multiplier: float | None = None, sample_rate: float | None = None,
+                 public_num_groups: int | None = None, verify_steps: int = 1):
         self.model = model
         self.optimizer = optimizer
-        self._cfg = config
-        self.micro_batch_size: int = config["micro_batch_size"]
-        self.clipping: str = config["clipping"]
-        self.grouping: str = config["grouping"]
-        self.dp: bool = config["dp"]
-        self._noise_source = NoiseSource(config["seed"])
-        self._group_generator = torch.Generator().manual_seed(self._noise_source.seed ^ 0x5DEECE66D)
-        self._noise_on = self.dp
-        self.noise_multiplier: float | None = config["noise_multiplier"]
-        self._privacy = None  # PrivacyState in DP mode (set by attach)
-        self._sampling_generator = torch.Generator().manual_seed(self._noise_source.seed ^ 0x2545F491)
-        self._pending_batches: collections.deque = collections.deque()  # (indices, groups) drawn by data_loader
-        self._step_unsampled = False  # a batch of this step did not come from engine.data_loader
-        self._last_batch_size: int | None = None
+        self._settings = settings
+        self._privacy = privacy
+        self._noise_multiplier = noise_multiplier
+        self._sample_rate = sample_rate
+        self._noise_on = privacy is not None
+        # Grouping: "auto" is contiguous for the user's own batches until engine.data_loader makes it keyed.
+        self._grouping = "keyed" if settings.grouping == "keyed" else "contiguous"
+        self._num_groups = settings.num_groups if public_num_groups is None else public_num_groups
+        self._public_num_groups = public_num_groups
+        self._dataset_size: int | None = None
+
+        self._noise_source = SecureNoiseSource() if settings.secure_rng else NoiseSource(settings.seed)
+        base_seed = NoiseSource(settings.seed).seed if settings.secure_rng else self._noise_source.seed
+        self._group_generator = torch.Generator().manual_seed(base_seed ^ 0x5DEECE66D)
+        self._sampling_generator = torch.Generator().manual_seed(base_seed ^ 0x2545F491)
+        self._sampler_state = self._sampling_generator.get_state()  # as of the last batch a step consumed
+        self._epoch_position = 0  # batches of the current engine.data_loader epoch consumed by the model
+        self._resume_position = 0  # set by load_state_dict: the next epoch starts there
+        self._pending_batches: collections.deque = collections.deque()  # (size, groups, generator state after)
+
         self._enabled = True
         self._replaying = False
         self._context: ForwardContext | None = None
         self._records: list[Record] = []
         self._callback_queued = False
         self._warned: set[str] = set()
+        self._problems: list[str] = []  # found during backward; raised at the step
         self._reset_step()
         self.steps_taken = 0
+        self.nonfinite_groups = 0
         self.last_group_norms: torch.Tensor | None = None
         self.last_groups: grouping.Groups | None = None
         self.last_strategies: dict[str, str] = {}
+        self._inherited_steps = _DP_HISTORY.get(model, 0) if privacy is not None else 0
 
-        self._units = self._discover_units()
-        self._managed = self._managed_parameters()
-        self._settings = self._clip_settings()
+        self._units = units
+        self._managed = managed
+        self._managed_ids = {id(p) for p in managed}
+        self._names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
         self._tuner = Autotuner()
-        self._check_optimizer()
+        self._check_optimizer_parameters()
 
         self._original_requires_grad = {id(p): p.requires_grad for p in model.parameters()}
-        self._hooks = HookSet(self, self._root_batch_dim())
-        for unit in self._units:
+        self._hooks = HookSet(self, root_batch_dim, probe_failure_is_error=privacy is not None)
+        for unit in units:
             self._hooks.install_unit(unit)
-        self._hooks.install_root(model, self._root_batch_dim())
-        for p in self._managed:
-            p.requires_grad_(False)
+        self._hooks.install_root(model)
+        self._verify_left = int(verify_steps)
+        self._autograd_grads: dict[int, torch.Tensor] = {}
+        self._param_handles: list = []
+        if self._verify_left > 0:
+            for p in managed:  # the first steps keep autograd's own gradient, to check the engine against it
+                self._param_handles.append(p.register_hook(self._autograd_grad_hook(id(p))))
+        else:
+            self._switch_off_weight_grads()
         self._step_handle = optimizer.register_step_pre_hook(self._before_step)
+
+    # ================================================================ settings (read-only)
+    @property
+    def settings(self) -> EngineSettings:
+        """The frozen settings ``attach`` validated."""
+        return self._settings
+
+    @property
+    def micro_batch_size(self) -> int:
+        """``b``: examples per micro-batch (the clipping unit)."""
+        return self._settings.clip.micro_batch_size
+
+    @property
+    def max_grad_norm(self) -> float:
+        """``C``; for per-layer clipping the bound of the whole vector, ``sqrt(sum C_l^2)``."""
+        return self._settings.clip.max_grad_norm
+
+    @property
+    def clipping(self) -> str:
+        """The clipping mode: "fixed", "adaptive", "per_layer" or "normalize"."""
+        return self._settings.clip.mode
+
+    @property
+    def grouping(self) -> str:
+        """How examples form micro-batches now: "contiguous" or "keyed"."""
+        return self._grouping
+
+    @property
+    def dp(self) -> bool:
+        """Whether the engine runs in DP mode (noise, a ledger, refusals)."""
+        return self._privacy is not None
+
+    @property
+    def noise_multiplier(self) -> float | None:
+        """``z``: noise std over the clipping bound. Change it with :meth:`set_noise_multiplier`."""
+        return self._noise_multiplier
+
+    @property
+    def sample_rate(self) -> float | None:
+        """``q``: the probability that a record joins a batch of ``engine.data_loader``."""
+        return self._sample_rate
+
+    def __setattr__(self, name, value):
+        if name in _READ_ONLY and "_settings" in self.__dict__:
+            fix = " Use engine.set_noise_multiplier(z)." if name == "noise_multiplier" else (
+                " Detach and attach again with the new value (engine.state_dict() carries the privacy ledger).")
+            raise AttributeError(f"engine.{name} is read-only: it is part of the mechanism the ledger records.{fix}")
+        super().__setattr__(name, value)
+
+    def set_noise_multiplier(self, noise_multiplier: float) -> None:
+        """Change ``z`` from the next step on (a noise schedule); the ledger records every step's ``z``.
+
+        Raises:
+            ConfigurationError: noise-free engines have no ``z``; ``z`` must be finite and > 0
+                (``engine.noise = False`` is the way to train without noise, which makes epsilon infinite).
+        """
+        if self._privacy is None:
+            raise ConfigurationError(
+                "This engine is noise-free (no ledger). Attach with noise_multiplier=... or target_epsilon=... for "
+                "DP training."
+            )
+        z = check_positive_finite("noise_multiplier", noise_multiplier)
+        self._privacy.set_noise_multiplier(z)
+        self._noise_multiplier = z
 
     # ================================================================ public API
     @property
@@ -106,75 +187,87 @@ class Engine:
 
     @noise.setter
     def noise(self, value: bool) -> None:
-        if value and not self.noise_multiplier:
+        if not isinstance(value, bool):
+            raise ConfigurationError(f"engine.noise takes True or False. Found {value!r}.")
+        if value and not self._noise_multiplier:
             raise ConfigurationError(
                 "engine.noise = True needs a noise multiplier: attach(..., noise_multiplier=z) or "
                 "attach(..., target_epsilon=eps, ...)."
             )
-        self._noise_on = bool(value)
+        self._noise_on = value
 
     @property
     def noise_std(self) -> float:
         """Standard deviation of the noise added to the clipped sum (before dividing by the number of groups)."""
-        if not self.noise_multiplier:
+        if not self._noise_multiplier:
             return 0.0
-        return self.noise_multiplier * self._sensitivity_scale()
+        return self._noise_multiplier * self.max_grad_norm
 
-    @property
-    def sample_rate(self) -> float | None:
-        return self._cfg["sample_rate"]
-
-    def data_loader(self, dataset, batch_size: int | None = None, **loader_kwargs):
+    def data_loader(self, dataset, batch_size: int | None = None, *, collate_keeps_order: bool | None = None,
+                    **loader_kwargs):
         """A DataLoader with Poisson sampling at the engine's ``sample_rate``: the sampling epsilon is computed for.
 
         Each record joins each batch independently with probability ``q``; one
         epoch is ``round(1/q)`` steps; batches are ragged and may be empty. In DP
         mode this also fixes the public number of groups ``M = round(q N / b)``.
+        Each record's micro-batch is drawn from its own coin, so the rows of a
+        batch must reach the model in the order of their indices: a custom
+        ``collate_fn`` that reorders rows (sorting by length) would move records
+        between micro-batches. In DP mode with ``b > 1`` a custom ``collate_fn``
+        is therefore refused unless you declare ``collate_keeps_order=True``.
 
         Args:
             dataset: a map-style dataset of ``N`` records.
             batch_size: the expected batch size ``q N``; needed only when attach() got no
                 sample_rate (noise-free), otherwise checked against it.
+            collate_keeps_order: your ``collate_fn`` keeps rows in the order of the samples it gets.
             **loader_kwargs: passed to ``DataLoader`` (num_workers, collate_fn, ...).
         """
         from .data import poisson_loader
 
         n = len(dataset)
-        q = self._cfg["sample_rate"]
+        if n == 0:
+            raise ConfigurationError("engine.data_loader(dataset): the dataset is empty.")
+        q = self._sample_rate
         if q is None:
             if batch_size is None:
                 raise ConfigurationError("engine.data_loader(dataset, batch_size=...) needs the expected batch size.")
+            if not is_real(batch_size) or not 0 < batch_size <= n:
+                raise ConfigurationError(f"batch_size must be in (0, len(dataset)={n}]. Found {batch_size!r}.")
             q = batch_size / n
-            self._cfg["sample_rate"] = q
+            self._sample_rate = q
         elif batch_size is not None and abs(batch_size - q * n) > 0.5:
             raise ConfigurationError(
                 f"batch_size={batch_size} disagrees with sample_rate={q} x len(dataset)={n} = {q * n:.1f}. "
                 f"Pass batch_size={round(q * n)} or omit it."
             )
+        keeps_order = collate_keeps_order if collate_keeps_order is not None else self._settings.collate_keeps_order
+        if (self.dp and self.micro_batch_size > 1 and "collate_fn" in loader_kwargs and not keeps_order):
+            raise PrivacyError(
+                "engine.data_loader(..., collate_fn=...) in DP mode with micro_batch_size > 1: each record's "
+                "micro-batch follows its row, so a collate_fn that reorders rows (e.g. sorting by length) would "
+                "move records between micro-batches depending on the other records. Use a collate_fn that keeps "
+                "the rows in order and declare it with collate_keeps_order=True, or sort inside the model."
+            )
         if self.dp:
             public = grouping.public_groups(q * n, self.micro_batch_size)
-            current = self._cfg["public_num_groups"]
-            if current is not None and current != public:
+            if self._public_num_groups is not None and self._public_num_groups != public:
                 raise ConfigurationError(
-                    f"expected_batch_size given to attach() implies {current} groups, but this dataset "
-                    f"(N={n}, q={q}) implies {public}. Make them agree."
+                    f"expected_batch_size given to attach() implies {self._public_num_groups} groups, but this "
+                    f"dataset (N={n}, q={q}) implies {public}. Make them agree."
                 )
-            self._cfg["public_num_groups"] = self._cfg["num_groups"] = public
-        self._dataset_size = n
-
-        def on_batch(indices, groups) -> None:
-            self._pending_batches.append((int(indices.numel()), groups))
-
-        if not self.dp and self._cfg["grouping_auto"] and self.micro_batch_size > 1 and self.grouping != "keyed":
+            self._public_num_groups = self._num_groups = public
+        elif self._settings.grouping == "auto" and self.micro_batch_size > 1:
             # grouping="auto": Poisson batches vary in size, so contiguous slices of b would not divide them;
             # draw keyed groups instead, about b examples each.
-            self.grouping = "keyed"
-            if self._cfg["num_groups"] is None:
-                self._cfg["num_groups"] = grouping.public_groups(q * n, self.micro_batch_size)
-        keyed = self.grouping == "keyed" and self.micro_batch_size > 1
+            self._grouping = "keyed"
+            if self._num_groups is None:
+                self._num_groups = grouping.public_groups(q * n, self.micro_batch_size)
+        self._dataset_size = n
+        keyed = self._grouping == "keyed" and self.micro_batch_size > 1
         return poisson_loader(
-            dataset, q, self._sampling_generator, num_groups=self._cfg["num_groups"] if keyed else None,
-            on_batch=on_batch, on_epoch=self._pending_batches.clear, **loader_kwargs,
+            dataset, q, self._sampling_generator, num_groups=self._num_groups if keyed else None,
+            on_batch=self._on_sampled_batch, on_epoch=self._on_epoch, **loader_kwargs,
         )
 
     def epsilon(self, delta: float | None = None, accountant: str | None = None) -> float:
@@ -184,10 +277,12 @@ class Engine:
 
         Raises:
             PrivacyError: when no valid number exists (e.g. batches not from
-                ``engine.data_loader`` without a declaration); never a guess.
+                ``engine.data_loader`` without a declaration, or a model that trained
+                under an earlier engine whose ledger was not loaded); never a guess.
         """
         if self._privacy is None:
             return math.inf
+        self._check_history()
         return self._privacy.epsilon(delta, accountant)
 
     def privacy_statement(self, delta: float | None = None) -> str:
@@ -195,7 +290,11 @@ class Engine:
         if self._privacy is None:
             return ("Noise-free training: no differential-privacy guarantee (epsilon is infinite). "
                     "Attach with noise_multiplier=... or target_epsilon=... for DP training.")
-        return self._privacy.statement(delta, getattr(self, "_dataset_size", None))
+        self._check_history()
+        text = self._privacy.statement(delta, self._dataset_size, self._public_num_groups)
+        if self._settings.secure_rng:
+            text += " Noise was drawn from the operating system's cryptographically secure generator."
+        return text
 
     def detach(self) -> None:
         """Remove every hook and restore every ``requires_grad`` flag; the model then trains as before.
@@ -205,9 +304,12 @@ class Engine:
         """
         if not self._enabled:
             return
-        self._enabled = False
+        object.__setattr__(self, "_enabled", False)
         self._hooks.remove()
         self._step_handle.remove()
+        for handle in self._param_handles:
+            handle.remove()
+        self._param_handles.clear()
         for p in self.model.parameters():
             if id(p) in self._original_requires_grad:
                 p.requires_grad_(self._original_requires_grad[id(p)])
@@ -218,7 +320,7 @@ class Engine:
         """One line per hooked unit: module path, type, path taken, parameters."""
         lines = [
             f"dp_microclip engine: micro_batch_size={self.micro_batch_size}, clipping={self.clipping!r}, "
-            f"grouping={self.grouping!r}, grad_mode={self._cfg['grad_mode']!r}, "
+            f"grouping={self.grouping!r}, grad_mode={self._settings.clip.grad_mode!r}, "
             f"noise={'on' if self.noise else 'off'}"
         ]
         for unit in self._units:
@@ -231,70 +333,108 @@ class Engine:
                          + ", ".join(generic))
         return "\n".join(lines)
 
-    def state_dict(self) -> dict:
-        """Noise generator states, the grouping generator and step count (and the privacy ledger in DP mode)."""
-        return {
-            "noise": self._noise_source.state_dict(),
-            "group_generator": self._group_generator.get_state(),
+    def state_dict(self, include_rng_state: bool = False) -> dict:
+        """What a resumed run needs: the step count, the noise setting, the privacy ledger, the loader's position.
+
+        Args:
+            include_rng_state: also save the states of the noise, grouping and sampling
+                generators, so that a resumed run is bitwise the same as an uninterrupted
+                one. Those states predict every future noise draw: a checkpoint that holds
+                them must stay as secret as the training data. Without them (default) a
+                resumed run draws fresh randomness, which is just as private.
+        """
+        state = {
             "steps_taken": self.steps_taken,
             "noise_on": self._noise_on,
-            "sampling_generator": self._sampling_generator.get_state(),
+            "noise_multiplier": self._noise_multiplier,
+            "epoch_position": self._epoch_position,
             "privacy": None if self._privacy is None else self._privacy.state_dict(),
+            "rng": None,
         }
+        if include_rng_state:
+            if self._settings.secure_rng:
+                raise ConfigurationError(
+                    "include_rng_state=True with secure_rng=True: secure noise has no state to save. Save without it."
+                )
+            state["rng"] = {
+                "noise": self._noise_source.state_dict(),
+                "group_generator": self._group_generator.get_state(),
+                "sampling_generator": self._sampler_state.clone(),
+            }
+        return state
 
     def load_state_dict(self, state: Mapping) -> None:
-        self._noise_source.load_state_dict(state["noise"])
-        self._group_generator.set_state(state["group_generator"])
-        self.steps_taken = int(state["steps_taken"])
-        self._noise_on = bool(state["noise_on"])
-        self._sampling_generator.set_state(state["sampling_generator"])
+        """Resume from :meth:`state_dict`: the ledger (epsilon continues), the noise setting, the loader's position.
+
+        Call it before iterating a new ``engine.data_loader(...)``: its first epoch then
+        continues where the saved run stopped.
+        """
         if (state["privacy"] is None) != (self._privacy is None):
             raise ConfigurationError("This state_dict comes from an engine with a different DP mode.")
+        self.steps_taken = int(state["steps_taken"])
+        self._noise_on = bool(state["noise_on"])
         if self._privacy is not None:
             self._privacy.load_state_dict(state["privacy"])
+            if state.get("noise_multiplier") is not None and state["noise_multiplier"] != self._noise_multiplier:
+                self.set_noise_multiplier(state["noise_multiplier"])
+            self._inherited_steps = 0  # the ledger now carries the history
+        self._resume_position = int(state.get("epoch_position", 0))
+        rng = state.get("rng")
+        if rng is not None:
+            self._noise_source.load_state_dict(rng["noise"])
+            self._group_generator.set_state(rng["group_generator"])
+            self._sampling_generator.set_state(rng["sampling_generator"])
+            self._sampler_state = rng["sampling_generator"].clone()
 
-    # ============================================================ hook callbacks
-    def active(self) -> bool:
+    # ============================================================ hook callbacks (private protocol of grads.py)
+    def _hooks_active(self) -> bool:
         return self._enabled and not self._replaying
 
     @contextlib.contextmanager
     def _replay(self):
-        previous, self._replaying = self._replaying, True
+        previous = self._replaying
+        object.__setattr__(self, "_replaying", True)
         try:
             yield
         finally:
-            self._replaying = previous
+            object.__setattr__(self, "_replaying", previous)
 
-    @property
-    def replaying(self):
-        return self._replay()
-
-    def current_context(self) -> ForwardContext | None:
+    def _current_context(self) -> ForwardContext | None:
         return self._context
 
-    def open_context(self, batch_size: int, device: torch.device) -> None:
+    def _open_context(self, batch_size: int, device: torch.device, signature) -> None:
         groups, drawn = self._make_groups(batch_size, device)
-        self._context = ForwardContext(batch_size, groups, drawn_by_engine=drawn)
+        self._context = ForwardContext(batch_size, groups, drawn_by_engine=drawn, signature=signature)
         self.last_groups = self._context.groups
 
-    def close_context(self) -> None:
+    def _close_context(self) -> None:
         self._context = None
 
-    def emit(self, record: Record) -> None:
+    def _emit(self, record: Record) -> None:
         self._records.append(record)
         if not self._callback_queued:
             self._callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_pass)
 
-    # ================================================================ internals
+    # ================================================================ sampling and grouping
+    def _on_sampled_batch(self, indices: torch.Tensor, groups) -> None:
+        self._pending_batches.append((int(indices.numel()), groups, self._sampling_generator.get_state()))
+
+    def _on_epoch(self) -> int:
+        """Called when a loader epoch starts; returns how many of its batches were already consumed (resume)."""
+        self._pending_batches.clear()
+        start, self._resume_position = self._resume_position, 0
+        self._epoch_position = start
+        return start
+
     def _make_groups(self, batch_size: int, device) -> tuple[grouping.Groups, bool]:
         """The batch's groups, and whether engine.data_loader drew this batch."""
         b = self.micro_batch_size
-        self._last_batch_size = batch_size
         from_loader, drawn = self._take_pending_batch(batch_size)
-        if self.grouping == "contiguous" or b == 1:
+        self._last_batch_size = batch_size
+        if self._grouping == "contiguous" or b == 1:
             return grouping.contiguous_groups(batch_size, b, device), from_loader
-        num_groups = self._cfg["num_groups"]
+        num_groups = self._num_groups
         if num_groups is None:
             if self.dp:
                 raise _missing_public_groups()
@@ -307,7 +447,7 @@ class Engine:
         """(whether engine.data_loader drew this batch, its examples' groups or None); checks the size."""
         if not self._pending_batches:
             return False, None
-        size, groups = self._pending_batches.popleft()
+        size, groups, state_after = self._pending_batches.popleft()
         if size != batch_size:
             self._pending_batches.clear()
             raise BatchError(
@@ -316,29 +456,79 @@ class Engine:
                 "engine.data_loader(...) to the model exactly once, in order (forward passes under "
                 "torch.no_grad() do not count)."
             )
+        self._sampler_state = state_after
+        self._epoch_position += 1
         return True, groups
+
+    # ================================================================ backward and step
+    def _autograd_grad_hook(self, pid: int):
+        def hook(grad: torch.Tensor):
+            if self._enabled:
+                previous = self._autograd_grads.get(pid)
+                self._autograd_grads[pid] = grad.detach().clone() if previous is None else previous + grad
+            return None
+
+        return hook
+
+    def _switch_off_weight_grads(self) -> None:
+        for handle in self._param_handles:
+            handle.remove()
+        self._param_handles.clear()
+        self._autograd_grads.clear()
+        for p in self._managed:
+            p.requires_grad_(False)
 
     def _finish_pass(self) -> None:
         records, self._records = self._records, []
         self._callback_queued = False
+        autograd_grads, self._autograd_grads = self._autograd_grads, {}
         if not self._enabled or not records:
             return
         # Only batches that reach a backward pass count: an evaluation forward outside torch.no_grad()
         # does not make the step unverified.
         if not all(r.ctx.drawn_by_engine for r in records):
             self._step_unsampled = True
-        result = clip_and_sum(records, self._settings, self._replay, self._divisor_of, self._tuner)
+        self._step_contexts.update(r.ctx.id for r in records)
+        if self._verify_left > 0:
+            self._verify(records, autograd_grads)
+        result = clip_and_sum(records, self._settings.clip, self._replay, self._divisor_of, self._tuner)
         self._accumulate(result)
+
+    def _verify(self, records: list[Record], autograd_grads: dict) -> None:
+        """Check the engine's unclipped per-example sum against autograd's gradient of each parameter.
+
+        A difference means part of the loss reaches a parameter outside its module's hooked call (a direct
+        read such as ``h @ emb.weight.T``, or a penalty term): that part would be left out of the clipped
+        gradient, so the step raises instead.
+        """
+        mine = unclipped_sums(records, self._replay)
+        for pid, theirs in autograd_grads.items():
+            ours = mine.get(pid)
+            diff = theirs.double().norm() if ours is None else (ours.double() - theirs.double()).norm()
+            scale = max(float(theirs.double().norm()), 1e-30)
+            tolerance = 2e-2 if theirs.dtype in (torch.float16, torch.bfloat16) else 1e-3
+            if float(diff) > tolerance * scale and float(diff) > 1e-12:
+                name = self._names.get(pid, "?")
+                self._problems.append(
+                    f"parameter {name!r}: autograd's gradient differs from the sum of the per-example gradients "
+                    f"the engine captured at its module (relative difference {float(diff) / scale:.3g}). Part of "
+                    "the loss uses this parameter outside its module's forward call: a direct read such as "
+                    "h @ emb.weight.T or F.linear(x, self.proj.weight), or a penalty term added to the loss. "
+                    "That part would be dropped from the clipped gradient. Call the module instead of reading its "
+                    "parameter (or tie the weight to a module that is called), and use the optimizer's "
+                    "weight_decay for L2 penalties."
+                )
 
     def _divisor_of(self, ctx: ForwardContext) -> float:
         """M of one batch: its number of groups, or the public constant in DP mode."""
-        public = self._cfg["public_num_groups"]  # in DP mode round(q N / b); b = 1: the expected batch size
+        public = self._public_num_groups  # in DP mode round(q N / b); b = 1: the expected batch size
         return float(public) if public is not None else float(ctx.groups.num_groups)
 
     def _accumulate(self, result: PassResult) -> None:
         self._sums, self._groups_seen = merge_means(self._sums, self._groups_seen, result.sums, result.num_groups)
         self._min_norm = min(self._min_norm, result.min_norm)
         self._passes += 1
+        self.nonfinite_groups += result.nonfinite_groups
         if result.group_norms:
             self.last_group_norms = torch.cat(result.group_norms)
         self.last_strategies = result.strategies
@@ -348,10 +538,40 @@ class Engine:
         self._groups_seen = 0.0
         self._min_norm = float("inf")
         self._passes = 0
+        self._step_contexts: set[int] = set()
+        self._step_unsampled = False
+        self._last_batch_size = None
+
+    def _check_optimizer_parameters(self) -> None:
+        """Every parameter the optimizer may update is the engine's, or the step raises naming it."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) in self._managed_ids:
+                    continue
+                if p.requires_grad or p.grad is not None:
+                    name = self._names.get(id(p))
+                    what = f"parameter {name!r}" if name else f"a parameter of shape {tuple(p.shape)} not in the model"
+                    raise ConfigurationError(
+                        f"The optimizer updates {what}, which the engine does not clip (it was frozen at attach(), "
+                        "added later with optimizer.add_param_group, or belongs to another model): its gradient "
+                        "would be the raw, unclipped and un-noised one. Decide which parameters train before "
+                        "attach(), or detach() and attach() again after changing them."
+                    )
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         if not self._enabled:
             return
+        if kwargs.get("closure") is not None or any(callable(a) for a in args):
+            raise ConfigurationError(
+                "optimizer.step(closure) is not supported: the optimizer would run the closure's backward pass "
+                "after the engine has written the gradients. Call loss.backward() yourself, then "
+                "optimizer.step() without a closure."
+            )
+        self._check_optimizer_parameters()
+        if self._problems:
+            problems, self._problems = self._problems, []
+            self._reset_step()
+            raise ConfigurationError("dp_microclip refused this step:\n" + "\n".join(f"  - {p}" for p in problems))
         empty_batch = self._passes == 0 and self._last_batch_size == 0
         if self._passes == 0 and not (self.dp and empty_batch):
             if self.dp:
@@ -361,26 +581,19 @@ class Engine:
                 )
             return  # like plain PyTorch with no gradients: the optimizer has nothing to do
         if self.dp:
-            if self._passes > 1:
-                raise PrivacyError(
-                    f"{self._passes} backward passes before one optimizer.step() in DP mode: each step must be "
-                    "one Poisson-sampled batch with one backward pass (gradient accumulation would change the "
-                    "public normaliser). Use a larger sample_rate instead of accumulation."
-                )
-            if self._cfg["public_num_groups"] is None:
-                raise _missing_public_groups()
+            self._check_dp_step()
             self._privacy.before_step(self._noise_on)
             if empty_batch:
-                self._groups_seen = float(self._cfg["public_num_groups"])
+                self._groups_seen = float(self._public_num_groups)
         rho = 1.0
         if self.clipping == "adaptive":
             rho = 0.0 if math.isinf(self._min_norm) else self._min_norm
-            if rho == 0.0 and "zero_rho" not in self._warned:
-                self._warned.add("zero_rho")
-                warnings.warn(
+            if rho == 0.0:
+                self._warn_once(
+                    "zero_rho",
                     "Adaptive clipping: the smallest micro-batch gradient norm is 0, so the bound rho is 0 "
                     "and this step is zero. A micro-batch whose gradient vanishes stops training; consider "
-                    'clipping="fixed".', RuntimeWarning, stacklevel=3,
+                    'clipping="fixed".', RuntimeWarning,
                 )
         # self._sums holds means over the step's groups (the 1/M is already applied).
         std = self.noise_std / self._groups_seen if self._noise_on else 0.0
@@ -389,175 +602,67 @@ class Engine:
             if entry is None and std == 0.0:
                 p.grad = None  # unused this step, as in plain PyTorch
                 continue
-            total = torch.zeros_like(p) if entry is None else entry[1]
+            total = torch.zeros_like(p, dtype=torch.float32 if p.dtype in _LOW else p.dtype) if entry is None \
+                else entry[1]
             if rho != 1.0:
                 total.mul_(rho)
             if std > 0.0:
-                total.add_(self._noise_source.gaussian_like(p, std))
+                total.add_(self._noise_source.gaussian_like(total, std))
             p.grad = total if total.dtype == p.dtype else total.to(p.dtype)
         self._after_step()
         self._reset_step()
         self.steps_taken += 1
+        if self._verify_left > 0:
+            self._verify_left -= 1
+            if self._verify_left == 0:
+                self._switch_off_weight_grads()
+
+    def _check_dp_step(self) -> None:
+        if self._inherited_steps:
+            pass  # epsilon() refuses until the earlier ledger is loaded; training itself may go on
+        if self._passes > 1:
+            raise PrivacyError(
+                f"{self._passes} backward passes before one optimizer.step() in DP mode: each step must be "
+                "one Poisson-sampled batch with one backward pass (gradient accumulation would change the "
+                "public normaliser). Use a larger sample_rate instead of accumulation."
+            )
+        if len(self._step_contexts) > 1:
+            raise PrivacyError(
+                f"{len(self._step_contexts)} forward passes of the model contributed to one step in DP mode. Each "
+                "step must be one forward pass of one sampled batch: two batches in one step double each record's "
+                "chance to be in the step, and two views of the same record (augmentations, each its own "
+                "model() call) each get their own clipping budget, so one record moves the sum by more than the "
+                "sensitivity the epsilon assumes. Compute all views of a record inside ONE call of the attached "
+                "model (e.g. a wrapper module that runs the network on every view and averages), so each record "
+                "stays one example with one clipped gradient."
+            )
+        if self._public_num_groups is None:
+            raise _missing_public_groups()
 
     def _after_step(self) -> None:
         """Record the step with the accountant (DP mode), noting whether our sampler drew its batch."""
-        self._last_batch_size = None
         if self._privacy is None:
             return
-        sampled_by_engine = not self._step_unsampled
-        self._step_unsampled = False
-        self._privacy.after_step(self._noise_on, sampled_by_engine)
+        self._privacy.after_step(self._noise_on, not self._step_unsampled)
+        _DP_HISTORY[self.model] = _DP_HISTORY.get(self.model, 0) + 1
 
-    # ------------------------------------------------------------- discovery
-    def _sensitivity_scale(self) -> float:
-        if self.clipping == "per_layer":
-            return math.sqrt(sum(c * c for c in self._settings.per_param_bound.values()))
-        return float(self._cfg["max_grad_norm"])
-
-    def _batch_dim_of(self, path: str) -> int | None:
-        """The batch dimension declared by the module at ``path`` or its nearest declaring ancestor."""
-        parts = path.split(".") if path else []
-        for depth in range(len(parts), -1, -1):
-            declared = _declared_batch_first(self.model.get_submodule(".".join(parts[:depth])))
-            if declared is not None:
-                return 0 if declared else 1
-        return None
-
-    def _root_batch_dim(self) -> int:
-        forced = self._cfg["batch_first"]
-        if forced is not None:
-            return 0 if forced else 1
-        declared = self._batch_dim_of("")
-        return 0 if declared is None else declared
-
-    def _discover_units(self) -> list[Unit]:
-        units: list[Unit] = []
-        skip_paths: set[str] = set()
-        fallback = self._cfg["fallback"]
-        for path, module in self.model.named_modules():
-            if path in skip_paths:
-                continue
-            if isinstance(module, _BATCHNORMS) and any(p.requires_grad for p in module.parameters()):
-                if self.dp:
-                    raise UnsupportedModuleError(
-                        f"{path} is nn.{type(module).__name__}, which mixes examples across micro-batches. "
-                        "Replace it with nn.GroupNorm (opacus.validators.ModuleValidator.fix(model) does "
-                        "this) before attach()."
-                    )
-                self._warn_once(
-                    f"bn:{path}",
-                    f"{path} is nn.{type(module).__name__}: its statistics cover the whole batch, so "
-                    "micro-batches are not independent and the result differs from clipping each "
-                    "micro-batch on its own. Consider nn.GroupNorm.",
-                )
-            if isinstance(module, nn.MultiheadAttention):
-                check_attention_supported(module, path)
-                owned = {}
-                for name in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"):
-                    p = module.get_parameter(name) if _has_param(module, name) else None
-                    if p is not None and p.requires_grad:
-                        owned[name] = p
-                skip_paths.add(f"{path}.out_proj" if path else "out_proj")
-                if owned:
-                    units.append(Unit(path, module, "attention", None, owned, self._batch_dim_of(path)))
-                continue
-            own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
-            if not own:
-                continue
-            rule = rule_for(module)
-            if isinstance(module, nn.Embedding) and (module.sparse or module.scale_grad_by_freq):
-                raise UnsupportedModuleError(
-                    f"{path} is nn.Embedding with sparse=True or scale_grad_by_freq=True; the first gives "
-                    "sparse gradients, the second mixes examples (frequencies over the whole batch). "
-                    "Create it with sparse=False, scale_grad_by_freq=False."
-                )
-            if rule is not None:
-                units.append(Unit(path, module, "rule", rule, own, self._batch_dim_of(path)))
-                continue
-            where = path or "<root module>"
-            if fallback == "error" or (self.dp and fallback != "generic"):
-                reason = " In DP mode the generic path must be allowed explicitly." if self.dp else ""
-                raise UnsupportedModuleError(
-                    f"{where} ({type(module).__name__}) has trainable parameters "
-                    f"{sorted(own)} and no dp_microclip rule.{reason} Register a rule with "
-                    "dp_microclip.register_rule(...), or pass fallback=\"generic\" to use torch.func per "
-                    "micro-batch (exact only if the module treats examples independently)."
-                )
-            self._warn_once(
-                f"generic:{path}",
-                f"{where} ({type(module).__name__}) has no rule: its parameters {sorted(own)} use the generic "
-                "torch.func path (slower; exact only if the module treats examples independently).",
+    def _check_history(self) -> None:
+        if self._inherited_steps:
+            raise PrivacyError(
+                f"No epsilon: this model already took {self._inherited_steps} DP step(s) under an earlier engine, "
+                "and this engine's ledger does not hold them, so its epsilon would cover only part of the "
+                "training. Carry the history: new_engine.load_state_dict(old_engine.state_dict())."
             )
-            units.append(Unit(path, module, "generic", None, own, self._batch_dim_of(path)))
-        return units
 
-    def _managed_parameters(self) -> list[nn.Parameter]:
-        seen, managed = set(), []
-        for unit in self._units:
-            for p in unit.params.values():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    managed.append(p)
-        missing = [n for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in seen]
-        if missing:  # cannot happen with the discovery above; guard against silent skips
-            raise UnsupportedModuleError(f"Parameters {missing} are not covered by any hooked module.")
-        return managed
-
-    def _check_optimizer(self) -> None:
-        managed = {id(p) for p in self._managed}
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                if p.requires_grad and id(p) not in managed:
-                    raise ConfigurationError(
-                        f"The optimizer holds a trainable parameter of shape {tuple(p.shape)} that is not in "
-                        "the attached model; its gradient would not be clipped. Attach the engine to the model "
-                        "that owns every optimised parameter."
-                    )
-
-    def _clip_settings(self) -> ClipSettings:
-        bounds = {}
-        if self.clipping == "per_layer":
-            bounds = self._per_param_bounds(self._cfg["max_grad_norm_raw"])
-        return ClipSettings(
-            mode=self.clipping,
-            max_grad_norm=float(self._cfg["max_grad_norm"]),
-            per_param_bound=bounds,
-            gamma=float(self._cfg["normalize_gamma"]),
-            loss_reduction=self._cfg["loss_reduction"],
-            grad_mode=self._cfg["grad_mode"],
-        )
-
-    def _per_param_bounds(self, raw) -> dict[int, float]:
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        managed_names = [names[id(p)] for p in self._managed]
-        if isinstance(raw, Mapping):
-            unknown = set(raw) - set(managed_names)
-            missing = set(managed_names) - set(raw)
-            if unknown or missing:
-                raise ConfigurationError(
-                    f'clipping="per_layer": max_grad_norm must give a bound for every trainable parameter '
-                    f"name. Missing: {sorted(missing)}; unknown: {sorted(unknown)}."
-                )
-            bounds = {id(p): float(raw[names[id(p)]]) for p in self._managed}
-        elif isinstance(raw, Sequence) and not isinstance(raw, str):
-            if len(raw) != len(self._managed):
-                raise ConfigurationError(
-                    f'clipping="per_layer": got {len(raw)} bounds for {len(self._managed)} trainable '
-                    f"parameters ({managed_names}). Give one per parameter, a dict by name, or one float C "
-                    "(split as C/sqrt(number of parameters) so the total bound is C)."
-                )
-            bounds = {id(p): float(c) for p, c in zip(self._managed, raw)}
-        else:
-            share = float(raw) / math.sqrt(len(self._managed))
-            bounds = {id(p): share for p in self._managed}
-        if any(c <= 0 for c in bounds.values()):
-            raise ConfigurationError('clipping="per_layer": every bound must be > 0.')
-        return bounds
-
-    def _warn_once(self, key: str, message: str) -> None:
+    def _warn_once(self, key: str, message: str, category=UserWarning) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, UserWarning, stacklevel=4)
+            warnings.warn(message, category, stacklevel=4)
+
+
+_READ_ONLY = frozenset({"micro_batch_size", "max_grad_norm", "clipping", "grouping", "noise_multiplier",
+                        "sample_rate", "settings", "dp", "noise_std"})
+_LOW = (torch.float16, torch.bfloat16)
 
 
 def _missing_public_groups() -> ConfigurationError:
@@ -565,10 +670,3 @@ def _missing_public_groups() -> ConfigurationError:
         "DP mode needs the public number of groups before the first batch: build the loader with "
         "engine.data_loader(dataset), or pass expected_batch_size=... to attach()."
     )
-
-
-def _has_param(module: nn.Module, dotted: str) -> bool:
-    try:
-        return module.get_parameter(dotted) is not None
-    except AttributeError:
-        return False

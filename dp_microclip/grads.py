@@ -2,13 +2,19 @@
 
 Data flow (one forward + backward):
 
-* the root module's forward pre-hook opens a ``ForwardContext`` (batch size,
-  groups of this batch); its forward hook closes it;
+* the root module's forward pre-hook finds the batch size, makes sure the
+  model's input signature has been probed (``layout.py``: where the batch is in
+  every layer, learned rather than guessed), and opens a ``ForwardContext``
+  (batch size, groups of this batch); its forward hook closes it;
 * each hooked unit's forward hook keeps its (detached, batch-first) inputs and
   registers a tensor hook on its output; when the output gradient arrives, the
   tensor hook emits a complete ``Record`` to the engine;
 * the first record of a backward pass queues an end-of-backward callback on the
   autograd engine, where the engine turns the pass's records into clipped sums.
+
+Forward hooks that fire *during* a backward pass (the recomputation of gradient
+checkpointing) capture nothing: the original forward already registered the
+output hooks, and its autograd graph is the one the gradients flow through.
 
 Nothing is stored on the user's modules or parameters: the records live in the
 engine, and a record that never gets its gradient dies with the autograd graph.
@@ -18,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -27,8 +33,17 @@ from .errors import BatchError, UnsupportedModuleError
 from .grouping import Groups
 from .layers.attention import AttentionCapture, LinearParts
 from .layers.registry import LayerRule, rule_for_type
+from .layout import (
+    BROADCAST, CallLayout, Signature, batch_dim_declared, batch_dim_from_probe, probe_record, probe_size_for,
+    shrink_batch, signature_key,
+)
 
 _context_ids = itertools.count()
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward pass on this thread (e.g. checkpoint recomputation)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 class RequireGrad(torch.autograd.Function):
@@ -49,14 +64,28 @@ class RequireGrad(torch.autograd.Function):
         return None, None
 
 
+class Shared(NamedTuple):
+    """A layer input without a batch dimension (the same tensor for every example), kept as is."""
+
+    value: torch.Tensor
+
+
 @dataclass
 class ForwardContext:
-    """One forward pass of the attached model: its batch size and groups."""
+    """One forward pass of the attached model: its batch size, groups and layout knowledge."""
 
     batch_size: int
     groups: Groups
     drawn_by_engine: bool = False  # its groups came from engine.data_loader (DP: Poisson sampling verified)
+    signature: Signature | None = None
+    calls: dict = field(default_factory=dict)  # unit path -> calls so far in this pass
     id: int = field(default_factory=lambda: next(_context_ids))
+
+    def next_call(self, path: str) -> int:
+        """The index of this call of the unit at ``path`` within the pass (a module may run twice)."""
+        index = self.calls.get(path, 0)
+        self.calls[path] = index + 1
+        return index
 
 
 @dataclass
@@ -68,7 +97,7 @@ class Unit:
     kind: str  # "rule" | "attention" | "generic"
     rule: LayerRule | None
     params: dict[str, nn.Parameter]
-    batch_dim: int | None  # declared by the module or an ancestor; None: found per call
+    batch_dim: int  # the dimension the module works in (its convention, a declared layout, or the model's)
 
 
 @dataclass
@@ -84,10 +113,12 @@ class Record:
     kwargs: dict
     out_grad: torch.Tensor | None
     ctx: ForwardContext
-    batch_dim: int  # where the batch was in the layer's own layout (inputs here are batch-first)
+    batch_dim: int  # where the batch was in the layer's own output layout (tensors here are batch-first)
+    input_dims: tuple = ()  # per input: where the batch was in the layer's own layout (None: not batched)
 
 
 def first_tensor(obj) -> torch.Tensor | None:
+    """The first tensor in a nest of tuples, lists and dicts (the model's batch-carrying input)."""
     if torch.is_tensor(obj):
         return obj
     if isinstance(obj, (list, tuple)):
@@ -100,26 +131,35 @@ def first_tensor(obj) -> torch.Tensor | None:
     return None
 
 
+def _expand_at(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    return x.expand(*[size if d == dim else -1 for d in range(x.dim())])
+
+
 class HookSet:
     """Installs and owns every hook of one engine. ``engine`` provides:
 
-    ``active()`` (hooks do nothing when False), ``open_context(batch_size, device)``,
-    ``close_context()``, ``current_context()``, ``emit(record)``, and
-    ``replaying`` (a context manager that switches hooks off while a generic
-    module is re-run by torch.func).
+    ``_hooks_active()`` (hooks do nothing when False), ``_open_context(batch_size, device, signature)``,
+    ``_close_context()``, ``_current_context()`` and ``_emit(record)``.
     """
 
-    def __init__(self, engine, preferred_batch_dim: int = 0):
+    def __init__(self, engine, root_batch_dim: int, probe_failure_is_error: bool):
         self.engine = engine
         self.handles: list = []
-        # When both dims 0 and 1 have the batch size and nothing is declared, use the root's layout.
-        self.preferred_batch_dim = preferred_batch_dim
+        self.root_batch_dim = root_batch_dim
+        self.probe_failure_is_error = probe_failure_is_error
         self.anchor = torch.zeros((), requires_grad=True)  # makes RequireGrad's output need a gradient
+        self.signatures: dict[tuple, Signature] = {}
+        self.probing: Signature | None = None
+        self._probe_calls: dict[str, int] = {}
 
     # ------------------------------------------------------------------ install
-    def install_root(self, root: nn.Module, batch_dim: int) -> None:
+    def install_root(self, root: nn.Module) -> None:
+        batch_dim = self.root_batch_dim
+
         def pre(module, args, kwargs):
-            if not self.engine.active() or not torch.is_grad_enabled():
+            if self.probing is not None or not self.engine._hooks_active():
+                return None
+            if not torch.is_grad_enabled() or in_backward():
                 return None  # evaluation passes take no micro-batch and no sampled batch
             x = first_tensor((args, kwargs))
             if x is None:
@@ -129,17 +169,21 @@ class HookSet:
                     f"The model's first input has shape {tuple(x.shape)}, with no batch dimension {batch_dim}. "
                     "Pass batched inputs, or set attach(..., batch_first=...) to name the batch dimension."
                 )
-            self.engine.open_context(int(x.shape[batch_dim]), x.device)
+            batch_size = int(x.shape[batch_dim])
+            signature = self._signature(root, args, kwargs, batch_size)
+            self.engine._open_context(batch_size, x.device, signature)
             return None
 
         def post(module, args, kwargs, output):
-            self.engine.close_context()
+            if self.probing is None:
+                self.engine._close_context()
             return None
 
         # Installed after the units: the pre-hook goes first (prepend) and the post-hook last, so a
         # root that is itself a hooked layer still sees an open context.
         self.handles.append(root.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
         self.handles.append(root.register_forward_hook(post, with_kwargs=True, always_call=True))
+        self.root = root
 
     def install_unit(self, unit: Unit) -> None:
         if unit.kind == "attention":
@@ -152,11 +196,94 @@ class HookSet:
             handle.remove()
         self.handles.clear()
 
+    # ------------------------------------------------------------------ the probe
+    def _signature(self, root: nn.Module, args, kwargs, batch_size: int) -> Signature:
+        if batch_size == 0:
+            return Signature(None)  # an empty Poisson batch: nothing to learn from, nothing to split
+        key = signature_key(args, kwargs, self.root_batch_dim, batch_size)
+        known = self.signatures.get(key)
+        if known is None:
+            known = self.signatures[key] = self._probe(root, args, kwargs, batch_size)
+        return known
+
+    def _probe(self, root: nn.Module, args, kwargs, batch_size: int) -> Signature:
+        """One forward pass without gradients on a batch of B' examples, recording every unit call's shapes."""
+        probe_size = probe_size_for(batch_size)
+        signature = Signature(probe_size)
+        p_args = shrink_batch(args, self.root_batch_dim, batch_size, probe_size)
+        p_kwargs = shrink_batch(kwargs, self.root_batch_dim, batch_size, probe_size)
+        saved = {name: b.clone() for name, b in root.named_buffers()}  # BatchNorm statistics and the like
+        devices = sorted({t.device.index for t in saved.values() if t.device.type == "cuda"} |
+                         {p.device.index for p in root.parameters() if p.device.type == "cuda"})
+        self.probing, self._probe_calls = signature, {}
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                root(*p_args, **p_kwargs)
+        except Exception as err:  # noqa: BLE001 - any failure of the user's forward on a smaller batch
+            if self.probe_failure_is_error:
+                raise BatchError(
+                    f"dp_microclip learns where the batch is in every layer by running the model once without "
+                    f"gradients on {probe_size} examples instead of {batch_size}; that forward failed "
+                    f"({type(err).__name__}: {err}). Make the model accept any batch size along dimension "
+                    f"{self.root_batch_dim} of its inputs, or set attach(..., batch_first=...) if the batch is "
+                    "elsewhere."
+                ) from err
+            self.engine._warn_once(
+                "probe",
+                f"The layout probe (a forward pass on {probe_size} examples instead of {batch_size}) failed "
+                f"({type(err).__name__}: {err}); each layer's declared batch dimension is used instead.",
+            )
+            signature = Signature(None)
+        finally:
+            self.probing = None
+            with torch.no_grad():
+                for name, b in root.named_buffers():
+                    if name in saved and b.shape == saved[name].shape:
+                        b.copy_(saved[name])
+        return signature
+
+    def _layout(self, unit: Unit, ctx: ForwardContext, index: int, args: tuple, output) -> CallLayout:
+        """Where the batch is in this call's inputs and output (learned once per signature and call)."""
+        signature = ctx.signature
+        key = (unit.path, index)
+        if signature is not None and key in signature.learned:
+            return signature.learned[key]
+        where = f"{unit.path or '<root module>'} ({type(unit.module).__name__})"
+        record = signature.probe.get(key) if signature is not None else None
+        batch, declared = ctx.batch_size, unit.batch_dim
+
+        def dim_of(x, probed, what):
+            if record is None:
+                return batch_dim_declared(tuple(x.shape), batch, declared, f"{where}, {what}")
+            return batch_dim_from_probe(tuple(x.shape), probed, batch, signature.probe_batch, declared,
+                                        f"{where}, {what}")
+
+        inputs = []
+        for i, a in enumerate(args):
+            if not torch.is_tensor(a):
+                inputs.append(None)
+                continue
+            probed = record.inputs[i] if record is not None and i < len(record.inputs) else None
+            inputs.append(dim_of(a, probed, f"input {i}"))
+        out_dim = dim_of(output, record.output if record is not None else None, "output")
+        if out_dim is None:
+            raise BatchError(
+                f"{where}: its output of shape {tuple(output.shape)} has no batch dimension (it is the same for "
+                "every example), so its parameters' gradient cannot be split per example. This happens with "
+                "tensors that do not derive from the batch (relative-position buckets, a parametrization's "
+                "weight). Compute such a table once outside a module with trainable parameters, or freeze "
+                "those parameters (requires_grad=False) before attach()."
+            )
+        layout = CallLayout(tuple(inputs), out_dim)
+        if signature is not None and signature.probe_batch is not None:
+            signature.learned[key] = layout
+        return layout
+
     # ------------------------------------------------------------------ helpers
     def _capturing(self) -> ForwardContext | None:
-        if not self.engine.active() or not torch.is_grad_enabled():
+        if not self.engine._hooks_active() or not torch.is_grad_enabled() or in_backward():
             return None
-        ctx = self.engine.current_context()
+        ctx = self.engine._current_context()
         if ctx is None:
             raise BatchError(
                 "A hooked layer ran outside a forward call of the attached model (e.g. a submodule "
@@ -165,40 +292,8 @@ class HookSet:
             )
         return ctx
 
-    def _resolve_batch_dim(self, unit: Unit, ctx: ForwardContext, x: torch.Tensor) -> int:
-        """The batch dimension of this call's input: declared by the module (or an ancestor),
-        else the one dimension among the first two that can hold the batch and has its size."""
-        if unit.batch_dim is not None:
-            return unit.batch_dim
-        module = unit.module
-        if isinstance(module, (nn.modules.conv._ConvNd, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):
-            return 0  # torch's own convention for these layers: (N, C, ...)
-        if isinstance(module, nn.Linear):
-            candidates = range(x.dim() - 1)
-        elif isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
-            candidates = range(x.dim() - len(module.normalized_shape))
-        else:
-            candidates = range(x.dim())
-        matches = [d for d in candidates if d < 2 and x.shape[d] == ctx.batch_size]
-        if len(matches) == 1:
-            return matches[0]
-        if len(matches) == 2:
-            return self.preferred_batch_dim
-        return 0  # the size check in _batch_first raises with the fix
-
-    def _batch_first(self, unit: Unit, ctx: ForwardContext, tensor: torch.Tensor, what: str, bd: int) -> torch.Tensor:
-        if tensor.dim() <= bd or tensor.shape[bd] != ctx.batch_size:
-            shape = tuple(tensor.shape)
-            raise BatchError(
-                f"{unit.path} ({type(unit.module).__name__}): its {what} has shape {shape}, but the batch "
-                f"has {ctx.batch_size} examples along dimension {bd}. A layer whose input is shared by the "
-                "whole batch (batch size 1 broadcast, or no batch dimension) cannot be split per example: "
-                "expand it to the batch (e.g. positions.expand(batch_size, -1)), or set the batch dimension "
-                "with attach(..., batch_first=...)."
-            )
-        return tensor.movedim(bd, 0) if bd != 0 else tensor
-
-    def _watch_output(self, unit: Unit, name, rule, layer, params, inputs, kwargs, ctx, output, bd: int):
+    def _watch_output(self, unit: Unit, name, rule, layer, params, inputs, kwargs, ctx, output, bd: int,
+                      input_dims: tuple = ()):
         """Register the tensor hook that completes a record when ``output``'s gradient arrives.
 
         Returns a replacement output when one is needed, else None.
@@ -224,9 +319,10 @@ class HookSet:
                 target = replacement = output.clone()
 
         def on_grad(grad: torch.Tensor):
-            if engine.active():
-                g = self._batch_first(unit, ctx, grad.reshape(shape), "output gradient", bd).detach()
-                engine.emit(Record(unit, name, rule, layer, params, inputs, kwargs, g, ctx, bd))
+            if engine._hooks_active():
+                g = grad.reshape(shape)
+                g = (g.movedim(bd, 0) if bd != 0 else g).detach()
+                engine._emit(Record(unit, name, rule, layer, params, inputs, kwargs, g, ctx, bd, input_dims))
             return None
 
         target.register_hook(on_grad)
@@ -235,6 +331,11 @@ class HookSet:
     # ------------------------------------------------------------------ layers
     def _install_layer(self, unit: Unit) -> None:
         def post(module, args, kwargs, output):
+            if self.probing is not None:
+                index = self._probe_calls.get(unit.path, 0)
+                self._probe_calls[unit.path] = index + 1
+                self.probing.probe[(unit.path, index)] = probe_record(args, output)
+                return None
             ctx = self._capturing()
             if ctx is None:
                 return None
@@ -250,13 +351,35 @@ class HookSet:
                         f"{unit.path} ({type(module).__name__}) was called with tensor keyword argument "
                         f"{key!r}; pass tensors positionally so they can be split per example."
                     )
-            first = args[0] if args and torch.is_tensor(args[0]) else output
-            bd = self._resolve_batch_dim(unit, ctx, first)
-            inputs = tuple(
-                self._batch_first(unit, ctx, a.detach(), f"input {i}", bd) if torch.is_tensor(a) else a
-                for i, a in enumerate(args)
+            layout = self._layout(unit, ctx, ctx.next_call(unit.path), args, output)
+            batch = ctx.batch_size
+            inputs = []
+            for i, (a, dim) in enumerate(zip(args, layout.inputs)):
+                if not torch.is_tensor(a):
+                    inputs.append(a)
+                elif dim is None:
+                    if unit.kind == "rule" and i == 0:
+                        raise BatchError(
+                            f"{unit.path} ({type(module).__name__}): its input of shape {tuple(a.shape)} has no "
+                            "batch dimension (the same tensor for every example), so its parameters' gradient "
+                            "cannot be split per example. Compute this layer outside the trained part, or freeze "
+                            "its parameters (requires_grad=False) before attach()."
+                        )
+                    inputs.append(Shared(a.detach()))
+                elif dim == BROADCAST:
+                    inputs.append(_expand_at(a.detach(), unit.batch_dim, batch).movedim(unit.batch_dim, 0))
+                else:
+                    inputs.append(a.detach().movedim(dim, 0) if dim != 0 else a.detach())
+            input_dims = tuple(
+                None if d is None else (unit.batch_dim if d == BROADCAST else d) for d in layout.inputs
             )
             replaced = None
+            out_dim = layout.output
+            if out_dim == BROADCAST:
+                # One value shared by the batch (position embeddings of (1, T) ids): expanded to the batch so
+                # that each example's output gradient, and so its share of the weight gradient, exists.
+                output = replaced = _expand_at(output, unit.batch_dim, batch)
+                out_dim = unit.batch_dim
             if not output.requires_grad:
                 # The engine switched the weights' own requires_grad off (autograd would compute an
                 # unclipped weight gradient and throw it away). With an input that needs no gradient
@@ -264,7 +387,8 @@ class HookSet:
                 # gradient would arrive: tie the output to the engine's anchor so it does.
                 output = replaced = RequireGrad.apply(self.anchor, output)
             cloned = self._watch_output(
-                unit, unit.path, unit.rule, module, unit.params, inputs, dict(kwargs), ctx, output, bd
+                unit, unit.path, unit.rule, module, unit.params, tuple(inputs), dict(kwargs), ctx, output, out_dim,
+                input_dims,
             )
             return cloned if cloned is not None else replaced
 
@@ -278,6 +402,8 @@ class HookSet:
         names = {"in_proj": ("in_proj_weight", "in_proj_bias"), "out_proj": ("out_proj.weight", "out_proj.bias")}
 
         def pre(module, args, kwargs):
+            if self.probing is not None:
+                return None
             ctx = self._capturing()
             if ctx is None:
                 return None
@@ -296,9 +422,9 @@ class HookSet:
                 x3 = x.reshape(-1, ctx.batch_size, x.shape[-1]).transpose(0, 1).detach()  # (B, T, E)
 
                 def on_grad(grad):
-                    if self.engine.active():
+                    if self.engine._hooks_active():
                         g3 = grad.reshape(-1, ctx.batch_size, grad.shape[-1]).transpose(0, 1).detach()
-                        self.engine.emit(
+                        self.engine._emit(
                             Record(unit, f"{unit.path}.{part}", linear_rule, parts, params, (x3,), {}, g3, ctx, 0)
                         )
 
@@ -314,7 +440,7 @@ class HookSet:
                 return None
             mode = modes.pop()
             mode.__exit__(None, None, None)
-            if mode.calls != 1 and self.engine.active() and torch.is_grad_enabled():
+            if mode.calls != 1 and self.engine._hooks_active() and torch.is_grad_enabled():
                 raise UnsupportedModuleError(
                     f"{unit.path}: nn.MultiheadAttention ran without the expected projection call "
                     "(a fast path or a changed torch version?); its parameters would be missed. "
@@ -324,4 +450,3 @@ class HookSet:
 
         self.handles.append(mha.register_forward_pre_hook(pre, with_kwargs=True))
         self.handles.append(mha.register_forward_hook(post, with_kwargs=True, always_call=True))
-

@@ -7,14 +7,18 @@ a sensitivity itself. See DESIGN.md section 2.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 from .errors import ConfigurationError, PrivacyError
 
 
-@dataclass
+@dataclass(frozen=True)
 class PrivacySettings:
+    """The DP mechanism and the guarantee asked for, validated by ``attach``; frozen so that
+    nothing changes the mechanism without the ledger seeing it."""
+
     micro_batch_size: int
     clipping: str
     grouping: str
@@ -63,6 +67,7 @@ class PrivacyState:
             raise _refusal_to_error(err) from err
 
     def mechanism(self, noise_on: bool):
+        """The accounting ``Mechanism`` of one step with the current settings."""
         s = self.settings
         return self._accounting.Mechanism(
             sample_rate=s.sample_rate,
@@ -73,6 +78,11 @@ class PrivacyState:
             sampling=_accounting_sampling(s.sampling),
             clipping=s.clipping,
         )
+
+    def set_noise_multiplier(self, noise_multiplier: float) -> None:
+        """Use ``noise_multiplier`` from the next step on; every later ledger entry records it."""
+        self.settings = dataclasses.replace(self.settings, noise_multiplier=float(noise_multiplier))
+        self.check_mechanism()
 
     def check_mechanism(self) -> None:
         """Raise PrivacyError now if the accountant would refuse this mechanism with its noise on."""
@@ -131,6 +141,7 @@ class PrivacyState:
         return all(e.mechanism == planned for e in entries)
 
     def after_step(self, noise_on: bool, sampled_by_engine: bool) -> None:
+        """Record one step on the ledger (noting a batch the engine did not sample)."""
         if not sampled_by_engine and self.settings.sampling == "engine":
             self.unverified_steps += 1
         self.ledger.record(self.mechanism(noise_on))
@@ -144,7 +155,8 @@ class PrivacyState:
         except ValueError as err:
             raise _refusal_to_error(err) from err
 
-    def statement(self, delta: float | None = None, dataset_size: int | None = None) -> str:
+    def statement(self, delta: float | None = None, dataset_size: int | None = None,
+                  public_num_groups: int | None = None) -> str:
         """The plain-language statement; refuses (like :meth:`epsilon`) where no epsilon can be reported."""
         from accounting.statement import privacy_statement
 
@@ -152,12 +164,21 @@ class PrivacyState:
         delta = self._delta(delta)
         self._check_sampling_verified()  # the same refusal as epsilon(), before any number is written
         try:
-            return privacy_statement(
+            text = privacy_statement(
                 self.ledger, delta, accountant=s.accountant, sampling_declared_by_user=s.sampling == "poisson",
                 dataset_size=dataset_size,
             )
         except ValueError as err:
             raise _refusal_to_error(err) from err
+        if public_num_groups is not None:
+            size = f"N = {dataset_size}" if dataset_size is not None else "N"
+            text += (
+                f" The dataset size {size}, and with it the public number of micro-batches M = {public_num_groups} "
+                "that divides the noisy sum, are treated as public (as Opacus treats N): neighbouring datasets "
+                "would give the same M only if M is fixed in advance, e.g. with attach(..., expected_batch_size=...) "
+                "from a public size."
+            )
+        return text
 
     def _delta(self, delta: float | None) -> float:
         """The delta asked for, or attach's; refuses when neither was given."""
@@ -176,9 +197,11 @@ class PrivacyState:
             )
 
     def state_dict(self) -> dict:
+        """The ledger and the count of unverified steps (plain data)."""
         return {"ledger": self.ledger.state_dict(), "unverified_steps": self.unverified_steps}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` saved."""
         self.ledger.load_state_dict(state["ledger"])
         self.unverified_steps = int(state["unverified_steps"])
         self._allowed.clear()
@@ -194,4 +217,5 @@ def steps_per_epoch(sample_rate: float) -> int:
 
 
 def steps_from_epochs(epochs: float, sample_rate: float) -> int:
+    """Planned steps of ``epochs`` epochs of engine.data_loader (each ``steps_per_epoch`` steps)."""
     return max(1, math.ceil(epochs * steps_per_epoch(sample_rate)))

@@ -40,8 +40,8 @@ class LinearParts(NamedTuple):
     bias: torch.Tensor | None
 
 
-def check_attention_supported(mha: nn.MultiheadAttention, path: str) -> None:
-    """Refuse, by name, the MHA configurations the capture does not handle exactly."""
+def attention_problems(mha: nn.MultiheadAttention, path: str) -> list[str]:
+    """The MHA configurations the capture does not handle exactly, each with the fix (empty: supported)."""
     problems = []
     if not mha._qkv_same_embed_dim:
         problems.append("kdim/vdim different from embed_dim (separate q/k/v projection weights)")
@@ -49,12 +49,12 @@ def check_attention_supported(mha: nn.MultiheadAttention, path: str) -> None:
         problems.append("add_bias_kv=True")
     if mha.add_zero_attn:
         problems.append("add_zero_attn=True")
-    if problems:
-        raise UnsupportedModuleError(
-            f"{path} is nn.MultiheadAttention with {', '.join(problems)}, which dp_microclip does "
-            "not support yet. Use the default configuration (packed projections, add_bias_kv=False, "
-            "add_zero_attn=False)."
-        )
+    if not problems:
+        return []
+    return [
+        f"{path} is nn.MultiheadAttention with {', '.join(problems)}, which dp_microclip does not support yet. "
+        "Use the default configuration (packed projections, add_bias_kv=False, add_zero_attn=False)."
+    ]
 
 
 class AttentionCapture(TorchFunctionMode):

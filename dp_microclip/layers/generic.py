@@ -35,11 +35,15 @@ def generic_group_grads(
     batch_dim: int,
     replay_guard: Callable[[], AbstractContextManager],
     path: str,
+    input_dims: tuple = (),
 ) -> dict[str, torch.Tensor]:
     """Materialised group gradients ``{name: (M, *param.shape)}`` of ``module``'s own parameters.
 
-    ``inputs`` are batch-first; tensors that are not batched are refused earlier.
-    ``replay_guard`` switches the engine's hooks off while the module is re-run.
+    ``inputs`` are batch-first tensors (their own layout's batch dimension in
+    ``input_dims``, default ``batch_dim``), or ``Shared`` wrappers around tensors
+    without a batch dimension, passed to every group unchanged. ``batch_dim`` is
+    the output's batch dimension. ``replay_guard`` switches the engine's hooks off
+    while the module is re-run.
     """
     names = list(params)
     values = {n: params[n].detach() for n in names}
@@ -49,8 +53,12 @@ def generic_group_grads(
 
     def group_loss(param_values, group_inputs, group_grad):
         args = list(inputs)
+        for i, arg in enumerate(args):
+            if isinstance(arg, tuple) and hasattr(arg, "_fields") and arg._fields == ("value",):
+                args[i] = arg.value  # a Shared input: the same for every group
         for i, x in zip(tensor_pos, group_inputs):
-            args[i] = x.movedim(0, batch_dim)  # back to the module's own layout
+            dim = input_dims[i] if i < len(input_dims) and input_dims[i] is not None else batch_dim
+            args[i] = x.movedim(0, dim)  # back to the module's own layout
         out = functional_call(module, param_values, tuple(args), kwargs)
         if not torch.is_tensor(out):
             raise UnsupportedModuleError(

@@ -1,0 +1,115 @@
+"""Typed, frozen settings: what ``attach`` validated once and the engine only reads.
+
+Every setting that changes the mechanism (b, C, clipping, grouping, the noise
+multiplier, the sample rate) lives in a frozen dataclass, so that
+``engine.settings.micro_batch_size = 4`` raises instead of silently changing
+what the ledger believes. The one setting with a legitimate schedule, the noise
+multiplier, changes through :meth:`dp_microclip.Engine.set_noise_multiplier`,
+which records the new mechanism on the ledger.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .errors import ConfigurationError
+
+CLIPPING_MODES = ("fixed", "adaptive", "per_layer", "normalize")
+GRAD_MODES = ("auto", "bookkeeping", "materialize", "func")
+GROUPINGS = ("auto", "contiguous", "keyed")
+LOSS_REDUCTIONS = ("mean", "sum")
+FALLBACKS = (None, "generic", "error")
+NONFINITE_POLICIES = ("skip", "raise")
+
+
+def check_choice(name: str, value, allowed) -> None:
+    """Raise a ConfigurationError naming the allowed values when ``value`` is not one of them."""
+    if value not in allowed:
+        raise ConfigurationError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}.")
+
+
+def is_real(value) -> bool:
+    """True for a real number that is not a bool (``True`` is an int in Python)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_positive_finite(name: str, value) -> float:
+    """``value`` as a float, or a ConfigurationError when it is not a finite number > 0 (NaN and inf included)."""
+    if not is_real(value) or not math.isfinite(float(value)) or float(value) <= 0:
+        raise ConfigurationError(f"{name} must be a finite number > 0. Found {value!r}.")
+    return float(value)
+
+
+def total_bound(raw) -> tuple[float, tuple[float, ...] | Mapping[str, float] | float]:
+    """Validate ``max_grad_norm`` (a number, a list or a dict of per-parameter bounds).
+
+    Returns ``(C, raw)`` where ``C = sqrt(sum C_l^2)`` is the bound of the whole
+    clipped vector (the sensitivity for per-layer clipping), parsed once.
+    """
+    if isinstance(raw, Mapping):
+        values = list(raw.values())
+    elif isinstance(raw, Sequence) and not isinstance(raw, str):
+        values = list(raw)
+    else:
+        return check_positive_finite("max_grad_norm", raw), float(raw)
+    if not values:
+        raise ConfigurationError("max_grad_norm: an empty list or dict of bounds. Give one bound per parameter.")
+    for v in values:
+        check_positive_finite("max_grad_norm (every per-parameter bound)", v)
+    return math.sqrt(sum(float(v) ** 2 for v in values)), (dict(raw) if isinstance(raw, Mapping) else tuple(raw))
+
+
+@dataclass(frozen=True)
+class ClipSettings:
+    """How each micro-batch gradient is clipped and how the engine computes it (validated by ``attach``).
+
+    Attributes:
+        micro_batch_size: ``b``, examples per micro-batch (the clipping unit).
+        mode: ``"fixed"``, ``"adaptive"``, ``"per_layer"`` or ``"normalize"``.
+        max_grad_norm: ``C``; for ``per_layer`` the bound of the whole vector, ``sqrt(sum C_l^2)``.
+        per_param_bound: ``id(param) -> C_l`` (``per_layer`` only), filled once the units are known.
+        gamma: the ``gamma`` of ``normalize``.
+        loss_reduction: ``"mean"`` or ``"sum"`` of per-example losses.
+        grad_mode: ``"auto"``, ``"bookkeeping"``, ``"materialize"`` or ``"func"``.
+        on_nonfinite: ``"skip"`` (a group with a NaN/inf gradient contributes zero, counted) or ``"raise"``.
+    """
+
+    micro_batch_size: int
+    mode: str
+    max_grad_norm: float
+    per_param_bound: Mapping[int, float]
+    gamma: float
+    loss_reduction: str
+    grad_mode: str
+    on_nonfinite: str = "skip"
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Everything ``attach`` decided that is not clipping arithmetic.
+
+    Attributes:
+        clip: the :class:`ClipSettings`.
+        raw_max_grad_norm: ``max_grad_norm`` as given (a dict/list for per-layer bounds).
+        grouping: ``"contiguous"``, ``"keyed"`` or ``"auto"`` (contiguous for your own loader,
+            keyed for ``engine.data_loader`` batches and in DP mode).
+        num_groups: ``M`` for keyed grouping of your own batches (None: ``ceil(B / b)``).
+        fallback: ``"generic"`` / ``"error"`` / None (generic noise-free, error in DP mode).
+        batch_first: the model input's layout (None: dimension 0 unless the root declares one).
+        seed: the seed of the engine's generators, or None (drawn from the OS).
+        secure_rng: draw noise from the OS's cryptographically secure generator.
+        collate_keeps_order: the user declares that a custom ``collate_fn`` keeps rows in index order.
+    """
+
+    clip: ClipSettings
+    raw_max_grad_norm: object
+    grouping: str
+    num_groups: int | None
+    fallback: str | None
+    batch_first: bool | None
+    seed: int | None
+    secure_rng: bool
+    collate_keeps_order: bool

@@ -1,0 +1,144 @@
+"""Which modules the engine hooks, which path each takes, and which the engine refuses.
+
+``find_units`` walks the model once, before any hook is installed. It collects
+every problem of the model and reports them all at once (as Opacus'
+``ModuleValidator.validate`` does), so a user fixes a model in one round trip,
+not one error at a time. The engine receives the units; it never discovers
+modules itself.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from .errors import UnsupportedModuleError
+from .grads import Unit
+from .layers.attention import attention_problems
+from .layers.registry import rule_for
+from .layout import declared_batch_dim
+
+_BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
+_ATTENTION_PARAMS = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+
+
+def _has_param(module: nn.Module, dotted: str) -> bool:
+    try:
+        return module.get_parameter(dotted) is not None
+    except AttributeError:
+        return False
+
+
+def _is_parametrization(path: str) -> bool:
+    # torch.nn.utils.parametrize keeps the original tensors in "<module>.parametrizations.<name>.original*".
+    return ".parametrizations." in f".{path}." or path.startswith("parametrizations.")
+
+
+def module_problems(model: nn.Module, *, dp: bool) -> list[str]:
+    """Every module that cannot be trained exactly (or, in DP mode, privately), each with the fix."""
+    problems = []
+    for path, module in model.named_modules():
+        where = path or "<root module>"
+        if isinstance(module, _BATCHNORMS) and dp:
+            problems.append(
+                f"{where} is nn.{type(module).__name__}, which mixes examples across micro-batches (its "
+                "statistics cover the whole batch) and stores un-noised batch statistics (running_mean, "
+                "running_var) in model.state_dict(). Replace it with nn.GroupNorm "
+                "(opacus.validators.ModuleValidator.fix(model) does this) before attach()."
+            )
+        elif isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats and dp:
+            problems.append(
+                f"{where} is nn.{type(module).__name__} with track_running_stats=True: its running statistics "
+                "are un-noised averages over the private data, saved in model.state_dict(). Create it with "
+                "track_running_stats=False."
+            )
+        if isinstance(module, nn.Embedding) and (module.sparse or module.scale_grad_by_freq) and any(
+                p.requires_grad for p in module.parameters(recurse=False)):
+            problems.append(
+                f"{where} is nn.Embedding with sparse=True or scale_grad_by_freq=True; the first gives "
+                "sparse gradients, the second mixes examples (frequencies over the whole batch). "
+                "Create it with sparse=False, scale_grad_by_freq=False."
+            )
+        if isinstance(module, nn.MultiheadAttention):
+            problems += attention_problems(module, where)
+        if _is_parametrization(path) and any(p.requires_grad for p in module.parameters(recurse=False)):
+            problems.append(
+                f"{where} holds trainable tensors of a torch.nn.utils.parametrize parametrization (e.g. weight "
+                "norm); the parametrized weight has no batch dimension, so per-example gradients of its "
+                "original tensors need the chain rule through the parametrization, which dp_microclip does not "
+                "do yet. Remove it (torch.nn.utils.parametrize.remove_parametrizations(module, name)) or freeze "
+                "those tensors before attach()."
+            )
+    return problems
+
+
+def find_units(
+    model: nn.Module, *, dp: bool, fallback: str | None, root_batch_dim: int, warn: Callable[[str, str], None],
+) -> list[Unit]:
+    """The hooked units of ``model``: (module, the trainable parameters it owns, the path they take).
+
+    Raises:
+        UnsupportedModuleError: listing every module that cannot be handled, each with its fix.
+    """
+    problems = module_problems(model, dp=dp)
+    units: list[Unit] = []
+    skip_paths: set[str] = set()
+    for path, module in model.named_modules():
+        if path in skip_paths:
+            continue
+        where = path or "<root module>"
+        batch_dim = declared_batch_dim(model, path, root_batch_dim)
+        if isinstance(module, nn.MultiheadAttention):
+            owned = {n: module.get_parameter(n) for n in _ATTENTION_PARAMS if _has_param(module, n)}
+            owned = {n: p for n, p in owned.items() if p.requires_grad}
+            skip_paths.add(f"{path}.out_proj" if path else "out_proj")
+            if owned:
+                units.append(Unit(path, module, "attention", None, owned, batch_dim))
+            continue
+        own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+        if not own or _is_parametrization(path):
+            continue
+        if isinstance(module, _BATCHNORMS) and not dp:
+            warn(
+                f"bn:{path}",
+                f"{where} is nn.{type(module).__name__}: its statistics cover the whole batch, so micro-batches "
+                "are not independent and the result differs from clipping each micro-batch on its own. "
+                "Consider nn.GroupNorm.",
+            )
+        rule = rule_for(module)
+        if rule is not None:
+            units.append(Unit(path, module, "rule", rule, own, batch_dim))
+            continue
+        if fallback == "error" or (dp and fallback != "generic"):
+            reason = " In DP mode the generic path must be allowed explicitly." if dp else ""
+            problems.append(
+                f"{where} ({type(module).__name__}) has trainable parameters {sorted(own)} and no dp_microclip "
+                f"rule.{reason} Register a rule with dp_microclip.register_rule(...), or pass "
+                'fallback="generic" to use torch.func per micro-batch (exact only if the module treats examples '
+                "independently)."
+            )
+            continue
+        warn(
+            f"generic:{path}",
+            f"{where} ({type(module).__name__}) has no rule: its parameters {sorted(own)} use the generic "
+            "torch.func path (slower; exact only if the module treats examples independently).",
+        )
+        units.append(Unit(path, module, "generic", None, own, batch_dim))
+    if problems:
+        listing = "\n".join(f"  - {p}" for p in problems)
+        raise UnsupportedModuleError(
+            f"dp_microclip cannot attach to this model ({len(problems)} problem(s)):\n{listing}"
+        )
+    return units
+
+
+def managed_parameters(units: list[Unit]) -> list[nn.Parameter]:
+    """Every trainable parameter the units own, each once (tied weights appear in several units)."""
+    seen, managed = set(), []
+    for unit in units:
+        for p in unit.params.values():
+            if id(p) not in seen:
+                seen.add(id(p))
+                managed.append(p)
+    return managed
