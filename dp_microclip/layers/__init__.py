@@ -1,6 +1,15 @@
-"""Layer rules. Importing this package registers the built-in rules."""
+"""Layer rules. Importing this package registers the built-in rules (third-party ones lazily, by class name)."""
 
-from . import conv, embedding, linear, norms  # noqa: F401  (register at import)
-from .registry import LayerRule, register_rule, registered_types, rule_for
+from . import conv, conv_transpose, embedding, linear, misc, norms, third_party  # noqa: F401  (register at import)
+from .registry import (
+    LayerRule,
+    register_lazy_rule,
+    register_rule,
+    registered_lazy_names,
+    registered_types,
+    rule_for,
+)
 
-__all__ = ["LayerRule", "register_rule", "registered_types", "rule_for"]
+__all__ = [
+    "LayerRule", "register_lazy_rule", "register_rule", "registered_lazy_names", "registered_types", "rule_for",
+]

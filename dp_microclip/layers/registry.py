@@ -24,13 +24,32 @@ to subclass):
   route under ``auto``.
 
 The signature follows Opacus' grad samplers (``opacus/grad_sample/linear.py``:
-``(layer, activations, backprops)``), extended from examples to groups. The
-registry is one module-level dict, filled at import, keyed by exact type: a
-subclass may change ``forward``, so it takes the generic path unless registered.
+``(layer, activations, backprops)``), extended from examples to groups.
+
+Lookup (:func:`rule_for`) goes by what a module computes, not only its exact type:
+
+1. a rule registered for the module's exact type;
+2. else the rule of the nearest registered class in its MRO, but only when
+   the subclass computes what that class computes: it does not override
+   ``forward``, nor any other method the registered class defines on top of
+   ``nn.Module`` (``_conv_forward`` of a convolution, say), nor ``__call__`` /
+   ``__getattr__``. Overriding ``__init__``, ``reset_parameters`` or
+   ``extra_repr`` is fine: they do not change the forward maths. A subclass
+   that changes any of these gets no rule (the generic path) unless a rule is
+   registered for it;
+3. "registered" includes lazy rules (:func:`register_lazy_rule`), keyed by a
+   class's ``(__module__, __qualname__)``, so that rules for third-party
+   classes (Hugging Face ``transformers``, ``timm``) need no import of those
+   libraries: a lazy rule matches only when a module of that class is met.
+
+Results are cached per class (weakly, so classes made on the fly, as
+``torch.nn.utils.parametrize`` does, can still be collected); any
+registration clears the cache.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, NamedTuple
 
 import torch
@@ -42,6 +61,13 @@ GradDict = dict[str, torch.Tensor]
 
 
 class LayerRule(NamedTuple):
+    """How to get per-group gradients (and optionally ghost norms) of one layer type; see the module docstring.
+
+    A NamedTuple of plain functions so that a rule is data: it can be shared by
+    several classes (a subclass, a third-party copy of a torch layer) without
+    any class hierarchy.
+    """
+
     group_grads: Callable[[nn.Module, tuple, torch.Tensor, Groups], GradDict]
     group_sq_norms: Callable[[nn.Module, tuple, torch.Tensor, Groups], GradDict] | None = None
     weighted_sum: Callable[[nn.Module, tuple, torch.Tensor, GradDict], GradDict] | None = None
@@ -49,35 +75,168 @@ class LayerRule(NamedTuple):
 
     @property
     def has_ghost(self) -> bool:
+        """Whether the rule can clip without materialising group gradients (norms and weighted sum)."""
         return self.group_sq_norms is not None and self.weighted_sum is not None
 
 
 _RULES: dict[type, LayerRule] = {}
+_LAZY: dict[tuple[str, str], LayerRule] = {}  # (module path, qualified class name) -> rule
+_RESOLVED: "weakref.WeakKeyDictionary[type, LayerRule | None]" = weakref.WeakKeyDictionary()
+
+# Methods a subclass may override and still compute what its registered base computes.
+_HARMLESS_OVERRIDES = frozenset({
+    "__init__", "__repr__", "extra_repr", "reset_parameters", "_reset_parameters",
+    "__setstate__", "__getstate__", "__init_subclass__", "__class_getitem__",
+})
+# nn.Module methods on the call path of every forward: overriding one may change the output.
+_CALL_PATH = frozenset({"forward", "__call__", "_call_impl", "_wrapped_call_impl", "__getattr__", "__getattribute__"})
+
+
+def _class_key(cls: type) -> tuple[str, str]:
+    return (cls.__module__, cls.__qualname__)
 
 
 def register_rule(layer_type: type, rule: LayerRule, *, replace: bool = False) -> None:
-    """Register ``rule`` for modules whose exact type is ``layer_type``.
+    """Register ``rule`` for modules of type ``layer_type`` (and subclasses that compute the same).
+
+    Subclasses that do not change the forward maths use the rule too (see
+    :func:`rule_for`); register a rule for a subclass to give it its own.
+
+    Args:
+        layer_type: the module class.
+        rule: the :class:`LayerRule`.
+        replace: overwrite an existing rule for this class, exact or lazy
+            (same module path and name), instead of raising.
 
     Raises:
-        ValueError: if a rule is already registered and ``replace`` is False.
+        ValueError: if a rule is already registered for this class (or a lazy rule
+            for its module path and name) and ``replace`` is False.
     """
-    if layer_type in _RULES and not replace:
+    if not isinstance(layer_type, type):
+        raise TypeError(f"register_rule needs a class, got {layer_type!r}; pass type(module) for an instance.")
+    key = _class_key(layer_type)
+    if (layer_type in _RULES or key in _LAZY) and not replace:
         raise ValueError(
-            f"A rule for {layer_type.__name__} is already registered. "
+            f"A rule for {layer_type.__module__}.{layer_type.__qualname__} is already registered. "
             "Pass replace=True to register_rule(...) to override it."
         )
+    _LAZY.pop(key, None)  # the class's own rule replaces a lazy one for its name
     _RULES[layer_type] = rule
+    _RESOLVED.clear()
+
+
+def register_lazy_rule(module_path: str, class_name: str, rule: LayerRule, *, replace: bool = False) -> None:
+    """Register ``rule`` for a class named by its module path and qualified name, without importing it.
+
+    Why: rules for third-party layers (``transformers``, ``timm``) must not make
+    those libraries a dependency, or slow down ``import dp_microclip`` by
+    seconds. The rule applies when :func:`rule_for` meets a module whose class
+    (or an unchanged subclass of it, as for :func:`register_rule`) has
+    ``__module__ == module_path`` and ``__qualname__ == class_name``.
+
+    Example:
+        ``register_lazy_rule("transformers.pytorch_utils", "Conv1D", rule)``.
+
+    Args:
+        module_path: the class's ``__module__`` (where it is defined, not where
+            it is re-exported: ``transformers.pytorch_utils``, not ``transformers``).
+        class_name: the class's ``__qualname__``.
+        rule: the :class:`LayerRule`.
+        replace: overwrite an existing rule for this name (lazy, or registered
+            for a class with this module path and name) instead of raising.
+
+    Raises:
+        ValueError: if a rule for this name is already registered and ``replace`` is False.
+    """
+    key = (module_path, class_name)
+    concrete = [t for t in _RULES if _class_key(t) == key]
+    if (key in _LAZY or concrete) and not replace:
+        raise ValueError(
+            f"A rule for {module_path}.{class_name} is already registered. "
+            "Pass replace=True to register_lazy_rule(...) to override it."
+        )
+    for t in concrete:
+        del _RULES[t]
+    _LAZY[key] = rule
+    _RESOLVED.clear()
+
+
+def _registered(cls: type) -> LayerRule | None:
+    rule = _RULES.get(cls)
+    if rule is None and _LAZY:
+        rule = _LAZY.get(_class_key(cls))
+    return rule
+
+
+def _compute_methods(base: type) -> set[str]:
+    """Names of the callables ``base`` (and its bases below ``nn.Module``) define, plus the call path."""
+    names = set(_CALL_PATH)
+    for klass in base.__mro__:
+        if klass is nn.Module or klass is object:
+            continue
+        names.update(n for n, v in vars(klass).items()
+                     if callable(v) or isinstance(v, (staticmethod, classmethod, property)))
+    return names - _HARMLESS_OVERRIDES
+
+
+def computes_like(cls: type, base: type) -> bool:
+    """Whether subclass ``cls`` runs ``base``'s forward unchanged.
+
+    True when no class between ``cls`` and ``base`` in the MRO overrides
+    ``forward``, ``__call__``, ``__getattr__`` or any method ``base`` defines
+    (its forward may call them), other than ``__init__``, ``reset_parameters``,
+    ``extra_repr`` and similar set-up methods. ``type(m).forward is
+    base.forward`` is necessary but not enough: ``nn.Conv2d.forward`` calls
+    ``self._conv_forward``, which weight-standardised convolutions override.
+    """
+    if cls is base:
+        return True
+    if getattr(cls, "forward", None) is not getattr(base, "forward", None):
+        return False
+    methods = _compute_methods(base)
+    for klass in cls.__mro__:
+        if klass is base:
+            return True
+        if methods.intersection(vars(klass)):
+            return False
+    return False  # base is not in cls's MRO
 
 
 def rule_for(module: nn.Module) -> LayerRule | None:
-    """The rule for this module's exact type, or None."""
-    return _RULES.get(type(module))
+    """The rule for this module, or None (the engine then uses the generic ``torch.func`` path).
+
+    The exact type's rule (registered or lazy); else the rule of the nearest
+    registered class in the MRO if the module's class computes what that class
+    computes (:func:`computes_like`); else None. A subclass that overrides
+    ``forward`` gets no rule: it may compute something else.
+    """
+    cls = type(module)
+    try:
+        return _RESOLVED[cls]
+    except KeyError:
+        pass
+    found = None
+    for klass in cls.__mro__:
+        if klass is nn.Module:
+            break
+        rule = _registered(klass)
+        if rule is not None:
+            found = rule if computes_like(cls, klass) else None
+            break
+    _RESOLVED[cls] = found
+    return found
 
 
 def rule_for_type(layer_type: type) -> LayerRule | None:
-    """The rule registered for exactly ``layer_type``, or None."""
-    return _RULES.get(layer_type)
+    """The rule registered for exactly ``layer_type`` (concrete or lazy by name), or None; no MRO walk."""
+    return _registered(layer_type)
 
 
 def registered_types() -> list[type]:
+    """Classes with a concrete rule (lazy rules not yet met are in :func:`registered_lazy_names`)."""
     return list(_RULES)
+
+
+def registered_lazy_names() -> list[tuple[str, str]]:
+    """``(module path, class name)`` of every lazy rule."""
+    return list(_LAZY)
