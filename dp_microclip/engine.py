@@ -502,11 +502,13 @@ class Engine:
         gradient, so the step raises instead.
         """
         mine = unclipped_sums(records, self._replay)
+        low_precision = any(
+            torch.is_tensor(x) and x.dtype in _LOW for r in records for x in (*r.inputs, r.out_grad))
         for pid, theirs in autograd_grads.items():
             ours = mine.get(pid)
             diff = theirs.double().norm() if ours is None else (ours.double() - theirs.double()).norm()
             scale = max(float(theirs.double().norm()), 1e-30)
-            tolerance = 2e-2 if theirs.dtype in (torch.float16, torch.bfloat16) else 1e-3
+            tolerance = 3e-2 if low_precision or theirs.dtype in _LOW else 1e-3  # bf16 rounds at ~4e-3
             if float(diff) > tolerance * scale and float(diff) > 1e-12:
                 name = self._names.get(pid, "?")
                 self._problems.append(

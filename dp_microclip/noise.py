@@ -83,7 +83,8 @@ class SecureNoiseSource:
         pairs = (n + 1) // 2
         raw = torch.frombuffer(bytearray(os.urandom(16 * pairs)), dtype=torch.int64).reshape(2, pairs)
         # 53 random bits -> uniform in (0, 1]; u1 > 0 keeps the log finite.
-        u = ((raw >> 11).to(torch.float64) + 1.0) * (1.0 / 2**53)  # (2, pairs)
+        bits = (raw >> 11) & ((1 << 53) - 1)  # 53 random bits, non-negative
+        u = (bits.to(torch.float64) + 1.0) * (1.0 / 2**53)  # (2, pairs), in (0, 1]
         radius = torch.sqrt(-2.0 * torch.log(u[0]))
         angle = (2.0 * math.pi) * u[1]
         normal = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:n]  # (n,)
