@@ -6,11 +6,13 @@
 from . import layers  # noqa: F401  (registers the built-in layer rules)
 from .configure import attach
 from .engine import Engine
+from .settings import DP
 from .errors import BatchError, ConfigurationError, MicroclipError, PrivacyError, UnsupportedModuleError
-from .layers.registry import LayerRule, register_rule, registered_types, rule_for
+from .layers.registry import LayerRule, register_lazy_rule, register_rule, registered_lazy_names, registered_types, rule_for
 
 __all__ = [
-    "attach", "Engine", "LayerRule", "register_rule", "registered_types", "rule_for",
+    "attach", "DP", "Engine", "LayerRule", "register_rule", "register_lazy_rule", "registered_types",
+    "registered_lazy_names", "rule_for",
     "MicroclipError", "ConfigurationError", "UnsupportedModuleError", "BatchError", "PrivacyError",
 ]
 __version__ = "0.1.0"

@@ -47,6 +47,7 @@ class PassResult:
     min_norm: float = float("inf")  # smallest norm over non-empty groups (adaptive)
     strategies: dict = field(default_factory=dict)  # record name -> strategy used
     nonfinite_groups: int = 0  # groups whose gradient had a NaN/inf: they contributed zero
+    group_factors: list = field(default_factory=list)  # one (M,) tensor of clip factors per context (None: per_layer)
 
 
 def merge_means(acc: dict, acc_count: float, new: dict, new_count: float) -> tuple[dict, float]:
@@ -262,6 +263,7 @@ def _one_context(
     weights: dict[int, torch.Tensor] = {}
     to_average = to_mean / divisor  # folds the final 1/M into the per-group weights
     if settings.mode == "per_layer":
+        result.group_factors.append(None)
         for pid, sq in sq_norms.items():
             norm_p = sq.clamp(min=0).sqrt() * to_mean
             weights[pid] = clip.fixed_factors(norm_p, settings.per_param_bound[pid]) * to_average
@@ -274,6 +276,7 @@ def _one_context(
             factors = clip.unit_factors(total_norm)
         else:  # validated in attach()
             raise AssertionError(settings.mode)
+        result.group_factors.append(factors.detach())
         group_weight = factors * to_average  # (M,)
         weights = {pid: group_weight for pid in sq_norms}
 

@@ -20,7 +20,7 @@ from .errors import ConfigurationError, PrivacyError
 from .grouping import public_groups
 from .layout import declared_batch_first
 from .settings import (
-    CLIPPING_MODES, FALLBACKS, GRAD_MODES, GROUPINGS, LOSS_REDUCTIONS, NONFINITE_POLICIES, ClipSettings,
+    DP, DP_KEYWORDS, CLIPPING_MODES, FALLBACKS, GRAD_MODES, GROUPINGS, LOSS_REDUCTIONS, NONFINITE_POLICIES, ClipSettings,
     EngineSettings, check_choice, check_positive_finite, is_real, total_bound,
 )
 from .units import find_units, managed_parameters
@@ -35,17 +35,7 @@ def attach(
     micro_batch_size: int,
     max_grad_norm: float | Sequence[float] | Mapping[str, float],
     clipping: str = "fixed",
-    noise_multiplier: float | None = None,
-    target_epsilon: float | None = None,
-    delta: float | None = None,
-    sample_rate: float | None = None,
-    expected_batch_size: int | None = None,
-    steps: int | None = None,
-    epochs: float | None = None,
-    sampling: str = "engine",
-    adjacency: str = "add_remove",
-    accountant: str = "prv",
-    enforce_budget: bool = True,
+    privacy: DP | None = None,
     grouping: str = "auto",
     num_groups: int | None = None,
     loss_reduction: str = "mean",
@@ -54,10 +44,9 @@ def attach(
     normalize_gamma: float = 0.01,
     batch_first: bool | None = None,
     seed: int | None = None,
-    secure_rng: bool = False,
     on_nonfinite: str = "skip",
     verify_steps: int = 1,
-    collate_keeps_order: bool = False,
+    **dp_keywords,
 ) -> Engine:
     """Attach micro-batch clipping to an unchanged model and optimizer.
 
@@ -79,33 +68,11 @@ def attach(
         clipping: ``"fixed"`` (min(1, C/||g_j||)), ``"adaptive"`` (the bound is the
             smallest micro-batch norm: Wang, Algorithm 1; not DP), ``"per_layer"``,
             or ``"normalize"`` (C g_j / (||g_j|| + normalize_gamma)).
-        noise_multiplier: ``z``; the clipped sum gets ``N(0, (z C)^2)`` noise per
-            coordinate. ``None`` (and no ``target_epsilon``) trains noise-free, with no
-            privacy claim. Giving it (or ``target_epsilon``) turns on DP mode: keyed
-            groups, a public normaliser, a ledger, and refusals of anything without a
-            valid guarantee. With ``micro_batch_size > 1`` the sensitivity is 2C, so
-            the accountant is given ``z / 2``: the same ``z`` buys a larger epsilon.
-        target_epsilon: DP mode: calibrate ``z`` (if not given) so that ``epsilon``
-            reaches this after ``steps`` (or ``epochs``) steps; with
-            ``enforce_budget=True`` (default) a step that would exceed it raises.
-        delta: the delta of the guarantee (e.g. ``1 / dataset size`` or smaller).
-        sample_rate: DP mode, required: ``q``, the probability that a record joins a
-            batch (``engine.data_loader(dataset)`` samples with it; expected batch
-            size ``q * len(dataset)``).
-        expected_batch_size: the public expected batch size ``q N`` (set by
-            ``engine.data_loader``); the number of groups is ``round(q N / b)``.
-        steps, epochs: the planned length of training, for calibration (epochs
-            are ``round(1/q)`` steps each).
-        sampling: ``"engine"`` (default: batches must come from ``engine.data_loader``,
-            or ``epsilon()`` refuses), ``"poisson"`` (you declare that your own loader
-            samples each record independently with probability ``sample_rate``; the
-            privacy statement says it rests on that), ``"shuffle"`` (no epsilon).
-        adjacency: ``"add_remove"`` (default) or ``"replace_one"`` where the
-            accountant supports it.
-        accountant: ``"prv"`` (default, Opacus PRV), ``"rdp"`` or ``"pld"`` (Google's
-            dp_accounting, the ``accounting`` extra).
-        enforce_budget: with ``target_epsilon``, raise before a step that would
-            exceed it (including any step with noise off).
+        privacy: ``dp_microclip.DP(...)`` turns on DP mode (noise, Poisson sampling through
+            ``engine.data_loader``, keyed groups, a public normaliser, a ledger, refusals of
+            anything without a valid guarantee); ``None`` trains noise-free, with no privacy
+            claim. See :class:`dp_microclip.DP` for its fields. With ``micro_batch_size > 1``
+            the sensitivity is 2C, so the accountant is given ``z / 2``.
         grouping: ``"contiguous"`` (examples ``[b j, b (j+1))``; the batch size must
             be a multiple of b), ``"keyed"`` (each example drawn into one of M groups
             independently of the others), or ``"auto"`` (contiguous when noise-free, keyed for
@@ -127,17 +94,15 @@ def attach(
         seed: seeds the engine's own noise and grouping generators (default: a
             random seed from the OS; torch's global RNG is never used). For DP runs
             leave it unset: anyone who knows the seed can regenerate the noise.
-        secure_rng: draw the noise from the operating system's cryptographically
-            secure generator instead of a seeded torch generator (no run can then be
-            reproduced; see ``dp_microclip.noise``).
         on_nonfinite: ``"skip"`` (default: a micro-batch whose gradient has a NaN or inf
             contributes zero, counted in ``engine.nonfinite_groups``) or ``"raise"``.
         verify_steps: for this many first steps autograd also computes each parameter's
             ordinary gradient and the engine checks its own per-example sums against it;
             a difference (a parameter read outside its module, a penalty term in the
             loss) raises instead of being silently dropped. 0 turns the check off.
-        collate_keeps_order: declare that the ``collate_fn`` you give
-            ``engine.data_loader`` keeps rows in order (needed in DP mode with b > 1).
+        **dp_keywords: the fields of :class:`dp_microclip.DP` given directly
+            (``noise_multiplier=``, ``target_epsilon=``, ``sample_rate=``, ...), as earlier
+            releases took them; equivalent to ``privacy=DP(...)``.
 
     Returns:
         The :class:`Engine`. ``engine.detach()`` removes it.
@@ -146,6 +111,11 @@ def attach(
         ConfigurationError: an invalid argument (the message names the fix).
         UnsupportedModuleError: a module cannot be handled exactly (named).
     """
+    dp, p = _privacy_settings(privacy, dp_keywords)
+    noise_multiplier, target_epsilon, delta = p.noise_multiplier, p.target_epsilon, p.delta
+    sample_rate, expected_batch_size, steps, epochs = p.sample_rate, p.expected_batch_size, p.steps, p.epochs
+    sampling, adjacency, accountant, enforce_budget = p.sampling, p.adjacency, p.accountant, p.enforce_budget
+    secure_rng, collate_keeps_order = p.secure_rng, p.collate_keeps_order
     if not isinstance(model, nn.Module):
         raise ConfigurationError(f"attach(model, ...) needs a torch.nn.Module. Found {type(model).__name__}.")
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -180,7 +150,6 @@ def attach(
         raise ConfigurationError(f"verify_steps must be an integer >= 0. Found {verify_steps!r}.")
     _choice("sampling", sampling, ("engine", "poisson", "shuffle"))
     _choice("adjacency", adjacency, ("add_remove", "replace_one"))
-    dp = noise_multiplier is not None or target_epsilon is not None
     privacy = None
     public_num_groups = None
     if dp:
@@ -311,3 +280,29 @@ def _per_param_bounds(raw, managed: list, names: dict) -> dict[int, float]:
         return {id(p): float(c) for p, c in zip(managed, raw)}
     share = float(raw) / math.sqrt(len(managed))
     return {id(p): share for p in managed}
+
+
+def _privacy_settings(privacy: DP | None, dp_keywords: dict) -> tuple[bool, DP]:
+    """``(DP mode?, the DP settings)`` from ``privacy=DP(...)`` or the flat keywords of earlier releases.
+
+    DP mode is on when a noise multiplier or a target epsilon is given. The flat keywords are still
+    accepted (all of them: ``DP``'s fields); a flat ``sample_rate`` alone configures
+    ``engine.data_loader`` for noise-free training, as before.
+    """
+    unknown = sorted(set(dp_keywords) - set(DP_KEYWORDS))
+    if unknown:
+        raise TypeError(f"attach() got unexpected keyword argument(s) {unknown}.")
+    if privacy is not None and not isinstance(privacy, DP):
+        raise ConfigurationError(f"privacy must be a dp_microclip.DP(...). Found {type(privacy).__name__}.")
+    if privacy is not None and dp_keywords:
+        raise ConfigurationError(
+            f"attach() got both privacy=DP(...) and the DP keyword(s) {sorted(dp_keywords)}. Put them all in DP(...)."
+        )
+    settings = privacy if privacy is not None else DP(**dp_keywords)
+    noisy = settings.noise_multiplier is not None or settings.target_epsilon is not None
+    if privacy is not None and not noisy:
+        raise ConfigurationError(
+            "privacy=DP(...) needs noise: DP(noise_multiplier=z, ...) or DP(target_epsilon=eps, delta=..., "
+            "epochs=...). For noise-free clipping leave privacy out."
+        )
+    return noisy, settings

@@ -85,6 +85,7 @@ class Engine:
         self._callback_queued = False
         self._warned: set[str] = set()
         self._problems: list[str] = []  # found during backward; raised at the step
+        self._observers: list = []  # diagnostics (see add_observer)
         self._reset_step()
         self.steps_taken = 0
         self.nonfinite_groups = 0
@@ -180,6 +181,17 @@ class Engine:
         self._noise_multiplier = z
 
     # ================================================================ public API
+    def add_observer(self, observer) -> "_ObserverHandle":
+        """Call ``observer.on_pass(engine, records, result)`` after every backward pass and
+        ``observer.on_step(engine)`` after every step (either method may be missing).
+
+        The seam for diagnostics (``dp_microclip.diagnostics``): ``records`` are the pass's
+        captured layer calls, ``result`` its :class:`~dp_microclip.aggregate.PassResult` (group
+        norms, clip factors). Observers must not change either. Returns a handle with ``remove()``.
+        """
+        self._observers.append(observer)
+        return _ObserverHandle(self._observers, observer)
+
     @property
     def noise(self) -> bool:
         """Whether the next steps add Gaussian noise. A step without noise makes epsilon infinite."""
@@ -493,6 +505,9 @@ class Engine:
             self._verify(records, autograd_grads)
         result = clip_and_sum(records, self._settings.clip, self._replay, self._divisor_of, self._tuner)
         self._accumulate(result)
+        for observer in list(self._observers):
+            if hasattr(observer, "on_pass"):
+                observer.on_pass(self, records, result)
 
     def _verify(self, records: list[Record], autograd_grads: dict) -> None:
         """Check the engine's unclipped per-example sum against autograd's gradient of each parameter.
@@ -614,6 +629,9 @@ class Engine:
         self._after_step()
         self._reset_step()
         self.steps_taken += 1
+        for observer in list(self._observers):
+            if hasattr(observer, "on_step"):
+                observer.on_step(self)
         if self._verify_left > 0:
             self._verify_left -= 1
             if self._verify_left == 0:
@@ -660,6 +678,18 @@ class Engine:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, category, stacklevel=4)
+
+
+class _ObserverHandle:
+    """Removes one observer from its engine."""
+
+    def __init__(self, observers: list, observer):
+        self._observers, self._observer = observers, observer
+
+    def remove(self) -> None:
+        """Stop calling the observer (idempotent)."""
+        if self._observer in self._observers:
+            self._observers.remove(self._observer)
 
 
 _READ_ONLY = frozenset({"micro_batch_size", "max_grad_norm", "clipping", "grouping", "noise_multiplier",

@@ -113,3 +113,56 @@ class EngineSettings:
     seed: int | None
     secure_rng: bool
     collate_keeps_order: bool
+
+
+@dataclass(frozen=True)
+class DP:
+    """Differential-privacy settings, as one object: ``attach(model, opt, ..., privacy=DP(...))``.
+
+    Giving ``privacy`` turns on DP mode: Poisson sampling (``engine.data_loader``),
+    keyed micro-batches, noise, a ledger, and refusals of anything without a valid
+    guarantee. Use ``micro_batch_size=1`` for DP: with ``b > 1`` the sensitivity is
+    ``2C`` (the accountant is given ``z / 2``), so the same ``z`` buys a larger epsilon.
+
+    Attributes:
+        noise_multiplier: ``z``; the clipped sum gets ``N(0, (z C)^2)`` noise per coordinate.
+            Give it, or ``target_epsilon`` (with ``delta`` and ``steps`` or ``epochs``) to calibrate it.
+        target_epsilon: the epsilon to reach after the planned steps; with ``enforce_budget``
+            a step that would exceed it raises.
+        delta: the delta of the guarantee (below ``1 / N``).
+        sample_rate: ``q``, the probability that a record joins a batch (required).
+        expected_batch_size: the public ``q N``; the number of micro-batches is ``round(q N / b)``
+            (otherwise set by ``engine.data_loader`` from the dataset size, treated as public).
+        steps, epochs: the planned length of training (an epoch is ``round(1/q)`` steps).
+        sampling: ``"engine"`` (batches must come from ``engine.data_loader``), ``"poisson"``
+            (you declare that your loader samples each record independently with rate ``q``),
+            ``"shuffle"`` (no epsilon).
+        adjacency: ``"add_remove"`` or ``"replace_one"`` (where the accountant supports it).
+        accountant: ``"prv"`` (Opacus PRV), ``"rdp"`` or ``"pld"`` (dp_accounting).
+        enforce_budget: with ``target_epsilon``, raise before a step that would exceed it.
+        secure_rng: draw the noise from the OS's cryptographically secure generator.
+        collate_keeps_order: declare that a custom ``collate_fn`` keeps rows in order.
+
+    Example:
+        >>> from dp_microclip import DP
+        >>> DP(target_epsilon=3.0, delta=1e-5, sample_rate=0.01, epochs=30).accountant
+        'prv'
+    """
+
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float | None = None
+    sample_rate: float | None = None
+    expected_batch_size: float | None = None
+    steps: int | None = None
+    epochs: float | None = None
+    sampling: str = "engine"
+    adjacency: str = "add_remove"
+    accountant: str = "prv"
+    enforce_budget: bool = True
+    secure_rng: bool = False
+    collate_keeps_order: bool = False
+
+
+#: The DP keywords ``attach`` still accepts directly (the fields of :class:`DP`), for existing code.
+DP_KEYWORDS = tuple(DP.__dataclass_fields__)
