@@ -86,6 +86,7 @@ class Engine:
         self._warned: set[str] = set()
         self._problems: list[str] = []  # found during backward; raised at the step
         self._observers: list = []  # diagnostics (see add_observer)
+        self._step_reducer = None  # set by dp_microclip.distributed: (managed, sums, groups, min_norm) -> same
         self._reset_step()
         self.steps_taken = 0
         self.nonfinite_groups = 0
@@ -602,6 +603,11 @@ class Engine:
             self._privacy.before_step(self._noise_on)
             if empty_batch:
                 self._groups_seen = float(self._public_num_groups)
+        if self._step_reducer is not None:
+            # Several processes (dp_microclip.distributed): combine the clipped means, the group counts and
+            # the smallest group norm of every rank before noise is added, so every rank takes the same step.
+            self._sums, self._groups_seen, self._min_norm = self._step_reducer(
+                self._managed, self._sums, self._groups_seen, self._min_norm)
         rho = 1.0
         if self.clipping == "adaptive":
             rho = 0.0 if math.isinf(self._min_norm) else self._min_norm
