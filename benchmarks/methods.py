@@ -1,7 +1,8 @@
 """The methods a benchmark compares, each as a runner that owns its model copy and does one training step.
 
-A training step is always: zero_grad, forward, loss, backward (plus whatever the
-method adds), clipping, and an SGD step. Methods:
+A training step is always the user's loop body: ``opt.zero_grad()``, forward,
+loss, ``loss.backward()`` (plus whatever the method adds), clipping, and
+``opt.step()`` (SGD). Methods:
 
 * ``plain``: plain PyTorch, no clipping (the floor every ratio is taken against).
 * ``engine``: ``dp_microclip.attach(..., micro_batch_size=b, grad_mode=...)``.
@@ -29,7 +30,7 @@ from torch import nn
 import dp_microclip
 from dp_microclip.reference import naive_microbatch_grads
 
-from .models import Workload, loss_fn
+from .models import LM_MODELS, PerExampleCrossEntropy, Workload, loss_fn
 
 LR = 1e-3
 #: The per-parameter relative error above which a method is called wrong and not timed.
@@ -96,7 +97,8 @@ class Runner:
         return self.work.fresh_model()
 
     def release(self) -> None:
-        """Drop gradients between timed steps (not timed), so no method keeps memory alive for others."""
+        """Drop gradients outside the clock (after the check step, in the memory child, and under
+        ``--timing isolated``). The default timing never calls it: the next step's ``zero_grad()`` frees them."""
 
     def strategies(self) -> str:
         return ""
@@ -198,17 +200,19 @@ class OpacusRunner(Runner):
                 loader = torch.utils.data.DataLoader(
                     torch.utils.data.TensorDataset(self.x.cpu(), self.y.cpu()), batch_size=work.batch_size
                 )
+                # Language models: a criterion with one loss per example (Opacus' ghost mode needs (B,)).
+                criterion = PerExampleCrossEntropy() if work.model in LM_MODELS else nn.CrossEntropyLoss()
                 out = PrivacyEngine(accountant="rdp").make_private(
                     module=model, optimizer=opt, data_loader=loader, noise_multiplier=0.0,
                     max_grad_norm=max_grad_norm, poisson_sampling=False, grad_sample_mode=spec.mode,
-                    criterion=nn.CrossEntropyLoss(), loss_reduction="mean", batch_first=True,
+                    criterion=criterion, loss_reduction="mean", batch_first=True,
                 )
             except SetupError:
                 raise
             except Exception as err:
                 raise SetupError(f"make_private raised {type(err).__name__}: {_short(err)}") from err
         self.wrapped, self.opt = out[0], out[1]
-        self.criterion = out[2] if len(out) == 4 else nn.CrossEntropyLoss()
+        self.criterion = out[2] if len(out) == 4 else criterion
         self.note = "; ".join(notes)
 
     def step(self) -> None:

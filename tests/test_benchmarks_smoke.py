@@ -1,13 +1,20 @@
-"""The benchmark command runs end to end on tiny shapes and checks every method against the naive loop.
+"""The benchmark commands run end to end on tiny shapes and check every method against the naive loop.
 
 Timings are not asserted (they belong in benchmarks/results, not in unit tests);
-what is asserted is that the harness runs, writes its tables, and that no
-method was marked WRONG by its gradient check.
+what is asserted is that each harness runs, writes its tables, and that no
+method was marked WRONG (or MISMATCH) by its gradient check. Each test takes
+well under 30 s on an idle 2-core machine.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+
 from dp_microclip.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_bench_quick_run_writes_tables_and_finds_no_wrong_gradient(tmp_path):
@@ -21,3 +28,94 @@ def test_bench_quick_run_writes_tables_and_finds_no_wrong_gradient(tmp_path):
         assert "| plain PyTorch |" in text and "| dp_microclip auto | 1 |" in text
         assert "WRONG" not in text
         assert " ok |" in text  # at least one method passed its gradient check
+        assert "Timed: the user's whole step" in text  # the default timing measures what users run
+        data = json.loads(tables[0].with_suffix(".json").read_text())
+        assert data["settings"]["timing"] == "user"
+
+
+def test_interleaved_user_timing_never_frees_outside_the_clock():
+    """--timing user: no release() (gradients freed outside the clock) and no gc.collect() between steps."""
+    import gc
+
+    from benchmarks.measure import interleaved
+
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+            self.work = type("W", (), {"device": __import__("torch").device("cpu")})()
+
+        def step(self):
+            calls.append(("step", self.name))
+
+        def release(self):
+            calls.append(("release", self.name))
+
+    collected = []
+    gc.callbacks.append(lambda phase, info: collected.append(info.get("generation")) if phase == "start" else None)
+    try:
+        gc.collect()
+        collected.clear()
+        plain_t, out = interleaved(Fake("plain"), {"m": Fake("m")}, rounds=3, warmup=1, slow_ms=1e9, slow_rounds=3)
+    finally:
+        gc.callbacks.pop()
+    assert not any(kind == "release" for kind, _ in calls)
+    assert 2 not in collected  # no full collection forced by the harness (automatic young ones may happen)
+    assert len(out["m"].ratios) == 3 and len(plain_t.ms) == 3
+    calls.clear()
+    interleaved(Fake("plain"), {"m": Fake("m")}, rounds=1, warmup=0, slow_ms=1e9, slow_rounds=1, mode="isolated")
+    assert ("release", "m") in calls and ("release", "plain") in calls
+
+
+def test_dp_loop_quick_runs_each_method_in_a_fresh_process(tmp_path):
+    from benchmarks import dp_loop
+
+    code = dp_loop.main(["--quick", "--methods", "engine,plain,opacus_ghost", "--b", "1", "--out", str(tmp_path),
+                         "--machine", "smoke"])
+    assert code == 0
+    md = (tmp_path / "quick" / "smoke-dp-loop.md").read_text()
+    data = json.loads((tmp_path / "quick" / "smoke-dp-loop.json").read_text())
+    by_method = {s["method"]: s for s in data["summaries"]}
+    assert set(by_method) == {"engine", "plain", "opacus_ghost"}
+    for s in by_method.values():
+        assert s["ok_runs"] == 1, (s["label"], s["errors"])
+        assert s["wall_s"] > s["startup_s"] > 0 and s["steps"] >= 1
+        assert 0.0 <= s["accuracy"] <= 1.0
+    # the engine spends (about) its target; plain trains on exactly the engine's Poisson batches
+    assert 7.0 < by_method["engine"]["epsilon"] <= 8.0 + 1e-6
+    assert by_method["engine"]["checksums"] == by_method["plain"]["checksums"]
+    assert "same batches" in md and "DIFFER" not in md and "| failed |" not in md
+
+
+def test_gpu_module_cpu_path_checks_rules_and_writes_every_file(tmp_path):
+    from benchmarks import gpu
+
+    code = gpu.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--cases", "linear,groupnorm,batchnorm1d",
+                     "--modes", "auto", "--models", "mlp"])
+    assert code == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["gpu-bench.json", "gpu-bench.md", "gpu-correctness.json", "gpu-correctness.md",
+                     "gpu-env.json", "gpu-summary.md"]
+    env = json.loads((tmp_path / "gpu-env.json").read_text())
+    assert env["torch"] and "Linear" in env["registered_types"]
+    res = json.loads((tmp_path / "gpu-correctness.json").read_text())
+    rows = res["rows"]
+    assert {r["case"] for r in rows} == {"linear", "groupnorm", "batchnorm1d"}
+    core = [r for r in rows if r["precision"] == "fp32" and r["case"] in ("linear", "groupnorm")]
+    assert core and all(r["status"] == "ok" for r in core), [(r["case"], r.get("error")) for r in core]
+    # every other row (bf16 autocast; BatchNorm at b = B) is right or a recorded refusal, never a silent mismatch
+    assert all(r["status"] in ("ok", "error") for r in rows), [r for r in rows if r["status"] == "MISMATCH"]
+    assert all(r.get("error") for r in rows if r["status"] == "error")
+    bench = json.loads((tmp_path / "gpu-bench.json").read_text())
+    mlp = bench["models"]["mlp"]
+    assert "error" not in mlp, mlp
+    assert all(r["status"] != "wrong" for r in mlp["rows"])
+    assert {(r["kind"], r["b"]) for r in mlp["rows"]} >= {("plain", None), ("engine", 1), ("engine", 8)}
+
+
+def test_gpu_sh_is_valid_bash_and_documents_its_usage():
+    script = os.path.join(ROOT, "benchmarks", "gpu.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    out = subprocess.run(["bash", script, "--help"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "--device cpu --quick" in out.stdout
