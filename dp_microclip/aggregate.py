@@ -103,7 +103,8 @@ def choose_strategy(
     and the fastest is kept. The budget, in elements, is the size of everything
     the pass captured: the engine at most doubles what it holds, never B x params.
     """
-    if record.rule is None or (settings.grad_mode == "func" and record.unit.kind != "attention"):
+    replayable = not isinstance(record.unit.module, torch.nn.modules.batchnorm._BatchNorm)  # in-place stats
+    if record.rule is None or (settings.grad_mode == "func" and record.unit.kind != "attention" and replayable):
         return "func"
     shared = any(uses[id(p)] > 1 for p in record.params.values())
     if shared or not record.rule.has_ghost or settings.grad_mode == "materialize":
@@ -199,7 +200,7 @@ def _one_context(
     if ctx.batch_size == 0:  # an empty Poisson batch: no gradient, but its groups still count in M
         result.sums, result.num_groups = merge_means(result.sums, result.num_groups, {}, divisor)
         return
-    device = records[0].out_grad.device
+    device = _grad_tensors(records[0])[0].device
     groups = ctx.groups.to(device)
     records = [_in_float32(r) for r in records]  # bf16/fp16 (autocast): norms and factors in float32
     uses = Counter(id(p) for r in records for p in r.params.values())
@@ -208,7 +209,7 @@ def _one_context(
     sq_norms: dict[int, torch.Tensor] = {}
     materialised: dict[int, torch.Tensor] = {}
     ghost_index: list[int] = []  # records whose sum is a weighted product over rows
-    budget = [sum(_numel(r.inputs) + r.out_grad.numel() for r in records)]
+    budget = [sum(_numel(r.inputs) + _numel(_grad_tensors(r)) for r in records)]
     for position, record in enumerate(records):
         strategy = choose_strategy(record, groups, settings, uses, budget, tuner)
         result.strategies[record.name] = strategy
@@ -313,10 +314,18 @@ def _in_float32(record: Record) -> Record:
     def up(x):
         return x.float() if torch.is_tensor(x) and x.dtype in _LOW_PRECISION else x
 
-    tensors = list(record.inputs) + [record.out_grad]
+    tensors = list(record.inputs) + _grad_tensors(record)
     if not any(torch.is_tensor(x) and x.dtype in _LOW_PRECISION for x in tensors):
         return record
-    return replace(record, inputs=tuple(up(x) for x in record.inputs), out_grad=up(record.out_grad))
+    out_grad = tuple(up(g) for g in record.out_grad) if isinstance(record.out_grad, tuple) else up(record.out_grad)
+    return replace(record, inputs=tuple(up(x) for x in record.inputs), out_grad=out_grad)
+
+
+def _grad_tensors(record: Record) -> list:
+    """The record's output gradient(s) as a list (several for a multi-output layer such as an RNN)."""
+    if isinstance(record.out_grad, tuple):
+        return [g for g in record.out_grad if g is not None]
+    return [record.out_grad]
 
 
 def _drop_groups(records, materialised, sq_norms, bad, groups):
@@ -330,7 +339,9 @@ def _drop_groups(records, materialised, sq_norms, bad, groups):
         mask = keep.reshape(-1, *([1] * (x.dim() - 1))).to(x.device)
         return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
-    records = [replace(r, inputs=tuple(clean(x) for x in r.inputs), out_grad=clean(r.out_grad)) for r in records]
+    records = [replace(r, inputs=tuple(clean(x) for x in r.inputs),
+                       out_grad=tuple(clean(g) for g in r.out_grad) if isinstance(r.out_grad, tuple)
+                       else clean(r.out_grad)) for r in records]
     materialised = {pid: torch.where(bad.reshape(-1, *([1] * (g.dim() - 1))), torch.zeros((), dtype=g.dtype), g)
                     for pid, g in materialised.items()}
     sq_norms = {pid: torch.where(bad, torch.zeros_like(sq), sq) for pid, sq in sq_norms.items()}
@@ -348,9 +359,10 @@ def unclipped_sums(records: list[Record], replay_guard) -> dict[int, torch.Tenso
         if record.ctx.batch_size == 0:
             continue
         record = _in_float32(record)
-        groups = record.ctx.groups.to(record.out_grad.device)
+        device = _grad_tensors(record)[0].device
+        groups = record.ctx.groups.to(device)
         if record.rule is not None and record.rule.weighted_sum is not None:
-            ones = {name: torch.ones(groups.batch_size, device=record.out_grad.device) for name in record.params}
+            ones = {name: torch.ones(groups.batch_size, device=device) for name in record.params}
             sums = record.rule.weighted_sum(record.layer, record.inputs, record.out_grad, ones)
         else:
             if record.rule is not None:

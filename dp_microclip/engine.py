@@ -497,6 +497,7 @@ class Engine:
         autograd_grads, self._autograd_grads = self._autograd_grads, {}
         if not self._enabled or not records:
             return
+        records = _join_multi_output(records)
         # Only batches that reach a backward pass count: an evaluation forward outside torch.no_grad()
         # does not make the step unverified.
         if not all(r.ctx.drawn_by_engine for r in records):
@@ -688,6 +689,37 @@ class Engine:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, category, stacklevel=4)
+
+
+def _join_multi_output(records: list[Record]) -> list[Record]:
+    """One record per call of a layer that returns several tensors (RNNs): their output gradients as a
+    tuple, with zeros for outputs no gradient reached."""
+    if all(not r.call for r in records):
+        return records
+    joined, parts = [], {}
+    for r in records:
+        if not r.call:
+            joined.append(r)
+            continue
+        if r.call not in parts:
+            parts[r.call] = {}
+            joined.append(r.call)
+        parts[r.call][r.slot] = r.out_grad
+    out = []
+    for item in joined:
+        if isinstance(item, Record):
+            out.append(item)
+            continue
+        grads = parts[item]
+        first = next(r for r in records if r.call == item)
+        template = next(iter(grads.values()))
+        out_grad = tuple(
+            grads.get(i, None if shape is None else template.new_zeros(shape))
+            for i, shape in enumerate(first.out_shapes)
+        )
+        out.append(Record(first.unit, first.name, None, first.layer, first.params, first.inputs, first.kwargs,
+                          out_grad, first.ctx, first.batch_dim, first.input_dims))
+    return out
 
 
 class _ObserverHandle:

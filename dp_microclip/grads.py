@@ -34,8 +34,8 @@ from .grouping import Groups
 from .layers.attention import AttentionCapture, LinearParts
 from .layers.registry import LayerRule, rule_for_type
 from .layout import (
-    BROADCAST, CallLayout, Signature, batch_dim_declared, batch_dim_from_probe, probe_record, probe_size_for,
-    shrink_batch, signature_key,
+    BROADCAST, CallLayout, Signature, batch_dim_declared, batch_dim_from_probe, output_tensors, probe_record,
+    probe_size_for, shrink_batch, signature_key,
 )
 
 _context_ids = itertools.count()
@@ -113,8 +113,11 @@ class Record:
     kwargs: dict
     out_grad: torch.Tensor | None
     ctx: ForwardContext
-    batch_dim: int  # where the batch was in the layer's own output layout (tensors here are batch-first)
+    batch_dim: int | tuple  # where the batch was in the layer's own output layout (tensors here are batch-first)
     input_dims: tuple = ()  # per input: where the batch was in the layer's own layout (None: not batched)
+    call: tuple = ()  # (context id, unit path, call index): the parts of a multi-output call share it
+    slot: int = 0  # which output tensor this record's out_grad belongs to (multi-output calls)
+    out_shapes: tuple = ()  # batch-first shapes of every output tensor (multi-output calls), for missing ones
 
 
 def first_tensor(obj) -> torch.Tensor | None:
@@ -265,6 +268,21 @@ class HookSet:
                 continue
             probed = record.inputs[i] if record is not None and i < len(record.inputs) else None
             inputs.append(dim_of(a, probed, f"input {i}"))
+        if not torch.is_tensor(output):
+            outputs = output_tensors(output)
+            probed = record.output if record is not None else None
+            dims = []
+            for i, t in enumerate(outputs):
+                shape = probed[i] if probed is not None and i < len(probed) else None
+                try:
+                    dims.append(dim_of(t, shape, f"output {i}"))
+                except BatchError:
+                    dims.append(None)  # no gradient may flow through it; the first-step check catches it if one does
+            dims = tuple(None if d == BROADCAST else d for d in dims)
+            layout = CallLayout(tuple(inputs), dims)
+            if signature is not None and signature.probe_batch is not None:
+                signature.learned[key] = layout
+            return layout
         out_dim = dim_of(output, record.output if record is not None else None, "output")
         if out_dim is None:
             raise BatchError(
@@ -339,19 +357,26 @@ class HookSet:
             ctx = self._capturing()
             if ctx is None:
                 return None
-            if not torch.is_tensor(output):
+            if not torch.is_tensor(output) and unit.kind == "rule":
                 raise UnsupportedModuleError(
-                    f"{unit.path} ({type(module).__name__}) returned {type(output).__name__}; dp_microclip "
-                    "needs layers with trainable parameters to return one tensor. Register a rule with "
-                    "dp_microclip.register_rule(...), or restructure the module."
+                    f"{unit.path} ({type(module).__name__}) returned {type(output).__name__}; its rule needs "
+                    "one tensor. Register a rule for this type that matches its output, or restructure the module."
                 )
+            for i, a in enumerate(args):
+                if not torch.is_tensor(a) and output_tensors(a):
+                    raise UnsupportedModuleError(
+                        f"{unit.path} ({type(module).__name__}): input {i} is a {type(a).__name__} holding tensors "
+                        "(e.g. a PackedSequence), which cannot be split per example. Pass padded tensors instead "
+                        "(torch.nn.utils.rnn.pad_packed_sequence), masking padded steps in the loss."
+                    )
             for key, value in kwargs.items():
                 if torch.is_tensor(value):
                     raise UnsupportedModuleError(
                         f"{unit.path} ({type(module).__name__}) was called with tensor keyword argument "
                         f"{key!r}; pass tensors positionally so they can be split per example."
                     )
-            layout = self._layout(unit, ctx, ctx.next_call(unit.path), args, output)
+            index = ctx.next_call(unit.path)
+            layout = self._layout(unit, ctx, index, args, output)
             batch = ctx.batch_size
             inputs = []
             for i, (a, dim) in enumerate(zip(args, layout.inputs)):
@@ -373,6 +398,9 @@ class HookSet:
             input_dims = tuple(
                 None if d is None else (unit.batch_dim if d == BROADCAST else d) for d in layout.inputs
             )
+            if not torch.is_tensor(output):
+                return self._watch_outputs(unit, module, tuple(inputs), dict(kwargs), ctx, output, layout,
+                                           input_dims, (ctx.id, unit.path, index))
             replaced = None
             out_dim = layout.output
             if out_dim == BROADCAST:
@@ -393,6 +421,38 @@ class HookSet:
             return cloned if cloned is not None else replaced
 
         self.handles.append(unit.module.register_forward_hook(post, with_kwargs=True))
+
+    def _watch_outputs(self, unit: Unit, module, inputs, kwargs, ctx, output, layout: CallLayout,
+                       input_dims, call) -> Any:
+        """Several output tensors (RNNs): one partial record per output gradient; the engine joins them.
+
+        An output whose gradient never arrives (h_n unused by the loss) counts as a zero gradient.
+        """
+        leaves, spec = torch.utils._pytree.tree_flatten(output)
+        positions = [i for i, x in enumerate(leaves) if torch.is_tensor(x)]
+        dims = layout.output
+        shapes = tuple(
+            tuple(leaves[p].movedim(d, 0).shape) if d is not None else None for p, d in zip(positions, dims))
+        engine = self.engine
+        for slot, (p, d) in enumerate(zip(positions, dims)):
+            t = leaves[p]
+            if d is None or not t.is_floating_point():
+                continue
+            if not t.requires_grad:
+                t = leaves[p] = RequireGrad.apply(self.anchor, t)
+            elif t._base is not None:
+                t = leaves[p] = t.clone()
+
+            def on_grad(grad, slot=slot, d=d, shape=t.shape):
+                if engine._hooks_active():
+                    g = grad.reshape(shape)
+                    g = (g.movedim(d, 0) if d != 0 else g).detach()
+                    engine._emit(Record(unit, unit.path, None, module, unit.params, inputs, kwargs, g, ctx, dims,
+                                        input_dims, call, slot, shapes))
+                return None
+
+            t.register_hook(on_grad)
+        return torch.utils._pytree.tree_unflatten(leaves, spec)
 
     # --------------------------------------------------------------- attention
     def _install_attention(self, unit: Unit) -> None:

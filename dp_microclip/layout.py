@@ -72,11 +72,12 @@ class CallLayout:
     Attributes:
         inputs: per positional argument: the batch dimension (int), ``BROADCAST``, or None
             (not a tensor, or a tensor without a batch dimension).
-        output: the output's batch dimension, or ``BROADCAST`` (expanded to the batch by the engine).
+        output: the output's batch dimension, or ``BROADCAST`` (expanded to the batch by the engine);
+            for a layer that returns several tensors, a tuple with one entry per tensor (None: no batch).
     """
 
     inputs: tuple
-    output: int | str
+    output: int | str | tuple
 
 
 @dataclass
@@ -100,9 +101,20 @@ def _shape(x) -> tuple | None:
     return tuple(x.shape) if torch.is_tensor(x) else None
 
 
+def output_tensors(output) -> list:
+    """The tensors of a layer's output, in order: the output itself, or those inside a tuple/list/dict
+    (an RNN returns ``(out, h_n)`` or ``(out, (h_n, c_n))``)."""
+    if torch.is_tensor(output):
+        return [output]
+    leaves, _ = torch.utils._pytree.tree_flatten(output)
+    return [x for x in leaves if torch.is_tensor(x)]
+
+
 def probe_record(args: tuple, output) -> ProbeRecord:
     """What the probe keeps of one layer call."""
-    return ProbeRecord(tuple(_shape(a) for a in args), _shape(output) if torch.is_tensor(output) else None)
+    outputs = output_tensors(output)
+    shape = _shape(output) if torch.is_tensor(output) else tuple(_shape(t) for t in outputs)
+    return ProbeRecord(tuple(_shape(a) for a in args), shape)
 
 
 def signature_key(args, kwargs, batch_dim: int, batch_size: int) -> tuple:

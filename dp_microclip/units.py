@@ -20,6 +20,7 @@ from .layers.registry import rule_for
 from .layout import declared_batch_dim
 
 _BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
+_INDEPENDENT = (nn.RNNBase,)  # no rule, but the torch.func path is exact for them: no example mixing
 _ATTENTION_PARAMS = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
 
 
@@ -110,7 +111,9 @@ def find_units(
         if rule is not None:
             units.append(Unit(path, module, "rule", rule, own, batch_dim))
             continue
-        if fallback == "error" or (dp and fallback != "generic"):
+        # Modules known to treat examples independently (RNNs) may take the exact generic path in DP mode too.
+        independent = isinstance(module, _INDEPENDENT)
+        if fallback == "error" or (dp and fallback != "generic" and not independent):
             reason = " In DP mode the generic path must be allowed explicitly." if dp else ""
             problems.append(
                 f"{where} ({type(module).__name__}) has trainable parameters {sorted(own)} and no dp_microclip "

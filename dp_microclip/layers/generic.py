@@ -23,6 +23,7 @@ from torch.func import functional_call, grad, vmap
 
 from ..errors import UnsupportedModuleError
 from ..grouping import Groups
+from ..layout import output_tensors
 
 
 def generic_group_grads(
@@ -49,7 +50,10 @@ def generic_group_grads(
     values = {n: params[n].detach() for n in names}
     tensor_pos = [i for i, x in enumerate(inputs) if torch.is_tensor(x)]
     padded = tuple(groups.pad_like_first(inputs[i]) for i in tensor_pos)  # each (M, R, ...)
-    padded_grad = groups.pad(out_grad)  # (M, R, ...)
+    multi = isinstance(out_grad, tuple)  # several output tensors (an RNN's output and hidden states)
+    out_dims = batch_dim if multi else (batch_dim,)
+    grads_in = out_grad if multi else (out_grad,)
+    padded_grad = tuple(None if g is None else groups.pad(g) for g in grads_in)  # each (M, R, ...)
 
     def group_loss(param_values, group_inputs, group_grad):
         args = list(inputs)
@@ -57,24 +61,48 @@ def generic_group_grads(
             if isinstance(arg, tuple) and hasattr(arg, "_fields") and arg._fields == ("value",):
                 args[i] = arg.value  # a Shared input: the same for every group
         for i, x in zip(tensor_pos, group_inputs):
-            dim = input_dims[i] if i < len(input_dims) and input_dims[i] is not None else batch_dim
+            dim = input_dims[i] if i < len(input_dims) and input_dims[i] is not None else (
+                batch_dim if isinstance(batch_dim, int) else 0)
             args[i] = x.movedim(0, dim)  # back to the module's own layout
         out = functional_call(module, param_values, tuple(args), kwargs)
-        if not torch.is_tensor(out):
-            raise UnsupportedModuleError(
-                f"{path or 'the model'} ({type(module).__name__}) returns {type(out).__name__}, "
-                "not a tensor; the generic path needs one output tensor. Register a rule with "
-                "dp_microclip.register_rule(...) for this module type."
-            )
-        return (out.movedim(batch_dim, 0) * group_grad).sum()
+        outs = [out] if torch.is_tensor(out) else output_tensors(out)
+        total = 0.0
+        for o, g, d in zip(outs, group_grad, out_dims):
+            if g is not None and d is not None:
+                total = total + (o.movedim(d, 0) * g).sum()  # <output, its gradient>
+        return total
 
+    if isinstance(module, nn.RNNBase) and module.training and module.dropout > 0:
+        raise UnsupportedModuleError(
+            f"{path or 'the model'} ({type(module).__name__}) has dropout={module.dropout} between its layers: "
+            "replaying it per micro-batch would draw other dropout masks than the forward did, so its per-example "
+            "gradients would not be exact. Create it with dropout=0 (apply nn.Dropout to its output instead)."
+        )
     try:
         with replay_guard():
-            grads = vmap(grad(group_loss), in_dims=(None, 0, 0))(values, padded, padded_grad)
+            grads = vmap(grad(group_loss), in_dims=(None, 0, tuple(None if g is None else 0 for g in padded_grad)))(
+                values, padded, padded_grad)
     except RuntimeError as err:  # e.g. randomness or in-place buffer updates under vmap
+        if isinstance(module, nn.RNNBase):
+            # torch's fused RNN kernels have no batching rule on every backend: one small backward per group.
+            with replay_guard(), torch.enable_grad():
+                return _group_loop(group_loss, values, padded, padded_grad, groups.num_groups)
         raise UnsupportedModuleError(
             f"{path or 'the model'} ({type(module).__name__}) has no rule and could not be "
             f"replayed per micro-batch with torch.func ({err}). Register a rule with "
             "dp_microclip.register_rule(...), or move its parameters into supported layers."
         ) from err
     return dict(grads)
+
+
+def _group_loop(group_loss, values: dict, padded: tuple, padded_grad: tuple, num_groups: int) -> dict:
+    """The same group gradients as the vmap route, one ``torch.autograd.grad`` per group."""
+    names = list(values)
+    per_group = {n: [] for n in names}
+    for j in range(num_groups):
+        leaves = {n: v.detach().requires_grad_() for n, v in values.items()}
+        loss = group_loss(leaves, tuple(x[j] for x in padded), tuple(None if g is None else g[j] for g in padded_grad))
+        grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
+        for n, g in zip(names, grads):
+            per_group[n].append(torch.zeros_like(values[n]) if g is None else g)
+    return {n: torch.stack(gs) for n, gs in per_group.items()}  # each (M, *param.shape)
