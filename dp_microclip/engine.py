@@ -32,9 +32,10 @@ import torch
 from torch import nn
 
 from . import grouping
-from .aggregate import Autotuner, PassResult, clip_and_sum, merge_means, unclipped_sums
+from .aggregate import Autotuner, PassResult, clip_and_sum, merge_means
 from .errors import BatchError, ConfigurationError, PrivacyError
-from .grads import ForwardContext, HookSet, Record, Unit
+from .grads import ForwardContext, HookSet, Record, Unit, join_multi_output
+from .verify import compare_with_autograd
 from .noise import NoiseSource, SecureNoiseSource
 from .settings import EngineSettings, check_positive_finite, is_real
 
@@ -497,7 +498,7 @@ class Engine:
         autograd_grads, self._autograd_grads = self._autograd_grads, {}
         if not self._enabled or not records:
             return
-        records = _join_multi_output(records)
+        records = join_multi_output(records)
         # Only batches that reach a backward pass count: an evaluation forward outside torch.no_grad()
         # does not make the step unverified.
         if not all(r.ctx.drawn_by_engine for r in records):
@@ -512,35 +513,8 @@ class Engine:
                 observer.on_pass(self, records, result)
 
     def _verify(self, records: list[Record], autograd_grads: dict) -> None:
-        """Check the engine's unclipped per-example sum against autograd's gradient of each parameter.
-
-        A difference means part of the loss reaches a parameter outside its module's hooked call (a direct
-        read such as ``h @ emb.weight.T``, or a penalty term): that part would be left out of the clipped
-        gradient, so the step raises instead.
-        """
-        mine = unclipped_sums(records, self._replay)
-        low_precision = any(
-            torch.is_tensor(x) and x.dtype in _LOW for r in records for x in (*r.inputs, r.out_grad))
-        # A parameter whose true gradient is ~0 (the bias before a BatchNorm) compares rounding noise with
-        # rounding noise: differences are measured against the larger of its own gradient and 1e-4 of the
-        # whole model's.
-        total = math.sqrt(sum(float(g.double().pow(2).sum()) for g in autograd_grads.values()))
-        for pid, theirs in autograd_grads.items():
-            ours = mine.get(pid)
-            diff = theirs.double().norm() if ours is None else (ours.double() - theirs.double()).norm()
-            scale = max(float(theirs.double().norm()), 1e-4 * total, 1e-30)
-            tolerance = 3e-2 if low_precision or theirs.dtype in _LOW else 1e-3  # bf16 rounds at ~4e-3
-            if float(diff) > tolerance * scale and float(diff) > 1e-12:
-                name = self._names.get(pid, "?")
-                self._problems.append(
-                    f"parameter {name!r}: autograd's gradient differs from the sum of the per-example gradients "
-                    f"the engine captured at its module (relative difference {float(diff) / scale:.3g}). Part of "
-                    "the loss uses this parameter outside its module's forward call: a direct read such as "
-                    "h @ emb.weight.T or F.linear(x, self.proj.weight), or a penalty term added to the loss. "
-                    "That part would be dropped from the clipped gradient. Call the module instead of reading its "
-                    "parameter (or tie the weight to a module that is called), and use the optimizer's "
-                    "weight_decay for L2 penalties."
-                )
+        """The first steps' check against autograd (``verify.py``); problems are raised at the step."""
+        self._problems += compare_with_autograd(records, autograd_grads, self._names, self._replay)
 
     def _divisor_of(self, ctx: ForwardContext) -> float:
         """M of one batch: its number of groups, or the public constant in DP mode."""
@@ -602,7 +576,9 @@ class Engine:
                     "optimizer.step() was called with no backward pass since the last step; in DP mode "
                     "every step must come from a sampled batch. Call loss.backward() first."
                 )
-            return  # like plain PyTorch with no gradients: the optimizer has nothing to do
+            if self._step_reducer is None:
+                return  # like plain PyTorch with no gradients: the optimizer has nothing to do
+            # Several processes: the other ranks may have gradients; this rank joins their reduction with none.
         if self.dp:
             self._check_dp_step()
             self._privacy.before_step(self._noise_on)
@@ -689,37 +665,6 @@ class Engine:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, category, stacklevel=4)
-
-
-def _join_multi_output(records: list[Record]) -> list[Record]:
-    """One record per call of a layer that returns several tensors (RNNs): their output gradients as a
-    tuple, with zeros for outputs no gradient reached."""
-    if all(not r.call for r in records):
-        return records
-    joined, parts = [], {}
-    for r in records:
-        if not r.call:
-            joined.append(r)
-            continue
-        if r.call not in parts:
-            parts[r.call] = {}
-            joined.append(r.call)
-        parts[r.call][r.slot] = r.out_grad
-    out = []
-    for item in joined:
-        if isinstance(item, Record):
-            out.append(item)
-            continue
-        grads = parts[item]
-        first = next(r for r in records if r.call == item)
-        template = next(iter(grads.values()))
-        out_grad = tuple(
-            grads.get(i, None if shape is None else template.new_zeros(shape))
-            for i, shape in enumerate(first.out_shapes)
-        )
-        out.append(Record(first.unit, first.name, None, first.layer, first.params, first.inputs, first.kwargs,
-                          out_grad, first.ctx, first.batch_dim, first.input_dims))
-    return out
 
 
 class _ObserverHandle:

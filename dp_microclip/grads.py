@@ -510,3 +510,34 @@ class HookSet:
 
         self.handles.append(mha.register_forward_pre_hook(pre, with_kwargs=True))
         self.handles.append(mha.register_forward_hook(post, with_kwargs=True, always_call=True))
+
+
+def join_multi_output(records: list[Record]) -> list[Record]:
+    """One record per call of a layer that returns several tensors (RNNs): their output gradients as a
+    tuple, with zeros for outputs no gradient reached."""
+    if all(not r.call for r in records):
+        return records
+    joined, parts = [], {}
+    for r in records:
+        if not r.call:
+            joined.append(r)
+            continue
+        if r.call not in parts:
+            parts[r.call] = {}
+            joined.append(r.call)
+        parts[r.call][r.slot] = r.out_grad
+    out = []
+    for item in joined:
+        if isinstance(item, Record):
+            out.append(item)
+            continue
+        grads = parts[item]
+        first = next(r for r in records if r.call == item)
+        template = next(iter(grads.values()))
+        out_grad = tuple(
+            grads.get(i, None if shape is None else template.new_zeros(shape))
+            for i, shape in enumerate(first.out_shapes)
+        )
+        out.append(Record(first.unit, first.name, None, first.layer, first.params, first.inputs, first.kwargs,
+                          out_grad, first.ctx, first.batch_dim, first.input_dims))
+    return out

@@ -1,0 +1,55 @@
+"""The first steps' check: the engine's per-example sums against autograd's own gradient.
+
+For the first ``verify_steps`` steps (``attach`` default 1) the parameters keep
+``requires_grad``, so autograd computes each one's ordinary gradient beside the
+engine. The sum over examples of the per-example gradients the engine captured
+at a parameter's module must equal it. A difference means part of the loss
+reaches the parameter outside its module's hooked call: a direct read such as
+``h @ emb.weight.T`` or ``F.linear(x, self.proj.weight)``, or a penalty term
+added to the loss. That part would be missing from the clipped gradient, so the
+step raises instead of training silently without it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .aggregate import unclipped_sums
+
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def compare_with_autograd(records: list, autograd_grads: dict, names: dict, replay_guard) -> list[str]:
+    """One message per parameter whose autograd gradient differs from the engine's unclipped sum.
+
+    Args:
+        records: one backward pass's records.
+        autograd_grads: ``id(param) -> autograd's gradient`` of the same pass.
+        names: ``id(param) -> name`` for the messages.
+        replay_guard: the engine's context manager that silences its hooks during replays.
+    """
+    mine = unclipped_sums(records, replay_guard)
+    low_precision = any(
+        torch.is_tensor(x) and x.dtype in _LOW for r in records for x in (*r.inputs, r.out_grad))
+    # A parameter whose true gradient is ~0 (the bias before a BatchNorm) compares rounding noise with rounding
+    # noise: differences are measured against the larger of its own gradient and 1e-4 of the whole model's.
+    total = math.sqrt(sum(float(g.double().pow(2).sum()) for g in autograd_grads.values()))
+    problems = []
+    for pid, theirs in autograd_grads.items():
+        ours = mine.get(pid)
+        diff = float(theirs.double().norm() if ours is None else (ours.double() - theirs.double()).norm())
+        scale = max(float(theirs.double().norm()), 1e-4 * total, 1e-30)
+        tolerance = 3e-2 if low_precision or theirs.dtype in _LOW else 1e-3  # bf16 rounds at ~4e-3
+        if diff > tolerance * scale and diff > 1e-12:
+            problems.append(
+                f"parameter {names.get(pid, '?')!r}: autograd's gradient differs from the sum of the per-example "
+                f"gradients the engine captured at its module (relative difference {diff / scale:.3g}). Part of "
+                "the loss uses this parameter outside its module's forward call: a direct read such as "
+                "h @ emb.weight.T or F.linear(x, self.proj.weight), or a penalty term added to the loss. "
+                "That part would be dropped from the clipped gradient. Call the module instead of reading its "
+                "parameter (or tie the weight to a module that is called), and use the optimizer's "
+                "weight_decay for L2 penalties. (The check runs on the first attach(..., verify_steps=...) steps.)"
+            )
+    return problems
