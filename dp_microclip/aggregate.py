@@ -29,6 +29,7 @@ import torch
 from . import clipping as clip
 from .grads import ForwardContext, Record
 from .layers.generic import generic_group_grads
+from .layers.traits import NOT_REPLAYABLE
 from .settings import ClipSettings
 from .timing import best_times
 
@@ -103,7 +104,7 @@ def choose_strategy(
     and the fastest is kept. The budget, in elements, is the size of everything
     the pass captured: the engine at most doubles what it holds, never B x params.
     """
-    replayable = not isinstance(record.unit.module, torch.nn.modules.batchnorm._BatchNorm)  # in-place stats
+    replayable = not isinstance(record.unit.module, NOT_REPLAYABLE)  # e.g. BatchNorm's in-place statistics
     if record.rule is None or (settings.grad_mode == "func" and record.unit.kind != "attention" and replayable):
         return "func"
     shared = any(uses[id(p)] > 1 for p in record.params.values())

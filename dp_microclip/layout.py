@@ -33,11 +33,10 @@ import torch
 from torch import nn
 
 from .errors import BatchError
+from .layers.traits import CHANNELS_FIRST
 
 BROADCAST = "broadcast"  # size 1 at the declared batch dimension: one value shared by every example
 
-_CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.GroupNorm, nn.modules.batchnorm._BatchNorm,
-                   nn.modules.instancenorm._InstanceNorm)
 
 
 def declared_batch_first(module: nn.Module) -> bool | None:
@@ -55,7 +54,7 @@ def declared_batch_dim(model: nn.Module, path: str, root_dim: int) -> int:
     """The batch dimension a module at ``path`` works in: its type's convention, its own or its
     nearest ancestor's ``batch_first``, else the model input's (``root_dim``)."""
     module = model.get_submodule(path) if path else model
-    if isinstance(module, _CHANNELS_FIRST):
+    if isinstance(module, CHANNELS_FIRST):
         return 0  # torch's convention for these layers: (N, C, ...)
     parts = path.split(".") if path else []
     for depth in range(len(parts), -1, -1):

@@ -17,10 +17,9 @@ from .errors import UnsupportedModuleError
 from .grads import Unit
 from .layers.attention import attention_problems
 from .layers.registry import rule_for
+from .layers.traits import INDEPENDENT_WITHOUT_RULE, MIXES_EXAMPLES
 from .layout import declared_batch_dim
 
-_BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
-_INDEPENDENT = (nn.RNNBase,)  # no rule, but the torch.func path is exact for them: no example mixing
 _ATTENTION_PARAMS = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
 
 
@@ -41,7 +40,7 @@ def module_problems(model: nn.Module, *, dp: bool) -> list[str]:
     problems = []
     for path, module in model.named_modules():
         where = path or "<root module>"
-        if isinstance(module, _BATCHNORMS) and dp:
+        if isinstance(module, MIXES_EXAMPLES) and dp:
             problems.append(
                 f"{where} is nn.{type(module).__name__}, which mixes examples across micro-batches (its "
                 "statistics cover the whole batch) and stores un-noised batch statistics (running_mean, "
@@ -100,7 +99,7 @@ def find_units(
         own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
         if not own or _is_parametrization(path):
             continue
-        if isinstance(module, _BATCHNORMS) and not dp:
+        if isinstance(module, MIXES_EXAMPLES) and not dp:
             warn(
                 f"bn:{path}",
                 f"{where} is nn.{type(module).__name__}: its statistics cover the whole batch, so micro-batches "
@@ -112,7 +111,7 @@ def find_units(
             units.append(Unit(path, module, "rule", rule, own, batch_dim))
             continue
         # Modules known to treat examples independently (RNNs) may take the exact generic path in DP mode too.
-        independent = isinstance(module, _INDEPENDENT)
+        independent = isinstance(module, INDEPENDENT_WITHOUT_RULE)
         if fallback == "error" or (dp and fallback != "generic" and not independent):
             reason = " In DP mode the generic path must be allowed explicitly." if dp else ""
             problems.append(
