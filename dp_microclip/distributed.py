@@ -397,7 +397,7 @@ class StepReducer:
         if engine.dp:
             return True
         return (not self.per_core and engine.grouping == "keyed" and engine.micro_batch_size > 1
-                and engine._num_groups is not None)
+                and engine._plan.num_groups is not None)
 
     def __call__(self, managed, sums, groups_seen, min_norm):
         dist = _dist()

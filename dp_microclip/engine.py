@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import math
 import warnings
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from . import grouping
+from .batches import GroupingPlan, SampledBatches, missing_public_groups
 from .aggregate import Autotuner, PassResult, clip_and_sum, merge_means
 from .errors import BatchError, ConfigurationError, PrivacyError
 from .grads import ForwardContext, HookSet, Record, Unit, join_multi_output
@@ -64,20 +64,15 @@ class Engine:
         self._noise_multiplier = noise_multiplier
         self._sample_rate = sample_rate
         self._noise_on = privacy is not None
-        # Grouping: "auto" is contiguous for the user's own batches until engine.data_loader makes it keyed.
-        self._grouping = "keyed" if settings.grouping == "keyed" else "contiguous"
-        self._num_groups = settings.num_groups if public_num_groups is None else public_num_groups
-        self._public_num_groups = public_num_groups
+        self._plan = GroupingPlan(settings.clip.micro_batch_size, settings.grouping, privacy is not None,
+                                  settings.num_groups, public_num_groups)
         self._dataset_size: int | None = None
 
         self._noise_source = SecureNoiseSource() if settings.secure_rng else NoiseSource(settings.seed)
         base_seed = NoiseSource(settings.seed).seed if settings.secure_rng else self._noise_source.seed
         self._group_generator = torch.Generator().manual_seed(base_seed ^ 0x5DEECE66D)
         self._sampling_generator = torch.Generator().manual_seed(base_seed ^ 0x2545F491)
-        self._sampler_state = self._sampling_generator.get_state()  # as of the last batch a step consumed
-        self._epoch_position = 0  # batches of the current engine.data_loader epoch consumed by the model
-        self._resume_position = 0  # set by load_state_dict: the next epoch starts there
-        self._pending_batches: collections.deque = collections.deque()  # (size, groups, generator state after)
+        self._sampled = SampledBatches(self._sampling_generator)
 
         self._enabled = True
         self._replaying = False
@@ -142,7 +137,7 @@ class Engine:
     @property
     def grouping(self) -> str:
         """How examples form micro-batches now: "contiguous" or "keyed"."""
-        return self._grouping
+        return self._plan.mode
 
     @property
     def dp(self) -> bool:
@@ -263,25 +258,11 @@ class Engine:
                 "move records between micro-batches depending on the other records. Use a collate_fn that keeps "
                 "the rows in order and declare it with collate_keeps_order=True, or sort inside the model."
             )
-        if self.dp:
-            public = grouping.public_groups(q * n, self.micro_batch_size)
-            if self._public_num_groups is not None and self._public_num_groups != public:
-                raise ConfigurationError(
-                    f"expected_batch_size given to attach() implies {self._public_num_groups} groups, but this "
-                    f"dataset (N={n}, q={q}) implies {public}. Make them agree."
-                )
-            self._public_num_groups = self._num_groups = public
-        elif self._settings.grouping == "auto" and self.micro_batch_size > 1:
-            # grouping="auto": Poisson batches vary in size, so contiguous slices of b would not divide them;
-            # draw keyed groups instead, about b examples each.
-            self._grouping = "keyed"
-            if self._num_groups is None:
-                self._num_groups = grouping.public_groups(q * n, self.micro_batch_size)
+        self._plan.use_loader(q * n)
         self._dataset_size = n
-        keyed = self._grouping == "keyed" and self.micro_batch_size > 1
         return poisson_loader(
-            dataset, q, self._sampling_generator, num_groups=self._num_groups if keyed else None,
-            on_batch=self._on_sampled_batch, on_epoch=self._on_epoch, **loader_kwargs,
+            dataset, q, self._sampling_generator, num_groups=self._plan.loader_groups,
+            on_batch=self._sampled.on_batch, on_epoch=self._sampled.on_epoch, **loader_kwargs,
         )
 
     def epsilon(self, delta: float | None = None, accountant: str | None = None) -> float:
@@ -305,7 +286,7 @@ class Engine:
             return ("Noise-free training: no differential-privacy guarantee (epsilon is infinite). "
                     "Attach with noise_multiplier=... or target_epsilon=... for DP training.")
         self._check_history()
-        text = self._privacy.statement(delta, self._dataset_size, self._public_num_groups)
+        text = self._privacy.statement(delta, self._dataset_size, self._plan.public_num_groups)
         if self._settings.secure_rng:
             text += " Noise was drawn from the operating system's cryptographically secure generator."
         return text
@@ -361,7 +342,7 @@ class Engine:
             "steps_taken": self.steps_taken,
             "noise_on": self._noise_on,
             "noise_multiplier": self._noise_multiplier,
-            "epoch_position": self._epoch_position,
+            "epoch_position": self._sampled.epoch_position,
             "privacy": None if self._privacy is None else self._privacy.state_dict(),
             "rng": None,
         }
@@ -373,7 +354,7 @@ class Engine:
             state["rng"] = {
                 "noise": self._noise_source.state_dict(),
                 "group_generator": self._group_generator.get_state(),
-                "sampling_generator": self._sampler_state.clone(),
+                "sampling_generator": self._sampled.sampler_state.clone(),
             }
         return state
 
@@ -392,13 +373,13 @@ class Engine:
             if state.get("noise_multiplier") is not None and state["noise_multiplier"] != self._noise_multiplier:
                 self.set_noise_multiplier(state["noise_multiplier"])
             self._inherited_steps = 0  # the ledger now carries the history
-        self._resume_position = int(state.get("epoch_position", 0))
+        self._sampled.resume_position = int(state.get("epoch_position", 0))
         rng = state.get("rng")
         if rng is not None:
             self._noise_source.load_state_dict(rng["noise"])
             self._group_generator.set_state(rng["group_generator"])
             self._sampling_generator.set_state(rng["sampling_generator"])
-            self._sampler_state = rng["sampling_generator"].clone()
+            self._sampled.sampler_state = rng["sampling_generator"].clone()
 
     # ============================================================ hook callbacks (private protocol of grads.py)
     def _hooks_active(self) -> bool:
@@ -430,49 +411,12 @@ class Engine:
             self._callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_pass)
 
-    # ================================================================ sampling and grouping
-    def _on_sampled_batch(self, indices: torch.Tensor, groups) -> None:
-        self._pending_batches.append((int(indices.numel()), groups, self._sampling_generator.get_state()))
-
-    def _on_epoch(self) -> int:
-        """Called when a loader epoch starts; returns how many of its batches were already consumed (resume)."""
-        self._pending_batches.clear()
-        start, self._resume_position = self._resume_position, 0
-        self._epoch_position = start
-        return start
-
+    # ================================================================ grouping
     def _make_groups(self, batch_size: int, device) -> tuple[grouping.Groups, bool]:
         """The batch's groups, and whether engine.data_loader drew this batch."""
-        b = self.micro_batch_size
-        from_loader, drawn = self._take_pending_batch(batch_size)
+        from_loader, drawn = self._sampled.take(batch_size)
         self._last_batch_size = batch_size
-        if self._grouping == "contiguous" or b == 1:
-            return grouping.contiguous_groups(batch_size, b, device), from_loader
-        num_groups = self._num_groups
-        if num_groups is None:
-            if self.dp:
-                raise _missing_public_groups()
-            num_groups = max(1, math.ceil(batch_size / b))
-        if drawn is not None:
-            return grouping.groups_from_index(drawn.to(device), num_groups), from_loader
-        return grouping.keyed_groups(batch_size, num_groups, self._group_generator), False
-
-    def _take_pending_batch(self, batch_size: int) -> tuple[bool, torch.Tensor | None]:
-        """(whether engine.data_loader drew this batch, its examples' groups or None); checks the size."""
-        if not self._pending_batches:
-            return False, None
-        size, groups, state_after = self._pending_batches.popleft()
-        if size != batch_size:
-            self._pending_batches.clear()
-            raise BatchError(
-                f"The batch has {batch_size} examples, but engine.data_loader drew {size} for it: batches reached "
-                "the model out of order, or not every drawn batch was used. Feed each batch of "
-                "engine.data_loader(...) to the model exactly once, in order (forward passes under "
-                "torch.no_grad() do not count)."
-            )
-        self._sampler_state = state_after
-        self._epoch_position += 1
-        return True, groups
+        return self._plan.groups(batch_size, device, drawn, self._group_generator), from_loader
 
     # ================================================================ backward and step
     def _autograd_grad_hook(self, pid: int):
@@ -518,8 +462,7 @@ class Engine:
 
     def _divisor_of(self, ctx: ForwardContext) -> float:
         """M of one batch: its number of groups, or the public constant in DP mode."""
-        public = self._public_num_groups  # in DP mode round(q N / b); b = 1: the expected batch size
-        return float(public) if public is not None else float(ctx.groups.num_groups)
+        return self._plan.divisor(ctx.groups)
 
     def _accumulate(self, result: PassResult) -> None:
         self._sums, self._groups_seen = merge_means(self._sums, self._groups_seen, result.sums, result.num_groups)
@@ -583,7 +526,7 @@ class Engine:
             self._check_dp_step()
             self._privacy.before_step(self._noise_on)
             if empty_batch:
-                self._groups_seen = float(self._public_num_groups)
+                self._groups_seen = float(self._plan.public_num_groups)
         if self._step_reducer is not None:
             # Several processes (dp_microclip.distributed): combine the clipped means, the group counts and
             # the smallest group norm of every rank before noise is added, so every rank takes the same step.
@@ -643,8 +586,8 @@ class Engine:
                 "model (e.g. a wrapper module that runs the network on every view and averages), so each record "
                 "stays one example with one clipped gradient."
             )
-        if self._public_num_groups is None:
-            raise _missing_public_groups()
+        if self._plan.public_num_groups is None:
+            raise missing_public_groups()
 
     def _after_step(self) -> None:
         """Record the step with the accountant (DP mode), noting whether our sampler drew its batch."""
@@ -682,10 +625,3 @@ class _ObserverHandle:
 _READ_ONLY = frozenset({"micro_batch_size", "max_grad_norm", "clipping", "grouping", "noise_multiplier",
                         "sample_rate", "settings", "dp", "noise_std"})
 _LOW = (torch.float16, torch.bfloat16)
-
-
-def _missing_public_groups() -> ConfigurationError:
-    return ConfigurationError(
-        "DP mode needs the public number of groups before the first batch: build the loader with "
-        "engine.data_loader(dataset), or pass expected_batch_size=... to attach()."
-    )
