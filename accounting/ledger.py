@@ -44,6 +44,7 @@ class LedgerEntry:
 
     @property
     def is_private(self) -> bool:
+        """Whether this entry's steps added noise (False makes epsilon infinite)."""
         return self.effective_noise_multiplier is not None
 
     def segment(self) -> Segment:

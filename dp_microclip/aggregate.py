@@ -148,6 +148,7 @@ class Autotuner:
                 tuple(a.shape[2:]), tuple(record.out_grad.shape[2:]), a.shape[1] if a.dim() > 2 else None)
 
     def choose(self, record: Record, groups, candidates: list[str]) -> str:
+        """The route for this record: timed once per (layer, shape class), then remembered."""
         key = self._key(record, groups)
         if key not in self.choices:
             timings = self._time_routes(record, groups, candidates)

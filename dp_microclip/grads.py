@@ -157,6 +157,7 @@ class HookSet:
 
     # ------------------------------------------------------------------ install
     def install_root(self, root: nn.Module) -> None:
+        """Hook the attached model itself: its pre-hook finds B, probes new signatures and opens the pass's context."""
         batch_dim = self.root_batch_dim
 
         def pre(module, args, kwargs):
@@ -189,12 +190,14 @@ class HookSet:
         self.root = root
 
     def install_unit(self, unit: Unit) -> None:
+        """Hook one unit: its forward hook captures inputs and watches the output's gradient."""
         if unit.kind == "attention":
             self._install_attention(unit)
         else:
             self._install_layer(unit)
 
     def remove(self) -> None:
+        """Remove every hook this set installed (``Engine.detach``)."""
         for handle in self.handles:
             handle.remove()
         self.handles.clear()

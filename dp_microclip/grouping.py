@@ -43,14 +43,17 @@ class Groups:
 
     @property
     def batch_size(self) -> int:
+        """B, the number of examples the groups cover."""
         return int(self.index.shape[0])
 
     def to(self, device: torch.device) -> "Groups":
+        """The same groups on ``device`` (no copy when already there)."""
         if self.index.device == device:
             return self
         return Groups(self.index.to(device), self.num_groups, self.sizes.to(device), self.equal_size)
 
     def max_size(self) -> int:
+        """R, the size of the largest group (the padded group length)."""
         return self.equal_size if self.equal_size is not None else int(self.sizes.max().item())
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,11 +135,6 @@ def groups_from_index(index: torch.Tensor, num_groups: int) -> Groups:
     """Groups given by a precomputed ``(B,)`` index (drawn by the Poisson sampler)."""
     sizes = torch.bincount(index, minlength=num_groups).to(torch.get_default_dtype())
     return Groups(index, num_groups, sizes, None)
-
-
-def singleton_groups(batch_size: int, device=None) -> Groups:
-    """b = 1: every example is its own group (never hash buckets, where two could collide)."""
-    return contiguous_groups(batch_size, 1, device)
 
 
 def public_groups(expected_batch_size: float, micro_batch_size: int) -> int:

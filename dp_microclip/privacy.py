@@ -147,6 +147,7 @@ class PrivacyState:
         self.ledger.record(self.mechanism(noise_on))
 
     def epsilon(self, delta: float | None = None, accountant: str | None = None) -> float:
+        """Epsilon of the ledger at ``delta``, or PrivacyError where no valid number exists."""
         s = self.settings
         delta = self._delta(delta)
         self._check_sampling_verified()

@@ -103,6 +103,7 @@ def _fastest(layer, x, padding, out_grad, groups: Groups) -> str:
 
 
 def conv_group_grads(layer, inputs, out_grad, groups: Groups, implementation: str | None = None) -> dict:
+    """Group gradients ``{"weight": (M, O, C/groups, *K), "bias": (M, O)}`` of a convolution, from one conv call."""
     x, padding = _explicit_padding(layer, inputs[0])
     name = implementation or _fastest(layer, x, padding, out_grad, groups)
     out = {"weight": _IMPLEMENTATIONS[name](layer, x, padding, out_grad, groups)}

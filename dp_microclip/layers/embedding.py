@@ -27,6 +27,7 @@ def _rows(layer: nn.Embedding, idx: torch.Tensor, g: torch.Tensor):
 
 
 def embedding_group_sq_norms(layer: nn.Embedding, inputs, out_grad, groups: Groups) -> dict:
+    """Squared norm of each group's embedding-table gradient, ``(M,)``, without an ``(M, V, d)`` tensor."""
     idx, g = _rows(layer, inputs[0], out_grad)
     vocab = layer.num_embeddings
     keys = (groups.index.to(idx.device)[:, None] * vocab + idx).reshape(-1)  # (B*T,)
@@ -37,6 +38,7 @@ def embedding_group_sq_norms(layer: nn.Embedding, inputs, out_grad, groups: Grou
 
 
 def embedding_group_grads(layer: nn.Embedding, inputs, out_grad, groups: Groups) -> dict:
+    """Materialised group gradients of the table, ``{"weight": (M, V, d)}``."""
     idx, g = _rows(layer, inputs[0], out_grad)
     vocab = layer.num_embeddings
     keys = (groups.index.to(idx.device)[:, None] * vocab + idx).reshape(-1)
@@ -45,12 +47,14 @@ def embedding_group_grads(layer: nn.Embedding, inputs, out_grad, groups: Groups)
 
 
 def embedding_weighted_sum(layer: nn.Embedding, inputs, out_grad, row_weight) -> dict:
+    """The row-weighted sum of per-example table gradients: one scatter-add."""
     idx, g = _rows(layer, inputs[0], out_grad)
     gw = (g * row_weight["weight"].to(g.dtype)[:, None, None]).reshape(-1, g.shape[-1])
     return {"weight": torch.zeros_like(layer.weight).index_add_(0, idx.reshape(-1), gw)}
 
 
 def embedding_group_grad_elements(layer: nn.Embedding, inputs, out_grad, groups: Groups) -> int:
+    """Elements ``embedding_group_grads`` would allocate (``M V d``), for the memory budget."""
     return groups.num_groups * layer.weight.numel()  # a zero (M, V, d) table to fill
 
 

@@ -26,6 +26,7 @@ def _as_rows(a: torch.Tensor, g: torch.Tensor):
 
 
 def linear_group_grads(a, g, groups: Groups, with_bias: bool) -> dict:
+    """Materialised group gradients ``{"weight": (M, p, d), "bias": (M, p)}`` with one batched matmul."""
     a3, g3 = _as_rows(a, g)
     pa = groups.pad(a3).flatten(1, 2)  # (M, N, d)
     pg = groups.pad(g3).flatten(1, 2)  # (M, N, p)
@@ -41,6 +42,7 @@ def _sq_row_norms(x: torch.Tensor) -> torch.Tensor:
 
 
 def linear_group_sq_norms(a, g, groups: Groups, with_bias: bool) -> dict:
+    """Squared group-gradient norms ``(M,)`` from Gram matrices (ghost norms), no group gradient built."""
     a3, g3 = _as_rows(a, g)
     if a3.shape[1] == 1 and groups.equal_size == 1:
         # One row per group: ||g a^T||^2 = ||a||^2 ||g||^2, and the bias norm is ||g||^2.
@@ -60,6 +62,7 @@ def linear_group_sq_norms(a, g, groups: Groups, with_bias: bool) -> dict:
 
 
 def linear_weighted_sum(a, g, row_weight: dict, with_bias: bool) -> dict:
+    """The row-weighted weight and bias gradients: one matmul over all rows."""
     a3, g3 = _as_rows(a, g)
     out = {}
     if "weight" in row_weight:

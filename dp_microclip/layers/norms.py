@@ -36,6 +36,7 @@ def _trailing_reduce_dims(x: torch.Tensor, n_trailing: int):
 
 
 def layer_norm_group_grads(layer: nn.LayerNorm, inputs, out_grad, groups):
+    """Group gradients of a LayerNorm's affine weight and bias (``x_hat`` recomputed exactly)."""
     x = inputs[0]
     x_hat = F.layer_norm(x, layer.normalized_shape, None, None, layer.eps)
     dims = _trailing_reduce_dims(x, len(layer.normalized_shape))
@@ -43,6 +44,7 @@ def layer_norm_group_grads(layer: nn.LayerNorm, inputs, out_grad, groups):
 
 
 def rms_norm_group_grads(layer, inputs, out_grad, groups):
+    """Group gradients of an RMSNorm's weight."""
     x = inputs[0]
     x_hat = F.rms_norm(x, layer.normalized_shape, None, layer.eps)
     dims = _trailing_reduce_dims(x, len(layer.normalized_shape))
@@ -50,6 +52,7 @@ def rms_norm_group_grads(layer, inputs, out_grad, groups):
 
 
 def group_norm_group_grads(layer: nn.GroupNorm, inputs, out_grad, groups):
+    """Group gradients of a GroupNorm's per-channel weight and bias."""
     x = inputs[0]
     x_hat = F.group_norm(x, layer.num_groups, None, None, layer.eps)  # (B, C, *S)
     dims = tuple(range(2, x.dim()))
@@ -57,6 +60,7 @@ def group_norm_group_grads(layer: nn.GroupNorm, inputs, out_grad, groups):
 
 
 def batch_norm_group_grads(layer, inputs, out_grad, groups):
+    """Group gradients of a BatchNorm's weight and bias with the batch statistics held fixed (noise-free only)."""
     x = inputs[0]
     dims = (0,) + tuple(range(2, x.dim()))
     shape = (1, -1) + (1,) * (x.dim() - 2)
