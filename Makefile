@@ -1,17 +1,19 @@
 # Two commands for a fresh machine: `make demo` and `make test`.
 # torch==2.13.0 is installed first (a local CPU wheel); a bare `torch` requirement would pull CUDA builds.
+# timm is not installed: it imports torchvision at import time (see tests/zoo).
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# The constraints file holds torch==2.13.0, so the zoo extra (transformers, peft) cannot replace torch.
 install: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -c .ci/constraints.txt -e ".[dev]"
 
 demo: install
 	$(BIN)/python -m tutorials.demo_digits
@@ -21,6 +23,10 @@ test: install
 
 bench: install
 	$(BIN)/python -m benchmarks.bench
+
+# API reference site into site/ (mkdocs.yml); --strict turns every warning (a broken link, a bad docstring) into an error.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

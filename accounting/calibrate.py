@@ -56,8 +56,10 @@ def noise_multiplier_for_epsilon(
         steps: number of steps planned.
         micro_batch_size: b; for b > 1 the returned z is twice the z the
             accountant needs, because the sensitivity is 2C.
-        adjacency, grouping, sampling: as in :class:`~accounting.mechanism.Mechanism`;
-            a shape the rules refuse raises here, before any search.
+        adjacency: as in :class:`~accounting.mechanism.Mechanism`; a shape the rules
+            refuse raises here, before any search.
+        grouping: as in :class:`~accounting.mechanism.Mechanism`.
+        sampling: as in :class:`~accounting.mechanism.Mechanism`.
         accountant: the backend that will report epsilon (same names as
             ``Ledger.epsilon``).
         tolerance: the result's epsilon lies in

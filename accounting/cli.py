@@ -8,6 +8,14 @@ epsilon. Both take the run as q (``--sample-rate``, or ``--batch-size`` with
 epsilon). The CLI cannot see how batches are drawn, so the statement says the
 guarantee assumes Poisson sampling at that rate.
 
+``--json`` prints one JSON object instead (an infinite epsilon is the string
+``"inf"``, as in ``dp-microclip audit --json``). Bad input prints one line,
+``dp-microclip COMMAND: error: ...``, to standard error and exits with status
+2. When the dataset size N is given and delta is not below 1 / N, a warning
+goes to standard error (and into the JSON's ``warnings``): a mechanism that
+publishes one random example in full is (0, 1/N)-DP, so such a delta promises
+little.
+
 Example:
     python -m accounting.cli epsilon --batch-size 256 --dataset-size 60000 \\
         --noise-multiplier 1.1 --epochs 60 --delta 1e-5 --micro-batch-size 8
@@ -16,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 
@@ -27,15 +36,37 @@ from accounting.mechanism import ADJACENCIES, Mechanism
 from accounting.sensitivity import effective_noise_multiplier
 from accounting.statement import privacy_statement
 
+PROG = "dp-microclip"
+
+EPSILON_EXAMPLE = (
+    "example:\n"
+    "  dp-microclip epsilon --batch-size 256 --dataset-size 60000 --noise-multiplier 1.1 \\\n"
+    "      --epochs 60 --delta 1e-5 --micro-batch-size 8\n"
+    "  dp-microclip epsilon --sample-rate 0.01 --noise-multiplier 1 --steps 1000 --delta 1e-5 --json"
+)
+NOISE_EXAMPLE = (
+    "example:\n"
+    "  dp-microclip noise --batch-size 256 --dataset-size 60000 --target-epsilon 3 \\\n"
+    "      --epochs 60 --delta 1e-5 --micro-batch-size 8\n"
+    "  dp-microclip noise --sample-rate 0.01 --steps 1000 --target-epsilon 2 --delta 1e-5 --json"
+)
+
 
 class _UsageError(ValueError):
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (raised to :func:`main`, which exits with 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise _UsageError(message)
+
+
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-rate", type=float, help="Poisson sampling rate q per step")
     parser.add_argument("--batch-size", type=int, help="expected batch size B (with --dataset-size: q = B / N)")
-    parser.add_argument("--dataset-size", type=int, help="number of examples N")
+    parser.add_argument("--dataset-size", type=int, help="number of examples N (also checks that delta < 1 / N)")
     parser.add_argument("--steps", type=int, help="number of steps")
     parser.add_argument("--epochs", type=float, help="number of epochs (steps = ceil(epochs / q))")
     parser.add_argument("--delta", type=float, required=True, help="target delta, below 1 / dataset size (e.g. 1e-5)")
@@ -44,15 +75,28 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accountant", choices=ACCOUNTANTS, default="prv", help="backend (default: prv)")
     parser.add_argument("--adjacency", choices=ADJACENCIES, default="add_remove",
                         help="neighbouring datasets (replace_one needs --accountant pld)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (for scripts) instead of text")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dp-microclip", description="Privacy accounting for micro-batch DP-SGD.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    eps = sub.add_parser("epsilon", help="epsilon of a run, with its privacy statement")
+    parser = _Parser(prog=PROG, description="Privacy accounting for micro-batch DP-SGD.",
+                     epilog=EPSILON_EXAMPLE.replace("example:", "examples:") + "\n" + NOISE_EXAMPLE.split("\n", 1)[1],
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{epsilon,noise}")
+    eps = sub.add_parser(
+        "epsilon", help="epsilon of a run, with its privacy statement",
+        description="Epsilon of a planned or finished run of micro-batch DP-SGD (Poisson sampling at rate q), "
+                    "followed by its privacy statement.",
+        epilog=EPSILON_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_run_arguments(eps)
     eps.add_argument("--noise-multiplier", type=float, required=True, help="the engine's noise multiplier z")
-    noise = sub.add_parser("noise", help="engine noise multiplier for a target epsilon")
+    noise = sub.add_parser(
+        "noise", help="engine noise multiplier for a target epsilon",
+        description="The engine noise multiplier z that reaches --target-epsilon at --delta (for micro-batches "
+                    "of b > 1 this is twice what the accountant sees).",
+        epilog=NOISE_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_run_arguments(noise)
     noise.add_argument("--target-epsilon", type=float, required=True, help="epsilon to reach at --delta")
     return parser
@@ -77,15 +121,70 @@ def _steps(args: argparse.Namespace, q: float) -> int:
     if (args.steps is None) == (args.epochs is None):
         raise _UsageError("Give exactly one of --steps or --epochs.")
     if args.steps is not None:
+        if args.steps < 1:
+            raise _UsageError(f"--steps must be >= 1. Found {args.steps}.")
         return args.steps
-    if not args.epochs > 0:
-        raise _UsageError(f"--epochs must be > 0. Found {args.epochs}.")
+    if not (args.epochs > 0 and math.isfinite(args.epochs)):
+        raise _UsageError(f"--epochs must be a finite number > 0. Found {args.epochs}.")
+    if not 0 < q <= 1:  # checked again by Mechanism; here it would divide by zero first
+        raise _UsageError(f"sample_rate must be in (0, 1]. Found {q!r}.")
     return max(1, math.ceil(args.epochs / q - 1e-9))
 
 
-def _run(args: argparse.Namespace) -> str:
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Refuse NaN and infinite values that the library would otherwise pass through or report confusingly."""
+    names = ["sample_rate", "delta", "noise_multiplier", "target_epsilon"]
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and not math.isfinite(value):
+            raise _UsageError(f"--{name.replace('_', '-')} must be a finite number. Found {value}.")
+    if args.dataset_size is not None and args.dataset_size < 1:
+        raise _UsageError(f"--dataset-size must be >= 1. Found {args.dataset_size}.")
+    if getattr(args, "target_epsilon", None) is not None and not args.target_epsilon > 0:
+        raise _UsageError(f"--target-epsilon must be > 0. Found {args.target_epsilon}.")
+
+
+def delta_warning(delta: float, dataset_size: int | None) -> str | None:
+    """The warning to give when delta is not below 1 / N, or None.
+
+    A mechanism that publishes one example of N, chosen at random, in full is
+    (0, 1/N)-DP, so a delta of 1 / N or more allows a total leak of some
+    example. Use delta well below 1 / N (commonly 1 / N^1.1 or 1e-5 for N up
+    to about 10^5).
+
+    Args:
+        delta: the delta of the guarantee.
+        dataset_size: N, or None when unknown (no warning then).
+
+    Returns:
+        One line of text, or None when delta < 1 / N or N is unknown.
+
+    Example:
+        >>> delta_warning(1e-5, 60000) is None
+        True
+        >>> delta_warning(1e-3, 1000).startswith("delta = 0.001 is not below 1/N")
+        True
+    """
+    if dataset_size is None or dataset_size < 1 or delta < 1.0 / dataset_size:
+        return None
+    return (f"delta = {delta:g} is not below 1/N = {1.0 / dataset_size:.3g} (N = {dataset_size} examples): "
+            f"a guarantee with such a delta allows publishing some example in full; use delta well below 1/N.")
+
+
+def _json_number(value: float) -> float | str:
+    return "inf" if isinstance(value, float) and math.isinf(value) else value
+
+
+def _run(args: argparse.Namespace) -> tuple[str, dict]:
+    """Compute the command's result: (text, JSON-ready dict)."""
+    _check_numbers(args)
     q = _sample_rate(args)
     steps = _steps(args, q)
+    common = {
+        "sample_rate": q, "steps": steps, "delta": args.delta, "micro_batch_size": args.micro_batch_size,
+        "adjacency": args.adjacency, "accountant": args.accountant, "dataset_size": args.dataset_size,
+        "epochs": steps * q,  # expected epochs
+    }
     if args.command == "epsilon":
         mech = Mechanism(sample_rate=q, noise_multiplier=args.noise_multiplier,
                          micro_batch_size=args.micro_batch_size, adjacency=args.adjacency)
@@ -94,7 +193,11 @@ def _run(args: argparse.Namespace) -> str:
         eps = ledger.epsilon(args.delta, args.accountant)
         statement = privacy_statement(ledger, args.delta, accountant=args.accountant,
                                       sampling_declared_by_user=True, dataset_size=args.dataset_size)
-        return f"epsilon = {eps:.6g} at delta = {args.delta:g} ({steps} steps, accountant {args.accountant})\n\n" + statement
+        text = (f"epsilon = {eps:.6g} at delta = {args.delta:g} ({steps} steps, accountant {args.accountant})\n\n"
+                + statement)
+        data = {"command": "epsilon", "epsilon": _json_number(eps), "noise_multiplier": args.noise_multiplier,
+                "accountant_noise_multiplier": effective_noise_multiplier(mech), **common, "statement": statement}
+        return text, data
     z = noise_multiplier_for_epsilon(
         args.target_epsilon, args.delta, sample_rate=q, steps=steps, micro_batch_size=args.micro_batch_size,
         adjacency=args.adjacency, accountant=args.accountant,
@@ -104,30 +207,58 @@ def _run(args: argparse.Namespace) -> str:
     ledger = Ledger()
     ledger.record(mech, steps)
     eps = ledger.epsilon(args.delta, args.accountant)
-    return (
+    seen = effective_noise_multiplier(mech)
+    text = (
         f"noise_multiplier = {z:.6g}\n"
         f"(engine z for micro_batch_size={args.micro_batch_size}; the accountant sees "
-        f"{effective_noise_multiplier(mech):.6g}; epsilon = {eps:.6g} at delta = {args.delta:g} after {steps} steps, "
+        f"{seen:.6g}; epsilon = {eps:.6g} at delta = {args.delta:g} after {steps} steps, "
         f"q = {q:.6g}, accountant {args.accountant})"
     )
+    data = {"command": "noise", "noise_multiplier": z, "accountant_noise_multiplier": seen,
+            "target_epsilon": args.target_epsilon, "epsilon": _json_number(eps), **common}
+    return text, data
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``epsilon`` or ``noise`` command; returns the exit status.
 
     Args:
-        argv: the arguments after the program name (default: ``sys.argv[1:]``).
+        argv: the arguments after the program name, starting with the command
+            (default: ``sys.argv[1:]``).
 
     Returns:
-        0 on success; 2 on a usage error or a refusal (the message goes to stderr).
+        0 on success (and after ``--help``); 2 on a usage error or a refusal,
+        after one line ``dp-microclip COMMAND: error: ...`` on standard error.
+
+    Example:
+        >>> main(["noise", "--sample-rate", "0.01", "--steps", "1000", "--delta", "1e-5",
+        ...       "--target-epsilon", "2", "--accountant", "rdp"])  # doctest: +ELLIPSIS
+        noise_multiplier = ...
+        0
     """
-    parser = _parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in ("epsilon", "noise") else None
+    prog = f"{PROG} {command}" if command else PROG
     try:
-        print(_run(args))
-    except (_UsageError, PrivacyRefusal, AccountantError, ValueError, ImportError) as err:
-        print(f"dp-microclip {args.command}: error: {err}", file=sys.stderr)
+        args = _parser().parse_args(argv)
+    except SystemExit as exit_:  # --help
+        return exit_.code if isinstance(exit_.code, int) else 0
+    except _UsageError as err:
+        print(f"{prog}: error: {err} (see {prog} --help)", file=sys.stderr)
         return 2
+    try:
+        text, data = _run(args)
+    except (_UsageError, PrivacyRefusal, AccountantError, ValueError, ImportError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    warning = delta_warning(args.delta, args.dataset_size)
+    if warning:
+        print(f"{prog}: warning: {warning}", file=sys.stderr)
+    if args.json:
+        data["warnings"] = [warning] if warning else []
+        print(json.dumps(data))
+    else:
+        print(text)
     return 0
 
 

@@ -234,7 +234,8 @@ def score_guesses(scores: Sequence[float], inclusion: Sequence[bool], k_pos: int
     Args:
         scores: one score per canary.
         inclusion: the canaries' coins (True / 1 = included in training).
-        k_pos, k_neg: as in :func:`make_guesses`.
+        k_pos: as in :func:`make_guesses`.
+        k_neg: as in :func:`make_guesses`.
 
     Returns:
         The :class:`GuessOutcome`.
@@ -267,7 +268,8 @@ def audit_lower_bound(scores: Sequence[float], inclusion: Sequence[bool], k_pos:
     Args:
         scores: one score per canary, higher = "looks included".
         inclusion: the coins (True = included).
-        k_pos, k_neg: numbers of "in" and "out" guesses.
+        k_pos: number of "in" guesses.
+        k_neg: number of "out" guesses.
         delta: the delta of the guarantee being audited.
         beta: probability that the bound is wrong (0.05: 95% confidence).
 
@@ -317,9 +319,9 @@ class AuditConfig:
         steps: optimizer steps.
         delta: the delta of the claimed and the audited guarantee.
         beta: the audit is wrong with probability at most beta.
-        k_pos, k_neg: "in" / "out" guesses; ``None`` picks ``m // 10`` and 0 for
-            ``"gradient"`` (precise guesses beat many guesses) and ``m // 10`` each
-            for ``"input"``.
+        k_pos: "in" guesses; ``None`` picks ``m // 10``.
+        k_neg: "out" guesses; ``None`` picks 0 for ``"gradient"`` (precise guesses
+            beat many guesses) and ``m // 10`` for ``"input"``.
         score: ``"llr"`` (white box: the Neyman-Pearson log-likelihood ratio of
             the subsampled Gaussian along the canary's direction) or ``"sum"``
             (the plain sum of those projections). The input kind always uses the loss.
@@ -423,13 +425,23 @@ class AuditResult:
         lower_bound: the audit's eps_lb at ``delta``, confidence ``1 - beta``.
         num_canaries: ``m``.
         num_included: canaries whose coin said "in".
-        k_pos, k_neg: guesses made.
+        k_pos: "in" guesses made.
+        k_neg: "out" guesses made.
         num_correct: correct guesses.
-        correct_pos, correct_neg: correct "in" / "out" guesses.
+        correct_pos: correct "in" guesses.
+        correct_neg: correct "out" guesses.
         canary: the canary kind.
         score: the scoring rule used.
-        micro_batch_size, max_grad_norm, noise_multiplier, noise, sample_rate,
-        steps, delta, beta, accountant, seed: the run's settings.
+        micro_batch_size: the run's ``b``.
+        max_grad_norm: the run's ``C``.
+        noise_multiplier: the run's ``z``.
+        noise: whether noise was on.
+        sample_rate: the run's ``q``.
+        steps: the run's steps.
+        delta: the audited delta.
+        beta: the audit's failure probability.
+        accountant: the accountant of the claim.
+        seed: the run's seed.
         dataset_size: records trained on (fillers + included canaries).
         seconds: wall time of the whole audit.
         noise_ratio: gradient canaries only (else None): the standard deviation of

@@ -493,7 +493,40 @@ class HookSet:
 
                 y.register_hook(on_grad)
 
-            mode = AttentionCapture(mha, unit.path, on_linear)
+            def on_cross(parts: LinearParts, xs, ys):
+                if "in_proj_weight" not in unit.params and "in_proj_bias" not in unit.params:
+                    return
+                params = {}
+                if "in_proj_weight" in unit.params:
+                    params["weight"] = unit.params["in_proj_weight"]
+                if "in_proj_bias" in unit.params:
+                    params["bias"] = unit.params["in_proj_bias"]
+                batch = ctx.batch_size
+                x_rows = [x.reshape(-1, batch, x.shape[-1]).transpose(0, 1).detach() for x in xs]  # (B, T|S, E)
+                x_all = torch.cat(x_rows, dim=1)  # (B, T+2S, E): one Linear over the stacked rows
+                grads: dict[int, torch.Tensor] = {}
+
+                def complete():
+                    e = ys[0].shape[-1]
+                    blocks = []
+                    for i in range(3):
+                        g = grads[i].reshape(-1, batch, e).transpose(0, 1)  # (B, T|S, E)
+                        padded = g.new_zeros((*g.shape[:-1], 3 * e))  # (B, T|S, 3E): zero outside block i
+                        padded[..., i * e:(i + 1) * e] = g
+                        blocks.append(padded)
+                    self.engine._emit(Record(unit, f"{unit.path}.in_proj", linear_rule, parts, params, (x_all,),
+                                             {}, torch.cat(blocks, dim=1).detach(), ctx, 0))
+
+                for i, y in enumerate(ys):
+                    def on_grad(grad, i=i):
+                        if self.engine._hooks_active():
+                            grads[i] = grad
+                            if len(grads) == 3:
+                                complete()
+
+                    y.register_hook(on_grad)
+
+            mode = AttentionCapture(mha, unit.path, on_linear, on_cross)
             mode.__enter__()
             modes.append(mode)
             return None

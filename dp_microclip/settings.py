@@ -133,7 +133,8 @@ class DP:
         sample_rate: ``q``, the probability that a record joins a batch (required).
         expected_batch_size: the public ``q N``; the number of micro-batches is ``round(q N / b)``
             (otherwise set by ``engine.data_loader`` from the dataset size, treated as public).
-        steps, epochs: the planned length of training (an epoch is ``round(1/q)`` steps).
+        steps: the planned length of training in steps.
+        epochs: or in epochs (an epoch is ``round(1/q)`` steps).
         sampling: ``"engine"`` (batches must come from ``engine.data_loader``), ``"poisson"``
             (you declare that your loader samples each record independently with rate ``q``),
             ``"shuffle"`` (no epsilon).

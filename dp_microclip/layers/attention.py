@@ -13,8 +13,13 @@ and runs it as:
 so both projections become ordinary Linear records for the Linear rule. The
 middle call is torch's own function with the same masks, dropout and
 ``need_weights`` handling, so the attention is bit-for-bit the module's.
-Supported: packed self-attention (query is key is value), no ``bias_k``/``bias_v``,
-no ``add_zero_attn``. Anything else is refused by name.
+Self-attention (query is key is value) uses the packed projection as one Linear.
+Cross-attention (``nn.TransformerDecoder``'s memory attention) projects query,
+key and value with the three row blocks of ``in_proj_weight``; the engine then
+stacks the three inputs' rows and pads each block's output gradient with zeros
+into the other two blocks, which is exactly one Linear map on the packed weight
+(its Gram cross terms between blocks vanish). Refused by name: separate
+``kdim``/``vdim`` weights, ``bias_k``/``bias_v``, ``add_zero_attn``.
 Letters: T target length, B batch, E embedding dim.
 """
 
@@ -65,11 +70,12 @@ class AttentionCapture(TorchFunctionMode):
     engine registers the output-gradient hook on ``y``.
     """
 
-    def __init__(self, mha: nn.MultiheadAttention, path: str, on_linear: Callable):
+    def __init__(self, mha: nn.MultiheadAttention, path: str, on_linear: Callable, on_cross: Callable):
         super().__init__()
         self.mha = mha
         self.path = path
         self.on_linear = on_linear
+        self.on_cross = on_cross
         self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -84,12 +90,6 @@ class AttentionCapture(TorchFunctionMode):
 
     def _run(self, func, a: dict):
         query, key, value = a["query"], a["key"], a["value"]
-        if not (query is key and key is value):
-            raise UnsupportedModuleError(
-                f"{self.path}: nn.MultiheadAttention called with different query/key/value "
-                "(cross-attention). dp_microclip supports self-attention (query is key is value) "
-                "for now; call it as mha(x, x, x)."
-            )
         if query.dim() != 3:
             raise UnsupportedModuleError(
                 f"{self.path}: unbatched input of shape {tuple(query.shape)}; a batch dimension is "
@@ -98,18 +98,28 @@ class AttentionCapture(TorchFunctionMode):
         if a.get("static_k") is not None or a.get("static_v") is not None:
             raise UnsupportedModuleError(f"{self.path}: static_k/static_v are not supported.")
         mha = self.mha
-        x = query if query.requires_grad else query.detach().requires_grad_()
         in_parts = LinearParts(mha.in_proj_weight, mha.in_proj_bias)
-        qkv = F.linear(x, in_parts.weight, in_parts.bias)  # (T, B, 3E)
-        self.on_linear("in_proj", in_parts, x, qkv)
-        q, k, v = qkv.chunk(3, dim=-1)  # each (T, B, E)
+        if query is key and key is value:  # self-attention: one packed projection
+            x = query if query.requires_grad else query.detach().requires_grad_()
+            qkv = F.linear(x, in_parts.weight, in_parts.bias)  # (T, B, 3E)
+            self.on_linear("in_proj", in_parts, x, qkv)
+            q, k, v = qkv.chunk(3, dim=-1)  # each (T, B, E)
+            dtype, device = qkv.dtype, qkv.device
+        else:  # cross-attention: the three row blocks of the packed weight, each on its own input
+            e = mha.embed_dim
+            xs = tuple(t if t.requires_grad else t.detach().requires_grad_() for t in (query, key, value))
+            bias = in_parts.bias
+            q, k, v = (F.linear(x, in_parts.weight[i * e:(i + 1) * e], None if bias is None else bias[i * e:(i + 1) * e])
+                       for i, x in enumerate(xs))  # (T, B, E), (S, B, E), (S, B, E)
+            self.on_cross(in_parts, xs, (q, k, v))
+            dtype, device = q.dtype, q.device
         attn = _sdpa_core(q, k, v, a, mha.num_heads)
         if attn is not None:  # the common case, without the identity projections below
             out_parts = LinearParts(mha.out_proj.weight, mha.out_proj.bias)
             out = F.linear(attn, out_parts.weight, out_parts.bias)  # (T*B, E), T-major rows
             self.on_linear("out_proj", out_parts, attn, out)
             return out.view(q.shape[0], q.shape[1], -1), None
-        eye = torch.eye(mha.embed_dim, dtype=qkv.dtype, device=qkv.device)
+        eye = torch.eye(mha.embed_dim, dtype=dtype, device=device)
         args = dict(a)
         args.update(
             query=q, key=k, value=v, in_proj_weight=None, in_proj_bias=None,

@@ -1,0 +1,215 @@
+"""The ``dp-microclip`` command line: every command's --help, --json, one-line errors with status 2, delta warnings.
+
+Most tests call ``main(argv)`` in-process; two run the installed
+``dp-microclip`` executable in a subprocess. Nothing here trains for more
+than a few steps.
+"""
+
+from __future__ import annotations
+
+import doctest
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import accounting.cli
+from dp_microclip import cli
+from dp_microclip.cli import COMMANDS, main
+
+EXE = os.path.join(os.path.dirname(sys.executable), "dp-microclip")
+RUN = ["--sample-rate", "0.01", "--steps", "100", "--delta", "1e-5", "--accountant", "rdp"]
+TINY_AUDIT = ["--canaries", "4", "--fillers", "12", "--steps", "3", "--sample-rate", "0.5", "--accountant", "pld"]
+
+
+def _one_error_line(capsys, command: str | None) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    prefix = f"dp-microclip {command}: error: " if command else "dp-microclip: error: "
+    assert lines[0].startswith(prefix), lines[0]
+    assert "Traceback" not in captured.err
+    return lines[0]
+
+
+def test_top_level_help_lists_every_command(capsys):
+    assert main([]) == 0
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: dp-microclip {demo,epsilon,noise,sweep,bench,audit}")
+    for name, command in COMMANDS.items():
+        assert f"  {name}" in out and command.summary in out
+    assert "examples:" in out
+
+
+def test_version(capsys):
+    import dp_microclip
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"dp-microclip {dp_microclip.__version__}"
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_has_help_with_an_example(command, capsys):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: dp-microclip {command}"), out[:200]
+    assert "example" in out.lower()
+    assert "python -m" not in out.split("\n", 1)[0]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["frobnicate"],
+        ["epsilon", "--noise-multiplier", "1", "--steps", "10"],  # no --delta
+        ["epsilon", "--sample-rate", "0.01", "--noise-multiplier", "x", "--steps", "10", "--delta", "1e-5"],
+        ["epsilon", "--sample-rate", "nan", "--noise-multiplier", "1", "--steps", "10", "--delta", "1e-5"],
+        ["epsilon", "--sample-rate", "0.01", "--noise-multiplier", "1", "--steps", "0", "--delta", "1e-5"],
+        ["epsilon", "--sample-rate", "0", "--noise-multiplier", "1", "--epochs", "2", "--delta", "1e-5"],
+        ["epsilon", *RUN, "--noise-multiplier", "1", "--unknown-flag"],
+        ["noise", *RUN, "--target-epsilon", "-1"],
+        ["noise", *RUN],  # no --target-epsilon
+        ["noise", *RUN[:-2], "--accountant", "nope", "--target-epsilon", "1"],
+        ["audit", "--canaries", "x"],
+        ["audit", "--canaries", "1"],
+        ["demo", "--epochs", "x"],
+        ["sweep", "--epochs", "x"],
+        ["bench", "--models", "no_such_model"],
+    ],
+    ids=lambda argv: " ".join(argv[:3]),
+)
+def test_bad_input_exits_2_with_one_line(argv, capsys):
+    assert main(argv) == 2
+    command = argv[0] if argv[0] in COMMANDS else None
+    _one_error_line(capsys, command)
+
+
+def test_epsilon_json_parses_and_matches_the_text(capsys):
+    assert main(["epsilon", *RUN, "--noise-multiplier", "1", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert main(["epsilon", *RUN, "--noise-multiplier", "1"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"epsilon = {data['epsilon']:.6g} ")
+    assert data["command"] == "epsilon" and data["steps"] == 100 and data["sample_rate"] == 0.01
+    assert data["statement"].startswith("DP-SGD privacy statement") and data["warnings"] == []
+
+
+def test_epsilon_json_writes_infinity_as_a_string(capsys):
+    assert main(["epsilon", *RUN, "--noise-multiplier", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["epsilon"] == "inf"
+
+
+def test_noise_json_round_trips_through_epsilon(capsys):
+    argv = ["--sample-rate", "0.01", "--steps", "1000", "--delta", "1e-5", "--accountant", "rdp",
+            "--micro-batch-size", "4", "--json"]
+    assert main(["noise", *argv, "--target-epsilon", "2"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["command"] == "noise" and data["accountant_noise_multiplier"] == pytest.approx(data["noise_multiplier"] / 2)
+    assert main(["epsilon", *argv, "--noise-multiplier", repr(data["noise_multiplier"])]) == 0
+    assert 1.98 <= json.loads(capsys.readouterr().out)["epsilon"] <= 2.0
+
+
+def test_delta_not_below_one_over_n_warns_on_stderr_and_in_json(capsys):
+    argv = ["epsilon", "--batch-size", "10", "--dataset-size", "1000", "--noise-multiplier", "1", "--steps", "10",
+            "--accountant", "rdp"]
+    assert main([*argv, "--delta", "1e-5"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main([*argv, "--delta", "1e-3", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith("dp-microclip epsilon: warning: delta = 0.001 is not below 1/N")
+    assert "N = 1000" in json.loads(captured.out)["warnings"][0]
+    # --sample-rate with --dataset-size: N is known too.
+    assert main(["noise", "--sample-rate", "0.01", "--dataset-size", "100", "--steps", "10", "--delta", "0.02",
+                 "--target-epsilon", "5", "--accountant", "rdp"]) == 0
+    assert "warning: delta = 0.02 is not below 1/N" in capsys.readouterr().err
+
+
+def test_audit_delta_warning_counts_fillers_and_canaries():
+    assert cli._audit_delta_warning(["--delta", "1e-5"]) is None  # defaults: N <= 2000
+    warning = cli._audit_delta_warning(["--delta", "0.01", "--canaries", "40", "--fillers", "60"])
+    assert warning is not None and "N = 100" in warning
+    assert cli._audit_delta_warning(["--delta", "x"]) is None  # audit's own parser reports it
+
+
+def test_audit_json_parses(capsys):
+    assert main(["audit", *TINY_AUDIT, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["num_canaries"] == 4 and data["steps"] == 3
+    assert "lower_bound" in data and "claimed_epsilon" in data
+
+
+@pytest.mark.parametrize(
+    "command, missing, says",
+    [
+        ("bench", ("benchmarks", "benchmarks.bench"), "benchmarks/ folder"),
+        ("demo", ("tutorials", "tutorials.demo_digits"), "tutorials/ folder"),
+        ("sweep", ("dp_microclip.sweep",), "no dp_microclip.sweep module"),
+    ],
+)
+def test_a_command_whose_code_is_not_installed_says_how_to_get_it(command, missing, says, monkeypatch, capsys):
+    for name in missing:
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import name` fail as if it were not installed
+    assert main([command]) == 2
+    assert says in _one_error_line(capsys, command)
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: dp-microclip {command}") and "not available" in out and "example" in out
+
+
+def test_a_missing_dependency_of_a_command_is_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    assert main(["demo", "--epochs", "1"]) == 2
+    assert "sklearn" in _one_error_line(capsys, "demo")
+
+
+def test_demo_runs(capsys):
+    pytest.importorskip("sklearn")
+    assert main(["demo", "--epochs", "1", "--batch-size", "128"]) == 0
+    assert "test accuracy with micro-batch clipping (b=8" in capsys.readouterr().out
+
+
+def test_argparse_is_restored_after_a_delegated_command(capsys):
+    import argparse
+
+    original = argparse.ArgumentParser.error
+    main(["demo", "--epochs", "x"])
+    main(["sweep", "--help"])
+    capsys.readouterr()
+    assert argparse.ArgumentParser.error is original
+
+
+def test_accounting_cli_docstring_examples_run():
+    result = doctest.testmod(accounting.cli, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 3 and result.failed == 0
+
+
+def test_the_cli_imports_no_folder_outside_the_installed_packages():
+    """epsilon, noise, sweep and audit run without touching benchmarks/ or tutorials/ (demo and bench import them)."""
+    code = (
+        "import sys\n"
+        "from dp_microclip.cli import main\n"
+        "assert main(['epsilon', '--sample-rate', '0.01', '--noise-multiplier', '1', '--steps', '10',"
+        " '--delta', '1e-5', '--accountant', 'rdp']) == 0\n"
+        "assert main(['sweep', '--help']) == 0 and main(['audit', '--help']) == 0\n"
+        "loaded = {m.split('.')[0] for m in sys.modules} & {'benchmarks', 'tutorials'}\n"
+        "assert not loaded, loaded\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.skipif(not os.path.exists(EXE), reason="the dp-microclip executable is not installed in this environment")
+def test_installed_executable(tmp_path):
+    proc = subprocess.run([EXE, "noise", "--sample-rate", "0.01", "--steps", "100", "--delta", "1e-5",
+                           "--target-epsilon", "1", "--accountant", "rdp", "--json"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["noise_multiplier"] > 0
+    proc = subprocess.run([EXE, "epsilon", "--sample-rate", "2", "--noise-multiplier", "1", "--steps", "10",
+                           "--delta", "1e-5"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("dp-microclip epsilon: error: sample_rate")
