@@ -230,6 +230,7 @@ def _one_context(
             grads = generic_group_grads(
                 record.unit.module, record.params, record.inputs, record.kwargs, record.out_grad,
                 groups, record.batch_dim, replay_guard, record.unit.path, record.input_dims,
+                record.kw_names,
             )
         else:
             grads = record.rule.group_grads(record.layer, record.inputs, record.out_grad, groups)
@@ -372,7 +373,7 @@ def unclipped_sums(records: list[Record], replay_guard) -> dict[int, torch.Tenso
             else:
                 grads = generic_group_grads(
                     record.unit.module, record.params, record.inputs, record.kwargs, record.out_grad, groups,
-                    record.batch_dim, replay_guard, record.unit.path, record.input_dims,
+                    record.batch_dim, replay_guard, record.unit.path, record.input_dims, record.kw_names,
                 )
             sums = {name: g.sum(0) for name, g in grads.items()}
         for name, p in record.params.items():

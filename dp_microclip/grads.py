@@ -118,6 +118,7 @@ class Record:
     call: tuple = ()  # (context id, unit path, call index): the parts of a multi-output call share it
     slot: int = 0  # which output tensor this record's out_grad belongs to (multi-output calls)
     out_shapes: tuple = ()  # batch-first shapes of every output tensor (multi-output calls), for missing ones
+    kw_names: tuple = ()  # the last len(kw_names) inputs are these tensor keyword arguments (generic path)
 
 
 def first_tensor(obj) -> torch.Tensor | None:
@@ -314,7 +315,7 @@ class HookSet:
         return ctx
 
     def _watch_output(self, unit: Unit, name, rule, layer, params, inputs, kwargs, ctx, output, bd: int,
-                      input_dims: tuple = ()):
+                      input_dims: tuple = (), kw_names: tuple = ()):
         """Register the tensor hook that completes a record when ``output``'s gradient arrives.
 
         Returns a replacement output when one is needed, else None.
@@ -343,7 +344,8 @@ class HookSet:
             if engine._hooks_active():
                 g = grad.reshape(shape)
                 g = (g.movedim(bd, 0) if bd != 0 else g).detach()
-                engine._emit(Record(unit, name, rule, layer, params, inputs, kwargs, g, ctx, bd, input_dims))
+                engine._emit(Record(unit, name, rule, layer, params, inputs, kwargs, g, ctx, bd, input_dims,
+                                    kw_names=kw_names))
             return None
 
         target.register_hook(on_grad)
@@ -355,7 +357,9 @@ class HookSet:
             if self.probing is not None:
                 index = self._probe_calls.get(unit.path, 0)
                 self._probe_calls[unit.path] = index + 1
-                self.probing.probe[(unit.path, index)] = probe_record(args, output)
+                kw_names = tuple(sorted(k for k, v in kwargs.items() if torch.is_tensor(v)))
+                self.probing.probe[(unit.path, index)] = probe_record(
+                    tuple(args) + tuple(kwargs[k] for k in kw_names), output)
                 return None
             ctx = self._capturing()
             if ctx is None:
@@ -372,12 +376,16 @@ class HookSet:
                         "(e.g. a PackedSequence), which cannot be split per example. Pass padded tensors instead "
                         "(torch.nn.utils.rnn.pad_packed_sequence), masking padded steps in the loss."
                     )
-            for key, value in kwargs.items():
-                if torch.is_tensor(value):
-                    raise UnsupportedModuleError(
-                        f"{unit.path} ({type(module).__name__}) was called with tensor keyword argument "
-                        f"{key!r}; pass tensors positionally so they can be split per example."
-                    )
+            kw_names = tuple(sorted(k for k, v in kwargs.items() if torch.is_tensor(v)))
+            if kw_names and unit.kind == "rule":
+                raise UnsupportedModuleError(
+                    f"{unit.path} ({type(module).__name__}) was called with tensor keyword argument(s) "
+                    f"{list(kw_names)}, which its rule does not read. Pass them positionally, or register a rule "
+                    "for this module type that takes them."
+                )
+            # Tensor keyword arguments (generic path) are laid out and split like positional ones, after them.
+            args = tuple(args) + tuple(kwargs[k] for k in kw_names)
+            kwargs = {k: v for k, v in kwargs.items() if k not in kw_names}
             index = ctx.next_call(unit.path)
             layout = self._layout(unit, ctx, index, args, output)
             batch = ctx.batch_size
@@ -403,7 +411,7 @@ class HookSet:
             )
             if not torch.is_tensor(output):
                 return self._watch_outputs(unit, module, tuple(inputs), dict(kwargs), ctx, output, layout,
-                                           input_dims, (ctx.id, unit.path, index))
+                                           input_dims, (ctx.id, unit.path, index), kw_names)
             replaced = None
             out_dim = layout.output
             if out_dim == BROADCAST:
@@ -419,14 +427,14 @@ class HookSet:
                 output = replaced = RequireGrad.apply(self.anchor, output)
             cloned = self._watch_output(
                 unit, unit.path, unit.rule, module, unit.params, tuple(inputs), dict(kwargs), ctx, output, out_dim,
-                input_dims,
+                input_dims, kw_names,
             )
             return cloned if cloned is not None else replaced
 
         self.handles.append(unit.module.register_forward_hook(post, with_kwargs=True))
 
     def _watch_outputs(self, unit: Unit, module, inputs, kwargs, ctx, output, layout: CallLayout,
-                       input_dims, call) -> Any:
+                       input_dims, call, kw_names: tuple = ()) -> Any:
         """Several output tensors (RNNs): one partial record per output gradient; the engine joins them.
 
         An output whose gradient never arrives (h_n unused by the loss) counts as a zero gradient.
@@ -451,7 +459,7 @@ class HookSet:
                     g = grad.reshape(shape)
                     g = (g.movedim(d, 0) if d != 0 else g).detach()
                     engine._emit(Record(unit, unit.path, None, module, unit.params, inputs, kwargs, g, ctx, dims,
-                                        input_dims, call, slot, shapes))
+                                        input_dims, call, slot, shapes, kw_names))
                 return None
 
             t.register_hook(on_grad)
@@ -575,5 +583,5 @@ def join_multi_output(records: list[Record]) -> list[Record]:
             for i, shape in enumerate(first.out_shapes)
         )
         out.append(Record(first.unit, first.name, None, first.layer, first.params, first.inputs, first.kwargs,
-                          out_grad, first.ctx, first.batch_dim, first.input_dims))
+                          out_grad, first.ctx, first.batch_dim, first.input_dims, kw_names=first.kw_names))
     return out

@@ -131,19 +131,46 @@ def test_submodule_called_directly_is_refused():
         model[0](torch.randn(2, 3))
 
 
-def test_cross_attention_refused():
+@pytest.mark.parametrize("b", [1, 2])
+@pytest.mark.parametrize("model_kind", ["bare", "decoder", "transformer"])
+def test_cross_attention_is_exact(model_kind, b):
+    # An unchanged nn.MultiheadAttention with query != key/value (cross-attention), alone and inside
+    # nn.TransformerDecoder and nn.Transformer, against the naive loop.
+    from dp_microclip.reference import naive_microbatch_grads
+
     class Cross(nn.Module):
         def __init__(self):
             super().__init__()
-            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+            if model_kind == "bare":
+                self.body = nn.MultiheadAttention(8, 2, batch_first=True)
+            elif model_kind == "decoder":
+                layer = nn.TransformerDecoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+                self.body = nn.TransformerDecoder(layer, 2)
+            else:
+                self.body = nn.Transformer(8, 2, 1, 1, 16, dropout=0.0, batch_first=True)
+            self.head = nn.Linear(8, 3)
 
-        def forward(self, x):
-            return self.attn(x, x * 2, x * 2)[0].sum(1)
+        def forward(self, x):  # x: (B, 7, 8): 3 target steps, 4 memory steps
+            tgt, memory = x[:, :3], x[:, 3:]
+            if model_kind == "bare":
+                out = self.body(tgt, memory, memory * 2)[0]
+            elif model_kind == "decoder":
+                out = self.body(tgt, memory)
+            else:
+                out = self.body(memory, tgt)
+            return self.head(out.mean(1))
 
-    model = Cross()
-    _attach(model, micro_batch_size=1)
-    with pytest.raises(UnsupportedModuleError, match="query is key is value"):
-        model(torch.randn(2, 3, 4))
+    torch.manual_seed(0)
+    model = Cross().double()
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(4, 7, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    want = naive_microbatch_grads(reference, F.cross_entropy, x, y, micro_batch_size=b, max_grad_norm=0.05)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    _attach(model, optimizer=opt, micro_batch_size=b, max_grad_norm=0.05, fallback="error")
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    for name, p in model.named_parameters():
+        assert float((p.grad - want[name]).norm() / want[name].norm()) < 1e-9, name
 
 
 def test_mha_bias_kv_refused():

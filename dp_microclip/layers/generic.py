@@ -37,6 +37,7 @@ def generic_group_grads(
     replay_guard: Callable[[], AbstractContextManager],
     path: str,
     input_dims: tuple = (),
+    kw_names: tuple = (),
 ) -> dict[str, torch.Tensor]:
     """Materialised group gradients ``{name: (M, *param.shape)}`` of ``module``'s own parameters.
 
@@ -64,7 +65,12 @@ def generic_group_grads(
             dim = input_dims[i] if i < len(input_dims) and input_dims[i] is not None else (
                 batch_dim if isinstance(batch_dim, int) else 0)
             args[i] = x.movedim(0, dim)  # back to the module's own layout
-        out = functional_call(module, param_values, tuple(args), kwargs)
+        call_kwargs = dict(kwargs)
+        if kw_names:  # tensor keyword arguments travel as the last inputs
+            for name, value in zip(kw_names, args[len(args) - len(kw_names):]):
+                call_kwargs[name] = value
+            args = args[:len(args) - len(kw_names)]
+        out = functional_call(module, param_values, tuple(args), call_kwargs)
         outs = [out] if torch.is_tensor(out) else output_tensors(out)
         total = 0.0
         for o, g, d in zip(outs, group_grad, out_dims):
