@@ -4,7 +4,8 @@
 statement; ``noise`` prints the engine noise multiplier that reaches a target
 epsilon. Both take the run as q (``--sample-rate``, or ``--batch-size`` with
 ``--dataset-size`` for q = B / N) and a number of steps (``--steps``, or
-``--epochs``: ceil(epochs / q) steps, rounded up so as not to understate
+``--epochs``: ceil(epochs * round(1 / q)) steps (``accounting.epochs``: an epoch is round(1/q) steps,
+as in ``engine.data_loader``), rounded up so as not to understate
 epsilon). The CLI cannot see how batches are drawn, so the statement says the
 guarantee assumes Poisson sampling at that rate.
 
@@ -30,6 +31,7 @@ import sys
 
 from accounting.backends import ACCOUNTANTS
 from accounting.calibrate import noise_multiplier_for_epsilon
+from accounting.epochs import steps_for_epochs
 from accounting.errors import AccountantError, PrivacyRefusal
 from accounting.ledger import Ledger
 from accounting.mechanism import ADJACENCIES, Mechanism
@@ -68,7 +70,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="expected batch size B (with --dataset-size: q = B / N)")
     parser.add_argument("--dataset-size", type=int, help="number of examples N (also checks that delta < 1 / N)")
     parser.add_argument("--steps", type=int, help="number of steps")
-    parser.add_argument("--epochs", type=float, help="number of epochs (steps = ceil(epochs / q))")
+    parser.add_argument("--epochs", type=float, help="number of epochs (an epoch is round(1/q) steps, as engine.data_loader makes it)")
     parser.add_argument("--delta", type=float, required=True, help="target delta, below 1 / dataset size (e.g. 1e-5)")
     parser.add_argument("--micro-batch-size", type=int, default=1,
                         help="examples per clipping unit b (b > 1: sensitivity 2C, the accountant sees z/2)")
@@ -128,7 +130,7 @@ def _steps(args: argparse.Namespace, q: float) -> int:
         raise _UsageError(f"--epochs must be a finite number > 0. Found {args.epochs}.")
     if not 0 < q <= 1:  # checked again by Mechanism; here it would divide by zero first
         raise _UsageError(f"sample_rate must be in (0, 1]. Found {q!r}.")
-    return max(1, math.ceil(args.epochs / q - 1e-9))
+    return steps_for_epochs(args.epochs, q)
 
 
 def _check_numbers(args: argparse.Namespace) -> None:

@@ -11,6 +11,9 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from accounting.epochs import steps_for_epochs as steps_from_epochs  # noqa: F401  (one definition)
+from accounting.epochs import steps_per_epoch  # noqa: F401
+
 from .errors import ConfigurationError, PrivacyError
 
 
@@ -210,13 +213,3 @@ class PrivacyState:
 
 def _accounting_sampling(sampling: str) -> str:
     return "shuffle" if sampling == "shuffle" else "poisson"
-
-
-def steps_per_epoch(sample_rate: float) -> int:
-    """Steps in one epoch of engine.data_loader: round(1/q), each record seen once on average."""
-    return max(1, round(1.0 / sample_rate))
-
-
-def steps_from_epochs(epochs: float, sample_rate: float) -> int:
-    """Planned steps of ``epochs`` epochs of engine.data_loader (each ``steps_per_epoch`` steps)."""
-    return max(1, math.ceil(epochs * steps_per_epoch(sample_rate)))

@@ -62,10 +62,18 @@ def test_cli_epsilon_matches_dp_accounting(capsys):
     assert "DP-SGD privacy statement" in out and "Declared by the user" in out
 
 
-def test_cli_epochs_round_steps_up(capsys):
+def test_cli_epochs_are_the_loaders_epochs(capsys):
+    # One definition (accounting.epochs): an epoch is round(1/q) steps, as engine.data_loader yields them;
+    # a fractional number of epochs rounds up.
+    from accounting.epochs import steps_for_epochs
+
     assert main(["epsilon", "--sample-rate", "0.3", "--noise-multiplier", "2", "--epochs", "1", "--delta", "1e-5",
                  "--accountant", "rdp"]) == 0
-    assert "(4 steps" in capsys.readouterr().out  # ceil(1 / 0.3)
+    assert "(3 steps" in capsys.readouterr().out  # round(1 / 0.3)
+    assert main(["epsilon", "--sample-rate", "0.3", "--noise-multiplier", "2", "--epochs", "1.5", "--delta", "1e-5",
+                 "--accountant", "rdp"]) == 0
+    assert "(5 steps" in capsys.readouterr().out  # ceil(1.5 * 3)
+    assert steps_for_epochs(60, 256 / 60000) == 14040  # the privacy plan of attach(..., epochs=60) agrees
 
 
 def test_cli_noise_round_trips(capsys):
