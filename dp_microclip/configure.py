@@ -20,10 +20,11 @@ from .errors import ConfigurationError, PrivacyError
 from .grouping import public_groups
 from .layout import declared_batch_first
 from .settings import (
-    DP, DP_KEYWORDS, CLIPPING_MODES, FALLBACKS, GRAD_MODES, GROUPINGS, LOSS_REDUCTIONS, NONFINITE_POLICIES, ClipSettings,
+    DP, DP_KEYWORDS, SAMPLINGS, CLIPPING_MODES, FALLBACKS, GRAD_MODES, GROUPINGS, LOSS_REDUCTIONS, NONFINITE_POLICIES, ClipSettings,
     EngineSettings, check_choice, check_positive_finite, is_real, total_bound,
 )
 from .units import find_units, managed_parameters
+from accounting.mechanism import ADJACENCIES
 
 _choice = check_choice
 
@@ -148,8 +149,8 @@ def attach(
         raise ConfigurationError(f"num_groups must be an integer >= 1. Found {num_groups!r}.")
     if isinstance(verify_steps, bool) or not isinstance(verify_steps, int) or verify_steps < 0:
         raise ConfigurationError(f"verify_steps must be an integer >= 0. Found {verify_steps!r}.")
-    _choice("sampling", sampling, ("engine", "poisson", "shuffle"))
-    _choice("adjacency", adjacency, ("add_remove", "replace_one"))
+    _choice("sampling", sampling, SAMPLINGS)
+    _choice("adjacency", adjacency, ADJACENCIES)
     privacy = None
     public_num_groups = None
     if dp:

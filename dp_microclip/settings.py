@@ -15,9 +15,12 @@ import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from accounting.mechanism import CLIPPINGS as CLIPPING_MODES  # one list of clipping modes
+
 from .errors import ConfigurationError
 
-CLIPPING_MODES = ("fixed", "adaptive", "per_layer", "normalize")
+#: How batches are sampled: "engine" (engine.data_loader), or the accounting module's declared samplings.
+SAMPLINGS = ("engine", "poisson", "shuffle")
 GRAD_MODES = ("auto", "bookkeeping", "materialize", "func")
 GROUPINGS = ("auto", "contiguous", "keyed")
 LOSS_REDUCTIONS = ("mean", "sum")

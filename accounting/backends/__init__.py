@@ -33,6 +33,8 @@ Available accountants (``ACCOUNTANTS``):
 
 from __future__ import annotations
 
+import importlib
+
 import math
 import numbers
 from typing import NamedTuple, Protocol, Sequence, Union
@@ -40,7 +42,14 @@ from typing import NamedTuple, Protocol, Sequence, Union
 from accounting.errors import PrivacyRefusal
 from accounting.mechanism import ADJACENCIES
 
-ACCOUNTANTS = ("rdp", "rdp_google", "prv", "pld")
+#: name -> (module, class) of each backend; ``resolve`` imports the module on first use.
+_REGISTRY = {
+    "rdp": ("accounting.backends.rdp", "RdpBackend"),
+    "rdp_google": ("accounting.backends.rdp", "RdpGoogleBackend"),
+    "prv": ("accounting.backends.prv", "PrvBackend"),
+    "pld": ("accounting.backends.pld", "PldBackend"),
+}
+ACCOUNTANTS = tuple(_REGISTRY)
 
 
 class Segment(NamedTuple):
@@ -141,23 +150,10 @@ def resolve(accountant: AccountantSpec) -> Backend:
             f"accountant must be one of {', '.join(repr(a) for a in ACCOUNTANTS)} or a backend object. "
             f"Found {accountant!r}."
         )
-    # Imported here so that importing this package loads neither module's library.
-    if accountant == "rdp":
-        from accounting.backends.rdp import RdpBackend
-
-        return RdpBackend()
-    if accountant == "rdp_google":
-        from accounting.backends.rdp import RdpGoogleBackend
-
-        return RdpGoogleBackend()
-    if accountant == "prv":
-        from accounting.backends.prv import PrvBackend
-
-        return PrvBackend()
-    if accountant == "pld":
-        from accounting.backends.pld import PldBackend
-
-        return PldBackend()
+    if accountant in _REGISTRY:
+        # Imported on use, so that importing this package loads neither Opacus nor dp_accounting.
+        module_name, class_name = _REGISTRY[accountant]
+        return getattr(importlib.import_module(module_name), class_name)()
     raise ValueError(
         f"Unknown accountant {accountant!r}. Use one of {', '.join(repr(a) for a in ACCOUNTANTS)} "
         '(accountant="prv" is the default; "pld" needs pip install dp-microclip[accounting]).'
