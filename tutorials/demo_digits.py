@@ -2,11 +2,18 @@
 
     python -m tutorials.demo_digits [--micro-batch-size 8] [--max-grad-norm 1.0] [--epochs 30] [--label-noise 0.2]
 
-Same model initialisation, same batches, same optimizer: the only difference
-is that one run has the engine attached. Data: scikit-learn's load_digits
-(bundled, no download). By default 20% of training labels are flipped
-("draggers"), the situation micro-batch clipping is meant for; pass
---label-noise 0 for clean labels.
+Same model initialisation, same batches, same optimizer: one run has the
+engine attached. Data: scikit-learn's load_digits (bundled, no download). By
+default 20% of training labels are flipped ("draggers"), the situation
+micro-batch clipping is meant for; pass --label-noise 0 for clean labels.
+
+Each method trains at its OWN tuned learning rate: clipping changes the step
+size, so one shared rate would compare learning rates, not methods. The
+defaults were tuned once, offline, with ``python -m experiments.demo_lr`` (the
+sweep, on a validation split held out of the training set, never the test
+set): plain SGD 0.02, clipping at b=8, C=1 0.05. Over seeds 0-4 that gives
+0.9539 without and 0.9672 with clipping (+1.3 points; plain at 0.01, which ties
+0.02 on validation, narrows it to +0.4). See docs/science.md.
 """
 
 from __future__ import annotations
@@ -44,7 +51,8 @@ def train(args, clip: bool, progress) -> float:
     torch.manual_seed(args.seed)
     train_set, test_set, _ = digits(label_noise=args.label_noise, seed=args.seed)
     model = small_cnn()
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    lr = args.lr_clip if clip else args.lr_plain
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     engine = None
     if clip:
         engine = dp_microclip.attach(
@@ -71,7 +79,8 @@ def main(argv=None) -> None:
     parser.add_argument("--clipping", default="fixed", choices=["fixed", "adaptive", "normalize"])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--lr-plain", type=float, default=0.02, help="plain SGD's tuned learning rate")
+    parser.add_argument("--lr-clip", type=float, default=0.05, help="clipping's tuned learning rate (b=8, C=1)")
     parser.add_argument("--label-noise", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -87,9 +96,10 @@ def main(argv=None) -> None:
     clipped = train(args, clip=True, progress=progress)
     print(f"\nscikit-learn digits, small CNN, {args.epochs} epochs, batch {args.batch_size}, "
           f"{args.label_noise:.0%} of training labels flipped")
-    print(f"  test accuracy without clipping:                        {plain:.4f}")
+    print("  each method at its own learning rate, tuned on a validation split (docs/science.md)")
+    print(f"  test accuracy without clipping (lr {args.lr_plain}):                        {plain:.4f}")
     print(f"  test accuracy with micro-batch clipping (b={args.micro_batch_size}, C={args.max_grad_norm}, "
-          f"{args.clipping}): {clipped:.4f}")
+          f"{args.clipping}, lr {args.lr_clip}): {clipped:.4f}")
 
 
 if __name__ == "__main__":
