@@ -118,24 +118,26 @@ def probe_record(args: tuple, output) -> ProbeRecord:
 
 def signature_key(args, kwargs, batch_dim: int, batch_size: int) -> tuple:
     """The model's input signature: every tensor's shape with the batch dimension left out, and its dtype."""
-    key = []
-
-    def visit(obj, name):
-        if torch.is_tensor(obj):
-            shape = list(obj.shape)
-            if obj.dim() > batch_dim and shape[batch_dim] == batch_size:
-                shape[batch_dim] = -1
-            key.append((name, tuple(shape), obj.dtype, obj.device.type))
-        elif isinstance(obj, (list, tuple)):
-            for i, item in enumerate(obj):
-                visit(item, f"{name}.{i}")
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                visit(v, f"{name}.{k}")
-
-    visit(args, "args")
-    visit(kwargs, "kwargs")
+    key: list = []
+    _visit_signature(args, "args", key, batch_dim, batch_size)
+    _visit_signature(kwargs, "kwargs", key, batch_dim, batch_size)
     return tuple(key)
+
+
+def _visit_signature(obj, name: str, key: list, batch_dim: int, batch_size: int) -> None:
+    # A module-level function, not a closure: a recursive closure is a reference cycle that only the
+    # garbage collector frees, once per forward.
+    if torch.is_tensor(obj):
+        shape = list(obj.shape)
+        if obj.dim() > batch_dim and shape[batch_dim] == batch_size:
+            shape[batch_dim] = -1
+        key.append((name, tuple(shape), obj.dtype, obj.device.type))
+    elif isinstance(obj, (list, tuple)):
+        for i, item in enumerate(obj):
+            _visit_signature(item, f"{name}.{i}", key, batch_dim, batch_size)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _visit_signature(v, f"{name}.{k}", key, batch_dim, batch_size)
 
 
 def shrink_batch(obj, batch_dim: int, batch_size: int, probe_size: int):
