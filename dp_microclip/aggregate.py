@@ -104,6 +104,8 @@ def choose_strategy(
     and the fastest is kept. The budget, in elements, is the size of everything
     the pass captured: the engine at most doubles what it holds, never B x params.
     """
+    if record.unit.parametrized:
+        return "materialize"  # the group gradients of the computed weight are chained to its originals
     replayable = not isinstance(record.unit.module, NOT_REPLAYABLE)  # e.g. BatchNorm's in-place statistics
     if record.rule is None or (settings.grad_mode == "func" and record.unit.kind != "attention" and replayable):
         return "func"
@@ -233,7 +235,8 @@ def _one_context(
                 record.kw_names,
             )
         else:
-            grads = record.rule.group_grads(record.layer, record.inputs, record.out_grad, groups)
+            grads = chain_parametrizations(
+                record, record.rule.group_grads(record.layer, record.inputs, record.out_grad, groups))
         for name, p in record.params.items():
             g = grads[name]
             materialised[id(p)] = g if id(p) not in materialised else materialised[id(p)] + g
@@ -364,12 +367,13 @@ def unclipped_sums(records: list[Record], replay_guard) -> dict[int, torch.Tenso
         record = _in_float32(record)
         device = _grad_tensors(record)[0].device
         groups = record.ctx.groups.to(device)
-        if record.rule is not None and record.rule.weighted_sum is not None:
+        if record.rule is not None and record.rule.weighted_sum is not None and not record.unit.parametrized:
             ones = {name: torch.ones(groups.batch_size, device=device) for name in record.params}
             sums = record.rule.weighted_sum(record.layer, record.inputs, record.out_grad, ones)
         else:
             if record.rule is not None:
-                grads = record.rule.group_grads(record.layer, record.inputs, record.out_grad, groups)
+                grads = chain_parametrizations(
+                    record, record.rule.group_grads(record.layer, record.inputs, record.out_grad, groups))
             else:
                 grads = generic_group_grads(
                     record.unit.module, record.params, record.inputs, record.kwargs, record.out_grad, groups,
@@ -380,3 +384,27 @@ def unclipped_sums(records: list[Record], replay_guard) -> dict[int, torch.Tenso
             if name in sums:
                 out[id(p)] = sums[name] if id(p) not in out else out[id(p)] + sums[name]
     return out
+
+
+def chain_parametrizations(record: Record, grads: dict) -> dict:
+    """Group gradients of a parametrized tensor (weight norm: ``W = g v / ||v||``) carried back to its originals.
+
+    The rule gives ``{"weight": (M, *W.shape)}``; each group's gradient of the original tensors is the
+    vector-Jacobian product of the parametrization with it (``torch.func.vjp``, vmapped over groups).
+    """
+    if not record.unit.parametrized:
+        return grads
+    from torch.func import functional_call, vjp, vmap
+
+    for tensor, plist in record.unit.parametrized.items():
+        if tensor not in grads:
+            continue
+        computed = grads.pop(tensor)  # (M, *W.shape)
+        values = {n: p.detach() for n, p in plist.named_parameters()}
+        _, pullback = vjp(lambda vals: functional_call(plist, vals, ()), values)
+        per_group = vmap(pullback)(computed.to(next(iter(values.values())).dtype))[0]  # name -> (M, ...)
+        for name, g in per_group.items():
+            key = f"parametrizations.{tensor}.{name}"
+            if key in record.params:
+                grads[key] = g
+    return grads

@@ -98,6 +98,7 @@ class Unit:
     rule: LayerRule | None
     params: dict[str, nn.Parameter]
     batch_dim: int  # the dimension the module works in (its convention, a declared layout, or the model's)
+    parametrized: dict = field(default_factory=dict)  # tensor name -> its ParametrizationList (weight norm, ...)
 
 
 @dataclass

@@ -35,6 +35,23 @@ def _is_parametrization(path: str) -> bool:
     return ".parametrizations." in f".{path}." or path.startswith("parametrizations.")
 
 
+def _owner_path(path: str) -> str:
+    return path.split(".parametrizations.")[0] if ".parametrizations." in f".{path}" else ""
+
+
+def _handled_parametrization(model: nn.Module, path: str) -> bool:
+    """A parametrization of a layer with a rule: the engine chains the rule's weight gradient through it."""
+    owner_path = _owner_path(path) if not path.startswith("parametrizations.") else ""
+    owner = model.get_submodule(owner_path) if owner_path else model
+    return rule_for(owner) is not None
+
+
+def _parametrized_tensors(module: nn.Module) -> dict:
+    """``{tensor name: ParametrizationList}`` of a module parametrized with torch.nn.utils.parametrize."""
+    lists = getattr(module, "parametrizations", None)
+    return dict(lists.items()) if isinstance(lists, nn.ModuleDict) else {}
+
+
 def module_problems(model: nn.Module, *, dp: bool) -> list[str]:
     """Every module that cannot be trained exactly (or, in DP mode, privately), each with the fix."""
     problems = []
@@ -62,7 +79,8 @@ def module_problems(model: nn.Module, *, dp: bool) -> list[str]:
             )
         if isinstance(module, nn.MultiheadAttention):
             problems += attention_problems(module, where)
-        if _is_parametrization(path) and any(p.requires_grad for p in module.parameters(recurse=False)):
+        if _is_parametrization(path) and any(p.requires_grad for p in module.parameters(recurse=False)) \
+                and not _handled_parametrization(model, path):
             problems.append(
                 f"{where} holds trainable tensors of a torch.nn.utils.parametrize parametrization (e.g. weight "
                 "norm); the parametrized weight has no batch dimension, so per-example gradients of its "
@@ -97,7 +115,11 @@ def find_units(
                 units.append(Unit(path, module, "attention", None, owned, batch_dim))
             continue
         own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
-        if not own or _is_parametrization(path):
+        if _is_parametrization(path):
+            continue
+        has_parametrized = any(p.requires_grad for pl in _parametrized_tensors(module).values()
+                               for p in pl.parameters())
+        if not own and not has_parametrized:
             continue
         if isinstance(module, MIXES_EXAMPLES) and not dp:
             warn(
@@ -107,8 +129,17 @@ def find_units(
                 "Consider nn.GroupNorm.",
             )
         rule = rule_for(module)
+        parametrized = _parametrized_tensors(module)
+        if rule is not None and parametrized:
+            # Weight norm and other parametrizations: the rule gives each group's gradient of the computed
+            # tensor; the engine carries it back to the original tensors (aggregate.chain_parametrizations).
+            for tensor, plist in parametrized.items():
+                for name, p in plist.named_parameters():
+                    if p.requires_grad:
+                        own[f"parametrizations.{tensor}.{name}"] = p
         if rule is not None:
-            units.append(Unit(path, module, "rule", rule, own, batch_dim))
+            units.append(Unit(path, module, "rule", rule, own, batch_dim,
+                              {t: pl for t, pl in parametrized.items()} if parametrized else {}))
             continue
         # Modules known to treat examples independently (RNNs) may take the exact generic path in DP mode too.
         independent = isinstance(module, INDEPENDENT_WITHOUT_RULE)
