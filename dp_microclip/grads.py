@@ -155,6 +155,7 @@ class HookSet:
         self.anchor = torch.zeros((), requires_grad=True)  # makes RequireGrad's output need a gradient
         self.signatures: dict[tuple, Signature] = {}
         self.probing: Signature | None = None
+        self.no_grad_in_forward: set[str] = set()  # units seen under no_grad inside a forward (checkpointing)
         self._probe_calls: dict[str, int] = {}
 
     # ------------------------------------------------------------------ install
@@ -303,6 +304,23 @@ class HookSet:
         return layout
 
     # ------------------------------------------------------------------ helpers
+    def _note_checkpointing(self, unit: Unit) -> None:
+        """Reentrant gradient checkpointing runs a segment under no_grad in the forward and again, with
+        gradients, inside the backward: the engine sees neither run with a usable output gradient, so those
+        layers would silently get no gradient. Recognise the pair and refuse with the fix."""
+        if not self.engine._hooks_active():
+            return
+        if not torch.is_grad_enabled() and self.engine._current_context() is not None:
+            self.no_grad_in_forward.add(unit.path)
+        elif in_backward() and torch.is_grad_enabled() and unit.path in self.no_grad_in_forward:
+            self.engine._problems.append(
+                f"{unit.path} ({type(unit.module).__name__}) ran under torch.no_grad() inside the model's forward and "
+                "again, with gradients, during the backward pass: gradient checkpointing with use_reentrant=True, "
+                "whose recomputed gradients the engine cannot see per example. Use non-reentrant checkpointing: "
+                "torch.utils.checkpoint.checkpoint(..., use_reentrant=False), or in HuggingFace "
+                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})."
+            )
+
     def _capturing(self) -> ForwardContext | None:
         if not self.engine._hooks_active() or not torch.is_grad_enabled() or in_backward():
             return None
@@ -362,6 +380,7 @@ class HookSet:
                 self.probing.probe[(unit.path, index)] = probe_record(
                     tuple(args) + tuple(kwargs[k] for k in kw_names), output)
                 return None
+            self._note_checkpointing(unit)
             ctx = self._capturing()
             if ctx is None:
                 return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -189,3 +190,46 @@ def test_adaptive_zero_norm_warns():
     with pytest.warns(RuntimeWarning, match="rho is 0"):
         opt.step()
     assert torch.count_nonzero(model.weight.grad) == 0
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        self.reentrant = reentrant
+        self.a, self.b, self.head = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = torch.relu(self.a(x))
+        h = checkpoint(lambda t: torch.relu(self.b(t)), h, use_reentrant=self.reentrant)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("b", [1, 2])
+def test_non_reentrant_gradient_checkpointing_is_exact(b):
+    from dp_microclip.reference import naive_microbatch_grads
+
+    torch.manual_seed(0)
+    model = _Checkpointed(reentrant=False).double()
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(4, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    want = naive_microbatch_grads(reference, F.cross_entropy, x, y, micro_batch_size=b, max_grad_norm=0.05)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    _attach(model, optimizer=opt, micro_batch_size=b, max_grad_norm=0.05)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    for name, p in model.named_parameters():
+        assert float((p.grad - want[name]).norm() / want[name].norm()) < 1e-9, name
+
+
+@pytest.mark.parametrize("verify_steps", [0, 1])
+def test_reentrant_gradient_checkpointing_is_refused_with_the_fix(verify_steps):
+    model = _Checkpointed(reentrant=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _attach(model, optimizer=opt, micro_batch_size=1, verify_steps=verify_steps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: "None of the inputs have requires_grad=True"
+        F.cross_entropy(model(torch.randn(4, 6)), torch.tensor([0, 1, 2, 0])).backward()
+    with pytest.raises(ConfigurationError, match="use_reentrant=True.*use_reentrant': False"):
+        opt.step()
