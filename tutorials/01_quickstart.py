@@ -1,0 +1,145 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 01 Quickstart: noise-free micro-batch clipping
+#
+# **What this shows.** `dp_microclip.attach(model, optimizer, micro_batch_size=b, max_grad_norm=C)`
+# on an unchanged model and optimizer, trained beside the same run without the engine
+# (same initialisation, same batches, same optimizer), on scikit-learn's bundled digits
+# (no download) with 20% of the training labels flipped. Then the diagnostics
+# (`dp_microclip.diagnostics`): what fraction of micro-batches is clipped, how far the clipped
+# update turns from the plain one, and whether the examples with flipped labels (the
+# "draggers") are the ones being muted.
+#
+# No noise here: this is micro-batch clipping as an accuracy tool (Wang, *Revisit Micro-batch
+# Clipping*, 2024), not differential privacy (tutorial 02). Runs in well under a minute on 2 CPU cores.
+
+# %%
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+import dp_microclip
+from tutorials.data import digits
+
+torch.set_num_threads(1)
+SEED = 0          # data split, label flips, initialisation and batch order (there is no DP engine here)
+EPOCHS = 30
+BATCH = 64
+train_set, test_set, flipped = digits(label_noise=0.2, seed=SEED)
+print(f"{len(train_set)} training images ({int(flipped.sum())} with a flipped label), {len(test_set)} test images")
+
+
+# %%
+def small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10),
+    )
+
+
+def accuracy(model, dataset) -> float:
+    x, y = dataset.tensors
+    model.eval()
+    with torch.no_grad():
+        acc = (model(x).argmax(1) == y).float().mean().item()
+    model.train()
+    return acc
+
+
+def train(micro_batch_size=None, max_grad_norm=1.0, observers=()):
+    """One run; ``micro_batch_size=None`` trains without the engine."""
+    torch.manual_seed(SEED)
+    model = small_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    engine = None
+    if micro_batch_size is not None:
+        # the only difference between the two runs: this line
+        engine = dp_microclip.attach(model, optimizer, micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm)
+        for observer in observers:
+            engine.add_observer(observer)
+    loader = DataLoader(train_set, batch_size=BATCH, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(SEED))
+    curve = []
+    for epoch in range(EPOCHS):
+        for x, y in loader:                      # an ordinary training loop
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()                     # with the engine: p.grad = mean over micro-batches of clip(g_j)
+        if (epoch + 1) % 5 == 0:
+            curve.append(round(accuracy(model, test_set), 3))
+    print("test accuracy every 5 epochs:", curve)
+    if engine is not None:
+        print(engine.summary())
+        engine.detach()                          # hooks removed; the model is a plain nn.Module again
+    return model
+
+
+# %% [markdown]
+# ## Plain training and micro-batch clipping, side by side
+#
+# Micro-batches of `b = 8` examples, bound `C = 1`. The engine also attaches two observers
+# (explained below); they only read what the engine computes.
+
+# %%
+from dp_microclip.diagnostics import ClipMonitor, DraggerProbe
+
+x_train, y_train = train_set.tensors
+probe = DraggerProbe(x_train[:256], y_train[:256], F.cross_entropy, every=150, flags=flipped[:256])
+monitor = ClipMonitor(every=10)
+
+start = time.perf_counter()
+plain = accuracy(train(None), test_set)
+clipped = accuracy(train(8, 1.0, observers=(monitor, probe)), test_set)
+print(f"\n{EPOCHS} epochs, batch {BATCH}, 20% flipped labels ({time.perf_counter() - start:.0f} s for both runs)")
+print(f"test accuracy without clipping:            {plain:.4f}")
+print(f"test accuracy with b=8, C=1 clipping:       {clipped:.4f}")
+
+# %% [markdown]
+# ## Diagnostics: is clipping doing anything, and to whom?
+#
+# `ClipMonitor` keeps, every `every` steps, the micro-batch gradient norms, the fraction of
+# micro-batches clipped and the cosine between the clipped and the unclipped average update.
+# A clipped fraction near 0 means the engine changes nothing; a cosine near 0 would mean it
+# throws most of the gradient away.
+
+# %%
+print(f"{'step':>5} {'clipped':>8} {'norm min':>9} {'median':>7} {'max':>7} {'cosine':>7}")
+for r in monitor.records[:: max(1, len(monitor.records) // 8)]:
+    print(f"{r['step']:>5} {r['clipped_fraction']:>8.2f} {r['norm_min']:>9.3f} {r['norm_median']:>7.3f} "
+          f"{r['norm_max']:>7.3f} {r['cosine']:>7.3f}")
+
+# %% [markdown]
+# `DraggerProbe` measures, on a held batch of 256 training examples, each example's gradient and
+# the weight `min(1, C / ||g_j||)` its micro-batch receives. With `flags=` (here: the flipped labels)
+# `summary()` compares flagged examples with the others: early in training the flipped examples
+# have larger gradients pointing away from the mean, and their micro-batches get smaller weights.
+
+# %%
+print(f"{'step':>5} {'grad norm: flipped / other':>28} {'cosine: flipped / other':>26} {'weight: flipped / other':>26}")
+for s in probe.summary():
+    print(f"{s['step']:>5} {s['flagged_grad_norm']:>14.3f} / {s['other_grad_norm']:<11.3f}"
+          f"{s['flagged_cosine_to_mean']:>12.3f} / {s['other_cosine_to_mean']:<11.3f}"
+          f"{s['flagged_weight']:>12.3f} / {s['other_weight']:<11.3f}")
+
+# %% [markdown]
+# ## What to take away
+#
+# * `attach` and `detach` are the whole API for noise-free clipping; the training loop does not change.
+# * With draggers in the data, clipping micro-batch gradients raised the test accuracy above.
+#   Whether it helps on *your* data is a question for a fair comparison with tuned learning rates:
+#   tutorial 03 (`dp_microclip.sweep`).
+# * The diagnostics tell you whether clipping is active (clipped fraction) and what it costs
+#   in direction (cosine), without a second backward pass.
