@@ -247,6 +247,9 @@ def _dp_setup(*, micro_batch_size, clipping, grouping, noise_multiplier, target_
             target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
             micro_batch_size=micro_batch_size, adjacency=adjacency, sampling=sampling, accountant=accountant,
         )
+        calibrated = True
+    else:
+        calibrated = False
     public = None
     if expected_batch_size is not None:
         public = public_groups(expected_batch_size, micro_batch_size)
@@ -254,7 +257,7 @@ def _dp_setup(*, micro_batch_size, clipping, grouping, noise_multiplier, target_
         micro_batch_size=micro_batch_size, clipping=clipping, grouping=grouping, sample_rate=float(sample_rate),
         noise_multiplier=float(noise_multiplier), delta=delta, target_epsilon=target_epsilon,
         planned_steps=steps, sampling=sampling, adjacency=adjacency, accountant=accountant,
-        enforce_budget=enforce_budget,
+        enforce_budget=enforce_budget, calibrated=calibrated,
     )
     return PrivacyState(settings), float(noise_multiplier), grouping, public
 

@@ -34,6 +34,7 @@ class PrivacySettings:
     adjacency: str
     accountant: str
     enforce_budget: bool
+    calibrated: bool = False  # noise_multiplier came from calibrate() for exactly planned_steps and this accountant
 
 
 def _refusal_to_error(err: Exception) -> PrivacyError:
@@ -84,7 +85,9 @@ class PrivacyState:
 
     def set_noise_multiplier(self, noise_multiplier: float) -> None:
         """Use ``noise_multiplier`` from the next step on; every later ledger entry records it."""
-        self.settings = dataclasses.replace(self.settings, noise_multiplier=float(noise_multiplier))
+        # A changed z is no longer the calibrated one: the budget is then checked by computation again.
+        self.settings = dataclasses.replace(self.settings, noise_multiplier=float(noise_multiplier), calibrated=False)
+        self._allowed.clear()
         self.check_mechanism()
 
     def check_mechanism(self) -> None:
@@ -122,9 +125,10 @@ class PrivacyState:
             return self.ledger.epsilon_after(mech, extra, s.delta, accountant=s.accountant) <= s.target_epsilon
 
         if s.planned_steps is not None and s.planned_steps > self.ledger.steps and self._plan_holds():
-            # The plan is checked, not trusted: one epsilon computation for the whole planned run (with a
-            # calibrated z it holds by construction; with a z the user chose it may not).
-            if within(s.planned_steps - self.ledger.steps):
+            # A z the engine calibrated itself (same accountant, same planned steps, every step so far on the
+            # planned mechanism) was verified to reach at most the target by calibrate(): no second, slow epsilon
+            # computation at the first step. A z the user chose is checked, not trusted: one computation.
+            if s.calibrated or within(s.planned_steps - self.ledger.steps):
                 self._allowed[key] = s.planned_steps
                 return s.planned_steps
 

@@ -430,3 +430,16 @@ def test_resume_mid_epoch_is_bitwise_the_same_run(stop_at):
     resumed = _run(stop_at, 14 - stop_at, resume=True)
     assert torch.equal(straight[0], resumed[0])
     assert straight[1] == resumed[1]
+
+
+def test_a_changed_noise_multiplier_is_checked_against_the_budget_not_trusted():
+    # A calibrated z skips the first step's second epsilon computation; changing z must bring the check back.
+    m = model()
+    engine = dp_attach(m, target_epsilon=2.0, steps=20, micro_batch_size=1)
+    engine.set_noise_multiplier(0.3)  # far too little noise for epsilon 2 over 20 steps
+    loader = engine.data_loader(dataset())
+    with pytest.raises(PrivacyError, match="budget exhausted"):
+        for _ in range(2):
+            for x, y in loader:
+                step(engine, m, x, y)
+    assert engine.epsilon() <= 2.0
