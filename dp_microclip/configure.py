@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from types import MappingProxyType
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -183,7 +184,8 @@ def attach(
     missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in {id(m) for m in managed}]
     if missing:  # cannot happen with find_units; a guard against silent skips
         raise ConfigurationError(f"Parameters {missing} are not covered by any hooked module.")
-    per_param = _per_param_bounds(raw_bound, managed, names) if clipping == "per_layer" else {}
+    # A read-only view: the per-parameter bounds are part of the mechanism (their root-sum-square is the sensitivity).
+    per_param = MappingProxyType(_per_param_bounds(raw_bound, managed, names) if clipping == "per_layer" else {})
     clip = ClipSettings(
         micro_batch_size=micro_batch_size, mode=clipping, max_grad_norm=scalar_c, per_param_bound=per_param,
         gamma=normalize_gamma, loss_reduction=loss_reduction, grad_mode=grad_mode, on_nonfinite=on_nonfinite,

@@ -443,3 +443,11 @@ def test_a_changed_noise_multiplier_is_checked_against_the_budget_not_trusted():
             for x, y in loader:
                 step(engine, m, x, y)
     assert engine.epsilon() <= 2.0
+
+
+def test_per_layer_bounds_cannot_be_changed_after_attach():
+    m = model()
+    engine = dp_attach(m, clipping="per_layer", max_grad_norm=1.0)
+    bounds = engine.settings.clip.per_param_bound
+    with pytest.raises(TypeError):
+        bounds[next(iter(bounds))] = 100.0  # the sensitivity assumes the bounds given to attach
