@@ -1,6 +1,6 @@
 """DP training on the digits: Poisson sampling, keyed micro-batches, calibrated noise, an honest epsilon.
 
-    python -m tutorials.dp_digits [--micro-batch-size 2] [--target-epsilon 8] [--epochs 30]
+    python -m tutorials.dp_digits [--micro-batch-size 1] [--target-epsilon 8] [--epochs 30]
 
 Data: scikit-learn's bundled load_digits (1437 training images). A small data set
 means a large sampling rate (here 256/1437), so epsilons grow fast: this shows
@@ -33,7 +33,7 @@ def small_cnn_groupnorm() -> nn.Module:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--micro-batch-size", type=int, default=2)
+    parser.add_argument("--micro-batch-size", type=int, default=1, help="1 for DP: b > 1 doubles the sensitivity")
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=256, help="expected batch size q*N")
     parser.add_argument("--target-epsilon", type=float, default=8.0)
