@@ -1,6 +1,6 @@
 """The privacy rule table: which noise multiplier the accountant sees, or a refusal.
 
-This module is the only place the rules of DESIGN.md section 2 live. Let
+This module is the only place the rules of docs/accounting.md (the sensitivity table) live. Let
 S(D) = sum over micro-batches j of clip(g_j), each clipped to norm C, and let
 the engine add N(0, (z C)^2 I). The accountant analyses the Poisson-subsampled
 Gaussian mechanism with noise multiplier z_acc = z / k, where k C bounds the

@@ -3,7 +3,7 @@
 "Micro-batch" in this package is the *clipping unit* (as in TF Privacy's
 ``num_microbatches``), not a memory chunk (as in Opacus' BatchMemoryManager).
 
-Two ways to form groups (DESIGN.md section 1):
+Two ways to form groups (docs/accounting.md explains which one DP needs):
 
 * contiguous: examples ``[b*j, b*(j+1))`` form group ``j`` (the papers, TF Privacy).
   The batch size must be a multiple of ``b``.

@@ -2,7 +2,7 @@
 
 The rules (which noise the accountant sees, what is refused) live in
 ``accounting/`` only; this module describes each step to it and never decides
-a sensitivity itself. See DESIGN.md section 2.
+a sensitivity itself. See docs/privacy.md and docs/accounting.md.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ only backend here that analyses ``adjacency="replace_one"`` with Poisson
 sampling: dp_accounting's ``NeighboringRelation.REPLACE_ONE`` compares
 q N(-k C) + (1-q) N(0) with q N(+k C) + (1-q) N(0), one record's contribution
 bound k C against the other's, which is the 2C (b = 1) / 4C (b > 1) distance of
-DESIGN.md section 2 (see ``sensitivity.py``).
+the rule table in docs/accounting.md (see ``sensitivity.py``).
 
 Cost: 0.1-5 s with ``value_discretization_interval=1e-4``; 1e-3 is about 10x
 faster and within 0.4% (still an upper bound).

@@ -1,7 +1,7 @@
 """The independent reference: Google's dp_accounting, called directly.
 
 Nothing here imports ``accounting``: the rule for micro-batches (the accountant
-sees z for b = 1 and z / 2 for b > 1 under add/remove adjacency, DESIGN.md
+sees z for b = 1 and z / 2 for b > 1 under add/remove adjacency, docs/accounting.md
 section 2) is written out again, so that a bug in ``accounting.sensitivity``
 cannot hide behind the same bug in the reference.
 """
