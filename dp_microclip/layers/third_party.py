@@ -204,6 +204,37 @@ def timm_rms_norm_2d_group_grads(layer, inputs, out_grad, groups: Groups) -> dic
     return _weight_group_grads(layer, out_grad * h, groups, channels_first=True)  # (M, C)
 
 
+def vit_embeddings_group_grads(layer, inputs, out_grad, groups: Groups) -> dict:
+    """HF ``ViTEmbeddings``' own parameters: the ``[CLS]`` token, the position table and the mask token.
+
+    Its forward is ``dropout(cat(cls_token, patches (masked by mask_token)) + position_embeddings)``; the
+    patch convolution is a unit of its own. With dropout off the per-example gradients are read straight off
+    the output gradient G ``(B, N+1, d)``: cls_token gets ``G[:, 0]``, the position table gets ``G``, and
+    the mask token gets ``sum_n mask[n] G[1 + n]`` (``bool_masked_pos`` passed positionally). Input layout:
+    pixel values ``(B, C, H, W)``, batch at dim 0.
+    """
+    dropout = getattr(layer, "dropout", None)
+    if layer.training and dropout is not None and dropout.p > 0:
+        from ..errors import UnsupportedModuleError
+
+        raise UnsupportedModuleError(
+            f"ViTEmbeddings with dropout p={dropout.p} in training: the dropout mask between its parameters and "
+            "its output is not known per example. Set hidden_dropout_prob=0 in the config (or call .eval() on "
+            "this module)."
+        )
+    g = out_grad  # (B, N+1, d)
+    out = {"cls_token": groups.sum(g[:, 0]).reshape(groups.num_groups, 1, 1, -1),  # (M, 1, 1, d)
+           "position_embeddings": groups.sum(g).unsqueeze(1)}  # (M, 1, N+1, d)
+    if getattr(layer, "mask_token", None) is not None:
+        mask = inputs[1] if len(inputs) > 1 and torch.is_tensor(inputs[1]) else None
+        if mask is None:
+            out["mask_token"] = g.new_zeros((groups.num_groups, 1, 1, g.shape[-1]))
+        else:
+            per_example = (g[:, 1:] * mask.unsqueeze(-1).to(g.dtype)).sum(1)  # (B, d)
+            out["mask_token"] = groups.sum(per_example).reshape(groups.num_groups, 1, 1, -1)
+    return out
+
+
 TIMM_NORM_RULES = {
     "LayerNorm": layer_norm_group_grads,
     "LayerNorm2d": timm_layer_norm_2d_group_grads,
@@ -216,6 +247,7 @@ TIMM_NORM_RULES = {
 
 def _register() -> None:
     register_lazy_rule("transformers.pytorch_utils", "Conv1D", HF_CONV1D_RULE)
+    register_lazy_rule("transformers.models.vit.modeling_vit", "ViTEmbeddings", LayerRule(vit_embeddings_group_grads))
     for group_grads, members in HF_RMS_FAMILIES.values():
         rule = LayerRule(group_grads)
         for model_dir, names in members.items():

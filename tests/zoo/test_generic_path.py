@@ -20,7 +20,6 @@ pytest.importorskip("transformers")
 
 # Listed in docs/models.md ("Modules on the generic path"), with the reason.
 DOCUMENTED = {
-    "ViTEmbeddings": "bare cls-token and position-embedding parameters",
     "WhisperPositionalEmbedding": "an Embedding subclass whose forward indexes its weight directly",
     "LSTM": "RNNs have no rule; the generic path is exact for them",
     "GRU": "RNNs have no rule; the generic path is exact for them",
