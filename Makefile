@@ -1,6 +1,6 @@
 # Two commands for a fresh machine: `make demo` and `make test`.
 # torch==2.13.0 is installed first (a local CPU wheel); a bare `torch` requirement would pull CUDA builds.
-# timm is not installed: it imports torchvision at import time (see tests/zoo).
+# timm is installed without dependencies: its package import needs torchvision, so only its layer modules are used.
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
@@ -14,6 +14,8 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c .ci/constraints.txt -e ".[dev]"
+	# timm without its dependencies (it would pull torchvision and a CUDA torch): tests load its norm layers only.
+	$(BIN)/pip install -q --no-deps timm
 
 demo: install
 	$(BIN)/python -m tutorials.demo_digits
