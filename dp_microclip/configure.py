@@ -167,21 +167,20 @@ def attach(
                 "ledger starts empty, so epsilon() refuses until you carry the history: "
                 "engine.load_state_dict(old_engine.state_dict()).", UserWarning, stacklevel=2,
             )
-    elif grouping == "keyed" and num_groups is None:
-        num_groups = None  # ceil(B / b) per batch
     if batch_first is not None and not isinstance(batch_first, bool):
         raise ConfigurationError(f"batch_first must be True, False or None. Found {batch_first!r}.")
     declared = declared_batch_first(model)
     root_batch_dim = (0 if batch_first else 1) if batch_first is not None else (
         1 if declared is False else 0)
 
-    def warn_once(key: str, message: str) -> None:
+    def warn(key: str, message: str) -> None:
         warnings.warn(message, UserWarning, stacklevel=3)
 
-    units = find_units(model, dp=dp, fallback=fallback, root_batch_dim=root_batch_dim, warn=warn_once)
+    units = find_units(model, dp=dp, fallback=fallback, root_batch_dim=root_batch_dim, warn=warn)
     managed = managed_parameters(units)
     names = {id(p): n for n, p in model.named_parameters()}
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in {id(m) for m in managed}]
+    managed_ids = {id(p) for p in managed}
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in managed_ids]
     if missing:  # cannot happen with find_units; a guard against silent skips
         raise ConfigurationError(f"Parameters {missing} are not covered by any hooked module.")
     # A read-only view: the per-parameter bounds are part of the mechanism (their root-sum-square is the sensitivity).

@@ -84,7 +84,7 @@ class Engine:
         self._observers: list = []  # diagnostics (see add_observer)
         self._step_reducer = None  # set by dp_microclip.distributed: (managed, sums, groups, min_norm) -> same
         self._reset_step()
-        self.steps_taken = 0
+        self._steps_taken = 0
         self.nonfinite_groups = 0
         self.last_group_norms: torch.Tensor | None = None
         self.last_groups: grouping.Groups | None = None
@@ -118,6 +118,11 @@ class Engine:
     def settings(self) -> EngineSettings:
         """The frozen settings ``attach`` validated."""
         return self._settings
+
+    @property
+    def steps_taken(self) -> int:
+        """Optimizer steps taken through this engine (restored by ``load_state_dict``)."""
+        return self._steps_taken
 
     @property
     def micro_batch_size(self) -> int:
@@ -158,6 +163,13 @@ class Engine:
         if name in _READ_ONLY and "_settings" in self.__dict__:
             fix = " Use engine.set_noise_multiplier(z)." if name == "noise_multiplier" else (
                 " Detach and attach again with the new value (engine.state_dict() carries the privacy ledger).")
+            if name == "steps_taken":
+                raise AttributeError("engine.steps_taken is read-only: the engine counts its own steps "
+                                     "(engine.load_state_dict(...) restores the count of a resumed run).")
+            if name in ("model", "optimizer"):
+                raise AttributeError(
+                    f"engine.{name} is read-only: the engine's hooks and flags belong to the {name} given to attach(), "
+                    "and detach() restores that one. Detach, then attach to the other one.")
             raise AttributeError(f"engine.{name} is read-only: it is part of the mechanism the ledger records.{fix}")
         super().__setattr__(name, value)
 
@@ -366,7 +378,7 @@ class Engine:
         """
         if (state["privacy"] is None) != (self._privacy is None):
             raise ConfigurationError("This state_dict comes from an engine with a different DP mode.")
-        self.steps_taken = int(state["steps_taken"])
+        self._steps_taken = int(state["steps_taken"])
         self._noise_on = bool(state["noise_on"])
         if self._privacy is not None:
             self._privacy.load_state_dict(state["privacy"])
@@ -558,7 +570,7 @@ class Engine:
             p.grad = total if total.dtype == p.dtype else total.to(p.dtype)
         self._after_step()
         self._reset_step()
-        self.steps_taken += 1
+        self._steps_taken += 1
         for observer in list(self._observers):
             if hasattr(observer, "on_step"):
                 observer.on_step(self)
@@ -568,8 +580,6 @@ class Engine:
                 self._switch_off_weight_grads()
 
     def _check_dp_step(self) -> None:
-        if self._inherited_steps:
-            pass  # epsilon() refuses until the earlier ledger is loaded; training itself may go on
         if self._passes > 1:
             raise PrivacyError(
                 f"{self._passes} backward passes before one optimizer.step() in DP mode: each step must be "
@@ -622,6 +632,6 @@ class _ObserverHandle:
             self._observers.remove(self._observer)
 
 
-_READ_ONLY = frozenset({"micro_batch_size", "max_grad_norm", "clipping", "grouping", "noise_multiplier",
+_READ_ONLY = frozenset({"model", "optimizer", "steps_taken", "micro_batch_size", "max_grad_norm", "clipping", "grouping", "noise_multiplier",
                         "sample_rate", "settings", "dp", "noise_std"})
 _LOW = (torch.float16, torch.bfloat16)

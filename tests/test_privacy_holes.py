@@ -451,3 +451,14 @@ def test_per_layer_bounds_cannot_be_changed_after_attach():
     bounds = engine.settings.clip.per_param_bound
     with pytest.raises(TypeError):
         bounds[next(iter(bounds))] = 100.0  # the sensitivity assumes the bounds given to attach
+
+
+@pytest.mark.parametrize("name", ["model", "optimizer", "steps_taken"])
+def test_engine_model_optimizer_and_step_count_are_read_only(name):
+    # Reassigning engine.model made detach() restore flags on the wrong object (found trying it as a user).
+    m = model()
+    engine = dp_attach(m)
+    with pytest.raises(AttributeError, match=f"engine.{name} is read-only"):
+        setattr(engine, name, None)
+    engine.detach()
+    assert all(p.requires_grad for p in m.parameters())
