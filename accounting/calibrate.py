@@ -209,3 +209,18 @@ def _search(epsilon_of: Callable[[float], float], target: float, tolerance: floa
         stacklevel=3,
     )
     return hi
+
+
+def max_steps_within(within: Callable[[int], bool], cap: int = 10**8) -> int:
+    """The largest ``n`` in ``[0, cap]`` with ``within(n)`` true, for a ``within`` that is true up to some
+    ``n`` and false after (epsilon grows with the number of steps): doubling, then bisection.
+
+    Used for budget enforcement: how many more steps keep epsilon within the target.
+    """
+    lo, hi = 0, 1
+    while within(hi) and hi < cap:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if within(mid) else (lo, mid)
+    return lo

@@ -59,6 +59,7 @@ def _rank(rank: int, world: int, store: str, method: str, batch: int, steps: int
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
+    import dp_microclip
     import dp_microclip.distributed as mcd
 
     torch.manual_seed(0)
@@ -69,8 +70,9 @@ def _rank(rank: int, world: int, store: str, method: str, batch: int, steps: int
     else:
         kw = dict(micro_batch_size=8, max_grad_norm=1.0, grad_mode="bookkeeping")
         if method == "dp":
-            kw = dict(micro_batch_size=1, max_grad_norm=1.0, noise_multiplier=1.0, sample_rate=0.01,
-                      expected_batch_size=batch, sampling="poisson", grad_mode="bookkeeping")
+            kw = dict(micro_batch_size=1, max_grad_norm=1.0, grad_mode="bookkeeping",
+                      privacy=dp_microclip.DP(noise_multiplier=1.0, sample_rate=0.01, expected_batch_size=batch,
+                                              sampling="poisson"))
         mcd.attach(model, opt, **kw)
         net = model
     g = torch.Generator().manual_seed(rank)

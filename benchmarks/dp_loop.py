@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dp_microclip import DP
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +80,7 @@ def run_child(cfg: dict) -> dict:
     if method == "engine":
         engine = dp_microclip.attach(
             model, optimizer, micro_batch_size=cfg["b"], max_grad_norm=cfg["max_grad_norm"],
-            target_epsilon=cfg["target_epsilon"], delta=cfg["delta"], epochs=cfg["epochs"], sample_rate=q,
+            privacy=DP(target_epsilon=cfg["target_epsilon"], delta=cfg["delta"], epochs=cfg["epochs"], sample_rate=q),
             seed=cfg["seed"],
         )
         loader = engine.data_loader(train_set)

@@ -4,7 +4,7 @@
 """
 
 from . import layers  # noqa: F401  (registers the built-in layer rules)
-from .configure import attach
+from .attach import attach
 from .engine import Engine
 from .settings import DP
 from .errors import BatchError, ConfigurationError, MicroclipError, PrivacyError, UnsupportedModuleError

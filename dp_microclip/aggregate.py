@@ -27,11 +27,11 @@ from typing import Callable
 import torch
 
 from . import clipping as clip
-from .grads import ForwardContext, Record
+from .records import ForwardContext, Record
 from .layers.generic import generic_group_grads
-from .layers.traits import NOT_REPLAYABLE
 from .settings import ClipSettings
-from .timing import best_times
+from .routes import Autotuner, choose_strategy
+from .tensors import LOW_PRECISION
 
 
 @dataclass
@@ -85,114 +85,6 @@ def clip_and_sum(
     return result
 
 
-def choose_strategy(
-    record: Record, groups, settings: ClipSettings, uses: Counter, budget: list, tuner: "Autotuner"
-) -> str:
-    """The route for one record: "ghost", "materialize", "norms_then_sum" or "func".
-
-    * ghost: Gram norms, then one weighted product over all rows for the sum.
-    * materialize: per-group gradients kept until the clip factors are known, the
-      sum an einsum over them.
-    * norms_then_sum: per-group gradients for the norms only, freed at once, the
-      sum a weighted product (no M x params memory held).
-
-    ``grad_mode="auto"``: every route is exact, so the choice is only about speed
-    and memory. Flop counts mislead here (a batched product of many small
-    matrices runs several times slower per flop than one large product, and
-    that ratio differs between CPUs and GPUs), so the routes whose kept memory
-    fits ``budget`` are timed once per layer and shape class (:class:`Autotuner`)
-    and the fastest is kept. The budget, in elements, is the size of everything
-    the pass captured: the engine at most doubles what it holds, never B x params.
-    """
-    if record.unit.parametrized:
-        return "materialize"  # the group gradients of the computed weight are chained to its originals
-    replayable = not isinstance(record.unit.module, NOT_REPLAYABLE)  # e.g. BatchNorm's in-place statistics
-    if record.rule is None or (settings.grad_mode == "func" and record.unit.kind != "attention" and replayable):
-        return "func"
-    shared = any(uses[id(p)] > 1 for p in record.params.values())
-    if shared or not record.rule.has_ghost or settings.grad_mode == "materialize":
-        return "materialize"
-    if settings.grad_mode == "bookkeeping" or record.rule.group_grad_elements is None:
-        return "ghost"
-    elements = record.rule.group_grad_elements(record.layer, record.inputs, record.out_grad, groups)
-    candidates = ["ghost"]
-    if elements <= budget[0]:
-        # Both other routes build every group gradient of the layer at once (norms_then_sum frees them right
-        # after the norms, materialize keeps them for the sum): only where that fits the memory budget, so the
-        # engine's peak never grows like B x params, not even while the autotuner times them.
-        candidates += ["norms_then_sum", "materialize"]
-    choice = tuner.choose(record, groups, candidates)
-    if choice == "materialize":
-        budget[0] -= elements
-    return choice
-
-
-MEMORY_ORDER = ("ghost", "norms_then_sum", "materialize")  # least memory held first
-
-
-class Autotuner:
-    """Times each candidate route once per (layer, shape class) and remembers the fastest.
-
-    The shape class buckets the rows per group and the batch size to powers of two,
-    so Poisson-sampled batches of varying size do not trigger a new measurement.
-    """
-
-    TIE = 0.10  # routes within 10% of the fastest count as equally fast
-
-    def __init__(self):
-        self.choices: dict = {}
-
-    @staticmethod
-    def _key(record: Record, groups) -> tuple:
-        a = next(x for x in record.inputs if torch.is_tensor(x))
-        bucket = lambda n: max(1, int(n)).bit_length()  # noqa: E731
-        return (record.name, bucket(groups.num_groups), bucket(groups.max_size()), bucket(a.shape[0]),
-                tuple(a.shape[2:]), tuple(record.out_grad.shape[2:]), a.shape[1] if a.dim() > 2 else None)
-
-    def choose(self, record: Record, groups, candidates: list[str]) -> str:
-        """The route for this record: timed once per (layer, shape class), then remembered."""
-        key = self._key(record, groups)
-        if key not in self.choices:
-            timings = self._time_routes(record, groups, candidates)
-            fastest = min(timings.values())
-            # Memory breaks near-ties: among routes within TIE of the fastest, take the one that holds the least
-            # (ghost holds nothing extra, norms_then_sum one layer's group gradients briefly, materialize keeps them
-            # until the clip factors are known). Timing noise alone is a few percent.
-            near = [c for c in MEMORY_ORDER if c in timings and timings[c] <= fastest * (1 + self.TIE)]
-            self.choices[key] = near[0]
-        choice = self.choices[key]
-        return choice if choice in candidates else "ghost"
-
-    REPEATS = 3
-
-    @classmethod
-    def _time_routes(cls, record: Record, groups, routes: list[str]) -> dict[str, float]:
-        """Best time of each route (interleaved repeats, see ``timing.py``)."""
-        runs = {route: cls._runner(record, groups, route) for route in routes}
-        return best_times(runs, record.out_grad.device, cls.REPEATS)
-
-    @staticmethod
-    def _runner(record: Record, groups, route: str) -> Callable[[], None]:
-        """The work one route does for this record, as a call to time."""
-        rule, args = record.rule, (record.layer, record.inputs, record.out_grad)
-        weights = {name: torch.ones(groups.batch_size, device=record.out_grad.device) for name in record.params}
-
-        def run():
-            if route == "ghost":
-                rule.group_sq_norms(*args, groups)
-                rule.weighted_sum(*args, weights)
-            elif route == "norms_then_sum":
-                for g in rule.group_grads(*args, groups).values():
-                    torch.linalg.vector_norm(g.flatten(1), dim=1)
-                rule.weighted_sum(*args, weights)
-            else:
-                for g in rule.group_grads(*args, groups).values():
-                    torch.linalg.vector_norm(g.flatten(1), dim=1)
-                    torch.einsum("m,m...->...", torch.ones(g.shape[0], dtype=g.dtype, device=g.device), g)
-
-        return run
-
-
 def _numel(inputs) -> int:
     return sum(x.numel() for x in inputs if torch.is_tensor(x))
 
@@ -221,7 +113,7 @@ def _one_context(
             if strategy == "ghost":
                 norms = record.rule.group_sq_norms(record.layer, record.inputs, record.out_grad, groups)
             else:
-                grads = record.rule.group_grads(record.layer, record.inputs, record.out_grad, groups)
+                grads = tuner.group_grads(record, groups)
                 norms = {n: torch.linalg.vector_norm(g.flatten(1), dim=1).square() for n, g in grads.items()}
                 del grads
             for name, p in record.params.items():
@@ -236,7 +128,7 @@ def _one_context(
             )
         else:
             grads = chain_parametrizations(
-                record, record.rule.group_grads(record.layer, record.inputs, record.out_grad, groups))
+                record, tuner.group_grads(record, groups))
         for name, p in record.params.items():
             g = grads[name]
             materialised[id(p)] = g if id(p) not in materialised else materialised[id(p)] + g
@@ -308,9 +200,6 @@ def _one_context(
     result.sums, result.num_groups = merge_means(result.sums, result.num_groups, sums, divisor)
 
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
 def _in_float32(record: Record) -> Record:
     """The record with 16-bit tensors upcast to float32, so that norms and clip factors are accurate.
 
@@ -318,10 +207,10 @@ def _in_float32(record: Record) -> Record:
     the captured input and output gradient may also differ in dtype.
     """
     def up(x):
-        return x.float() if torch.is_tensor(x) and x.dtype in _LOW_PRECISION else x
+        return x.float() if torch.is_tensor(x) and x.dtype in LOW_PRECISION else x
 
     tensors = list(record.inputs) + _grad_tensors(record)
-    if not any(torch.is_tensor(x) and x.dtype in _LOW_PRECISION for x in tensors):
+    if not any(torch.is_tensor(x) and x.dtype in LOW_PRECISION for x in tensors):
         return record
     out_grad = tuple(up(g) for g in record.out_grad) if isinstance(record.out_grad, tuple) else up(record.out_grad)
     return replace(record, inputs=tuple(up(x) for x in record.inputs), out_grad=out_grad)

@@ -148,7 +148,7 @@ class ClipMonitor:
         for pid, (p, value) in result.sums.items():
             v = value.detach().double()
             self._clipped[pid] = v.clone() if pid not in self._clipped else self._clipped[pid] * keep + v * add
-        plain = unclipped_sums(records, engine._replay)
+        plain = unclipped_sums(records, engine.silenced)
         sizes = sum(ctx.batch_size for ctx in contexts)
         to_mean = 1.0 if engine.settings.clip.loss_reduction == "mean" else 1.0 / max(sizes, 1)
         for pid, value in plain.items():
@@ -255,7 +255,7 @@ class DraggerProbe:
         step = engine.steps_taken
         if step == 1 or step % self.every == 0:
             settings = engine.settings.clip
-            with engine._replay():  # the engine's hooks stay silent during the probe's forward passes
+            with engine.silenced():  # the engine's hooks stay silent during the probe's forward passes
                 self.measure(engine.model, step, micro_batch_size=engine.micro_batch_size,
                              clipping=engine.clipping, max_grad_norm=engine.max_grad_norm, gamma=settings.gamma)
 
@@ -288,7 +288,7 @@ class DraggerProbe:
         """Probe ``model`` now; append and return one row per example.
 
         Args:
-            model: the model (with or without an engine; call inside ``engine._replay()``
+            model: the model (with or without an engine; call inside ``engine.silenced()``
                 when an engine is attached, as :meth:`on_step` does).
             step: the step number written into the rows.
             micro_batch_size: ``b``; the held batch is cut into contiguous groups of ``b`` rows

@@ -5,8 +5,9 @@ autograd hooks on the parameters, but the engine switches the parameters'
 ``requires_grad`` off (so autograd never computes the unclipped gradients it
 would throw away) and writes ``p.grad`` itself in an optimizer step pre-hook.
 Under DDP the reducer would see no gradient at all. The engine instead combines
-its *clipped* results across ranks at the step, through the seam
-``Engine._step_reducer``, before any noise is added:
+its *clipped* results across ranks at the step, through the
+reducer this module plugs into the engine at construction
+(``engine.ProcessParts``), before any noise is added:
 
 * every rank clips its own micro-batches (the clipping unit never spans ranks);
 * one all-reduce per (dtype, device) of a flat buffer combines the clipped means,
@@ -25,7 +26,7 @@ Example (every rank runs this)::
 
     dist.init_process_group("gloo")                  # "nccl" on GPUs
     engine = mcd.attach(model, optimizer, micro_batch_size=1, max_grad_norm=1.0,
-                        noise_multiplier=1.1, sample_rate=256 / len(train_set), delta=1e-5)
+                        privacy=dp_microclip.DP(noise_multiplier=1.1, sample_rate=256 / len(train_set), delta=1e-5))
     for x, y in mcd.data_loader(engine, train_set):  # this rank's share of one global Poisson batch
         optimizer.zero_grad()
         loss_fn(model(x), y).backward()              # also for an empty share: every rank steps
@@ -48,14 +49,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import __version__
-from .configure import attach as _attach
-from .data import PoissonBatchSampler, sample_with_groups
-from .engine import Engine
+from .attach import attach as _attach
+from .engine import Engine, ProcessParts
 from .errors import BatchError, ConfigurationError
+from .layers.traits import MIXES_EXAMPLES
+from .sampling import PoissonBatchSampler, sample_with_groups
+from .step import StepAccumulator
+from .tensors import accumulation_dtype
 
 __all__ = ["attach", "data_loader", "DistributedPoissonBatchSampler", "StepReducer"]
 
-_LOW = (torch.float16, torch.bfloat16)
+#: Engines built by :func:`attach` (the only ones :func:`data_loader` accepts).
+_ENGINES: weakref.WeakSet = weakref.WeakSet()
 
 
 # ================================================================ attach
@@ -135,15 +140,17 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *, group=None, pe
             "would on the whole batch. nn.GroupNorm or nn.LayerNorm have no such dependence.", UserWarning,
             stacklevel=2,
         )
-    engine = _attach(model, optimizer, **attach_kwargs)
-    reducer = StepReducer(engine, group=group, per_core=per_core)
-    engine._step_reducer = reducer
-    # Runs after the engine's own step pre-hook: joins the reduction when the engine skipped it.
-    optimizer.register_step_pre_hook(_join_skipped_step(reducer, weakref.ref(engine)))
-    if broadcast_noise or engine.settings.secure_rng:
-        engine._noise_source = _BroadcastNoise(engine._noise_source, src, group)
-    # Guard: engine.data_loader on every rank would sample the WHOLE batch on every rank.
-    engine.data_loader = functools.partial(data_loader, engine)
+    reducer = StepReducer(group=group, per_core=per_core)
+    secure = bool(getattr(attach_kwargs.get("privacy"), "secure_rng", False))
+    wrap_noise = None
+    if broadcast_noise or secure:
+        wrap_noise = functools.partial(_BroadcastNoise, src=src, group=group)
+    # Every rank draws the same coins and keeps its own share of one global batch.
+    sampler = functools.partial(DistributedPoissonBatchSampler, rank=reducer.rank, world_size=reducer.world_size,
+                                shard_by_group=not per_core)
+    engine = _attach(model, optimizer, **attach_kwargs,
+                     process_parts=ProcessParts(reducer=reducer, wrap_noise=wrap_noise, sampler_factory=sampler))
+    _ENGINES.add(engine)
     return engine
 
 
@@ -169,12 +176,11 @@ def _per_core_kwargs(kwargs: dict) -> dict:
 
 
 def _wants_dp(kwargs: Mapping) -> bool:
-    return (kwargs.get("privacy") is not None or kwargs.get("noise_multiplier") is not None
-            or kwargs.get("target_epsilon") is not None)
+    return kwargs.get("privacy") is not None
 
 
 def _has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return any(isinstance(m, MIXES_EXAMPLES) for m in model.modules())
 
 
 def _check_model(model: nn.Module) -> None:
@@ -328,45 +334,12 @@ class _BroadcastNoise:
 
 
 # ================================================================ the step
-def _join_skipped_step(reducer: "StepReducer", engine_ref):
-    """A step pre-hook, run after the engine's: take part in the reduction when the engine did not.
-
-    Noise-free, ``Engine._before_step`` returns early when this rank had no backward pass
-    since the last step (``optimizer.step()`` without ``backward()``, e.g. skipped for an
-    empty share), without calling the reducer; the other ranks would then wait in the
-    all-gather forever. This hook joins with an empty contribution and applies the
-    reduced (clipped, noise-free) mean, so every rank takes the same step. It does
-    nothing once the engine itself calls the reducer in that case (see docs/distributed.md).
-    """
-
-    def hook(optimizer, args, kwargs) -> None:
-        engine = engine_ref()
-        if engine is None or not engine._enabled:
-            return
-        skipped = reducer.calls == reducer.calls_seen
-        reducer.calls_seen = reducer.calls
-        if not skipped or engine.dp:  # DP: the engine raises on a step without backward, or reduces
-            return
-        sums, _, smallest = reducer(engine._managed, {}, 0.0, math.inf)
-        reducer.calls_seen = reducer.calls
-        rho = 1.0 if engine.clipping != "adaptive" else (0.0 if math.isinf(smallest) else smallest)
-        for p in engine._managed:
-            entry = sums.get(id(p))
-            if entry is None:
-                p.grad = None
-                continue
-            grad = entry[1] * rho if rho != 1.0 else entry[1]
-            p.grad = grad if grad.dtype == p.dtype else grad.to(p.dtype)
-
-    return hook
-
-
 class StepReducer:
-    """Combines every rank's clipped means at the step, before noise: the engine's ``_step_reducer``.
+    """Combines every rank's clipped means at the step, before noise (the engine's ``ProcessParts.reducer``).
 
-    Called by ``Engine._before_step`` as ``reducer(managed, sums, groups_seen, min_norm)``
-    where ``sums`` maps ``id(p) -> (p, clipped mean over this rank's groups_seen groups)``.
-    Returns the same triple for the whole group of ranks:
+    Called by the engine's step as ``reducer(managed, acc, dp, global_groups)`` where
+    ``acc.sums`` maps ``id(p) -> (p, clipped mean over this rank's acc.groups_seen groups)``;
+    it rewrites ``acc.sums``, ``acc.groups_seen`` and ``acc.min_norm`` for the whole group of ranks:
 
     * divisor local to each rank (your own batches, noise-free, each rank's groups its
       own): the mean is ``sum_r mean_r * M_r / sum_r M_r`` over ``sum_r M_r`` groups;
@@ -381,30 +354,26 @@ class StepReducer:
     are present), then one all-reduce per (dtype, device) of one flat buffer.
     """
 
-    def __init__(self, engine: Engine, *, group=None, per_core: bool = False):
+    def __init__(self, *, group=None, per_core: bool = False):
         dist = _dist()
-        self._engine = weakref.ref(engine)
         self.group = group
         self.per_core = per_core
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.device = _collective_device(group)
-        self.calls = 0  # how many steps this rank has reduced (read by _join_skipped_step)
-        self.calls_seen = 0
+        self.calls = 0  # how many steps this rank has reduced
 
-    def shared_divisor(self, engine: Engine) -> bool:
-        """Whether every rank's means are already divided by one global M (see the class docstring)."""
-        if engine.dp:
-            return True
-        return (not self.per_core and engine.grouping == "keyed" and engine.micro_batch_size > 1
-                and engine._plan.num_groups is not None)
+    def __call__(self, managed: list, acc: StepAccumulator, dp: bool, global_groups: bool) -> None:
+        acc.sums, acc.groups_seen, acc.min_norm = self.reduce(
+            managed, acc.sums, acc.groups_seen, acc.min_norm,
+            shared=dp or (not self.per_core and global_groups),
+            per_core_broken=self.per_core and acc.groups_seen != len(acc.contexts))
 
-    def __call__(self, managed, sums, groups_seen, min_norm):
+    def reduce(self, managed, sums, groups_seen, min_norm, *, shared: bool, per_core_broken: bool):
+        """``(sums, groups_seen, min_norm)`` of all ranks together; ``shared``: means are already over one
+        global M (see the class docstring)."""
         dist = _dist()
-        engine = self._engine()
         self.calls += 1
-        shared = self.shared_divisor(engine)
-        per_core_broken = self.per_core and groups_seen != len(engine._step_contexts)
         head = [float(groups_seen), float(min_norm), float(shared), float(per_core_broken)]
         present = [1.0 if id(p) in sums else 0.0 for p in managed]
         meta = torch.tensor(head + present, dtype=torch.float64, device=self.device)
@@ -439,7 +408,7 @@ class StepReducer:
         weight = 1.0 if shared else float(groups_seen)
         by_bucket: dict = {}
         for p in params:
-            dtype = torch.float32 if p.dtype in _LOW else p.dtype
+            dtype = accumulation_dtype(p.dtype)
             by_bucket.setdefault((dtype, p.device), []).append(p)
         out = {}
         for (dtype, device), items in by_bucket.items():
@@ -466,7 +435,7 @@ class DistributedPoissonBatchSampler(PoissonBatchSampler):
     Each step, ``coins = rand(N)`` from the engine's sampling generator (seeded
     identically on every rank); record ``i`` is in the global batch iff
     ``coins[i] < q``, and its micro-batch is ``floor(coins[i] / q * M)``
-    (:func:`dp_microclip.data.sample_with_groups`, as on one process). A sampled
+    (:func:`dp_microclip.sampling.sample_with_groups`, as on one process). A sampled
     record goes to rank ``group % world_size`` when groups are drawn (``b > 1``),
     so a micro-batch is never split across ranks and the clipping units are exactly
     the single-process ones; otherwise (``b = 1``, per-core) to rank
@@ -516,21 +485,11 @@ def data_loader(engine: Engine, dataset, batch_size: int | None = None, *,
     Raises:
         ConfigurationError: the engine was not attached with :func:`attach`.
     """
-    reducer = engine._step_reducer
-    if not isinstance(reducer, StepReducer):
+    if engine not in _ENGINES:
         raise ConfigurationError(
             "dp_microclip.distributed.data_loader needs an engine from dp_microclip.distributed.attach "
             "(this one combines nothing across ranks). Attach with dp_microclip.distributed.attach, or use "
             "engine.data_loader(dataset) on one process."
         )
-    # Engine.data_loader validates everything and fixes q, the grouping and the public M; its sampler is
-    # replaced by one that keeps this rank's share (the same coins on every rank).
-    base = Engine.data_loader(engine, dataset, batch_size, collate_keeps_order=collate_keeps_order, **loader_kwargs)
-    plain = base.batch_sampler
-    sampler = DistributedPoissonBatchSampler(
-        plain.num_records, plain.sample_rate, plain.generator, plain.steps_per_epoch, plain.num_groups,
-        plain.on_batch, plain.on_epoch, rank=reducer.rank, world_size=reducer.world_size,
-        shard_by_group=not reducer.per_core,
-    )
-    loader_kwargs.pop("collate_fn", None)  # base.collate_fn already wraps it (empty batches)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=base.collate_fn, **loader_kwargs)
+    # The engine's loader already samples with this module's sampler (plugged in at attach).
+    return engine.data_loader(dataset, batch_size, collate_keeps_order=collate_keeps_order, **loader_kwargs)

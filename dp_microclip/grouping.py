@@ -17,11 +17,12 @@ Dimension letters: B examples, M groups, R = rows of the largest group.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from .errors import BatchError
+from .errors import BatchError, ConfigurationError
 
 
 @dataclass(frozen=True)
@@ -140,3 +141,77 @@ def groups_from_index(index: torch.Tensor, num_groups: int) -> Groups:
 def public_groups(expected_batch_size: float, micro_batch_size: int) -> int:
     """The public number of groups M = round(expected batch size / b), at least 1."""
     return max(1, round(expected_batch_size / micro_batch_size))
+
+
+def missing_public_groups() -> ConfigurationError:
+    """The error when DP mode meets a batch before the public number of groups is known."""
+    return ConfigurationError(
+        "DP mode needs the public number of groups before the first batch: build the loader with "
+        "engine.data_loader(dataset), or pass expected_batch_size=... to attach()."
+    )
+
+
+@dataclass
+class GroupingPlan:
+    """How the examples of each batch form micro-batches.
+
+    Attributes:
+        micro_batch_size: ``b``.
+        requested: the ``grouping`` argument of ``attach`` ("auto", "contiguous" or "keyed").
+        dp: DP mode (keyed groups and a public divisor).
+        num_groups: ``M`` of keyed groups (None: ``ceil(B / b)`` per batch, noise-free only).
+        public_num_groups: the public divisor in DP mode, ``round(q N / b)``.
+    """
+
+    micro_batch_size: int
+    requested: str
+    dp: bool
+    num_groups: int | None = None
+    public_num_groups: int | None = None
+
+    def __post_init__(self):
+        self.mode = "keyed" if self.requested == "keyed" or self.dp else "contiguous"
+        if self.public_num_groups is not None:
+            self.num_groups = self.public_num_groups
+
+    def use_loader(self, expected_batch_size: float) -> None:
+        """``engine.data_loader`` with expected batch size ``q N``: DP fixes the public ``M``; noise-free
+        ``"auto"`` switches to keyed groups (Poisson batches vary in size, so slices of ``b`` would not divide
+        them)."""
+        b = self.micro_batch_size
+        if self.dp:
+            public = public_groups(expected_batch_size, b)
+            if self.public_num_groups is not None and self.public_num_groups != public:
+                raise ConfigurationError(
+                    f"expected_batch_size given to attach() implies {self.public_num_groups} groups, but the "
+                    f"dataset and sample rate imply {public} (round(q N / b)). Make them agree."
+                )
+            self.public_num_groups = self.num_groups = public
+        elif self.requested == "auto" and b > 1:
+            self.mode = "keyed"
+            if self.num_groups is None:
+                self.num_groups = public_groups(expected_batch_size, b)
+
+    @property
+    def loader_groups(self) -> int | None:
+        """``M`` for the sampler to draw keyed groups with, or None (each example its own group, or slices)."""
+        return self.num_groups if self.mode == "keyed" and self.micro_batch_size > 1 else None
+
+    def groups(self, batch_size: int, device, drawn: torch.Tensor | None,
+               generator: torch.Generator) -> Groups:
+        """The groups of one batch: slices, the sampler's draws, or fresh keyed draws from ``generator``."""
+        b = self.micro_batch_size
+        if self.mode == "contiguous" or b == 1:
+            return contiguous_groups(batch_size, b, device)
+        num_groups = self.num_groups
+        if num_groups is None:
+            if self.dp:
+                raise missing_public_groups()
+            num_groups = max(1, math.ceil(batch_size / b))
+        if drawn is not None:
+            return groups_from_index(drawn.to(device), num_groups)
+        return keyed_groups(batch_size, num_groups, generator)
+
+    def divisor(self, groups: Groups) -> float:
+        """``M`` of one batch: its number of groups, or the public constant in DP mode."""
+        return float(self.public_num_groups if self.public_num_groups is not None else groups.num_groups)

@@ -27,6 +27,7 @@ use it where no probe record exists.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,7 @@ from torch import nn
 
 from .errors import BatchError
 from .layers.traits import CHANNELS_FIRST
+from .tensors import output_tensors
 
 BROADCAST = "broadcast"  # size 1 at the declared batch dimension: one value shared by every example
 
@@ -98,15 +100,6 @@ class Signature:
 
 def _shape(x) -> tuple | None:
     return tuple(x.shape) if torch.is_tensor(x) else None
-
-
-def output_tensors(output) -> list:
-    """The tensors of a layer's output, in order: the output itself, or those inside a tuple/list/dict
-    (an RNN returns ``(out, h_n)`` or ``(out, (h_n, c_n))``)."""
-    if torch.is_tensor(output):
-        return [output]
-    leaves, _ = torch.utils._pytree.tree_flatten(output)
-    return [x for x in leaves if torch.is_tensor(x)]
 
 
 def probe_record(args: tuple, output) -> ProbeRecord:
@@ -207,3 +200,131 @@ def batch_dim_declared(real: tuple, batch_size: int, declared: int, where: str) 
         f"{declared}. Set the layout with attach(..., batch_first=...), or keep one batch dimension in this "
         "layer's input."
     )
+
+
+class LayoutLearner:
+    """Learns, once per input signature, where the batch is in every hooked layer call (the probe).
+
+    The hooks ask :meth:`signature` when the attached model is called (probing a new
+    signature with one extra forward pass) and :meth:`layout` for each layer call;
+    during the probe ``probing`` is the signature being filled, and the layer hooks
+    only record shapes (:meth:`record_probe_call`).
+
+    Args:
+        root_batch_dim: the batch dimension of the model's own input.
+        probe_failure_is_error: DP mode: a failed probe raises instead of falling back to
+            each layer's declared batch dimension.
+        warn: ``(key, message) -> None``, warns once per key.
+    """
+
+    def __init__(self, root_batch_dim: int, probe_failure_is_error: bool, warn: Callable[[str, str], None]):
+        self.root_batch_dim = root_batch_dim
+        self.probe_failure_is_error = probe_failure_is_error
+        self._warn = warn
+        self.signatures: dict[tuple, Signature] = {}
+        self.probing: Signature | None = None
+        self._probe_calls: dict[str, int] = {}
+
+    def record_probe_call(self, path: str, args: tuple, output) -> None:
+        """During the probe: keep the shapes one call of the unit at ``path`` saw."""
+        assert self.probing is not None
+        index = self._probe_calls.get(path, 0)
+        self._probe_calls[path] = index + 1
+        self.probing.probe[(path, index)] = probe_record(args, output)
+
+    def signature(self, root: nn.Module, args, kwargs, batch_size: int) -> Signature:
+        if batch_size == 0:
+            return Signature(None)  # an empty Poisson batch: nothing to learn from, nothing to split
+        key = signature_key(args, kwargs, self.root_batch_dim, batch_size)
+        known = self.signatures.get(key)
+        if known is None:
+            known = self.signatures[key] = self._probe(root, args, kwargs, batch_size)
+        return known
+
+    def _probe(self, root: nn.Module, args, kwargs, batch_size: int) -> Signature:
+        """One forward pass without gradients on a batch of B' examples, recording every unit call's shapes."""
+        probe_size = probe_size_for(batch_size)
+        signature = Signature(probe_size)
+        p_args = shrink_batch(args, self.root_batch_dim, batch_size, probe_size)
+        p_kwargs = shrink_batch(kwargs, self.root_batch_dim, batch_size, probe_size)
+        saved = {name: b.clone() for name, b in root.named_buffers()}  # BatchNorm statistics and the like
+        devices = sorted({t.device.index for t in saved.values() if t.device.type == "cuda"} |
+                         {p.device.index for p in root.parameters() if p.device.type == "cuda"})
+        self.probing, self._probe_calls = signature, {}
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                root(*p_args, **p_kwargs)
+        except Exception as err:  # noqa: BLE001 - any failure of the user's forward on a smaller batch
+            if self.probe_failure_is_error:
+                raise BatchError(
+                    f"dp_microclip learns where the batch is in every layer by running the model once without "
+                    f"gradients on {probe_size} examples instead of {batch_size}; that forward failed "
+                    f"({type(err).__name__}: {err}). Make the model accept any batch size along dimension "
+                    f"{self.root_batch_dim} of its inputs, or set attach(..., batch_first=...) if the batch is "
+                    "elsewhere."
+                ) from err
+            self._warn(
+                "probe",
+                f"The layout probe (a forward pass on {probe_size} examples instead of {batch_size}) failed "
+                f"({type(err).__name__}: {err}); each layer's declared batch dimension is used instead.",
+            )
+            signature = Signature(None)
+        finally:
+            self.probing = None
+            with torch.no_grad():
+                for name, b in root.named_buffers():
+                    if name in saved and b.shape == saved[name].shape:
+                        b.copy_(saved[name])
+        return signature
+
+    def layout(self, unit, ctx, index: int, args: tuple, output) -> CallLayout:
+        """Where the batch is in this call's inputs and output (learned once per signature and call)."""
+        signature = ctx.signature
+        key = (unit.path, index)
+        if signature is not None and key in signature.learned:
+            return signature.learned[key]
+        where = f"{unit.path or '<root module>'} ({type(unit.module).__name__})"
+        record = signature.probe.get(key) if signature is not None else None
+        batch, declared = ctx.batch_size, unit.batch_dim
+
+        def dim_of(x, probed, what):
+            if record is None:
+                return batch_dim_declared(tuple(x.shape), batch, declared, f"{where}, {what}")
+            return batch_dim_from_probe(tuple(x.shape), probed, batch, signature.probe_batch, declared,
+                                        f"{where}, {what}")
+
+        inputs = []
+        for i, a in enumerate(args):
+            if not torch.is_tensor(a):
+                inputs.append(None)
+                continue
+            probed = record.inputs[i] if record is not None and i < len(record.inputs) else None
+            inputs.append(dim_of(a, probed, f"input {i}"))
+        if not torch.is_tensor(output):
+            outputs = output_tensors(output)
+            probed = record.output if record is not None else None
+            dims = []
+            for i, t in enumerate(outputs):
+                shape = probed[i] if probed is not None and i < len(probed) else None
+                try:
+                    dims.append(dim_of(t, shape, f"output {i}"))
+                except BatchError:
+                    dims.append(None)  # no gradient may flow through it; the first-step check catches it if one does
+            dims = tuple(None if d == BROADCAST else d for d in dims)
+            layout = CallLayout(tuple(inputs), dims)
+            if signature is not None and signature.probe_batch is not None:
+                signature.learned[key] = layout
+            return layout
+        out_dim = dim_of(output, record.output if record is not None else None, "output")
+        if out_dim is None:
+            raise BatchError(
+                f"{where}: its output of shape {tuple(output.shape)} has no batch dimension (it is the same for "
+                "every example), so its parameters' gradient cannot be split per example. This happens with "
+                "tensors that do not derive from the batch (relative-position buckets, a parametrization's "
+                "weight). Compute such a table once outside a module with trainable parameters, or freeze "
+                "those parameters (requires_grad=False) before attach()."
+            )
+        layout = CallLayout(tuple(inputs), out_dim)
+        if signature is not None and signature.probe_batch is not None:
+            signature.learned[key] = layout
+        return layout

@@ -25,7 +25,25 @@ import math
 import os
 import secrets
 
+from typing import Protocol
+
 import torch
+
+
+class NoiseLike(Protocol):
+    """What the step needs of a noise source: Gaussian draws shaped like a tensor, and a checkpointable state."""
+
+    def gaussian_like(self, tensor: torch.Tensor, std: float) -> torch.Tensor:
+        """``N(0, std^2)`` with the shape, dtype and device of ``tensor``."""
+        ...
+
+    def state_dict(self) -> dict:
+        """The state that resumes the same draws."""
+        ...
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict`."""
+        ...
 
 
 class NoiseSource:

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from dataclasses import dataclass
 
 from accounting.epochs import steps_for_epochs as steps_from_epochs  # noqa: F401  (one definition)
 from accounting.epochs import steps_per_epoch  # noqa: F401
 
+from accounting.calibrate import max_steps_within
+
 from .errors import ConfigurationError, PrivacyError
+from .grouping import missing_public_groups
+
+#: Models that took DP steps under an engine in this process, with how many: a new engine on the same
+#: model refuses epsilon until the old ledger is loaded (see ``check_history``).
+DP_HISTORY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -132,12 +140,7 @@ class PrivacyState:
                 self._allowed[key] = s.planned_steps
                 return s.planned_steps
 
-        lo, hi = 0, 1
-        while within(hi) and hi < 10**8:
-            lo, hi = hi, hi * 2
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if within(mid) else (lo, mid)
+        lo = max_steps_within(within)
         self._allowed[key] = self.ledger.steps + lo
         return self._allowed[key]
 
@@ -217,3 +220,46 @@ class PrivacyState:
 
 def _accounting_sampling(sampling: str) -> str:
     return "shuffle" if sampling == "shuffle" else "poisson"
+
+
+# ================================================================ the DP step guards
+def check_dp_step(passes: int, forward_passes: int, public_num_groups: int | None) -> None:
+    """Refuse a DP step that is not one forward and one backward pass of one sampled batch.
+
+    Args:
+        passes: backward passes since the last step.
+        forward_passes: distinct forward passes those backward passes came from.
+        public_num_groups: the public ``M`` (None: not known yet).
+
+    Raises:
+        PrivacyError: gradient accumulation or several forward passes in one step.
+        ConfigurationError: the public number of groups is not known.
+    """
+    if passes > 1:
+        raise PrivacyError(
+            f"{passes} backward passes before one optimizer.step() in DP mode: each step must be "
+            "one Poisson-sampled batch with one backward pass (gradient accumulation would change the "
+            "public normaliser). Use a larger sample_rate instead of accumulation."
+        )
+    if forward_passes > 1:
+        raise PrivacyError(
+            f"{forward_passes} forward passes of the model contributed to one step in DP mode. Each "
+            "step must be one forward pass of one sampled batch: two batches in one step double each record's "
+            "chance to be in the step, and two views of the same record (augmentations, each its own "
+            "model() call) each get their own clipping budget, so one record moves the sum by more than the "
+            "sensitivity the epsilon assumes. Compute all views of a record inside ONE call of the attached "
+            "model (e.g. a wrapper module that runs the network on every view and averages), so each record "
+            "stays one example with one clipped gradient."
+        )
+    if public_num_groups is None:
+        raise missing_public_groups()
+
+
+def check_history(inherited_steps: int) -> None:
+    """Refuse an epsilon that would leave out DP steps the model took under an earlier engine."""
+    if inherited_steps:
+        raise PrivacyError(
+            f"No epsilon: this model already took {inherited_steps} DP step(s) under an earlier engine, "
+            "and this engine's ledger does not hold them, so its epsilon would cover only part of the "
+            "training. Carry the history: new_engine.load_state_dict(old_engine.state_dict())."
+        )

@@ -169,4 +169,3 @@ class DP:
 
 
 #: The DP keywords ``attach`` still accepts directly (the fields of :class:`DP`), for existing code.
-DP_KEYWORDS = tuple(DP.__dataclass_fields__)

@@ -13,11 +13,11 @@ from typing import Callable
 
 from torch import nn
 
-from .errors import UnsupportedModuleError
-from .grads import Unit
-from .layers.attention import attention_problems
+from .errors import ConfigurationError, UnsupportedModuleError
+from .records import Unit
 from .layers.registry import rule_for
 from .layers.traits import INDEPENDENT_WITHOUT_RULE, MIXES_EXAMPLES
+from .layers.validators import module_problems
 from .layout import declared_batch_dim
 
 _ATTENTION_PARAMS = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
@@ -52,41 +52,19 @@ def _parametrized_tensors(module: nn.Module) -> dict:
     return dict(lists.items()) if isinstance(lists, nn.ModuleDict) else {}
 
 
-def module_problems(model: nn.Module, *, dp: bool) -> list[str]:
-    """Every module that cannot be trained exactly (or, in DP mode, privately), each with the fix."""
+def parametrization_problems(model: nn.Module) -> list[str]:
+    """Trainable tensors of a parametrization the engine cannot carry its gradient back through."""
     problems = []
     for path, module in model.named_modules():
-        where = path or "<root module>"
-        if isinstance(module, MIXES_EXAMPLES) and dp:
-            problems.append(
-                f"{where} is nn.{type(module).__name__}, which mixes examples across micro-batches (its "
-                "statistics cover the whole batch) and stores un-noised batch statistics (running_mean, "
-                "running_var) in model.state_dict(). Replace it with nn.GroupNorm "
-                "(opacus.validators.ModuleValidator.fix(model) does this) before attach()."
-            )
-        elif isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats and dp:
-            problems.append(
-                f"{where} is nn.{type(module).__name__} with track_running_stats=True: its running statistics "
-                "are un-noised averages over the private data, saved in model.state_dict(). Create it with "
-                "track_running_stats=False."
-            )
-        if isinstance(module, nn.Embedding) and (module.sparse or module.scale_grad_by_freq) and any(
-                p.requires_grad for p in module.parameters(recurse=False)):
-            problems.append(
-                f"{where} is nn.Embedding with sparse=True or scale_grad_by_freq=True; the first gives "
-                "sparse gradients, the second mixes examples (frequencies over the whole batch). "
-                "Create it with sparse=False, scale_grad_by_freq=False."
-            )
-        if isinstance(module, nn.MultiheadAttention):
-            problems += attention_problems(module, where)
         if _is_parametrization(path) and any(p.requires_grad for p in module.parameters(recurse=False)) \
                 and not _handled_parametrization(model, path):
             problems.append(
-                f"{where} holds trainable tensors of a torch.nn.utils.parametrize parametrization (e.g. weight "
-                "norm); the parametrized weight has no batch dimension, so per-example gradients of its "
-                "original tensors need the chain rule through the parametrization, which dp_microclip does not "
-                "do yet. Remove it (torch.nn.utils.parametrize.remove_parametrizations(module, name)) or freeze "
-                "those tensors before attach()."
+                f"{path or '<root module>'} holds trainable tensors of a torch.nn.utils.parametrize "
+                "parametrization (e.g. weight norm) on a module without a rule; the parametrized weight has no "
+                "batch dimension, so per-example gradients of its original tensors need the chain rule through "
+                "the parametrization, which dp_microclip does only for modules with a rule. Remove it "
+                "(torch.nn.utils.parametrize.remove_parametrizations(module, name)) or freeze those tensors "
+                "before attach()."
             )
     return problems
 
@@ -99,7 +77,7 @@ def find_units(
     Raises:
         UnsupportedModuleError: listing every module that cannot be handled, each with its fix.
     """
-    problems = module_problems(model, dp=dp)
+    problems = module_problems(model, dp=dp) + parametrization_problems(model)
     units: list[Unit] = []
     skip_paths: set[str] = set()
     for path, module in model.named_modules():
@@ -175,3 +153,34 @@ def managed_parameters(units: list[Unit]) -> list[nn.Parameter]:
                 seen.add(id(p))
                 managed.append(p)
     return managed
+
+
+def check_optimizer_parameters(optimizer, managed_ids: set[int], names: dict[int, str]) -> None:
+    """Every parameter the optimizer may update is managed by the engine, or this raises naming it."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) in managed_ids:
+                continue
+            if p.requires_grad or p.grad is not None:
+                name = names.get(id(p))
+                what = f"parameter {name!r}" if name else f"a parameter of shape {tuple(p.shape)} not in the model"
+                raise ConfigurationError(
+                    f"The optimizer updates {what}, which the engine does not clip (it was frozen at attach(), "
+                    "added later with optimizer.add_param_group, or belongs to another model): its gradient "
+                    "would be the raw, unclipped and un-noised one. Decide which parameters train before "
+                    "attach(), or detach() and attach() again after changing them."
+                )
+
+
+def summarize(units: list[Unit], header: str) -> str:
+    """``engine.summary()``: one line per hooked unit (path, type, route, parameters), then the generic ones."""
+    route = {"rule": "rule", "attention": "attention capture + Linear rule", "generic": "generic torch.func"}
+    lines = [header]
+    for unit in units:
+        lines.append(f"  {unit.path or '<root>'}: {type(unit.module).__name__} -> {route[unit.kind]} "
+                     f"[{', '.join(unit.params)}]")
+    generic = [u.path or "<root>" for u in units if u.kind == "generic"]
+    if generic:
+        lines.append("  generic torch.func path (exact only if the module treats examples independently): "
+                     + ", ".join(generic))
+    return "\n".join(lines)

@@ -16,9 +16,10 @@ import math
 
 import torch
 
-from .aggregate import unclipped_sums
+from torch import nn
 
-_LOW = (torch.float16, torch.bfloat16)
+from .aggregate import unclipped_sums
+from .tensors import LOW_PRECISION as _LOW
 
 
 def compare_with_autograd(records: list, autograd_grads: dict, names: dict, replay_guard) -> list[str]:
@@ -53,3 +54,65 @@ def compare_with_autograd(records: list, autograd_grads: dict, names: dict, repl
                 "weight_decay for L2 penalties. (The check runs on the first attach(..., verify_steps=...) steps.)"
             )
     return problems
+
+
+class FirstStepCheck:
+    """Keeps autograd's own gradient of each managed parameter for the first ``steps`` steps.
+
+    While it runs, the parameters keep ``requires_grad`` and a tensor hook adds each
+    backward pass's gradient to a private buffer (``take()`` hands it over at the end
+    of the pass). After ``steps`` steps, :meth:`finish` removes the hooks and switches
+    the parameters' ``requires_grad`` off: from then on autograd computes no weight
+    gradient the engine would throw away.
+    """
+
+    def __init__(self, managed: list[nn.Parameter], steps: int, is_enabled):
+        self._managed = managed
+        self.steps_left = int(steps)
+        self._is_enabled = is_enabled
+        self._grads: dict[int, torch.Tensor] = {}
+        self._handles: list = []
+        if self.steps_left > 0:
+            for p in managed:
+                self._handles.append(p.register_hook(self._hook(id(p))))
+        else:
+            self.finish()
+
+    @property
+    def running(self) -> bool:
+        """Whether this step is still checked."""
+        return self.steps_left > 0
+
+    def _hook(self, pid: int):
+        def hook(grad: torch.Tensor):
+            if self._is_enabled():
+                previous = self._grads.get(pid)
+                self._grads[pid] = grad.detach().clone() if previous is None else previous + grad
+            return None
+
+        return hook
+
+    def take(self) -> dict[int, torch.Tensor]:
+        """Autograd's gradients of the pass that just ended, cleared."""
+        grads, self._grads = self._grads, {}
+        return grads
+
+    def step_done(self) -> None:
+        """Count one checked step; after the last, :meth:`finish`."""
+        if self.steps_left > 0:
+            self.steps_left -= 1
+            if self.steps_left == 0:
+                self.finish()
+
+    def finish(self) -> None:
+        """Remove the hooks and switch ``requires_grad`` off on the managed parameters."""
+        self.remove()
+        for p in self._managed:
+            p.requires_grad_(False)
+
+    def remove(self) -> None:
+        """Remove the hooks (``detach``) without touching any flag."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._grads.clear()

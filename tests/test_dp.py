@@ -13,8 +13,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import dp_microclip
+from dp_microclip import DP
 from dp_microclip import ConfigurationError, PrivacyError, UnsupportedModuleError
-from dp_microclip.data import sample_with_groups
+from dp_microclip.sampling import sample_with_groups
 
 from .models import Scale
 
@@ -38,7 +39,8 @@ def dp_attach(m, **kw):
     kw.setdefault("delta", 1e-5)
     if "target_epsilon" not in kw:
         kw.setdefault("noise_multiplier", 1.0)
-    return dp_microclip.attach(m, torch.optim.SGD(m.parameters(), lr=0.1), seed=0, **kw)
+    dp_fields = {k: kw.pop(k) for k in list(kw) if k in DP.__dataclass_fields__}
+    return dp_microclip.attach(m, torch.optim.SGD(m.parameters(), lr=0.1), seed=0, privacy=DP(**dp_fields), **kw)
 
 
 def train(engine, m, steps, loader=None):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dp_microclip
+from dp_microclip import DP
 from dp_microclip.reference import naive_microbatch_grads, per_example_clipped_mean_func
 
 from .helpers import engine_grads, rel_err
@@ -138,7 +139,7 @@ def test_keyed_groups_equal_naive_loop_with_the_same_groups():
 
 # ---------------------------------------------------------------- noise
 # DP mode with a declared Poisson loader of expected batch size 8 (these tests feed batches by hand).
-DP = dict(sample_rate=0.01, expected_batch_size=8, sampling="poisson")
+DECLARED = dict(sample_rate=0.01, expected_batch_size=8, sampling="poisson")
 
 
 def test_noise_has_the_right_standard_deviation_and_is_reproducible():
@@ -146,7 +147,7 @@ def test_noise_has_the_right_standard_deviation_and_is_reproducible():
     model = nn.Linear(200, 100)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     z, C, b, batch = 1.3, 0.7, 2, 8
-    engine = dp_microclip.attach(model, opt, micro_batch_size=b, max_grad_norm=C, noise_multiplier=z, seed=123, **DP)
+    engine = dp_microclip.attach(model, opt, micro_batch_size=b, max_grad_norm=C, privacy=DP(noise_multiplier=z, **DECLARED), seed=123)
     x = torch.randn(batch, 200)
     (model(x).sum() * 0.0).backward()  # zero gradients: p.grad is pure noise / M
     opt.step()
@@ -162,7 +163,7 @@ def test_noise_has_the_right_standard_deviation_and_is_reproducible():
     torch.manual_seed(0)
     model2 = nn.Linear(200, 100)
     opt2 = torch.optim.SGD(model2.parameters(), lr=0.0)
-    engine2 = dp_microclip.attach(model2, opt2, micro_batch_size=b, max_grad_norm=C, noise_multiplier=z, seed=123, **DP)
+    engine2 = dp_microclip.attach(model2, opt2, micro_batch_size=b, max_grad_norm=C, privacy=DP(noise_multiplier=z, **DECLARED), seed=123)
     (model2(x).sum() * 0.0).backward()
     opt2.step()
     again = torch.cat([p.grad.flatten() for p in model2.parameters()]) * (batch // b)
@@ -176,8 +177,7 @@ def test_resuming_from_state_dict_gives_the_same_noise():
         model = nn.Linear(5, 4)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         return model, opt, dp_microclip.attach(
-            model, opt, micro_batch_size=1, max_grad_norm=1.0, noise_multiplier=1.0, sampling="poisson",
-            sample_rate=0.1, expected_batch_size=2,
+            model, opt, micro_batch_size=1, max_grad_norm=1.0, privacy=DP(noise_multiplier=1.0, sampling="poisson", sample_rate=0.1, expected_batch_size=2),
         )
 
     def step(model, opt):
@@ -198,8 +198,7 @@ def test_resuming_from_state_dict_gives_the_same_noise():
 def test_noise_toggle():
     model = nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    engine = dp_microclip.attach(model, opt, micro_batch_size=1, max_grad_norm=1.0, noise_multiplier=1.0,
-                                 sample_rate=0.1, expected_batch_size=2, sampling="poisson")
+    engine = dp_microclip.attach(model, opt, micro_batch_size=1, max_grad_norm=1.0, privacy=DP(noise_multiplier=1.0, sample_rate=0.1, expected_batch_size=2, sampling="poisson"))
     assert engine.noise
     engine.noise = False
     (model(torch.ones(2, 3)).sum() * 0).backward()
@@ -258,7 +257,7 @@ def test_graph_built_before_detach_is_inert():
     out = model(torch.ones(2, 3))
     engine.detach()
     out.sum().backward()  # the old graph's hooks see a disabled engine
-    assert engine._records == []
+    assert engine._sink._records == []
 
 
 def test_transformer_summary_names_every_path():
@@ -273,16 +272,16 @@ def test_transformer_summary_names_every_path():
 def test_auto_never_times_or_builds_group_gradients_that_exceed_the_memory_budget(monkeypatch):
     # b = 1 on a 256x256 Linear with B = 64: the group gradients (64 x 65k elements) are far larger than
     # everything captured (64 x 512): only the ghost route may even be timed.
-    from dp_microclip.aggregate import Autotuner
+    from dp_microclip.routes import Autotuner
 
     timed = []
     original = Autotuner._runner
 
-    def spy(record, groups, route):
+    def spy(self, record, groups, route):
         timed.append(route)
-        return original(record, groups, route)
+        return original(self, record, groups, route)
 
-    monkeypatch.setattr(Autotuner, "_runner", staticmethod(spy))
+    monkeypatch.setattr(Autotuner, "_runner", spy)
     torch.manual_seed(0)
     m = nn.Linear(256, 256)
     opt = torch.optim.SGD(m.parameters(), lr=0.1)

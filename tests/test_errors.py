@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dp_microclip
+from dp_microclip import DP
 from dp_microclip import BatchError, ConfigurationError, UnsupportedModuleError
 
 from .models import Scale
@@ -42,9 +43,11 @@ def test_batch_not_divisible_names_the_fix():
         ({"max_grad_norm": float("inf")}, "max_grad_norm must be a finite number > 0"),
         ({"clipping": "per_layer", "max_grad_norm": [1.0, float("nan")]}, "every per-parameter bound"),
         ({"normalize_gamma": float("nan")}, "normalize_gamma must be a finite number > 0"),
-        ({"expected_batch_size": 0}, "expected_batch_size must be a finite number > 0"),
-        ({"noise_multiplier": -0.5}, "noise_multiplier must be a finite number >= 0"),
-        ({"noise_multiplier": float("nan")}, "noise_multiplier must be a finite number >= 0"),
+        ({"privacy": DP(noise_multiplier=1.0, sample_rate=0.1, expected_batch_size=0)},
+         "expected_batch_size must be a finite number > 0"),
+        ({"privacy": DP(noise_multiplier=-0.5, sample_rate=0.1)}, "noise_multiplier must be a finite number >= 0"),
+        ({"privacy": DP(noise_multiplier=float("nan"), sample_rate=0.1)}, "noise_multiplier must be a finite number >= 0"),
+        ({"privacy": DP(sample_rate=0.1)}, r"privacy=DP\(\.\.\.\) needs noise"),
         ({"on_nonfinite": "ignore"}, "on_nonfinite='ignore' is not one of"),
         ({"loss_reduction": "none"}, "loss_reduction='none' is not one of"),
     ],
@@ -233,3 +236,9 @@ def test_reentrant_gradient_checkpointing_is_refused_with_the_fix(verify_steps):
         F.cross_entropy(model(torch.randn(4, 6)), torch.tensor([0, 1, 2, 0])).backward()
     with pytest.raises(ConfigurationError, match="use_reentrant=True.*use_reentrant': False"):
         opt.step()
+
+
+def test_flat_dp_keywords_are_gone():
+    # DP is configured in one place, privacy=DP(...); the flat keywords of earlier drafts are not accepted.
+    with pytest.raises(TypeError, match="noise_multiplier"):
+        _attach(nn.Linear(3, 2), noise_multiplier=1.0, sample_rate=0.1)

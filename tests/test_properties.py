@@ -36,12 +36,13 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import dp_microclip
-import dp_microclip.data
+import dp_microclip.sampling
 from accounting.mechanism import Mechanism
 from accounting.sensitivity import sensitivity
-from dp_microclip.data import sample_with_groups
+from dp_microclip.sampling import sample_with_groups
 from dp_microclip.grouping import public_groups
 from dp_microclip.reference import naive_microbatch_grads
+from dp_microclip import DP
 
 
 # =====================================================================================================
@@ -50,14 +51,14 @@ from dp_microclip.reference import naive_microbatch_grads
 #
 # To give the engine a batch with KEYED GROUPS WE CHOOSE, we let engine.data_loader draw its batch as
 # usual but replace the uniform coins its sampler draws (one per record) by ours:
-# ``dp_microclip.data.sample_with_groups`` is patched to ignore the drawn coins and use ours. The
+# ``dp_microclip.sampling.sample_with_groups`` is patched to ignore the drawn coins and use ours. The
 # sampler, the collate step, the engine's hand-over of the groups to the forward pass and the public
 # normaliser M are the real ones. If a refactor stops the sampler from calling
-# ``dp_microclip.data.sample_with_groups``, the assertion below says so; update this helper only.
+# ``dp_microclip.sampling.sample_with_groups``, the assertion below says so; update this helper only.
 # =====================================================================================================
 @contextlib.contextmanager
 def sampler_uses_coins(coins: torch.Tensor):
-    real = dp_microclip.data.sample_with_groups
+    real = dp_microclip.sampling.sample_with_groups
     calls = []
 
     def with_our_coins(drawn, sample_rate, num_groups):
@@ -65,9 +66,9 @@ def sampler_uses_coins(coins: torch.Tensor):
         calls.append(num_groups)
         return real(coins, sample_rate, num_groups)
 
-    with mock.patch.object(dp_microclip.data, "sample_with_groups", with_our_coins):
+    with mock.patch.object(dp_microclip.sampling, "sample_with_groups", with_our_coins):
         yield calls
-    assert calls, "engine.data_loader no longer draws through dp_microclip.data.sample_with_groups: update this helper"
+    assert calls, "engine.data_loader no longer draws through dp_microclip.sampling.sample_with_groups: update this helper"
 
 
 SLOW = pytest.mark.skipif(not os.environ.get("DP_MICROCLIP_SLOW"), reason="set DP_MICROCLIP_SLOW=1 to run")
@@ -390,8 +391,7 @@ def noise_free_clipped_sum(make_model, X, Y, coins, *, q, b, M, clipping, bound,
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     engine = dp_microclip.attach(
-        model, opt, micro_batch_size=b, max_grad_norm=bound, clipping=clipping, noise_multiplier=Z,
-        sample_rate=q, expected_batch_size=M * b, delta=1e-5, grad_mode=grad_mode, seed=seed,
+        model, opt, micro_batch_size=b, max_grad_norm=bound, clipping=clipping, privacy=DP(noise_multiplier=Z, sample_rate=q, expected_batch_size=M * b, delta=1e-5), grad_mode=grad_mode, seed=seed,
     )
     engine.noise = False
     loader = engine.data_loader(TensorDataset(X, Y))

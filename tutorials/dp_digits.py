@@ -19,6 +19,7 @@ import dp_microclip
 
 from .data import digits
 from .demo_digits import accuracy
+from dp_microclip import DP
 
 
 def small_cnn_groupnorm() -> nn.Module:
@@ -50,8 +51,7 @@ def main(argv=None) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.5)
     engine = dp_microclip.attach(
         model, optimizer, micro_batch_size=args.micro_batch_size, max_grad_norm=args.max_grad_norm,
-        target_epsilon=args.target_epsilon, delta=args.delta, epochs=args.epochs,
-        sample_rate=args.batch_size / len(train_set), accountant=args.accountant,
+        privacy=DP(target_epsilon=args.target_epsilon, delta=args.delta, epochs=args.epochs, sample_rate=args.batch_size / len(train_set), accountant=args.accountant),
     )
     print(f"calibrated noise multiplier z = {engine.noise_multiplier:.3f} "
           f"(b={args.micro_batch_size}: the accountant sees z/2 when b > 1)")

@@ -15,8 +15,8 @@ layouts that compute the same numbers:
 Which is faster depends on the shapes and the backend (measured on 2 CPU
 threads, B = 128, 5x5 kernels: a 1 -> 16 channel conv on 28x28 takes 1.2 ms
 "forward" against 3.0 ms "grouped"; a 16 -> 32 conv on 12x12 at b = 8 takes
-2.4 ms against 1.6 ms), so the first call for each shape times both and keeps
-the faster (the same rule as the engine's autotuner). im2col (``F.unfold``)
+2.4 ms against 1.6 ms), so both are registered as variants of the rule and the engine's autotuner
+(``routes.py``) times them once per shape and keeps the faster. im2col (``F.unfold``)
 and Gram norms were slower than both on every conv measured, so convs always
 materialise their (small) group gradients and reuse them for the clipped sum.
 
@@ -25,12 +25,13 @@ Letters: B examples, C in channels, O out channels, S spatial dims, K kernel, M 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..grouping import Groups
-from ..timing import best_times
 from .registry import LayerRule, register_rule
 
 _WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
@@ -81,36 +82,41 @@ def _forward_weight_grads(layer, x, padding, out_grad, groups: Groups) -> torch.
 
 
 _FORWARD = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_IMPLEMENTATIONS = {"grouped": _grouped_weight_grads, "forward": _forward_weight_grads}
-_FASTEST: dict = {}  # shape key -> "grouped" | "forward", timed once
-_TIMING_REPEATS = 5
 
 
-def _fastest(layer, x, padding, out_grad, groups: Groups) -> str:
-    if layer.groups != 1:
-        return "grouped"
-    # Group counts and sizes bucketed to powers of two, so Poisson batches (whose groups vary every step)
-    # do not trigger a new timing each step.
-    key = (x.device.type, x.dtype, tuple(x.shape[1:]), tuple(out_grad.shape[1:]), groups.num_groups.bit_length(),
-           groups.max_size().bit_length(), tuple(layer.kernel_size), tuple(layer.stride), tuple(layer.dilation),
-           tuple(padding))
-    if key not in _FASTEST:
-        args = (layer, x, padding, out_grad, groups)
-        runs = {name: (lambda impl=impl: impl(*args)) for name, impl in _IMPLEMENTATIONS.items()}
-        timings = best_times(runs, x.device, _TIMING_REPEATS)
-        _FASTEST[key] = min(timings, key=timings.get)
-    return _FASTEST[key]
+IMPLEMENTATIONS = {"grouped": _grouped_weight_grads, "forward": _forward_weight_grads}
 
 
-def conv_group_grads(layer, inputs, out_grad, groups: Groups, implementation: str | None = None) -> dict:
-    """Group gradients ``{"weight": (M, O, C/groups, *K), "bias": (M, O)}`` of a convolution, from one conv call."""
+def conv_group_grads(layer, inputs, out_grad, groups: Groups, implementation: str = "grouped") -> dict:
+    """Group gradients ``{"weight": (M, O, C/groups, *K), "bias": (M, O)}`` of a convolution, from one conv call.
+
+    ``implementation``: the layout ("grouped", or "forward" when ``layer.groups == 1``); the engine times
+    both (the rule's variants) and uses the faster.
+    """
     x, padding = _explicit_padding(layer, inputs[0])
-    name = implementation or _fastest(layer, x, padding, out_grad, groups)
-    out = {"weight": _IMPLEMENTATIONS[name](layer, x, padding, out_grad, groups)}
+    out = {"weight": IMPLEMENTATIONS[implementation](layer, x, padding, out_grad, groups)}
     if layer.bias is not None:
         out["bias"] = groups.sum(out_grad.flatten(2).sum(-1))  # (M, O)
     return out
 
 
+def layout_variants(group_grads) -> dict:
+    """The rule's variants: ``group_grads`` with each layout fixed."""
+    return {name: functools.partial(group_grads, implementation=name) for name in IMPLEMENTATIONS}
+
+
+def variant_key(layer, inputs, out_grad, groups: Groups):
+    """The shape class the autotuner times the two layouts for; None: only "grouped" applies."""
+    if layer.groups != 1:
+        return None
+    x = inputs[0]
+    # Group counts and sizes bucketed to powers of two, so Poisson batches (whose groups vary every step)
+    # do not trigger a new timing each step.
+    return (x.device.type, x.dtype, tuple(x.shape[1:]), tuple(out_grad.shape[1:]), groups.num_groups.bit_length(),
+            groups.max_size().bit_length(), tuple(layer.kernel_size), tuple(layer.stride), tuple(layer.dilation),
+            str(layer.padding), layer.padding_mode)
+
+
 for _conv_type in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-    register_rule(_conv_type, LayerRule(conv_group_grads))
+    register_rule(_conv_type, LayerRule(conv_group_grads, variants=layout_variants(conv_group_grads),
+                                         variant_key=variant_key))

@@ -39,11 +39,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..grouping import Groups
-from .conv import _IMPLEMENTATIONS, _fastest
+from .conv import IMPLEMENTATIONS, layout_variants, variant_key
 from .registry import LayerRule, register_rule
 
 
-def conv_transpose_group_grads(layer, inputs, out_grad, groups: Groups, implementation: str | None = None) -> dict:
+def conv_transpose_group_grads(layer, inputs, out_grad, groups: Groups, implementation: str = "grouped") -> dict:
     """Per-group gradients ``{"weight": (M, C, O/groups, *K), "bias": (M, O)}`` of a transposed convolution.
 
     Maths (module docstring): group j's weight gradient is the convolution
@@ -56,7 +56,7 @@ def conv_transpose_group_grads(layer, inputs, out_grad, groups: Groups, implemen
             arguments such as ``output_size`` are ignored: they only fix ``G``'s size).
         out_grad: ``(B, O, *S')``.
         groups: the batch's groups.
-        implementation: force "grouped" or "forward" (tests); default: the faster, timed once per shape.
+        implementation: the layout, "grouped" or "forward" (``layer.groups == 1``); the engine times both.
     """
     x = inputs[0]
     nd = x.dim() - 2
@@ -71,12 +71,12 @@ def conv_transpose_group_grads(layer, inputs, out_grad, groups: Groups, implemen
     for op, s in zip(reversed(output_padding), reversed(layer.stride)):
         extra += [0, op // s]
     x = F.pad(x, extra) if any(extra) else x  # (B, C, *S_conv): conv(G)'s output size
-    name = implementation or _fastest(layer, out_grad, padding, x, groups)
-    out = {"weight": _IMPLEMENTATIONS[name](layer, out_grad, padding, x, groups)}  # (M, C, O/groups, *K)
+    out = {"weight": IMPLEMENTATIONS[implementation](layer, out_grad, padding, x, groups)}  # (M, C, O/groups, *K)
     if layer.bias is not None:
         out["bias"] = groups.sum(out_grad.flatten(2).sum(-1))  # (M, O)
     return out
 
 
 for _conv_type in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
-    register_rule(_conv_type, LayerRule(conv_transpose_group_grads))
+    register_rule(_conv_type, LayerRule(conv_transpose_group_grads, variants=layout_variants(conv_transpose_group_grads),
+                                         variant_key=variant_key))

@@ -23,7 +23,7 @@ from torch.func import functional_call, grad, vmap
 
 from ..errors import UnsupportedModuleError
 from ..grouping import Groups
-from ..layout import output_tensors
+from ..tensors import output_tensors
 
 
 def generic_group_grads(

@@ -50,6 +50,7 @@ registration clears the cache.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Hashable, Mapping
 from typing import Callable, NamedTuple
 
 import torch
@@ -72,6 +73,13 @@ class LayerRule(NamedTuple):
     group_sq_norms: Callable[[nn.Module, tuple, torch.Tensor, Groups], GradDict] | None = None
     weighted_sum: Callable[[nn.Module, tuple, torch.Tensor, GradDict], GradDict] | None = None
     group_grad_elements: Callable[[nn.Module, tuple, torch.Tensor, Groups], int] | None = None
+    #: Exact alternatives to ``group_grads`` (same numbers, different kernels); the engine's autotuner
+    #: (``routes.py``) times them once per ``variant_key`` and uses the fastest. The rule knows its maths, not
+    #: the timing.
+    variants: Mapping[str, Callable[[nn.Module, tuple, torch.Tensor, Groups], GradDict]] | None = None
+    #: ``(layer, inputs, out_grad, groups) -> hashable``: the shape class variants are timed for; None: use
+    #: ``group_grads``.
+    variant_key: Callable[[nn.Module, tuple, torch.Tensor, Groups], Hashable | None] | None = None
 
     @property
     def has_ghost(self) -> bool:

@@ -1,4 +1,4 @@
-"""``attach(model, optimizer, ...) -> Engine``: validate the user's choices and build the engine.
+"""``attach(model, optimizer, ...) -> Engine``: turn the user's choices into frozen settings and build the engine.
 
 Everything a user can get wrong at set-up is checked here, before any hook is
 installed, with an error that names the argument and the fix; DP choices are
@@ -16,12 +16,13 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .engine import _DP_HISTORY, Engine
+from .engine import Engine, ProcessParts
 from .errors import ConfigurationError, PrivacyError
+from .privacy import DP_HISTORY
 from .grouping import public_groups
 from .layout import declared_batch_first
 from .settings import (
-    DP, DP_KEYWORDS, SAMPLINGS, CLIPPING_MODES, FALLBACKS, GRAD_MODES, GROUPINGS, LOSS_REDUCTIONS, NONFINITE_POLICIES, ClipSettings,
+    DP, SAMPLINGS, CLIPPING_MODES, FALLBACKS, GRAD_MODES, GROUPINGS, LOSS_REDUCTIONS, NONFINITE_POLICIES, ClipSettings,
     EngineSettings, check_choice, check_positive_finite, is_real, total_bound,
 )
 from .units import find_units, managed_parameters
@@ -48,7 +49,7 @@ def attach(
     seed: int | None = None,
     on_nonfinite: str = "skip",
     verify_steps: int = 1,
-    **dp_keywords,
+    process_parts: ProcessParts | None = None,
 ) -> Engine:
     """Attach micro-batch clipping to an unchanged model and optimizer.
 
@@ -102,9 +103,8 @@ def attach(
             ordinary gradient and the engine checks its own per-example sums against it;
             a difference (a parameter read outside its module, a penalty term in the
             loss) raises instead of being silently dropped. 0 turns the check off.
-        **dp_keywords: the fields of :class:`dp_microclip.DP` given directly
-            (``noise_multiplier=``, ``target_epsilon=``, ``sample_rate=``, ...), as earlier
-            releases took them; equivalent to ``privacy=DP(...)``.
+        process_parts: what several processes plug in (a reducer, a noise wrapper, a batch
+            sampler); set by :func:`dp_microclip.distributed.attach`, leave it None otherwise.
 
     Returns:
         The :class:`Engine`. ``engine.detach()`` removes it.
@@ -113,7 +113,7 @@ def attach(
         ConfigurationError: an invalid argument (the message names the fix).
         UnsupportedModuleError: a module cannot be handled exactly (named).
     """
-    dp, p = _privacy_settings(privacy, dp_keywords)
+    dp, p = _privacy_settings(privacy)
     noise_multiplier, target_epsilon, delta = p.noise_multiplier, p.target_epsilon, p.delta
     sample_rate, expected_batch_size, steps, epochs = p.sample_rate, p.expected_batch_size, p.steps, p.epochs
     sampling, adjacency, accountant, enforce_budget = p.sampling, p.adjacency, p.accountant, p.enforce_budget
@@ -161,9 +161,9 @@ def attach(
             sample_rate=sample_rate, expected_batch_size=expected_batch_size, steps=steps, epochs=epochs,
             sampling=sampling, adjacency=adjacency, accountant=accountant, enforce_budget=enforce_budget,
         )
-        if _DP_HISTORY.get(model):
+        if DP_HISTORY.get(model):
             warnings.warn(
-                f"This model already took {_DP_HISTORY[model]} DP step(s) under an earlier engine. The new engine's "
+                f"This model already took {DP_HISTORY[model]} DP step(s) under an earlier engine. The new engine's "
                 "ledger starts empty, so epsilon() refuses until you carry the history: "
                 "engine.load_state_dict(old_engine.state_dict()).", UserWarning, stacklevel=2,
             )
@@ -195,9 +195,8 @@ def attach(
     )
     return Engine(
         model, optimizer, settings, units, managed, root_batch_dim, privacy=privacy,
-        noise_multiplier=None if noise_multiplier is None else float(noise_multiplier),
         sample_rate=None if sample_rate is None else float(sample_rate), public_num_groups=public_num_groups,
-        verify_steps=verify_steps,
+        verify_steps=verify_steps, parts=process_parts,
     )
 
 
@@ -287,27 +286,15 @@ def _per_param_bounds(raw, managed: list, names: dict) -> dict[int, float]:
     return {id(p): share for p in managed}
 
 
-def _privacy_settings(privacy: DP | None, dp_keywords: dict) -> tuple[bool, DP]:
-    """``(DP mode?, the DP settings)`` from ``privacy=DP(...)`` or the flat keywords of earlier releases.
-
-    DP mode is on when a noise multiplier or a target epsilon is given. The flat keywords are still
-    accepted (all of them: ``DP``'s fields); a flat ``sample_rate`` alone configures
-    ``engine.data_loader`` for noise-free training, as before.
-    """
-    unknown = sorted(set(dp_keywords) - set(DP_KEYWORDS))
-    if unknown:
-        raise TypeError(f"attach() got unexpected keyword argument(s) {unknown}.")
-    if privacy is not None and not isinstance(privacy, DP):
+def _privacy_settings(privacy: DP | None) -> tuple[bool, DP]:
+    """``(DP mode?, the DP settings)`` from ``privacy=DP(...)``; noise-free engines get the defaults."""
+    if privacy is None:
+        return False, DP()
+    if not isinstance(privacy, DP):
         raise ConfigurationError(f"privacy must be a dp_microclip.DP(...). Found {type(privacy).__name__}.")
-    if privacy is not None and dp_keywords:
-        raise ConfigurationError(
-            f"attach() got both privacy=DP(...) and the DP keyword(s) {sorted(dp_keywords)}. Put them all in DP(...)."
-        )
-    settings = privacy if privacy is not None else DP(**dp_keywords)
-    noisy = settings.noise_multiplier is not None or settings.target_epsilon is not None
-    if privacy is not None and not noisy:
+    if privacy.noise_multiplier is None and privacy.target_epsilon is None:
         raise ConfigurationError(
             "privacy=DP(...) needs noise: DP(noise_multiplier=z, ...) or DP(target_epsilon=eps, delta=..., "
             "epochs=...). For noise-free clipping leave privacy out."
         )
-    return noisy, settings
+    return True, privacy

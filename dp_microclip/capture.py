@@ -1,0 +1,114 @@
+"""The capture sink: the one object the hooks talk to.
+
+The hooks (``hooks.py``) only capture; everything they hand over goes through
+the typed methods of :class:`CaptureSink`, which the engine creates and owns:
+
+* ``active`` says whether the hooks should capture at all (not after
+  ``detach()``, not while the engine replays a forward for its own checks);
+* ``open_context`` / ``close_context`` bracket one forward pass of the attached
+  model (the sink asks the engine's grouping for the batch's groups);
+* ``emit`` takes one ``Record`` when a layer's output gradient arrives; the first
+  record of a backward pass queues the end-of-backward callback, which hands the
+  pass's records to the engine (``on_pass_end``);
+* ``report`` keeps a problem found during backward, raised at the next step;
+* ``warn_once`` warns once per key.
+
+No other file reads or writes the engine's state: this sink is the seam.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+
+import torch
+
+from .grouping import Groups
+from .records import ForwardContext, Record
+from .layout import Signature
+
+#: ``(batch_size, device) -> (groups, drawn_by_engine)``: the groups of a new batch, and whether
+#: ``engine.data_loader`` drew it.
+GroupMaker = Callable[[int, torch.device], "tuple[Groups, bool]"]
+
+
+class CaptureSink:
+    """Receives what the hooks capture and hands each finished backward pass to ``on_pass_end``.
+
+    Args:
+        make_groups: the groups of a new batch (the engine's grouping plan and sampled-batch queue).
+        on_pass_end: called at the end of every backward pass that captured records, with those records.
+    """
+
+    def __init__(self, make_groups: GroupMaker, on_pass_end: Callable[[list[Record]], None]):
+        self._make_groups = make_groups
+        self._on_pass_end = on_pass_end
+        self.enabled = True
+        self._replaying = False
+        self._context: ForwardContext | None = None
+        self._records: list[Record] = []
+        self._callback_queued = False
+        self._problems: list[str] = []
+        self._warned: set[str] = set()
+        self.last_groups: Groups | None = None
+
+    # ------------------------------------------------------------------ state the hooks read
+    @property
+    def active(self) -> bool:
+        """Whether hooks capture now: attached, and not inside :meth:`replay`."""
+        return self.enabled and not self._replaying
+
+    @property
+    def context(self) -> ForwardContext | None:
+        """The forward pass in progress, if any."""
+        return self._context
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        """Forward and backward passes inside capture nothing (the engine's own checks, diagnostics' probes)."""
+        previous = self._replaying
+        self._replaying = True
+        try:
+            yield
+        finally:
+            self._replaying = previous
+
+    # ------------------------------------------------------------------ what the hooks hand over
+    def open_context(self, batch_size: int, device: torch.device, signature: Signature | None) -> None:
+        """A forward pass of the attached model starts: draw its groups."""
+        groups, drawn = self._make_groups(batch_size, device)
+        self._context = ForwardContext(batch_size, groups, drawn_by_engine=drawn, signature=signature)
+        self.last_groups = groups
+
+    def close_context(self) -> None:
+        """The forward pass of the attached model ended."""
+        self._context = None
+
+    def emit(self, record: Record) -> None:
+        """One layer call's output gradient arrived; the first of a pass queues the end-of-backward callback."""
+        self._records.append(record)
+        if not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish_pass)
+
+    def report(self, problem: str) -> None:
+        """A problem found during a pass (named, with its fix); the engine raises it at the step."""
+        self._problems.append(problem)
+
+    def take_problems(self) -> list[str]:
+        """The problems reported since the last call, cleared."""
+        problems, self._problems = self._problems, []
+        return problems
+
+    def warn_once(self, key: str, message: str, category: type[Warning] = UserWarning, stacklevel: int = 4) -> None:
+        """Warn with ``message`` the first time ``key`` is seen."""
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, category, stacklevel=stacklevel)
+
+    def _finish_pass(self) -> None:
+        records, self._records = self._records, []
+        self._callback_queued = False
+        if self.enabled and records:
+            self._on_pass_end(records)

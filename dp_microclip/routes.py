@@ -1,0 +1,170 @@
+"""Which route each layer's record takes, within a memory budget, timed once: the autotuner and its cache.
+
+Every route is exact; the choice is about speed and memory only. The
+:class:`Autotuner` holds the engine's ONE timing cache: which route is fastest
+per (layer, shape class), and which variant of a rule (the conv layouts) is
+fastest per shape class. Rules know their maths; the timing lives here.
+
+Timing runs each candidate once to warm up, then all in interleaved repeats,
+each keeping its best time, so that a burst of load from elsewhere hits every
+candidate alike.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Hashable
+
+import torch
+
+from .layers.traits import NOT_REPLAYABLE
+from .records import Record
+from .settings import ClipSettings
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_times(candidates: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict[str, float]:
+    """Best wall-clock seconds of each candidate over ``repeats`` interleaved runs (after one warm-up each)."""
+    for run in candidates.values():
+        run()
+    best = {name: math.inf for name in candidates}
+    for _ in range(repeats):
+        for name, run in candidates.items():
+            _sync(device)
+            start = time.perf_counter()
+            run()
+            _sync(device)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def choose_strategy(
+    record: Record, groups, settings: ClipSettings, uses: Counter, budget: list, tuner: "Autotuner"
+) -> str:
+    """The route for one record: "ghost", "materialize", "norms_then_sum" or "func".
+
+    * ghost: Gram norms, then one weighted product over all rows for the sum.
+    * materialize: per-group gradients kept until the clip factors are known, the
+      sum an einsum over them.
+    * norms_then_sum: per-group gradients for the norms only, freed at once, the
+      sum a weighted product (no M x params memory held).
+
+    ``grad_mode="auto"``: every route is exact, so the choice is only about speed
+    and memory. Flop counts mislead here (a batched product of many small
+    matrices runs several times slower per flop than one large product, and
+    that ratio differs between CPUs and GPUs), so the routes whose kept memory
+    fits ``budget`` are timed once per layer and shape class (:class:`Autotuner`)
+    and the fastest is kept. The budget, in elements, is the size of everything
+    the pass captured: the engine at most doubles what it holds, never B x params.
+    """
+    if record.unit.parametrized:
+        return "materialize"  # the group gradients of the computed weight are chained to its originals
+    replayable = not isinstance(record.unit.module, NOT_REPLAYABLE)  # e.g. BatchNorm's in-place statistics
+    if record.rule is None or (settings.grad_mode == "func" and record.unit.kind != "attention" and replayable):
+        return "func"
+    shared = any(uses[id(p)] > 1 for p in record.params.values())
+    if shared or not record.rule.has_ghost or settings.grad_mode == "materialize":
+        return "materialize"
+    if settings.grad_mode == "bookkeeping" or record.rule.group_grad_elements is None:
+        return "ghost"
+    elements = record.rule.group_grad_elements(record.layer, record.inputs, record.out_grad, groups)
+    candidates = ["ghost"]
+    if elements <= budget[0]:
+        # Both other routes build every group gradient of the layer at once (norms_then_sum frees them right
+        # after the norms, materialize keeps them for the sum): only where that fits the memory budget, so the
+        # engine's peak never grows like B x params, not even while the autotuner times them.
+        candidates += ["norms_then_sum", "materialize"]
+    choice = tuner.choose(record, groups, candidates)
+    if choice == "materialize":
+        budget[0] -= elements
+    return choice
+
+
+MEMORY_ORDER = ("ghost", "norms_then_sum", "materialize")  # least memory held first
+
+
+class Autotuner:
+    """Times each candidate route once per (layer, shape class) and remembers the fastest.
+
+    The shape class buckets the rows per group and the batch size to powers of two,
+    so Poisson-sampled batches of varying size do not trigger a new measurement.
+    """
+
+    TIE = 0.10  # routes within 10% of the fastest count as equally fast
+
+    VARIANT_REPEATS = 5
+
+    def __init__(self):
+        self.choices: dict = {}  # the one timing cache: (kind, key) -> the fastest candidate
+
+    def fastest(self, key: Hashable, candidates: dict[str, Callable[[], object]], device: torch.device,
+                repeats: int) -> str:
+        """The name of the fastest candidate for ``key``: timed the first time, then remembered."""
+        if key not in self.choices:
+            timings = best_times(candidates, device, repeats)
+            self.choices[key] = min(timings, key=timings.get)
+        return self.choices[key]
+
+    def group_grads(self, record: Record, groups) -> dict:
+        """The rule's group gradients, from its fastest variant for these shapes (timed once per shape class)."""
+        rule, args = record.rule, (record.layer, record.inputs, record.out_grad, groups)
+        key = rule.variant_key(*args) if rule.variants and rule.variant_key is not None else None
+        if key is None:
+            return rule.group_grads(*args)
+        runs = {name: (lambda fn=fn: fn(*args)) for name, fn in rule.variants.items()}
+        name = self.fastest(("variant", type(record.layer), key), runs, record.out_grad.device, self.VARIANT_REPEATS)
+        return rule.variants[name](*args)
+
+    @staticmethod
+    def _key(record: Record, groups) -> tuple:
+        a = next(x for x in record.inputs if torch.is_tensor(x))
+        bucket = lambda n: max(1, int(n)).bit_length()  # noqa: E731
+        return (record.name, bucket(groups.num_groups), bucket(groups.max_size()), bucket(a.shape[0]),
+                tuple(a.shape[2:]), tuple(record.out_grad.shape[2:]), a.shape[1] if a.dim() > 2 else None)
+
+    def choose(self, record: Record, groups, candidates: list[str]) -> str:
+        """The route for this record: timed once per (layer, shape class), then remembered."""
+        key = ("route", self._key(record, groups))
+        if key not in self.choices:
+            timings = self._time_routes(record, groups, candidates)
+            fastest = min(timings.values())
+            # Memory breaks near-ties: among routes within TIE of the fastest, take the one that holds the least
+            # (ghost holds nothing extra, norms_then_sum one layer's group gradients briefly, materialize keeps them
+            # until the clip factors are known). Timing noise alone is a few percent.
+            near = [c for c in MEMORY_ORDER if c in timings and timings[c] <= fastest * (1 + self.TIE)]
+            self.choices[key] = near[0]
+        choice = self.choices[key]
+        return choice if choice in candidates else "ghost"
+
+    REPEATS = 3
+
+    def _time_routes(self, record: Record, groups, routes: list[str]) -> dict[str, float]:
+        """Best time of each route (interleaved repeats, see :func:`best_times`)."""
+        runs = {route: self._runner(record, groups, route) for route in routes}
+        return best_times(runs, record.out_grad.device, self.REPEATS)
+
+    def _runner(self, record: Record, groups, route: str) -> Callable[[], None]:
+        """The work one route does for this record, as a call to time."""
+        rule, args = record.rule, (record.layer, record.inputs, record.out_grad)
+        weights = {name: torch.ones(groups.batch_size, device=record.out_grad.device) for name in record.params}
+
+        def run():
+            if route == "ghost":
+                rule.group_sq_norms(*args, groups)
+                rule.weighted_sum(*args, weights)
+            elif route == "norms_then_sum":
+                for g in self.group_grads(record, groups).values():
+                    torch.linalg.vector_norm(g.flatten(1), dim=1)
+                rule.weighted_sum(*args, weights)
+            else:
+                for g in self.group_grads(record, groups).values():
+                    torch.linalg.vector_norm(g.flatten(1), dim=1)
+                    torch.einsum("m,m...->...", torch.ones(g.shape[0], dtype=g.dtype, device=g.device), g)
+
+        return run

@@ -1,0 +1,42 @@
+"""Small helpers over nests of tensors and the dtypes the engine accumulates in (no engine state).
+
+Layer rules, the hooks and the step all need the same two facts, so they live
+here once: which tensors a nested output holds, and that 16-bit gradients are
+accumulated in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: The 16-bit floating dtypes. Clipped sums of parameters in these dtypes are kept in float32
+#: (rounding a sum of many small clipped terms in 16 bits loses most of them) and cast back at the step.
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the engine sums a parameter's clipped gradients in: float32 for 16-bit, else ``dtype``."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
+
+
+def output_tensors(output) -> list[torch.Tensor]:
+    """The tensors of a layer's output, in order: the output itself, or those inside a tuple/list/dict
+    (an RNN returns ``(out, h_n)`` or ``(out, (h_n, c_n))``)."""
+    if torch.is_tensor(output):
+        return [output]
+    leaves, _ = torch.utils._pytree.tree_flatten(output)
+    return [x for x in leaves if torch.is_tensor(x)]
+
+
+def first_tensor(obj) -> torch.Tensor | None:
+    """The first tensor in a nest of tuples, lists and dicts (the model's batch-carrying input)."""
+    if torch.is_tensor(obj):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        for item in obj:
+            found = first_tensor(item)
+            if found is not None:
+                return found
+    if isinstance(obj, dict):
+        return first_tensor(list(obj.values()))
+    return None
