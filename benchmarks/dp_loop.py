@@ -7,7 +7,7 @@ delta 1e-5, a few epochs. Methods, each run start to finish in its own
 ``python`` subprocess, so the cold start (interpreter, imports, data set,
 calibration of the noise, the autotuner's first steps) is part of the result:
 
-* ``engine``: ``dp_microclip.attach(..., target_epsilon=8, ...)`` with
+* ``engine``: ``dp_microclip.attach(..., privacy=DP(target_epsilon=8, ...))`` with
   ``micro_batch_size`` b (``--b``, default 1 and 8) and batches from
   ``engine.data_loader`` (Poisson sampling);
 * ``plain``: the same model trained without clipping or noise on the SAME

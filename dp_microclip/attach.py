@@ -236,7 +236,7 @@ def _dp_setup(*, micro_batch_size, clipping, grouping, noise_multiplier, target_
     if target_epsilon is not None:
         check_positive_finite("target_epsilon", target_epsilon)
         if delta is None:
-            raise ConfigurationError("target_epsilon needs delta=..., e.g. attach(..., delta=1e-5).")
+            raise ConfigurationError("target_epsilon needs delta=..., e.g. attach(..., privacy=DP(delta=1e-5)).")
     if noise_multiplier is None:
         if steps is None:
             raise ConfigurationError(

@@ -8,7 +8,7 @@ change the noise, and a resumed run could not reproduce it.
   OS (``secrets``) unless a seed is given. Fast, and reproducible from its state.
   Its state predicts every future draw: a checkpoint that holds it
   (``engine.state_dict(include_rng_state=True)``) must stay as secret as the data.
-* :class:`SecureNoiseSource` (``attach(..., secure_rng=True)``): every draw comes
+* :class:`SecureNoiseSource` (``attach(..., privacy=DP(secure_rng=True))``): every draw comes
   from the operating system's cryptographically secure generator
   (``os.urandom``): 53-bit uniforms turned into Gaussians with the Box-Muller
   transform in float64. No state exists that predicts the noise, so a run cannot

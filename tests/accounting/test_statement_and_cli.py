@@ -73,7 +73,7 @@ def test_cli_epochs_are_the_loaders_epochs(capsys):
     assert main(["epsilon", "--sample-rate", "0.3", "--noise-multiplier", "2", "--epochs", "1.5", "--delta", "1e-5",
                  "--accountant", "rdp"]) == 0
     assert "(5 steps" in capsys.readouterr().out  # ceil(1.5 * 3)
-    assert steps_for_epochs(60, 256 / 60000) == 14040  # the privacy plan of attach(..., epochs=60) agrees
+    assert steps_for_epochs(60, 256 / 60000) == 14040  # the privacy plan of attach(..., privacy=DP(epochs=60)) agrees
 
 
 def test_cli_noise_round_trips(capsys):
