@@ -45,9 +45,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import clipping as clip
-from .aggregate import unclipped_sums
-from .errors import ConfigurationError
+from .. import clipping as clip
+from ..aggregate import unclipped_sums
+from ..errors import ConfigurationError
 
 __all__ = ["ClipMonitor", "DraggerProbe", "write_csv"]
 

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
 
 __all__ = ["METHODS", "SweepSettings", "RunConfig", "SweepResult", "sweep", "train_run", "accuracy",
            "digits_splits", "digits_mlp", "main"]
@@ -219,7 +219,7 @@ def train_run(make_model: Callable[[], nn.Module], data, config: RunConfig, sett
 
     The model of the last epoch is evaluated. A non-finite loss stops the run (``diverged``).
     """
-    from . import attach
+    from .. import attach
 
     (x_tr, y_tr), (x_val, y_val), (x_te, y_te) = data
     start = time.perf_counter()
