@@ -194,7 +194,7 @@ class Engine:
         """Call ``observer.on_pass(engine, records, result)`` after every backward pass and
         ``observer.on_step(engine)`` after every step (either method may be missing).
 
-        The seam for diagnostics (``dp_microclip.diagnostics``): ``records`` are the pass's
+        The seam for diagnostics (``dp_microclip.tools.diagnostics``): ``records`` are the pass's
         captured layer calls, ``result`` its :class:`~dp_microclip.aggregate.PassResult` (group
         norms, clip factors). Observers must not change either. Returns a handle with ``remove()``.
         """
@@ -392,6 +392,16 @@ class Engine:
             self._group_generator.set_state(rng["group_generator"])
             self._sampling_generator.set_state(rng["sampling_generator"])
             self._sampled.sampler_state = rng["sampling_generator"].clone()
+
+    @contextlib.contextmanager
+    def silenced(self):
+        """Run forward and backward passes the engine does not capture (diagnostics' own probes).
+
+        Inside, the hooks record nothing and no micro-batch is drawn; gradients that reach
+        ``p.grad`` there are the caller's business, not a training step.
+        """
+        with self._replay():
+            yield
 
     # ============================================================ hook callbacks (private protocol of grads.py)
     def _hooks_active(self) -> bool:

@@ -23,7 +23,7 @@ Example:
     >>> import torch, torch.nn.functional as F
     >>> from torch import nn
     >>> import dp_microclip
-    >>> from dp_microclip.diagnostics import ClipMonitor
+    >>> from dp_microclip.tools.diagnostics import ClipMonitor
     >>> model = nn.Linear(4, 3)
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
     >>> engine = dp_microclip.attach(model, opt, micro_batch_size=2, max_grad_norm=0.1)
@@ -148,7 +148,7 @@ class ClipMonitor:
         for pid, (p, value) in result.sums.items():
             v = value.detach().double()
             self._clipped[pid] = v.clone() if pid not in self._clipped else self._clipped[pid] * keep + v * add
-        plain = unclipped_sums(records, engine._replay)
+        plain = unclipped_sums(records, engine.silenced)
         sizes = sum(ctx.batch_size for ctx in contexts)
         to_mean = 1.0 if engine.settings.clip.loss_reduction == "mean" else 1.0 / max(sizes, 1)
         for pid, value in plain.items():
@@ -255,7 +255,7 @@ class DraggerProbe:
         step = engine.steps_taken
         if step == 1 or step % self.every == 0:
             settings = engine.settings.clip
-            with engine._replay():  # the engine's hooks stay silent during the probe's forward passes
+            with engine.silenced():  # the engine's hooks stay silent during the probe's forward passes
                 self.measure(engine.model, step, micro_batch_size=engine.micro_batch_size,
                              clipping=engine.clipping, max_grad_norm=engine.max_grad_norm, gamma=settings.gamma)
 
@@ -288,7 +288,7 @@ class DraggerProbe:
         """Probe ``model`` now; append and return one row per example.
 
         Args:
-            model: the model (with or without an engine; call inside ``engine._replay()``
+            model: the model (with or without an engine; call inside ``engine.silenced()``
                 when an engine is attached, as :meth:`on_step` does).
             step: the step number written into the rows.
             micro_batch_size: ``b``; the held batch is cut into contiguous groups of ``b`` rows
@@ -309,15 +309,10 @@ class DraggerProbe:
         counts = torch.bincount(group, minlength=m).to(g.dtype)
         group_grads /= counts[:, None]
         group_norms = group_grads.norm(dim=1)
+        whole = "fixed" if clipping == "per_layer" else clipping  # per_layer: fixed on the whole vector here
+        weights = clip.group_factors(whole, group_norms, float(max_grad_norm), float(gamma))
         if clipping == "adaptive":
-            weights = clip.unit_factors(group_norms) * group_norms.min()
-        elif clipping == "normalize":
-            weights = clip.normalize_factors(group_norms, float(max_grad_norm), float(gamma))
-        elif clipping in ("fixed", "per_layer"):
-            weights = clip.fixed_factors(group_norms, float(max_grad_norm))
-        else:
-            raise ConfigurationError(
-                f"clipping={clipping!r}: use 'fixed', 'adaptive', 'normalize' or 'per_layer'.")
+            weights = weights * group_norms.min()  # rho: the smallest micro-batch norm of the held batch
         mean = g.mean(0)
         norms = g.norm(dim=1)
         cos = (g @ mean) / (norms * mean.norm()).clamp(min=1e-30)
