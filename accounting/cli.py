@@ -32,7 +32,7 @@ import sys
 from accounting.backends import ACCOUNTANTS
 from accounting.calibrate import noise_multiplier_for_epsilon
 from accounting.epochs import steps_for_epochs
-from accounting.errors import AccountantError, PrivacyRefusal
+from accounting.errors import AccountantError, OneLineParser, PrivacyRefusal, UsageError
 from accounting.ledger import Ledger
 from accounting.mechanism import ADJACENCIES, Mechanism
 from accounting.sensitivity import effective_noise_multiplier
@@ -54,17 +54,6 @@ NOISE_EXAMPLE = (
 )
 
 
-class _UsageError(ValueError):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line (raised to :func:`main`, which exits with 2)."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise _UsageError(message)
-
-
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-rate", type=float, help="Poisson sampling rate q per step")
     parser.add_argument("--batch-size", type=int, help="expected batch size B (with --dataset-size: q = B / N)")
@@ -81,7 +70,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Privacy accounting for micro-batch DP-SGD.",
+    parser = OneLineParser(prog=PROG, description="Privacy accounting for micro-batch DP-SGD.",
                      epilog=EPSILON_EXAMPLE.replace("example:", "examples:") + "\n" + NOISE_EXAMPLE.split("\n", 1)[1],
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{epsilon,noise}")
@@ -107,12 +96,12 @@ def _parser() -> argparse.ArgumentParser:
 def _sample_rate(args: argparse.Namespace) -> float:
     if args.sample_rate is not None:
         if args.batch_size is not None:
-            raise _UsageError("Give either --sample-rate or --batch-size with --dataset-size, not both.")
+            raise UsageError("Give either --sample-rate or --batch-size with --dataset-size, not both.")
         return args.sample_rate
     if args.batch_size is None or args.dataset_size is None:
-        raise _UsageError("Give --sample-rate, or --batch-size with --dataset-size (q = batch size / dataset size).")
+        raise UsageError("Give --sample-rate, or --batch-size with --dataset-size (q = batch size / dataset size).")
     if args.dataset_size < 1 or not 0 < args.batch_size <= args.dataset_size:
-        raise _UsageError(
+        raise UsageError(
             f"--batch-size must be in [1, --dataset-size]. Found --batch-size {args.batch_size}, "
             f"--dataset-size {args.dataset_size}."
         )
@@ -121,15 +110,15 @@ def _sample_rate(args: argparse.Namespace) -> float:
 
 def _steps(args: argparse.Namespace, q: float) -> int:
     if (args.steps is None) == (args.epochs is None):
-        raise _UsageError("Give exactly one of --steps or --epochs.")
+        raise UsageError("Give exactly one of --steps or --epochs.")
     if args.steps is not None:
         if args.steps < 1:
-            raise _UsageError(f"--steps must be >= 1. Found {args.steps}.")
+            raise UsageError(f"--steps must be >= 1. Found {args.steps}.")
         return args.steps
     if not (args.epochs > 0 and math.isfinite(args.epochs)):
-        raise _UsageError(f"--epochs must be a finite number > 0. Found {args.epochs}.")
+        raise UsageError(f"--epochs must be a finite number > 0. Found {args.epochs}.")
     if not 0 < q <= 1:  # checked again by Mechanism; here it would divide by zero first
-        raise _UsageError(f"sample_rate must be in (0, 1]. Found {q!r}.")
+        raise UsageError(f"sample_rate must be in (0, 1]. Found {q!r}.")
     return steps_for_epochs(args.epochs, q)
 
 
@@ -139,11 +128,11 @@ def _check_numbers(args: argparse.Namespace) -> None:
     for name in names:
         value = getattr(args, name, None)
         if value is not None and not math.isfinite(value):
-            raise _UsageError(f"--{name.replace('_', '-')} must be a finite number. Found {value}.")
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number. Found {value}.")
     if args.dataset_size is not None and args.dataset_size < 1:
-        raise _UsageError(f"--dataset-size must be >= 1. Found {args.dataset_size}.")
+        raise UsageError(f"--dataset-size must be >= 1. Found {args.dataset_size}.")
     if getattr(args, "target_epsilon", None) is not None and not args.target_epsilon > 0:
-        raise _UsageError(f"--target-epsilon must be > 0. Found {args.target_epsilon}.")
+        raise UsageError(f"--target-epsilon must be > 0. Found {args.target_epsilon}.")
 
 
 def delta_warning(delta: float, dataset_size: int | None) -> str | None:
@@ -245,12 +234,12 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else 0
-    except _UsageError as err:
+    except UsageError as err:
         print(f"{prog}: error: {err} (see {prog} --help)", file=sys.stderr)
         return 2
     try:
         text, data = _run(args)
-    except (_UsageError, PrivacyRefusal, AccountantError, ValueError, ImportError) as err:
+    except (UsageError, PrivacyRefusal, AccountantError, ValueError, ImportError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     warning = delta_warning(args.delta, args.dataset_size)

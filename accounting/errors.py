@@ -3,10 +3,13 @@
 Every message says what is wrong, the value found, and the fix (STYLE.md,
 "Errors that name the fix"). ``accounting`` imports nothing from
 ``dp_microclip``, so these types are its own; the engine turns them into its
-``PrivacyError`` where it needs to.
+``PrivacyError`` where it needs to. :class:`UsageError` and :class:`OneLineParser`
+are the command lines' (``accounting.cli`` and ``dp_microclip``'s commands alike).
 """
 
 from __future__ import annotations
+
+import argparse
 
 
 class PrivacyRefusal(ValueError):
@@ -30,3 +33,19 @@ class AccountantError(RuntimeError):
 
 class AccountingWarning(UserWarning):
     """A number was computed, but not the way the caller asked (e.g. PRV fell back to RDP)."""
+
+
+class UsageError(ValueError):
+    """Bad command-line input: the command prints it as one line, ``PROG: error: ...``, and exits with status 2.
+
+    The one definition for every ``dp-microclip`` command (``epsilon``, ``noise``, ``audit`` and the
+    delegated ones); a ``ValueError`` so that code validating its arguments catches it with the rest.
+    """
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``argparse`` parser whose errors raise :class:`UsageError` (to ``main``) instead of printing usage and exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        """Raise :class:`UsageError` with argparse's message; the command's ``main`` prints it and returns 2."""
+        raise UsageError(message)

@@ -167,14 +167,7 @@ def _one_context(
             norm_p = sq.clamp(min=0).sqrt() * to_mean
             weights[pid] = clip.fixed_factors(norm_p, settings.per_param_bound[pid]) * to_average
     else:
-        if settings.mode == "fixed":
-            factors = clip.fixed_factors(total_norm, settings.max_grad_norm)
-        elif settings.mode == "normalize":
-            factors = clip.normalize_factors(total_norm, settings.max_grad_norm, settings.gamma)
-        elif settings.mode == "adaptive":
-            factors = clip.unit_factors(total_norm)
-        else:  # validated in attach()
-            raise AssertionError(settings.mode)
+        factors = clip.group_factors(settings.mode, total_norm, settings.max_grad_norm, settings.gamma)
         result.group_factors.append(factors.detach())
         group_weight = factors * to_average  # (M,)
         weights = {pid: group_weight for pid in sq_norms}

@@ -29,6 +29,8 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
+from accounting.errors import OneLineParser, UsageError
+
 PROG = "dp-microclip"
 
 
@@ -65,8 +67,8 @@ COMMANDS: dict[str, Command] = {
     "sweep": Command(
         "compare plain training with micro-batch clipping, each with its own tuned learning rate",
         "dp-microclip sweep --label-noise 0.2 --micro-batch-sizes 1 8 --seeds 0 1 --out sweep-results",
-        "dp_microclip.sweep",
-        "this installation has no dp_microclip.sweep module (the sweep command came with a later version "
+        "dp_microclip.tools.sweep",
+        "this installation has no dp_microclip.tools.sweep module (the sweep command came with a later version "
         "of dp-microclip); upgrade the package, or install it from a current checkout with `pip install -e .`",
     ),
     "bench": Command(
@@ -80,16 +82,12 @@ COMMANDS: dict[str, Command] = {
         "empirical lower bound on epsilon from one training run with canaries",
         "dp-microclip audit --canaries 1000 --micro-batch-size 4 --noise-multiplier 2 --sample-rate 0.02 "
         "--steps 300 --json",
-        "dp_microclip.audit",
+        "dp_microclip.tools.audit",
     ),
 }
 
 # How a delegated module names itself in its own --help, replaced by ``dp-microclip COMMAND``.
 _FOREIGN_PROGS = ("python -m benchmarks.bench", "python -m tutorials.demo_digits")
-
-
-class _UsageError(Exception):
-    """Bad input to a delegated command: one line on stderr, exit status 2."""
 
 
 def usage() -> str:
@@ -150,11 +148,7 @@ def _one_line_argparse_errors() -> Iterator[None]:
     command only; parsers that define their own ``error`` keep it.
     """
     original = argparse.ArgumentParser.error
-
-    def error(self: argparse.ArgumentParser, message: str):
-        raise _UsageError(message)
-
-    argparse.ArgumentParser.error = error  # type: ignore[method-assign]
+    argparse.ArgumentParser.error = OneLineParser.error  # type: ignore[method-assign]
     try:
         yield
     finally:
@@ -198,7 +192,7 @@ def _run_delegated(command: str, argv: list[str]) -> int:
                 main(argv)
             except SystemExit:
                 pass
-            except _UsageError:
+            except UsageError:
                 pass
         text = out.getvalue().rstrip("\n")
         ours = f"{PROG} {command}"
@@ -216,7 +210,7 @@ def _run_delegated(command: str, argv: list[str]) -> int:
     try:
         with _one_line_argparse_errors(), _program_name(command, argv):
             return _exit_status(main(argv))
-    except _UsageError as err:
+    except UsageError as err:
         return _error(command, f"{err} (see {PROG} {command} --help)")
     except (MicroclipError, PrivacyRefusal, AccountantError) as err:  # settings the library refuses
         return _error(command, str(err))
@@ -236,17 +230,16 @@ def _audit_delta_warning(argv: Sequence[str]) -> str | None:
     """The delta >= 1/N warning for ``audit``, where N <= fillers + canaries; None when fine or not parseable."""
     from accounting.cli import delta_warning
 
-    from .audit import AuditConfig
+    from .tools.audit import AuditConfig
 
     defaults = AuditConfig()
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = OneLineParser(add_help=False)
     parser.add_argument("--delta", type=float, default=defaults.delta)
     parser.add_argument("--canaries", type=int, default=defaults.num_canaries)
     parser.add_argument("--fillers", type=int, default=defaults.num_fillers)
     try:
-        with _one_line_argparse_errors():
-            known, _ = parser.parse_known_args(list(argv))
-    except _UsageError:
+        known, _ = parser.parse_known_args(list(argv))
+    except UsageError:
         return None  # audit's own parser reports it
     if known.canaries < 0 or known.fillers < 0:
         return None

@@ -11,11 +11,16 @@ is ``f_j * g_j``:
   Clipping", Algorithm 1). The engine applies rho at the step, once every group of
   every accumulated pass is known, so :func:`unit_factors` returns ``1 / n_j`` here.
 * per_layer: :func:`fixed_factors` applied per parameter with its own bound ``C_l``.
+
+:func:`group_factors` is the one dispatch from a mode's name to its factors of the
+whole group gradient (the engine's aggregation and the diagnostics both use it).
 """
 
 from __future__ import annotations
 
 import torch
+
+from .errors import ConfigurationError
 
 #: Added to norms before dividing, as in Opacus and ``torch.nn.utils.clip_grad_norm_``.
 NORM_EPS = 1e-6
@@ -38,3 +43,29 @@ def unit_factors(norms: torch.Tensor) -> torch.Tensor:
     """
     safe = torch.where(norms > 0, norms, torch.ones_like(norms))
     return torch.where(norms > 0, 1.0 / safe, torch.zeros_like(norms))
+
+
+#: The modes whose factors scale each group's whole gradient (per_layer clips each parameter instead).
+WHOLE_GRADIENT_MODES = ("fixed", "normalize", "adaptive")
+
+
+def group_factors(mode: str, norms: torch.Tensor, max_norm: float, gamma: float) -> torch.Tensor:
+    """The factors of ``mode`` for group norms ``norms``: fixed, normalize, or adaptive's ``1 / n``.
+
+    Adaptive returns :func:`unit_factors`; the caller multiplies by ``rho = min_j n_j`` once it
+    knows every group of the step. ``per_layer`` is not a whole-gradient mode: apply
+    :func:`fixed_factors` per parameter with its own bound.
+
+    Raises:
+        ConfigurationError: ``mode`` is not one of :data:`WHOLE_GRADIENT_MODES`.
+    """
+    if mode == "fixed":
+        return fixed_factors(norms, max_norm)
+    if mode == "normalize":
+        return normalize_factors(norms, max_norm, gamma)
+    if mode == "adaptive":
+        return unit_factors(norms)
+    raise ConfigurationError(
+        f"clipping={mode!r} has no whole-gradient clip factors: use 'fixed', 'adaptive' or 'normalize' "
+        "('per_layer' clips each parameter with fixed_factors)."
+    )

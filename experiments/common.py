@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from dp_microclip.sweep import SweepResult, SweepSettings, sweep
+from dp_microclip.tools.sweep import SweepSettings, sweep
+from dp_microclip.tools.sweep_report import SweepResult
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

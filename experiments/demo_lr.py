@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dp_microclip.sweep import SweepSettings
+from dp_microclip.tools.sweep import SweepSettings
 from tutorials.data import digits
 from tutorials.demo_digits import small_cnn, train
 

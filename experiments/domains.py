@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dp_microclip.sweep import SweepSettings, digits_splits
+from dp_microclip.tools.sweep import SweepSettings, digits_splits
 
 from .common import run_sweep, setup, write_summary
 from .speechdata import pooled, spoken_digits

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 import dp_microclip
-from dp_microclip.sweep import accuracy, digits_mlp, digits_splits, paired_bootstrap
+from dp_microclip.tools.sweep import accuracy, digits_mlp, digits_splits
+from dp_microclip.tools.sweep_report import paired_bootstrap
 
 from .common import RESULTS, write_summary
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dp_microclip.sweep import SweepSettings
+from dp_microclip.tools.sweep import SweepSettings
 
 from .common import run_sweep, setup, write_summary
 

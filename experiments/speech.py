@@ -18,7 +18,7 @@ from pathlib import Path
 
 from torch import nn
 
-from dp_microclip.sweep import SweepSettings
+from dp_microclip.tools.sweep import SweepSettings
 
 from .common import run_sweep, setup, write_summary
 from .speechdata import N_MELS, SPLIT, spoken_digits

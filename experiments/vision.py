@@ -7,7 +7,7 @@ clipping at b in {1, 4, 16, 64} (64 = the whole batch), each (method, b) with
 its own learning rate (and C) tuned on a validation split as noisy as the
 training data, over paired seeds, scored on clean test labels. The flipped
 examples are recorded (``vision-draggers.json``) as known draggers, and a
-:class:`~dp_microclip.diagnostics.DraggerProbe` run shows whether clipping
+:class:`~dp_microclip.tools.diagnostics.DraggerProbe` run shows whether clipping
 gives their micro-batches less weight.
 """
 
@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import dp_microclip
-from dp_microclip.diagnostics import ClipMonitor, DraggerProbe
-from dp_microclip.sweep import SweepSettings, digits_mlp, digits_splits
+from dp_microclip.tools.diagnostics import ClipMonitor, DraggerProbe
+from dp_microclip.tools.sweep import SweepSettings, digits_mlp, digits_splits
 
 from .common import run_sweep, setup, write_summary
 

@@ -1,4 +1,4 @@
-"""One-run privacy audit (dp_microclip.audit): the statistics, and audits of the engine's epsilon.
+"""One-run privacy audit: the statistics (accounting.audit), and audits of the engine's epsilon (dp_microclip.tools.audit).
 
 The engine tests train small linear models for a few hundred steps (about a
 second each on one CPU thread). Every audit is seeded, so each test is
@@ -15,17 +15,9 @@ import pytest
 import scipy.stats
 import torch
 
-from dp_microclip.audit import (
-    AuditConfig,
-    audit_lower_bound,
-    epsilon_lower_bound,
-    main,
-    make_guesses,
-    p_value,
-    run_audit,
-    score_guesses,
-)
+from accounting.audit import audit_lower_bound, epsilon_lower_bound, make_guesses, p_value, score_guesses
 from dp_microclip.errors import ConfigurationError
+from dp_microclip.tools.audit import AuditConfig, main, run_audit
 
 DELTA = 1e-5
 
@@ -111,18 +103,19 @@ def test_guesses_take_the_top_and_bottom_scores():
     assert (out.num_correct, out.correct_pos, out.correct_neg, out.num_guesses) == (2, 1, 1, 3)
 
 
-@pytest.mark.parametrize("call,message", [
-    (lambda: make_guesses([1.0, 2.0], 2, 1), "Guess fewer"),
-    (lambda: make_guesses([1.0, float("nan")], 1, 0), "finite"),
-    (lambda: audit_lower_bound([1.0, 2.0], [True], 1, 0, DELTA), "one coin per canary"),
-    (lambda: audit_lower_bound([1.0, 2.0], [True, False], 1, 0, DELTA, beta=1.5), "beta"),
-    (lambda: epsilon_lower_bound(10, 5, 6, DELTA), "num_correct <= num_guesses"),
-    (lambda: AuditConfig(canary="pixels"), "canary"),
-    (lambda: AuditConfig(noise_multiplier=0.0), "noise=False"),
-    (lambda: AuditConfig(num_canaries=100, k_pos=80, k_neg=30), "between 1 and num_canaries"),
+@pytest.mark.parametrize("call,message,error", [
+    # accounting.audit cannot import dp_microclip: it raises ValueError (ConfigurationError is one too).
+    (lambda: make_guesses([1.0, 2.0], 2, 1), "Guess fewer", ValueError),
+    (lambda: make_guesses([1.0, float("nan")], 1, 0), "finite", ValueError),
+    (lambda: audit_lower_bound([1.0, 2.0], [True], 1, 0, DELTA), "one coin per canary", ValueError),
+    (lambda: audit_lower_bound([1.0, 2.0], [True, False], 1, 0, DELTA, beta=1.5), "beta", ValueError),
+    (lambda: epsilon_lower_bound(10, 5, 6, DELTA), "num_correct <= num_guesses", ValueError),
+    (lambda: AuditConfig(canary="pixels"), "canary", ConfigurationError),
+    (lambda: AuditConfig(noise_multiplier=0.0), "noise=False", ConfigurationError),
+    (lambda: AuditConfig(num_canaries=100, k_pos=80, k_neg=30), "between 1 and num_canaries", ConfigurationError),
 ])
-def test_bad_input_names_the_fix(call, message):
-    with pytest.raises(ConfigurationError, match=message):
+def test_bad_input_names_the_fix(call, message, error):
+    with pytest.raises(error, match=message):
         call()
 
 
@@ -220,6 +213,8 @@ def test_cli_help_has_an_example(capsys):
 def test_docstring_examples_run():
     import doctest
 
-    import dp_microclip.audit
+    import accounting.audit
+    import dp_microclip.tools.audit
 
-    assert doctest.testmod(dp_microclip.audit).failed == 0
+    assert doctest.testmod(accounting.audit).failed == 0
+    assert doctest.testmod(dp_microclip.tools.audit).failed == 0

@@ -146,7 +146,7 @@ def test_audit_json_parses(capsys):
     [
         ("bench", ("benchmarks", "benchmarks.bench"), "benchmarks/ folder"),
         ("demo", ("tutorials", "tutorials.demo_digits"), "tutorials/ folder"),
-        ("sweep", ("dp_microclip.sweep",), "no dp_microclip.sweep module"),
+        ("sweep", ("dp_microclip.tools.sweep",), "no dp_microclip.tools.sweep module"),
     ],
 )
 def test_a_command_whose_code_is_not_installed_says_how_to_get_it(command, missing, says, monkeypatch, capsys):

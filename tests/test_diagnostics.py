@@ -1,4 +1,4 @@
-"""dp_microclip.diagnostics against hand computations on a tiny model (float64, one backward per example)."""
+"""dp_microclip.tools.diagnostics against hand computations on a tiny model (float64, one backward per example)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dp_microclip
-from dp_microclip.diagnostics import ClipMonitor, DraggerProbe
+from dp_microclip.tools.diagnostics import ClipMonitor, DraggerProbe
 from dp_microclip.errors import ConfigurationError
 
 

@@ -18,7 +18,7 @@ API_PAGES = {
     "dp_microclip": "dp_microclip",
     "settings": "dp_microclip.settings",
     "engine": "dp_microclip.engine",
-    "audit": "dp_microclip.audit",
+    "audit": "dp_microclip.tools.audit",
     "losses": "dp_microclip.losses",
     "accounting": "accounting",
 }

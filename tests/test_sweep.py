@@ -1,4 +1,4 @@
-"""dp_microclip.sweep on tiny settings: selection on validation only, paired seeds, resume, table, plots, CLI."""
+"""dp_microclip.tools.sweep (and sweep_report) on tiny settings: selection on validation only, paired seeds, resume, table, plots, CLI."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from dp_microclip import sweep as sw
+from dp_microclip.tools import sweep as sw
+from dp_microclip.tools.sweep_report import paired_bootstrap
 from dp_microclip.errors import ConfigurationError
 
 
@@ -99,10 +100,10 @@ def test_table_markdown_json_and_plots(tmp_path):
 
 
 def test_paired_bootstrap():
-    assert sw.paired_bootstrap([0.02, 0.02, 0.02], 100, 0.95) == (pytest.approx(0.02), pytest.approx(0.02))
-    lo, hi = sw.paired_bootstrap([0.0, 0.1, 0.2, 0.3], 2000, 0.9)
+    assert paired_bootstrap([0.02, 0.02, 0.02], 100, 0.95) == (pytest.approx(0.02), pytest.approx(0.02))
+    lo, hi = paired_bootstrap([0.0, 0.1, 0.2, 0.3], 2000, 0.9)
     assert 0.0 <= lo < 0.15 < hi <= 0.3
-    assert all(np.isnan(sw.paired_bootstrap([0.1], 100, 0.95)))
+    assert all(np.isnan(paired_bootstrap([0.1], 100, 0.95)))
 
 
 def test_settings_errors_name_the_fix():

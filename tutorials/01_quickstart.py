@@ -15,7 +15,7 @@
 # on an unchanged model and optimizer, trained beside the same run without the engine
 # (same initialisation, same batches, same optimizer), on scikit-learn's bundled digits
 # (no download) with 20% of the training labels flipped. Then the diagnostics
-# (`dp_microclip.diagnostics`): what fraction of micro-batches is clipped, how far the clipped
+# (`dp_microclip.tools.diagnostics`): what fraction of micro-batches is clipped, how far the clipped
 # update turns from the plain one, and whether the examples with flipped labels (the
 # "draggers") are the ones being muted.
 #
@@ -94,7 +94,7 @@ def train(micro_batch_size=None, max_grad_norm=1.0, observers=()):
 # (explained below); they only read what the engine computes.
 
 # %%
-from dp_microclip.diagnostics import ClipMonitor, DraggerProbe
+from dp_microclip.tools.diagnostics import ClipMonitor, DraggerProbe
 
 x_train, y_train = train_set.tensors
 probe = DraggerProbe(x_train[:256], y_train[:256], F.cross_entropy, every=150, flags=flipped[:256])
@@ -140,6 +140,6 @@ for s in probe.summary():
 # * `attach` and `detach` are the whole API for noise-free clipping; the training loop does not change.
 # * With draggers in the data, clipping micro-batch gradients raised the test accuracy above.
 #   Whether it helps on *your* data is a question for a fair comparison with tuned learning rates:
-#   tutorial 03 (`dp_microclip.sweep`).
+#   tutorial 03 (`dp_microclip.tools.sweep`).
 # * The diagnostics tell you whether clipping is active (clipped fraction) and what it costs
 #   in direction (cosine), without a second backward pass.

@@ -9,11 +9,11 @@
 # ---
 
 # %% [markdown]
-# # 03 Finding the sweet spot on your own model: `dp_microclip.sweep`
+# # 03 Finding the sweet spot on your own model: `dp_microclip.tools.sweep`
 #
 # **What this shows.** Whether noise-free micro-batch clipping helps on *your* model and data, and
 # at which micro-batch size `b`, is an empirical question, and comparing methods at one shared
-# learning rate measures the learning rate, not the method. `dp_microclip.sweep.sweep` tunes the
+# learning rate measures the learning rate, not the method. `dp_microclip.tools.sweep.sweep` tunes the
 # learning rate (and `C` for fixed clipping) separately for every (method, b) on a validation split,
 # reruns the chosen setting over paired seeds (same initialisation and batch order for every
 # method), and reports the test accuracy with a paired bootstrap interval against plain training.
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dp_microclip.sweep import SweepSettings, digits_splits, sweep
+from dp_microclip.tools.sweep import SweepSettings, digits_splits, sweep
 
 torch.set_num_threads(1)
 

@@ -8,8 +8,8 @@ import importlib
 import pytest
 
 MODULES = ["accounting", "accounting.mechanism", "accounting.sensitivity", "accounting.ledger",
-           "accounting.calibrate", "accounting.statement", "accounting.backends.rdp", "accounting.backends.prv",
-           "accounting.backends.pld"]
+           "accounting.calibrate", "accounting.statement", "accounting.audit", "accounting.backends.rdp",
+           "accounting.backends.prv", "accounting.backends.pld"]
 
 
 @pytest.mark.parametrize("name", MODULES)

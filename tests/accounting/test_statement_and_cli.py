@@ -119,6 +119,9 @@ def test_import_accounting_and_compute_without_torch():
         "print(l.epsilon(1e-5, 'pld'), l.epsilon(1e-5, 'rdp_google'))\n"
         "print(accounting.privacy_statement(l, 1e-5, accountant='pld').splitlines()[-1])\n"
         "assert 'torch' not in sys.modules, 'the dp_accounting backends loaded torch'\n"
+        "import accounting.audit\n"
+        "print(accounting.audit.audit_lower_bound([1.0, 0.0] * 50, [True, False] * 50, 10, 10, delta=1e-5))\n"
+        "assert 'torch' not in sys.modules, 'the audit statistics loaded torch'\n"
     )
     proc = _run(code)
     assert proc.returncode == 0, proc.stderr

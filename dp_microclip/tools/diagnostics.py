@@ -23,7 +23,7 @@ Example:
     >>> import torch, torch.nn.functional as F
     >>> from torch import nn
     >>> import dp_microclip
-    >>> from dp_microclip.diagnostics import ClipMonitor
+    >>> from dp_microclip.tools.diagnostics import ClipMonitor
     >>> model = nn.Linear(4, 3)
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
     >>> engine = dp_microclip.attach(model, opt, micro_batch_size=2, max_grad_norm=0.1)
@@ -45,9 +45,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import clipping as clip
-from .aggregate import unclipped_sums
-from .errors import ConfigurationError
+from .. import clipping as clip
+from ..aggregate import unclipped_sums
+from ..errors import ConfigurationError
 
 __all__ = ["ClipMonitor", "DraggerProbe", "write_csv"]
 
@@ -309,15 +309,10 @@ class DraggerProbe:
         counts = torch.bincount(group, minlength=m).to(g.dtype)
         group_grads /= counts[:, None]
         group_norms = group_grads.norm(dim=1)
+        whole = "fixed" if clipping == "per_layer" else clipping  # per_layer: fixed on the whole vector here
+        weights = clip.group_factors(whole, group_norms, float(max_grad_norm), float(gamma))
         if clipping == "adaptive":
-            weights = clip.unit_factors(group_norms) * group_norms.min()
-        elif clipping == "normalize":
-            weights = clip.normalize_factors(group_norms, float(max_grad_norm), float(gamma))
-        elif clipping in ("fixed", "per_layer"):
-            weights = clip.fixed_factors(group_norms, float(max_grad_norm))
-        else:
-            raise ConfigurationError(
-                f"clipping={clipping!r}: use 'fixed', 'adaptive', 'normalize' or 'per_layer'.")
+            weights = weights * group_norms.min()  # rho: the smallest micro-batch norm of the held batch
         mean = g.mean(0)
         norms = g.norm(dim=1)
         cos = (g @ mean) / (norms * mean.norm()).clamp(min=1e-30)
