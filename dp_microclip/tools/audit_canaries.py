@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..settings import DP
+
 if TYPE_CHECKING:
     from .audit import AuditConfig
 
@@ -30,11 +32,10 @@ def _coins(config: AuditConfig):
 
 
 def _attach(config: AuditConfig, model, optimizer):
-    from ..configure import attach
+    from ..attach import attach
 
     engine = attach(model, optimizer, micro_batch_size=config.micro_batch_size, max_grad_norm=config.max_grad_norm,
-                    noise_multiplier=config.noise_multiplier, sample_rate=config.sample_rate, delta=config.delta,
-                    accountant=config.accountant, seed=config.seed)
+                    privacy=DP(noise_multiplier=config.noise_multiplier, sample_rate=config.sample_rate, delta=config.delta, accountant=config.accountant), seed=config.seed)
     if not config.noise:
         engine.noise = False
     return engine
