@@ -59,7 +59,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="expected batch size B (with --dataset-size: q = B / N)")
     parser.add_argument("--dataset-size", type=int, help="number of examples N (also checks that delta < 1 / N)")
     parser.add_argument("--steps", type=int, help="number of steps")
-    parser.add_argument("--epochs", type=float, help="number of epochs (an epoch is round(1/q) steps, as engine.data_loader makes it)")
+    parser.add_argument("--epochs", type=float, help="number of epochs (an epoch is round(1/q) steps, as "
+                                                     "engine.data_loader makes it)")
     parser.add_argument("--delta", type=float, required=True, help="target delta, below 1 / dataset size (e.g. 1e-5)")
     parser.add_argument("--micro-batch-size", type=int, default=1,
                         help="examples per clipping unit b (b > 1: sensitivity 2C, the accountant sees z/2)")

@@ -44,7 +44,8 @@ class UsageError(ValueError):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """An ``argparse`` parser whose errors raise :class:`UsageError` (to ``main``) instead of printing usage and exiting."""
+    """An ``argparse`` parser whose errors raise :class:`UsageError` (to ``main``) instead of printing usage and
+    exiting."""
 
     def error(self, message: str):  # type: ignore[override]
         """Raise :class:`UsageError` with argparse's message; the command's ``main`` prints it and returns 2."""

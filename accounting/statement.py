@@ -124,7 +124,8 @@ def privacy_statement(
         span = f"step {start}" if e.steps == 1 else f"steps {start}-{end}"
         batch = f", expected batch size {e.sample_rate * dataset_size:.4g}" if dataset_size is not None else ""
         if e.is_private:
-            lines.append(f"  {span}: q={e.sample_rate:.6g}{batch}, noise multiplier z={_fmt(e.mechanism.noise_multiplier)}"
+            lines.append(f"  {span}: q={e.sample_rate:.6g}{batch}, noise multiplier "
+                         f"z={_fmt(e.mechanism.noise_multiplier)}"
                          f" (std z*C), clipping={e.mechanism.clipping!r}; {_clipping_unit(e)}.")
         else:
             lines.append(f"  {span}: q={e.sample_rate:.6g}{batch}, NO NOISE (noise multiplier "

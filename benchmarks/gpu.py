@@ -541,13 +541,10 @@ def run_bench(args, device, out_dir, deadline, env) -> dict:
                 warnings.simplefilter("ignore")
                 rows, info = run_comparison(work, specs, bargs, label=model)
             if device.type == "cuda":
-                plain_mem = None
                 for row in sorted(rows, key=Row.sort_key):
                     if row.status != "ok" or time.perf_counter() > deadline:
                         continue
                     row.mem_mb, row.mem_note = cuda_extra_memory(work, row.spec, bargs.max_grad_norm)
-                    if row.spec.kind == "plain":
-                        plain_mem = row.mem_mb
             entry = {"tag": work.tag, "batch_size": work.batch_size, "seq_len": work.seq_len, "run": info,
                      "table": report.main_table(rows, work.batch_size),
                      "rows": [r.to_json() for r in sorted(rows, key=Row.sort_key)]}

@@ -8,7 +8,9 @@ from .attach import attach
 from .engine import Engine
 from .settings import DP
 from .errors import BatchError, ConfigurationError, MicroclipError, PrivacyError, UnsupportedModuleError
-from .layers.registry import LayerRule, register_lazy_rule, register_rule, registered_lazy_names, registered_types, rule_for
+from .layers.registry import (
+    LayerRule, register_lazy_rule, register_rule, registered_lazy_names, registered_types, rule_for,
+)
 
 __all__ = [
     "attach", "DP", "Engine", "LayerRule", "register_rule", "register_lazy_rule", "registered_types",

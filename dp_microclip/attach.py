@@ -121,7 +121,8 @@ def attach(
     if not isinstance(model, nn.Module):
         raise ConfigurationError(f"attach(model, ...) needs a torch.nn.Module. Found {type(model).__name__}.")
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise ConfigurationError(f"attach(..., optimizer) needs a torch.optim.Optimizer. Found {type(optimizer).__name__}.")
+        raise ConfigurationError(f"attach(..., optimizer) needs a torch.optim.Optimizer. Found "
+                                 f"{type(optimizer).__name__}.")
     if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
         raise ConfigurationError(f"micro_batch_size must be an integer >= 1. Found {micro_batch_size!r}.")
     _choice("clipping", clipping, CLIPPING_MODES)

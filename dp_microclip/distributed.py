@@ -38,7 +38,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import secrets
 import warnings
 import weakref

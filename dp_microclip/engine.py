@@ -441,5 +441,6 @@ _READ_ONLY = {
     "steps_taken": "engine.steps_taken is read-only: the engine counts its own steps (engine.load_state_dict(...) "
                    "restores the count of a resumed run).",
     **{name: f"engine.{name} is read-only: the engine's hooks and flags belong to the {name} given to attach(), "
-             "and detach() restores that one. Detach, then attach to the other one." for name in ("model", "optimizer")},
+             "and detach() restores that one. Detach, then attach to the other one."
+       for name in ("model", "optimizer")},
 }

@@ -115,7 +115,8 @@ def causal_lm_per_example_loss(
         ``(B,)`` per-example losses; backprop ``.mean()``.
     """
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"expected logits (B, T, V) and labels (B, T); got {tuple(logits.shape)} and {tuple(labels.shape)}.")
+        raise ValueError(f"expected logits (B, T, V) and labels (B, T); got {tuple(logits.shape)} and "
+                         f"{tuple(labels.shape)}.")
     return per_example_mean_loss(
         logits[:, :-1], labels[:, 1:], ignore_index=ignore_index, label_smoothing=label_smoothing
     )

@@ -8,7 +8,6 @@ a sensitivity itself. See docs/privacy.md and docs/accounting.md.
 from __future__ import annotations
 
 import dataclasses
-import math
 import weakref
 from dataclasses import dataclass
 
@@ -186,7 +185,8 @@ class PrivacyState:
             text += (
                 f" The dataset size {size}, and with it the public number of micro-batches M = {public_num_groups} "
                 "that divides the noisy sum, are treated as public (as Opacus treats N): neighbouring datasets "
-                "would give the same M only if M is fixed in advance, e.g. with attach(..., privacy=DP(expected_batch_size=...)) "
+                "would give the same M only if M is fixed in advance, e.g. with attach(..., "
+                "privacy=DP(expected_batch_size=...)) "
                 "from a public size."
             )
         return text
@@ -195,7 +195,8 @@ class PrivacyState:
         """The delta asked for, or attach's; refuses when neither was given."""
         delta = self.settings.delta if delta is None else delta
         if delta is None:
-            raise ConfigurationError("epsilon needs a delta: engine.epsilon(delta=1e-5), or attach(..., privacy=DP(delta=1e-5)).")
+            raise ConfigurationError("epsilon needs a delta: engine.epsilon(delta=1e-5), or attach(..., "
+                                     "privacy=DP(delta=1e-5)).")
         return delta
 
     def _check_sampling_verified(self) -> None:
@@ -203,7 +204,8 @@ class PrivacyState:
             raise PrivacyError(
                 f"No epsilon: {self.unverified_steps} step(s) used batches that did not come from "
                 "engine.data_loader(...), so the engine cannot vouch for Poisson sampling. Use "
-                "engine.data_loader(dataset), or attach(..., privacy=DP(sampling=\"poisson\")) to declare that your own "
+                "engine.data_loader(dataset), or attach(..., privacy=DP(sampling=\"poisson\")) to declare that your "
+                "own "
                 "loader samples each record independently with probability sample_rate."
             )
 

@@ -15,7 +15,7 @@ import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from accounting.mechanism import CLIPPINGS as CLIPPING_MODES  # one list of clipping modes
+from accounting.mechanism import CLIPPINGS as CLIPPING_MODES  # noqa: F401  (re-exported: one list of clipping modes)
 
 from .errors import ConfigurationError
 

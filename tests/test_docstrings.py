@@ -6,7 +6,6 @@ import importlib
 import inspect
 import pkgutil
 
-import pytest
 
 import accounting
 import dp_microclip

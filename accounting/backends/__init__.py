@@ -85,7 +85,8 @@ def as_segments(history: Sequence[Segment | tuple]) -> tuple[Segment, ...]:
         try:
             z, q, n = seg
         except (TypeError, ValueError):
-            raise ValueError(f"A history segment must be (noise_multiplier, sample_rate, steps). Found {seg!r}.") from None
+            raise ValueError(f"A history segment must be (noise_multiplier, sample_rate, steps). Found "
+                             f"{seg!r}.") from None
         if z is not None and not (isinstance(z, numbers.Real) and 0 <= z < math.inf):
             raise ValueError(f"Segment noise_multiplier must be None or a finite number >= 0. Found {seg!r}.")
         if not (isinstance(q, numbers.Real) and 0 < q <= 1):

@@ -109,7 +109,8 @@ class AttentionCapture(TorchFunctionMode):
             e = mha.embed_dim
             xs = tuple(t if t.requires_grad else t.detach().requires_grad_() for t in (query, key, value))
             bias = in_parts.bias
-            q, k, v = (F.linear(x, in_parts.weight[i * e:(i + 1) * e], None if bias is None else bias[i * e:(i + 1) * e])
+            q, k, v = (F.linear(x, in_parts.weight[i * e:(i + 1) * e],
+                                None if bias is None else bias[i * e:(i + 1) * e])
                        for i, x in enumerate(xs))  # (T, B, E), (S, B, E), (S, B, E)
             self.on_cross(in_parts, xs, (q, k, v))
             dtype, device = q.dtype, q.device

@@ -78,5 +78,5 @@ def conv_transpose_group_grads(layer, inputs, out_grad, groups: Groups, implemen
 
 
 for _conv_type in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
-    register_rule(_conv_type, LayerRule(conv_transpose_group_grads, variants=layout_variants(conv_transpose_group_grads),
-                                         variant_key=variant_key))
+    register_rule(_conv_type, LayerRule(conv_transpose_group_grads,
+                                        variants=layout_variants(conv_transpose_group_grads), variant_key=variant_key))

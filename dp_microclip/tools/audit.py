@@ -127,7 +127,8 @@ class AuditConfig:
         _positive_int("seed", self.seed, minimum=0)
         for name in ("max_grad_norm", "learning_rate", "canary_scale"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+                    or not math.isfinite(value)):
                 raise ConfigurationError(f"{name} must be a finite number > 0. Found {value!r}.")
         if not (isinstance(self.noise_multiplier, (int, float)) and self.noise_multiplier > 0):
             raise ConfigurationError(
@@ -334,7 +335,8 @@ def _parser() -> argparse.ArgumentParser:
     d = AuditConfig()
     parser.add_argument("--canary", choices=CANARY_KINDS, default=d.canary,
                         help="gradient: white box, every noisy gradient seen (default); input: black box, final model")
-    parser.add_argument("--canaries", type=int, default=d.num_canaries, help="m, number of canaries (default %(default)s)")
+    parser.add_argument("--canaries", type=int, default=d.num_canaries, help="m, number of canaries (default "
+                                                                             "%(default)s)")
     parser.add_argument("--fillers", type=int, default=d.num_fillers,
                         help="ordinary examples always in the data (default %(default)s)")
     parser.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size, help="b (default %(default)s)")

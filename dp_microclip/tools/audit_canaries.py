@@ -35,7 +35,8 @@ def _attach(config: AuditConfig, model, optimizer):
     from ..attach import attach
 
     engine = attach(model, optimizer, micro_batch_size=config.micro_batch_size, max_grad_norm=config.max_grad_norm,
-                    privacy=DP(noise_multiplier=config.noise_multiplier, sample_rate=config.sample_rate, delta=config.delta, accountant=config.accountant), seed=config.seed)
+                    privacy=DP(noise_multiplier=config.noise_multiplier, sample_rate=config.sample_rate,
+                               delta=config.delta, accountant=config.accountant), seed=config.seed)
     if not config.noise:
         engine.noise = False
     return engine

@@ -89,7 +89,8 @@ class SweepResult:
         """The table as Markdown (test metric: mean +- std over seeds; difference to plain with its interval)."""
         s = self.settings
         pct = round(100 * s.confidence)
-        lines = [f"| method | b | lr | C | test mean +- std ({len(s.seeds)} seeds) | vs plain (paired, {pct}% bootstrap) |",
+        lines = [f"| method | b | lr | C | test mean +- std ({len(s.seeds)} seeds) | vs plain (paired, {pct}% "
+                 "bootstrap) |",
                  "|---|---|---|---|---|---|"]
         for r in self.table():
             lr = f"{r['lr']:g}" + (" (grid edge)" if r["lr_at_grid_edge"] else "")
@@ -99,7 +100,8 @@ class SweepResult:
                 diff = f"{r['diff_vs_plain']:+.4f} [{r['diff_ci_low']:+.4f}, {r['diff_ci_high']:+.4f}]"
             b = "-" if r["b"] is None else str(r["b"])
             note = f" ({r['diverged']} diverged)" if r["diverged"] else ""
-            lines.append(f"| {r['method']} | {b} | {lr} | {c} | {r['test_mean']:.4f} +- {r['test_std']:.4f}{note} | {diff} |")
+            lines.append(f"| {r['method']} | {b} | {lr} | {c} | {r['test_mean']:.4f} +- {r['test_std']:.4f}{note} | "
+                         f"{diff} |")
         return "\n".join(lines)
 
     def to_json(self) -> dict:

@@ -2,8 +2,7 @@
 
     python -m tests.zoo.explore test_hf_encoders test_hf_decoders test_hf_seq2seq_speech test_peft test_torch_modules
 """
-import importlib, sys, time, traceback
-import torch
+import importlib, sys, time
 from .harness import B, T_EQ, T_NE, compare, TOL
 
 for modname in sys.argv[1:]:

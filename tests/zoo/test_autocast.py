@@ -19,10 +19,9 @@ BERT, GPT-2 and an LSTM as asked; RoBERTa, LLaMA and nn.TransformerEncoder (sequ
 from __future__ import annotations
 
 import pytest
-import torch
 
 
-from .harness import ANY, B, compare_autocast, zoo_params
+from .harness import B, compare_autocast, zoo_params
 
 transformers = pytest.importorskip("transformers")
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dp_microclip.errors import BatchError, UnsupportedModuleError
+from dp_microclip.errors import BatchError
 from dp_microclip.losses import per_example_mean_loss
 
 
 from .data import CLASSES, PAD, VOCAB, cross_entropy, token_batch
-from .harness import ANY, B, ZooCase, assert_matches, build_model, engine, zoo_params
+from .harness import B, ZooCase, assert_matches, build_model, engine, zoo_params
 
 transformers = pytest.importorskip("transformers")
 
