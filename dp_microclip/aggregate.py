@@ -20,6 +20,7 @@ between its uses are in the norm. Nothing is dropped.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -137,14 +138,20 @@ def _one_context(
 
     dtype = next(iter(sq_norms.values())).dtype
     scale = float(ctx.batch_size) if settings.loss_reduction == "mean" else 1.0
-    sizes = groups.sizes.to(device=device, dtype=dtype)
-    nonempty = sizes > 0
-    # g_j = to_mean_j * S_j; empty groups (keyed grouping) contribute nothing.
-    to_mean = torch.where(nonempty, scale / sizes.clamp(min=1.0), torch.zeros_like(sizes))  # (M,)
+    if groups.equal_size is not None:
+        # Contiguous groups all hold b examples: the group mean is a constant (no kernel launched for it).
+        to_mean: torch.Tensor | float = scale / groups.equal_size
+        nonempty = None
+    else:
+        sizes = groups.sizes.to(device=device, dtype=dtype)
+        nonempty = sizes > 0
+        # g_j = to_mean_j * S_j; empty groups (keyed grouping) contribute nothing.
+        to_mean = torch.where(nonempty, scale / sizes.clamp(min=1.0), torch.zeros_like(sizes))  # (M,)
 
     total_norm = (torch.stack(list(sq_norms.values())).sum(0).clamp(min=0).sqrt()) * to_mean  # (M,)
-    finite = torch.isfinite(total_norm)
-    if not bool(finite.all()):
+    # One host read per pass: the sum of the norms is finite iff every norm is (norms are >= 0, NaN propagates).
+    if not math.isfinite(float(total_norm.sum())):
+        finite = torch.isfinite(total_norm)
         # A NaN/inf anywhere in a group's gradient: the group contributes zero (a bounded contribution, so the
         # sensitivity holds) and its rows are zeroed so that 0 * NaN cannot reach the other groups' sums.
         bad = ~finite
@@ -156,8 +163,8 @@ def _one_context(
             )
         records, materialised, sq_norms = _drop_groups(records, materialised, sq_norms, bad, groups)
         total_norm = torch.where(finite, total_norm, torch.zeros_like(total_norm))
-        nonempty = nonempty & finite
-        to_mean = torch.where(finite, to_mean, torch.zeros_like(to_mean))
+        nonempty = finite if nonempty is None else nonempty & finite
+        to_mean = torch.where(finite, to_mean, torch.zeros_like(total_norm))
 
     weights: dict[int, torch.Tensor] = {}
     to_average = to_mean / divisor  # folds the final 1/M into the per-group weights
@@ -172,8 +179,11 @@ def _one_context(
         group_weight = factors * to_average  # (M,)
         weights = {pid: group_weight for pid in sq_norms}
 
-    if settings.mode == "adaptive" and bool(nonempty.any()):
-        result.min_norm = min(result.min_norm, float(total_norm[nonempty].min()))
+    if settings.mode == "adaptive":
+        if nonempty is None:
+            result.min_norm = min(result.min_norm, float(total_norm.min()))
+        elif bool(nonempty.any()):
+            result.min_norm = min(result.min_norm, float(total_norm[nonempty].min()))
     result.group_norms.append(total_norm.detach())
     sums: dict = {}
 
@@ -185,8 +195,10 @@ def _one_context(
 
     for pid, g in materialised.items():
         add(pid, torch.einsum("m,m...->...", weights[pid].to(g.dtype), g))
+    shared_rows = None if settings.mode == "per_layer" else groups.rows(group_weight)  # (B,), once per batch
     for record in (records[i] for i in ghost_index):
-        row_weight = {name: weights[id(p)][groups.index] for name, p in record.params.items()}
+        row_weight = {name: shared_rows if shared_rows is not None else groups.rows(weights[id(p)])
+                      for name, p in record.params.items()}
         weighted = record.rule.weighted_sum(record.layer, record.inputs, record.out_grad, row_weight)
         for name, p in record.params.items():
             add(id(p), weighted[name])

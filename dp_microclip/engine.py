@@ -100,7 +100,7 @@ class Engine:
         self._acc = StepAccumulator()
         self._steps_taken = 0
         self.nonfinite_groups = 0
-        self.last_group_norms: torch.Tensor | None = None
+        self._last_norms: list[torch.Tensor] = []
         self.last_strategies: dict[str, str] = {}
         self._inherited_steps = dp_rules.DP_HISTORY.get(model, 0) if privacy is not None else 0
 
@@ -138,6 +138,12 @@ class Engine:
                            doc="``q``: the probability that a record joins a batch of ``engine.data_loader``.")
     last_groups = property(lambda self: self._sink.last_groups,
                            doc="The groups of the latest forward pass (which micro-batch each row joined).")
+
+    @property
+    def last_group_norms(self) -> torch.Tensor | None:
+        """The micro-batch gradient norms of the latest backward pass (joined on access, not every step)."""
+        norms = self._last_norms
+        return None if not norms else norms[0] if len(norms) == 1 else torch.cat(norms)
 
     @property
     def noise_multiplier(self) -> float | None:
@@ -354,7 +360,7 @@ class Engine:
         self._acc.add(result)
         self.nonfinite_groups += result.nonfinite_groups
         if result.group_norms:
-            self.last_group_norms = torch.cat(result.group_norms)
+            self._last_norms = result.group_norms
         self.last_strategies = result.strategies
         for observer in list(self._observers):
             if hasattr(observer, "on_pass"):

@@ -17,6 +17,7 @@ Dimension letters: B examples, M groups, R = rows of the largest group.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -85,6 +86,14 @@ class Groups:
         out[self.index.to(x.device), slot.to(x.device)] = x
         return out
 
+    def rows(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-group values ``(M,)`` spread to their rows ``(B,)``: no kernel at all when ``b = 1``."""
+        if self.equal_size == 1:
+            return values
+        if self.equal_size is not None:
+            return values.repeat_interleave(self.equal_size)
+        return values[self.index.to(values.device)]
+
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         """Sum rows ``(B, ...)`` per group into ``(M, ...)``."""
         if self.equal_size is not None:
@@ -112,6 +121,13 @@ def contiguous_groups(batch_size: int, micro_batch_size: int, device=None) -> Gr
             f'(grouping="contiguous"). Use a batch size that is a multiple of {micro_batch_size} '
             '(e.g. DataLoader(..., drop_last=True)), or grouping="keyed".'
         )
+    return _contiguous(batch_size, micro_batch_size, None if device is None else torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _contiguous(batch_size: int, micro_batch_size: int, device: torch.device | None) -> Groups:
+    # Cached: the same batch shape gives the same groups, so a steady-state step launches no kernel for them.
+    # The tensors are never written to (Groups is frozen and every consumer only reads them).
     num_groups = batch_size // micro_batch_size
     index = torch.arange(batch_size, device=device) // micro_batch_size
     sizes = torch.full((num_groups,), float(micro_batch_size), device=device)

@@ -1,0 +1,130 @@
+"""Kernel launches and host synchronisations per training step: plain, the engine at b=1 and b=8, and DP mode.
+
+On a GPU a small model's step time is set by how many kernels it launches and
+how often the host waits for the device, not by the arithmetic. This counts
+both on the CPU, where they are deterministic:
+
+* launches: every aten op dispatched during one steady-state step (forward,
+  backward, ``optimizer.step()``), counted with a ``TorchDispatchMode``;
+  view-only ops (``view``, ``reshape`` aliases, ``transpose``, ``expand``,
+  ``t``, ``permute``, ``as_strided``, ``detach``, ``alias``, ...) are left
+  out, as they launch no kernel;
+* host synchronisations: ops that copy a device value to the host
+  (``aten::item``, ``aten::_local_scalar_dense``, ``aten::is_nonzero``,
+  ``aten::nonzero``, ``aten::equal``, ``aten::allclose``); on a GPU each one
+  stalls the launch queue.
+
+Run: ``python -m benchmarks.launches`` (``--models mlp cnn transformer``,
+``--json PATH``). The counts do not depend on the machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import dp_microclip
+
+from .models import MAIN_MODELS, loss_fn, make_workload
+
+VIEW_OPS = frozenset({
+    "view", "_unsafe_view", "reshape", "transpose", "t", "expand", "permute", "as_strided", "detach", "alias",
+    "unsqueeze", "squeeze", "slice", "select", "unbind", "split", "split_with_sizes", "chunk", "narrow",
+    "movedim", "flatten", "unflatten", "view_as", "expand_as", "_reshape_alias", "lift_fresh", "numpy_T",
+    "diagonal", "unfold",
+})
+SYNC_OPS = frozenset({"item", "_local_scalar_dense", "is_nonzero", "nonzero", "equal", "allclose"})
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts aten ops (kernel launches) and host synchronisations dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter = Counter()
+        self.syncs: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in SYNC_OPS:
+            self.syncs[name] += 1
+        if name not in VIEW_OPS:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def launches(self) -> int:
+        """Kernel launches counted (view-only ops excluded)."""
+        return sum(self.ops.values())
+
+
+def _setup(workload, method: str):
+    model = workload.fresh_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    engine = None
+    if method.startswith("b="):
+        engine = dp_microclip.attach(model, opt, micro_batch_size=int(method[2:]), max_grad_norm=1.0,
+                                     grad_mode="bookkeeping", verify_steps=0)
+    elif method == "dp b=1":
+        engine = dp_microclip.attach(
+            model, opt, micro_batch_size=1, max_grad_norm=1.0, grad_mode="bookkeeping", verify_steps=0, seed=0,
+            privacy=dp_microclip.DP(noise_multiplier=1.0, sample_rate=0.01, expected_batch_size=workload.batch_size,
+                                    sampling="poisson", delta=1e-5, accountant="rdp"))
+    return model, opt, engine
+
+
+def count(model_name: str, method: str) -> tuple[int, int, Counter]:
+    """(launches, host syncs, op counts) of one steady-state step of ``method`` on ``model_name``."""
+    workload = make_workload(model_name, "cpu")
+    model, opt, engine = _setup(workload, method)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(workload.inputs), workload.targets).backward()
+        opt.step()
+
+    for _ in range(2):  # warm up: the layout probe, route choice and first-step work are not steady state
+        step()
+    counter = LaunchCounter()
+    with counter:
+        step()
+    if engine is not None:
+        engine.detach()
+    return counter.launches, sum(counter.syncs.values()), counter.ops
+
+
+METHODS = ("plain", "b=1", "b=8", "dp b=1")
+
+
+def main(argv=None) -> int:
+    """Print a markdown table of launches and syncs per step (and write JSON with ``--json``)."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.launches", description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MAIN_MODELS), help="bench models (default: %(default)s)")
+    parser.add_argument("--json", default=None, help="also write the counts to this JSON file")
+    parser.add_argument("--top", type=int, default=0, help="print the N most frequent ops of each engine row")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = {}
+    print("| model | method | launches | x plain | host syncs |")
+    print("|---|---|---|---|---|")
+    for name in args.models:
+        plain = None
+        for method in METHODS:
+            launches, syncs, ops = count(name, method)
+            plain = plain or launches
+            rows[f"{name} {method}"] = {"launches": launches, "syncs": syncs, "ratio": launches / plain}
+            print(f"| {name} | {method} | {launches} | {launches / plain:.2f}x | {syncs} |")
+            if args.top and method != "plain":
+                print("    " + ", ".join(f"{op} {n}" for op, n in ops.most_common(args.top)))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
