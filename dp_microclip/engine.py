@@ -7,10 +7,9 @@ pass becomes clipped means (``aggregate.py``, ``routes.py``), the step writes
 in ``sampling.py``. Multi-process training plugs its parts in through the
 constructor (:class:`ProcessParts`), never by writing attributes.
 
-The engine only adds hooks (module hooks, one optimizer step pre-hook) and
-switches the ``requires_grad`` flag of the parameters it computes itself, so
-autograd does not compute an unclipped weight gradient it would throw away.
-``detach()`` undoes all of it; docs/privacy.md states the rules it enforces.
+The engine only adds hooks and switches ``requires_grad`` off on the parameters it
+computes itself (autograd would compute an unclipped weight gradient and throw it
+away); ``detach()`` undoes all of it. docs/privacy.md states the rules it enforces.
 
 Example:
     >>> import torch
@@ -81,9 +80,7 @@ class Engine:
                  privacy: dp_rules.PrivacyState | None = None, sample_rate: float | None = None,
                  public_num_groups: int | None = None, verify_steps: int = 1, parts: ProcessParts | None = None):
         self._model, self._optimizer, self._settings, self._privacy = model, optimizer, settings, privacy
-        self._parts = parts or ProcessParts()
-        self._sample_rate = sample_rate
-        self._noise_on = privacy is not None
+        self._parts, self._sample_rate, self._noise_on = parts or ProcessParts(), sample_rate, privacy is not None
         self._plan = GroupingPlan(settings.clip.micro_batch_size, settings.grouping, privacy is not None,
                                   settings.num_groups, public_num_groups)
         self._dataset_size: int | None = None
