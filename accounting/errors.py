@@ -10,6 +10,7 @@ are the command lines' (``accounting.cli`` and ``dp_microclip``'s commands alike
 from __future__ import annotations
 
 import argparse
+from typing import NoReturn
 
 
 class PrivacyRefusal(ValueError):
@@ -47,6 +48,6 @@ class OneLineParser(argparse.ArgumentParser):
     """An ``argparse`` parser whose errors raise :class:`UsageError` (to ``main``) instead of printing usage and
     exiting."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         """Raise :class:`UsageError` with argparse's message; the command's ``main`` prints it and returns 2."""
         raise UsageError(message)

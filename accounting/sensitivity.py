@@ -140,4 +140,5 @@ def effective_noise_multiplier(mechanism: Mechanism) -> float:
     """
     if not mechanism.is_private:
         return 0.0
+    assert mechanism.noise_multiplier is not None  # is_private
     return mechanism.noise_multiplier / sensitivity(mechanism).contribution

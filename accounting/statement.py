@@ -40,6 +40,7 @@ def _clipping_unit(entry: LedgerEntry) -> str:
     b = mech.micro_batch_size
     if not entry.is_private:
         return f"micro-batch size b={b}, grouping={mech.grouping!r}, clipping={mech.clipping!r}"
+    assert mech.noise_multiplier is not None and entry.effective_noise_multiplier is not None  # is_private
     sens = sensitivity(mech)
     if b == 1:
         unit = "per-example clipping (b=1: every example is its own micro-batch)"
@@ -124,6 +125,7 @@ def privacy_statement(
         span = f"step {start}" if e.steps == 1 else f"steps {start}-{end}"
         batch = f", expected batch size {e.sample_rate * dataset_size:.4g}" if dataset_size is not None else ""
         if e.is_private:
+            assert e.mechanism.noise_multiplier is not None  # is_private
             lines.append(f"  {span}: q={e.sample_rate:.6g}{batch}, noise multiplier "
                          f"z={_fmt(e.mechanism.noise_multiplier)}"
                          f" (std z*C), clipping={e.mechanism.clipping!r}; {_clipping_unit(e)}.")

@@ -112,7 +112,10 @@ def _one_context(
         result.strategies[record.name] = strategy
         if strategy in ("ghost", "norms_then_sum"):
             if strategy == "ghost":
-                norms = record.rule.group_sq_norms(record.layer, record.inputs, record.out_grad, groups)
+                rule = record.rule
+                assert rule is not None and rule.group_sq_norms is not None  # choose_strategy: ghost needs has_ghost
+                assert isinstance(record.out_grad, torch.Tensor)  # rule records have one output tensor
+                norms = rule.group_sq_norms(record.layer, record.inputs, record.out_grad, groups)
             else:
                 grads = tuner.group_grads(record, groups)
                 norms = {n: torch.linalg.vector_norm(g.flatten(1), dim=1).square() for n, g in grads.items()}
@@ -199,7 +202,10 @@ def _one_context(
     for record in (records[i] for i in ghost_index):
         row_weight = {name: shared_rows if shared_rows is not None else groups.rows(weights[id(p)])
                       for name, p in record.params.items()}
-        weighted = record.rule.weighted_sum(record.layer, record.inputs, record.out_grad, row_weight)
+        rule = record.rule
+        assert rule is not None and rule.weighted_sum is not None  # ghost routes need has_ghost
+        assert isinstance(record.out_grad, torch.Tensor)  # rule records have one output tensor
+        weighted = rule.weighted_sum(record.layer, record.inputs, record.out_grad, row_weight)
         for name, p in record.params.items():
             add(id(p), weighted[name])
     result.sums, result.num_groups = merge_means(result.sums, result.num_groups, sums, divisor)
@@ -263,9 +269,11 @@ def unclipped_sums(records: list[Record], replay_guard) -> dict[int, torch.Tenso
         groups = record.ctx.groups.to(device)
         if record.rule is not None and record.rule.weighted_sum is not None and not record.unit.parametrized:
             ones = {name: torch.ones(groups.batch_size, device=device) for name in record.params}
+            assert isinstance(record.out_grad, torch.Tensor)  # rule records have one output tensor
             sums = record.rule.weighted_sum(record.layer, record.inputs, record.out_grad, ones)
         else:
             if record.rule is not None:
+                assert isinstance(record.out_grad, torch.Tensor)  # rule records have one output tensor
                 grads = chain_parametrizations(
                     record, record.rule.group_grads(record.layer, record.inputs, record.out_grad, groups))
             else:
@@ -295,7 +303,7 @@ def chain_parametrizations(record: Record, grads: dict) -> dict:
             continue
         computed = grads.pop(tensor)  # (M, *W.shape)
         values = {n: p.detach() for n, p in plist.named_parameters()}
-        _, pullback = vjp(lambda vals: functional_call(plist, vals, ()), values)
+        pullback = vjp(lambda vals: functional_call(plist, vals, ()), values)[1]  # (output, pullback)
         per_group = vmap(pullback)(computed.to(next(iter(values.values())).dtype))[0]  # name -> (M, ...)
         for name, g in per_group.items():
             key = f"parametrizations.{tensor}.{name}"

@@ -153,10 +153,10 @@ def attach(
         raise ConfigurationError(f"verify_steps must be an integer >= 0. Found {verify_steps!r}.")
     _choice("sampling", sampling, SAMPLINGS)
     _choice("adjacency", adjacency, ADJACENCIES)
-    privacy = None
+    privacy_state = None
     public_num_groups = None
     if dp:
-        privacy, noise_multiplier, grouping, public_num_groups = _dp_setup(
+        privacy_state, noise_multiplier, grouping, public_num_groups = _dp_setup(
             micro_batch_size=micro_batch_size, clipping=clipping, grouping=grouping,
             noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, delta=delta,
             sample_rate=sample_rate, expected_batch_size=expected_batch_size, steps=steps, epochs=epochs,
@@ -195,7 +195,7 @@ def attach(
         batch_first=batch_first, seed=seed, secure_rng=bool(secure_rng), collate_keeps_order=bool(collate_keeps_order),
     )
     return Engine(
-        model, optimizer, settings, units, managed, root_batch_dim, privacy=privacy,
+        model, optimizer, settings, units, managed, root_batch_dim, privacy=privacy_state,
         sample_rate=None if sample_rate is None else float(sample_rate), public_num_groups=public_num_groups,
         verify_steps=verify_steps, parts=process_parts,
     )

@@ -39,7 +39,7 @@ class Command(NamedTuple):
 
     summary: str
     example: str
-    module: str | None  # a module with ``main(argv) -> int | None``, imported when the command runs
+    module: str  # a module with ``main(argv) -> int | None``, imported when the command runs
     missing: str = ""  # what to tell the user when ``module`` is not installed
 
 
@@ -148,7 +148,8 @@ def _one_line_argparse_errors() -> Iterator[None]:
     command only; parsers that define their own ``error`` keep it.
     """
     original = argparse.ArgumentParser.error
-    argparse.ArgumentParser.error = OneLineParser.error  # type: ignore[method-assign]
+    # A subclass's method on the base class: it uses only ``message``, so any parser may call it.
+    argparse.ArgumentParser.error = OneLineParser.error  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:

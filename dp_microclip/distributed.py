@@ -278,7 +278,7 @@ def _check_same_settings(model, optimizer, per_core, attach_kwargs, group) -> No
     dist.all_gather_object(digests, digest, group=group)
     if len(set(digests)) == 1:
         return
-    everyone = [None] * world
+    everyone: list = [None] * world  # all_gather_object puts each rank's description in its slot
     dist.all_gather_object(everyone, mine, group=group)
     differ = sorted(k for k in mine if any(d.get(k) != everyone[0].get(k) for d in everyone))
     details = "; ".join(f"{k}: " + " vs ".join(f"rank {r}: {json.dumps(d.get(k))[:200]}"
@@ -376,9 +376,9 @@ class StepReducer:
         head = [float(groups_seen), float(min_norm), float(shared), float(per_core_broken)]
         present = [1.0 if id(p) in sums else 0.0 for p in managed]
         meta = torch.tensor(head + present, dtype=torch.float64, device=self.device)
-        table = [torch.empty_like(meta) for _ in range(self.world_size)]
-        dist.all_gather(table, meta, group=self.group)
-        table = torch.stack(table).cpu()  # (world, 4 + number of parameters)
+        gathered = [torch.empty_like(meta) for _ in range(self.world_size)]
+        dist.all_gather(gathered, meta, group=self.group)
+        table = torch.stack(gathered).cpu()  # (world, 4 + number of parameters)
         counts = table[:, 0].tolist()
         if len(set(table[:, 2].tolist())) > 1:
             raise ConfigurationError(

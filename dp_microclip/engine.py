@@ -86,7 +86,7 @@ class Engine:
         self._dataset_size: int | None = None
 
         inner = SecureNoiseSource() if settings.secure_rng else NoiseSource(settings.seed)
-        base_seed = NoiseSource(settings.seed).seed if settings.secure_rng else inner.seed
+        base_seed = NoiseSource(settings.seed).seed if inner.seed is None else inner.seed  # None: secure_rng
         self._noise: NoiseLike = self._parts.wrap_noise(inner) if self._parts.wrap_noise else inner
         self._group_generator = torch.Generator().manual_seed(base_seed ^ 0x5DEECE66D)
         self._sampling_generator = torch.Generator().manual_seed(base_seed ^ 0x2545F491)
@@ -393,6 +393,7 @@ class Engine:
             dp_rules.check_dp_step(acc.passes, len(acc.contexts), self._plan.public_num_groups)
             self._privacy.before_step(self._noise_on)
             if empty_batch:
+                assert self._plan.public_num_groups is not None  # check_dp_step refuses a step without it
                 acc.groups_seen = float(self._plan.public_num_groups)
         if self._parts.reducer is not None:
             # Several processes: combine the clipped means, the group counts and the smallest group norm of

@@ -284,6 +284,7 @@ class HookSet:
         leaves, spec = torch.utils._pytree.tree_flatten(output)
         positions = [i for i, x in enumerate(leaves) if torch.is_tensor(x)]
         dims = layout.output
+        assert isinstance(dims, tuple)  # a multi-output call's layout has one entry per output tensor
         shapes = tuple(
             tuple(leaves[p].movedim(d, 0).shape) if d is not None else None for p, d in zip(positions, dims))
         sink = self.sink

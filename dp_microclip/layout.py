@@ -47,8 +47,9 @@ def declared_batch_first(module: nn.Module) -> bool | None:
         return bool(module.self_attn.batch_first)
     if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)) and len(module.layers):
         return declared_batch_first(module.layers[0])
-    if isinstance(getattr(module, "batch_first", None), bool):
-        return module.batch_first
+    batch_first = getattr(module, "batch_first", None)
+    if isinstance(batch_first, bool):
+        return batch_first
     return None
 
 
@@ -293,7 +294,7 @@ class LayoutLearner:
             return batch_dim_from_probe(tuple(x.shape), probed, batch, signature.probe_batch, declared,
                                         f"{where}, {what}")
 
-        inputs = []
+        inputs: list[int | str | None] = []
         for i, a in enumerate(args):
             if not torch.is_tensor(a):
                 inputs.append(None)
@@ -303,15 +304,15 @@ class LayoutLearner:
         if not torch.is_tensor(output):
             outputs = output_tensors(output)
             probed = record.output if record is not None else None
-            dims = []
+            dims: list[int | str | None] = []
             for i, t in enumerate(outputs):
                 shape = probed[i] if probed is not None and i < len(probed) else None
                 try:
                     dims.append(dim_of(t, shape, f"output {i}"))
                 except BatchError:
                     dims.append(None)  # no gradient may flow through it; the first-step check catches it if one does
-            dims = tuple(None if d == BROADCAST else d for d in dims)
-            layout = CallLayout(tuple(inputs), dims)
+            out_dims = tuple(None if d == BROADCAST else d for d in dims)
+            layout = CallLayout(tuple(inputs), out_dims)
             if signature is not None and signature.probe_batch is not None:
                 signature.learned[key] = layout
             return layout

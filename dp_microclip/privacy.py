@@ -128,8 +128,10 @@ class PrivacyState:
         key = (mech, self.ledger.steps if self.ledger.first_nonprivate_step is not None else None)
         if key in self._allowed and self._allowed[key] > self.ledger.steps:
             return self._allowed[key]
+        target, delta = s.target_epsilon, s.delta
+        assert target is not None and delta is not None  # before_step checks target; attach requires delta with it
         def within(extra: int) -> bool:
-            return self.ledger.epsilon_after(mech, extra, s.delta, accountant=s.accountant) <= s.target_epsilon
+            return self.ledger.epsilon_after(mech, extra, delta, accountant=s.accountant) <= target
 
         if s.planned_steps is not None and s.planned_steps > self.ledger.steps and self._plan_holds():
             # A z the engine calibrated itself (same accountant, same planned steps, every step so far on the

@@ -71,7 +71,7 @@ class Record:
     params: dict[str, nn.Parameter]
     inputs: tuple
     kwargs: dict
-    out_grad: torch.Tensor | None
+    out_grad: torch.Tensor | tuple  # a tuple (None: no gradient reached it) for a joined multi-output call
     ctx: ForwardContext
     batch_dim: int | tuple  # where the batch was in the layer's own output layout (tensors here are batch-first)
     input_dims: tuple = ()  # per input: where the batch was in the layer's own layout (None: not batched)
@@ -86,7 +86,8 @@ def join_multi_output(records: list[Record]) -> list[Record]:
     tuple, with zeros for outputs no gradient reached."""
     if all(not r.call for r in records):
         return records
-    joined, parts = [], {}
+    joined: list[Record | tuple] = []  # records, and the call key of each multi-output call
+    parts: dict[tuple, dict[int, torch.Tensor]] = {}
     for r in records:
         if not r.call:
             joined.append(r)
@@ -94,6 +95,7 @@ def join_multi_output(records: list[Record]) -> list[Record]:
         if r.call not in parts:
             parts[r.call] = {}
             joined.append(r.call)
+        assert isinstance(r.out_grad, torch.Tensor)  # a partial record holds one output tensor's gradient
         parts[r.call][r.slot] = r.out_grad
     out = []
     for item in joined:

@@ -69,7 +69,10 @@ def naive_microbatch_grads(
             raise ValueError("micro_batch_size must divide the batch size (or pass group_index).")
         group_index = torch.arange(batch) // micro_batch_size
         num_groups = batch // micro_batch_size
-    group_grads, norms = [], []
+    elif num_groups is None:
+        raise ValueError("group_index needs num_groups (the number of groups M, empty groups included).")
+    group_grads: list[dict[str, torch.Tensor] | None] = []
+    norms: list[float] = []
     for j in range(num_groups):
         rows = (group_index.cpu() == j).nonzero().flatten()
         if rows.numel() == 0:
@@ -79,9 +82,9 @@ def naive_microbatch_grads(
         model.zero_grad(set_to_none=True)
         loss = loss_fn(_call(model, _index(inputs, rows, batch_dim)), targets.index_select(0, rows.to(targets.device)))
         gs = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        g = {n: (torch.zeros_like(p) if gi is None else gi) for (n, p), gi in zip(params.items(), gs)}
-        group_grads.append(g)
-        norms.append(math.sqrt(sum(float(t.double().pow(2).sum()) for t in g.values())))
+        g_j = {n: (torch.zeros_like(p) if gi is None else gi) for (n, p), gi in zip(params.items(), gs)}
+        group_grads.append(g_j)
+        norms.append(math.sqrt(sum(float(t.double().pow(2).sum()) for t in g_j.values())))
     nonempty = [n for n, g in zip(norms, group_grads) if g is not None]
     rho = min(nonempty) if nonempty else 0.0
     total = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -96,6 +99,8 @@ def naive_microbatch_grads(
             elif clipping == "adaptive":
                 f = rho / norm if norm > 0 else 0.0
             elif clipping == "per_layer":
+                if per_param_bounds is None:
+                    raise ValueError('clipping="per_layer" needs per_param_bounds (a bound for each parameter name).')
                 layer_norm = float(g[n].double().pow(2).sum().sqrt())
                 f = min(1.0, per_param_bounds[n] / (layer_norm + NORM_EPS))
             else:

@@ -156,6 +156,9 @@ def poisson_loader(dataset: Dataset, sample_rate: float, generator: torch.Genera
             raise ValueError(
                 f"engine.data_loader(...) sets {forbidden} itself (Poisson sampling); remove {forbidden}=."
             )
+    if not isinstance(dataset, collections.abc.Sized):
+        raise TypeError(f"engine.data_loader(...) samples from every record, so it needs a dataset with a length; "
+                        f"{type(dataset).__name__} has no __len__. Pass a map-style dataset.")
     steps = steps_per_epoch(sample_rate)  # the same formula the privacy plan uses for epochs
     make = sampler_factory or PoissonBatchSampler
     sampler = make(len(dataset), sample_rate, generator, steps, num_groups, on_batch, on_epoch)

@@ -87,9 +87,9 @@ def as_segments(history: Sequence[Segment | tuple]) -> tuple[Segment, ...]:
         except (TypeError, ValueError):
             raise ValueError(f"A history segment must be (noise_multiplier, sample_rate, steps). Found "
                              f"{seg!r}.") from None
-        if z is not None and not (isinstance(z, numbers.Real) and 0 <= z < math.inf):
+        if z is not None and not (isinstance(z, numbers.Real) and 0 <= float(z) < math.inf):
             raise ValueError(f"Segment noise_multiplier must be None or a finite number >= 0. Found {seg!r}.")
-        if not (isinstance(q, numbers.Real) and 0 < q <= 1):
+        if not (isinstance(q, numbers.Real) and 0 < float(q) <= 1):
             raise ValueError(f"Segment sample_rate must be in (0, 1]. Found {seg!r}.")
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
             raise ValueError(f"Segment steps must be an integer >= 0. Found {seg!r}.")
@@ -121,6 +121,19 @@ def begin(backend, history, delta: float, adjacency: str) -> tuple[tuple[Segment
     check_adjacency(adjacency, backend=backend.name, supported=backend.adjacencies)
     segments = as_segments(history)
     return segments, trivial_epsilon(segments)
+
+
+def opacus_history(history: Sequence[Segment]) -> list[tuple[float, float, int]]:
+    """Opacus' ``(noise_multiplier, sample_rate, steps)`` tuples of the segments with steps.
+
+    Only for a history that :func:`trivial_epsilon` answered None for: every segment with steps is noisy.
+    """
+    out = []
+    for s in history:
+        if s.steps:
+            assert s.noise_multiplier, "a noise-free segment is answered by trivial_epsilon"
+            out.append((float(s.noise_multiplier), float(s.sample_rate), int(s.steps)))
+    return out
 
 
 def check_delta(delta: float) -> None:

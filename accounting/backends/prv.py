@@ -27,7 +27,7 @@ import math
 import warnings
 from typing import ClassVar, Sequence
 
-from accounting.backends import Segment, begin
+from accounting.backends import Segment, begin, opacus_history
 from accounting.backends.rdp import RdpBackend, _import_opacus_accountants
 from accounting.errors import AccountantError, AccountingWarning
 
@@ -81,12 +81,11 @@ class PrvBackend:
         if math.isinf(rdp_bound):
             return math.inf
         accountants = _import_opacus_accountants()
-        history = [(float(s.noise_multiplier), float(s.sample_rate), int(s.steps)) for s in history if s.steps]
         eps_error = min(0.01, max(self.relative_error * rdp_bound, 1e-6))
         delta_error = delta / 1000  # Opacus' default
         acc = accountants.PRVAccountant()
         # Reuse Opacus by filling its history of (noise_multiplier, sample_rate, steps).
-        acc.history = history
+        acc.history = opacus_history(history)
         try:
             with warnings.catch_warnings():
                 # Opacus sizes the grid from an RDP bound and warns when its best order is at the end of its

@@ -26,7 +26,7 @@ from typing import ClassVar, Sequence
 
 import numpy as np
 
-from accounting.backends import Segment, begin, dp_accounting_event, import_dp_accounting
+from accounting.backends import Segment, begin, dp_accounting_event, import_dp_accounting, opacus_history
 from accounting.errors import AccountantError, AccountingWarning
 
 # dp_accounting's default grid (every 0.1 from 1.1 to 10.9, every integer to 63, then 128, 256, 512, 1024), so
@@ -92,7 +92,7 @@ class RdpBackend:
         accountants = _import_opacus_accountants()
         acc = accountants.RDPAccountant()
         # Reuse Opacus by filling its history of (noise_multiplier, sample_rate, steps).
-        acc.history = [(float(s.noise_multiplier), float(s.sample_rate), int(s.steps)) for s in history if s.steps]
+        acc.history = opacus_history(history)
         try:
             return _opacus_rdp_epsilon(acc, delta, self.orders)
         except (ValueError, OverflowError, FloatingPointError) as err:

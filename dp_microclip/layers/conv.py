@@ -26,9 +26,11 @@ Letters: B examples, C in channels, O out channels, S spatial dims, K kernel, M 
 from __future__ import annotations
 
 import functools
+from types import EllipsisType
 
 import torch
 import torch.nn.functional as F
+import torch.nn.grad  # not imported by torch.nn itself
 from torch import nn
 
 from ..grouping import Groups
@@ -77,7 +79,8 @@ def _forward_weight_grads(layer, x, padding, out_grad, groups: Groups) -> torch.
     px = groups.pad(x).permute(2, 0, 1, *spatial).reshape(c, m * r, *x.shape[2:])  # (C, M*R, *S)
     pg = groups.pad(out_grad).permute(0, 2, 1, *spatial).reshape(m * o, r, *out_grad.shape[2:])  # (M*O, R, *S')
     out = _FORWARD[nd](px, pg, padding=padding, stride=layer.dilation, dilation=layer.stride, groups=m)
-    out = out[(..., *(slice(0, k) for k in layer.kernel_size))]  # (C, M*O, *K)
+    crop: tuple[EllipsisType | slice, ...] = (..., *(slice(0, k) for k in layer.kernel_size))
+    out = out[crop]  # (C, M*O, *K)
     return out.reshape(c, m, o, *layer.kernel_size).permute(1, 2, 0, *(i + 3 for i in range(nd)))
 
 

@@ -31,9 +31,9 @@ def generic_group_grads(
     params: dict[str, nn.Parameter],
     inputs: tuple,
     kwargs: dict,
-    out_grad: torch.Tensor,
+    out_grad: torch.Tensor | tuple,
     groups: Groups,
-    batch_dim: int,
+    batch_dim: int | tuple,
     replay_guard: Callable[[], AbstractContextManager],
     path: str,
     input_dims: tuple = (),
@@ -104,7 +104,7 @@ def generic_group_grads(
 def _group_loop(group_loss, values: dict, padded: tuple, padded_grad: tuple, num_groups: int) -> dict:
     """The same group gradients as the vmap route, one ``torch.autograd.grad`` per group."""
     names = list(values)
-    per_group = {n: [] for n in names}
+    per_group: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for j in range(num_groups):
         leaves = {n: v.detach().requires_grad_() for n, v in values.items()}
         loss = group_loss(leaves, tuple(x[j] for x in padded), tuple(None if g is None else g[j] for g in padded_grad))

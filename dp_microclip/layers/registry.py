@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Hashable, Mapping
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -66,20 +66,21 @@ class LayerRule(NamedTuple):
 
     A NamedTuple of plain functions so that a rule is data: it can be shared by
     several classes (a subclass, a third-party copy of a torch layer) without
-    any class hierarchy.
+    any class hierarchy. The first argument of every function is typed ``Any``: it is an instance of the
+    class the rule is registered for (``nn.Linear`` for the Linear rule), which a plain NamedTuple cannot express.
     """
 
-    group_grads: Callable[[nn.Module, tuple, torch.Tensor, Groups], GradDict]
-    group_sq_norms: Callable[[nn.Module, tuple, torch.Tensor, Groups], GradDict] | None = None
-    weighted_sum: Callable[[nn.Module, tuple, torch.Tensor, GradDict], GradDict] | None = None
-    group_grad_elements: Callable[[nn.Module, tuple, torch.Tensor, Groups], int] | None = None
+    group_grads: Callable[[Any, tuple, torch.Tensor, Groups], GradDict]
+    group_sq_norms: Callable[[Any, tuple, torch.Tensor, Groups], GradDict] | None = None
+    weighted_sum: Callable[[Any, tuple, torch.Tensor, GradDict], GradDict] | None = None
+    group_grad_elements: Callable[[Any, tuple, torch.Tensor, Groups], int] | None = None
     #: Exact alternatives to ``group_grads`` (same numbers, different kernels); the engine's autotuner
     #: (``routes.py``) times them once per ``variant_key`` and uses the fastest. The rule knows its maths, not
     #: the timing.
-    variants: Mapping[str, Callable[[nn.Module, tuple, torch.Tensor, Groups], GradDict]] | None = None
+    variants: Mapping[str, Callable[[Any, tuple, torch.Tensor, Groups], GradDict]] | None = None
     #: ``(layer, inputs, out_grad, groups) -> hashable``: the shape class variants are timed for; None: use
     #: ``group_grads``.
-    variant_key: Callable[[nn.Module, tuple, torch.Tensor, Groups], Hashable | None] | None = None
+    variant_key: Callable[[Any, tuple, torch.Tensor, Groups], Hashable | None] | None = None
 
     @property
     def has_ghost(self) -> bool:

@@ -21,14 +21,15 @@ The built-in validators refuse what would break exactness or privacy:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
 from .attention import attention_problems
 from .traits import MIXES_EXAMPLES
 
-#: ``(module, where, dp) -> problems``.
-Validator = Callable[[nn.Module, str, bool], list[str]]
+#: ``(module, where, dp) -> problems``; ``module`` is an instance of the types the validator is registered for.
+Validator = Callable[[Any, str, bool], list[str]]
 
 _VALIDATORS: list[tuple[type | tuple[type, ...], Validator]] = []
 
@@ -92,7 +93,7 @@ def _embedding(module: nn.Module, where: str, dp: bool) -> list[str]:
     return problems
 
 
-def _attention(module: nn.Module, where: str, dp: bool) -> list[str]:
+def _attention(module: nn.MultiheadAttention, where: str, dp: bool) -> list[str]:
     return attention_problems(module, where)
 
 

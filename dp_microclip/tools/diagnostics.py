@@ -172,7 +172,7 @@ class ClipMonitor:
         if any(f is None for f in self._factors) or not norms.numel():
             row["clipped_fraction"] = math.nan
         else:
-            factors = torch.cat(self._factors)
+            factors = torch.cat([f for f in self._factors if f is not None])  # none is None here
             if mode == "adaptive":
                 factors = factors * rho
             row["clipped_fraction"] = float((factors < 1 - CLIP_TOLERANCE).double().mean())

@@ -233,6 +233,8 @@ def train_run(make_model: Callable[[], nn.Module], data, config: RunConfig, sett
                                 weight_decay=settings.weight_decay)
     engine = None
     if config.method != "plain":
+        if config.micro_batch_size is None:
+            raise ConfigurationError(f"RunConfig(method={config.method!r}) needs a micro_batch_size (None: plain).")
         engine = attach(model, optimizer, micro_batch_size=config.micro_batch_size,
                         max_grad_norm=config.max_grad_norm or 1.0, clipping=config.method,
                         normalize_gamma=settings.gamma, grouping="contiguous")
