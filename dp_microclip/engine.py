@@ -338,8 +338,11 @@ class Engine:
         self._steps_taken = int(state["steps_taken"])
         self._noise_on = bool(state["noise_on"])
         if self._privacy is not None:
-            # A state whose ledger is shorter than the steps already known would rewind it: refused.
+            # The model may hold a checkpoint's values now (loaded after attach): its history is looked up again,
+            # and a state whose ledger is shorter than the steps already known would rewind it: refused.
+            self._inherited_steps = max(self._inherited_steps, dp_rules.DP_HISTORY.steps_of(self._model.parameters()))
             self._privacy.load_state_dict(state["privacy"], known_steps=self._inherited_steps)
+            self._watch.params_stepped()  # the resume point: the loaded values are the reference
             if state.get("noise_multiplier") is not None and state["noise_multiplier"] != self.noise_multiplier:
                 self.set_noise_multiplier(state["noise_multiplier"])
         self._sampled.resume_position = int(state.get("epoch_position", 0))

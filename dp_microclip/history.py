@@ -49,7 +49,7 @@ class ParameterHistory:
     """How many DP steps parameters (by object or by value) took under engines of this process."""
 
     def __init__(self):
-        self._by_param: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Parameter -> [steps] cell
+        self._by_param: dict = {}  # id(Parameter) -> (weak reference, [steps] cell); tensors are no dict keys
         self._by_value: OrderedDict = OrderedDict()  # fingerprint -> steps
         self._pending: list = []  # (steps, shapes, device values, untrained)
 
@@ -62,9 +62,9 @@ class ParameterHistory:
         self._flush()
         found = 0
         for p in params:
-            cell = self._by_param.get(p)
-            if cell is not None:
-                found = max(found, cell[0])
+            entry = self._by_param.get(id(p))
+            if entry is not None and entry[0]() is p:
+                found = max(found, entry[1][0])
             if p.numel():
                 found = max(found, self._by_value.get(fingerprint(p), 0))
         return found
@@ -72,7 +72,7 @@ class ParameterHistory:
     def link(self, params, cell: list) -> None:
         """``params`` hold the values of ``cell[0]`` DP steps from now on (the cell follows the engine's count)."""
         for p in params:
-            self._by_param[p] = cell
+            self._by_param[id(p)] = (weakref.ref(p, lambda _, pid=id(p): self._by_param.pop(pid, None)), cell)
 
     def add_values(self, steps: int, shapes: list, values: torch.Tensor, untrained: set) -> None:
         """Gathered values (on their device) of parameters with ``shapes`` after ``steps`` steps; a

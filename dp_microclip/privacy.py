@@ -14,6 +14,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from accounting.epochs import steps_for_epochs as steps_from_epochs  # noqa: F401  (one definition)
 from accounting.epochs import steps_per_epoch  # noqa: F401
@@ -361,7 +362,7 @@ class StateWatch:
             if watch is not None:
                 watch.check_optimizer(optimizer)
 
-        self._handle = torch.optim.Optimizer.register_optimizer_step_pre_hook(other_optimizer)
+        self._handle = register_optimizer_step_pre_hook(other_optimizer)
 
     def _param_versions(self) -> list[int]:
         return [p._version for p in self._managed]
