@@ -61,7 +61,7 @@ def train(engine, m, steps):
 @pytest.mark.parametrize("verify_steps", [1, 2])
 def test_no_raw_gradient_reaches_p_grad_on_the_verified_steps(verify_steps):
     m = model()
-    engine = dp_attach(m, verify_steps=verify_steps)
+    engine = dp_attach(m, verify_steps=verify_steps, expected_batch_size=8, sampling="poisson")
     x, y = batch()
     F.cross_entropy(m(x), y).backward()
     assert all(p.grad is None for p in m.parameters())  # SAM's first_step, p -= lr * p.grad: nothing to read
@@ -106,7 +106,7 @@ def test_a_manual_update_is_refused_by_epsilon():
 
 def test_an_optimizer_recreated_after_attach_is_refused_at_its_first_step():
     m = model()
-    engine = dp_attach(m)
+    engine = dp_attach(m, expected_batch_size=8, sampling="poisson")
     new_opt = torch.optim.Adam(m.parameters(), lr=1e-3)  # an LR finder, a build_optimizer helper
     x, y = batch()
     F.cross_entropy(m(x), y).backward()
@@ -121,7 +121,7 @@ def test_a_second_optimizer_stepped_before_the_engines_is_caught():
     engine = dp_attach(m)
     head = torch.optim.SGD(m[2].parameters(), lr=0.1)
     train(engine, m, 1)
-    x, y = batch()
+    x, y = next(iter(engine.data_loader(dataset())))
     F.cross_entropy(m(x), y).backward()
     with pytest.raises(PrivacyError, match=r"'2.weight'"):
         head.step()
