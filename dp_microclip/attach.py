@@ -161,7 +161,8 @@ def attach(
             sample_rate=sample_rate, expected_batch_size=expected_batch_size, steps=steps, epochs=epochs,
             sampling=sampling, adjacency=adjacency, accountant=accountant, enforce_budget=enforce_budget,
         )
-        warn_seeded(seed, bool(secure_rng))
+        if not (process_parts is not None and process_parts.seed_is_secret):
+            warn_seeded(seed, bool(secure_rng))  # a seed drawn from secrets and shared by processes is no user seed
         inherited = DP_HISTORY.steps_of(model.parameters())
         if inherited:
             warnings.warn(

@@ -60,11 +60,13 @@ class ProcessParts:
         reducer: combines every process's step accumulator before noise (``step.Reducer``).
         wrap_noise: wraps the engine's noise source (one draw broadcast to every process).
         sampler_factory: builds the loader's batch sampler (each process keeps its share of one batch).
+        seed_is_secret: the engine's seed was drawn from ``secrets`` and shared by the processes, not given.
     """
 
     reducer: Reducer | None = None
     wrap_noise: Callable[[NoiseLike], NoiseLike] | None = None
     sampler_factory: Callable | None = None
+    seed_is_secret: bool = False
 
 
 class Engine:
@@ -266,7 +268,8 @@ class Engine:
         if self._settings.secure_rng:
             text += (" Noise was drawn from the operating system's cryptographically secure generator; the "
                      "sampling and grouping coins from generators seeded by it.")
-        return text + (dp_rules.SEEDED_STATEMENT if self._settings.seed is not None else "")
+        seeded = self._settings.seed is not None and not self._parts.seed_is_secret
+        return text + (dp_rules.SEEDED_STATEMENT if seeded else "")
 
     def _check_claim(self) -> None:
         """Refuse a claim the ledger does not cover: history not carried, parameters changed outside the
