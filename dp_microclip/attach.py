@@ -18,7 +18,7 @@ from torch import nn
 
 from .engine import Engine, ProcessParts
 from .errors import ConfigurationError, PrivacyError
-from .privacy import DP_HISTORY
+from .privacy import DP_HISTORY, warn_seeded
 from .grouping import public_groups
 from .layout import declared_batch_first
 from .settings import (
@@ -162,9 +162,13 @@ def attach(
             sample_rate=sample_rate, expected_batch_size=expected_batch_size, steps=steps, epochs=epochs,
             sampling=sampling, adjacency=adjacency, accountant=accountant, enforce_budget=enforce_budget,
         )
-        if DP_HISTORY.get(model):
+        if not (process_parts is not None and process_parts.seed_is_secret):
+            warn_seeded(seed, bool(secure_rng))  # a seed drawn from secrets and shared by processes is no user seed
+        inherited = DP_HISTORY.steps_of(model.parameters())
+        if inherited:
             warnings.warn(
-                f"This model already took {DP_HISTORY[model]} DP step(s) under an earlier engine. The new engine's "
+                f"This model's parameters already took {inherited} DP step(s) under an earlier engine. "
+                f"The new engine's "
                 "ledger starts empty, so epsilon() refuses until you carry the history: "
                 "engine.load_state_dict(old_engine.state_dict()).", UserWarning, stacklevel=2,
             )

@@ -39,10 +39,12 @@ class CaptureSink:
     Args:
         make_groups: the groups of a new batch (the engine's grouping plan and sampled-batch queue).
         on_pass_end: called at the end of every backward pass that captured records, with those records.
+        watch: DP mode's ``privacy.StateWatch``: no captured forward may change the model's state.
     """
 
-    def __init__(self, make_groups: GroupMaker, on_pass_end: Callable[[list[Record]], None]):
+    def __init__(self, make_groups: GroupMaker, on_pass_end: Callable[[list[Record]], None], watch=None):
         self._make_groups = make_groups
+        self._watch = watch  # DP mode: privacy.StateWatch, told when each captured forward starts and ends
         self._on_pass_end = on_pass_end
         self.enabled = True
         self._replaying = False
@@ -80,10 +82,14 @@ class CaptureSink:
         groups, drawn = self._make_groups(batch_size, device)
         self._context = ForwardContext(batch_size, groups, drawn_by_engine=drawn, signature=signature)
         self.last_groups = groups
+        if self._watch is not None:
+            self._watch.forward_started()
 
     def close_context(self) -> None:
-        """The forward pass of the attached model ended."""
-        self._context = None
+        """The forward pass of the attached model ended (DP mode: refuse one that changed the model's state)."""
+        opened, self._context = self._context, None
+        if opened is not None and self._watch is not None:
+            self._watch.forward_ended()
 
     def emit(self, record: Record) -> None:
         """One layer call's output gradient arrived; the first of a pass queues the end-of-backward callback."""

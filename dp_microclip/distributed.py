@@ -127,7 +127,8 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *, group=None, pe
     _check_same_settings(model, optimizer, per_core, {**attach_kwargs, "broadcast_noise": bool(broadcast_noise)},
                          group)
     _broadcast_state(model, src, group)
-    if attach_kwargs.get("seed") is None:
+    seed_is_secret = attach_kwargs.get("seed") is None
+    if seed_is_secret:
         seed = torch.tensor([secrets.randbits(63) if dist.get_rank() == src else 0], dtype=torch.int64,
                             device=device)
         dist.broadcast(seed, src, group=group)
@@ -148,7 +149,8 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *, group=None, pe
     sampler = functools.partial(DistributedPoissonBatchSampler, rank=reducer.rank, world_size=reducer.world_size,
                                 shard_by_group=not per_core)
     engine = _attach(model, optimizer, **attach_kwargs,
-                     process_parts=ProcessParts(reducer=reducer, wrap_noise=wrap_noise, sampler_factory=sampler))
+                     process_parts=ProcessParts(reducer=reducer, wrap_noise=wrap_noise, sampler_factory=sampler,
+                                                seed_is_secret=seed_is_secret))
     _ENGINES.add(engine)
     return engine
 

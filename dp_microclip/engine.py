@@ -12,16 +12,10 @@ computes itself (autograd would compute an unclipped weight gradient and throw i
 away); ``detach()`` undoes all of it. docs/privacy.md states the rules it enforces.
 
 Example:
-    >>> import torch
-    >>> from torch import nn
-    >>> import dp_microclip
-    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> import torch, dp_microclip
+    >>> model = torch.nn.Linear(4, 2); opt = torch.optim.SGD(model.parameters(), lr=0.1)
     >>> engine = dp_microclip.attach(model, opt, micro_batch_size=2, max_grad_norm=1.0)
-    >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
-    >>> nn.functional.cross_entropy(model(x), y).backward()
-    >>> opt.step()
-    >>> engine.detach()
+    >>> model(torch.randn(8, 4)).square().mean().backward(); opt.step(); engine.detach()
 """
 
 from __future__ import annotations
@@ -44,8 +38,9 @@ from .noise import NoiseLike, NoiseSource, SecureNoiseSource
 from .records import Record, Unit, join_multi_output
 from .routes import Autotuner
 from .sampling import SampledBatches, make_loader
+from .settings import ENGINE_READ_ONLY as _READ_ONLY
 from .settings import EngineSettings, check_positive_finite
-from .step import Reducer, StepAccumulator, adaptive_bound, write_gradients
+from .step import Reducer, StepAccumulator, refuse_closure, step_bound, write_gradients
 from .units import check_optimizer_parameters, summarize
 from .verify import FirstStepCheck, compare_with_autograd
 
@@ -58,11 +53,13 @@ class ProcessParts:
         reducer: combines every process's step accumulator before noise (``step.Reducer``).
         wrap_noise: wraps the engine's noise source (one draw broadcast to every process).
         sampler_factory: builds the loader's batch sampler (each process keeps its share of one batch).
+        seed_is_secret: the engine's seed was drawn from ``secrets`` and shared by the processes, not given.
     """
 
     reducer: Reducer | None = None
     wrap_noise: Callable[[NoiseLike], NoiseLike] | None = None
     sampler_factory: Callable | None = None
+    seed_is_secret: bool = False
 
 
 class Engine:
@@ -92,18 +89,21 @@ class Engine:
         self._sampling_generator = torch.Generator().manual_seed(base_seed ^ 0x2545F491)
         self._sampled = SampledBatches(self._sampling_generator)
 
-        self._sink = CaptureSink(self._make_groups, self._finish_pass)
+        self._names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        # DP mode: version counters of the model's tensors (privacy.StateWatch) and the parameters' history.
+        self._watch = dp_rules.StateWatch(model, managed, self._names, optimizer) if privacy is not None else None
+        self._sink = CaptureSink(self._make_groups, self._finish_pass, self._watch)
         self._observers: list = []
         self._acc = StepAccumulator()
         self._steps_taken = 0
         self.nonfinite_groups = 0
         self._last_norms: list[torch.Tensor] = []
         self.last_strategies: dict[str, str] = {}
-        self._inherited_steps = dp_rules.DP_HISTORY.get(model, 0) if privacy is not None else 0
+        self._inherited_steps = dp_rules.DP_HISTORY.steps_of(model.parameters()) if privacy is not None else 0
+        self._tracker = dp_rules.DP_HISTORY.tracker(managed) if privacy is not None else None
 
         self._units, self._managed = units, managed
         self._managed_ids = {id(p) for p in managed}
-        self._names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
         self._tuner = Autotuner()
         check_optimizer_parameters(optimizer, self._managed_ids, self._names)
 
@@ -112,8 +112,9 @@ class Engine:
         for unit in units:
             self._hooks.install_unit(unit)
         self._hooks.install_root(model)
-        self._check = FirstStepCheck(managed, verify_steps, lambda: self._sink.enabled)
-        self._step_handle = optimizer.register_step_pre_hook(self._before_step)
+        self._check = FirstStepCheck(managed, verify_steps, lambda: self._sink.enabled, private=privacy is not None)
+        self._step_handles = (optimizer.register_step_pre_hook(self._before_step),
+                              optimizer.register_step_post_hook(self._after_step))
 
     # ================================================================ settings (read-only)
     model = property(lambda self: self._model, doc="The attached model (read-only: detach, then attach another).")
@@ -235,6 +236,8 @@ class Engine:
             sampler_factory=self._parts.sampler_factory, **loader_kwargs,
         )
         self._sample_rate, self._dataset_size = q, len(dataset)
+        if self._privacy is not None:
+            dp_rules.warn_large_delta(self._privacy.settings.delta, len(dataset))
         return loader
 
     def epsilon(self, delta: float | None = None, accountant: str | None = None) -> float:
@@ -249,7 +252,7 @@ class Engine:
         """
         if self._privacy is None:
             return math.inf
-        dp_rules.check_history(self._inherited_steps)
+        self._check_claim()
         return self._privacy.epsilon(delta, accountant)
 
     def privacy_statement(self, delta: float | None = None) -> str:
@@ -257,11 +260,22 @@ class Engine:
         if self._privacy is None:
             return ("Noise-free training: no differential-privacy guarantee (epsilon is infinite). "
                     "Attach with privacy=dp_microclip.DP(...) for DP training.")
-        dp_rules.check_history(self._inherited_steps)
+        self._check_claim()
         text = self._privacy.statement(delta, self._dataset_size, self._plan.public_num_groups)
         if self._settings.secure_rng:
-            text += " Noise was drawn from the operating system's cryptographically secure generator."
-        return text
+            text += (" Noise was drawn from the operating system's cryptographically secure generator; the "
+                     "sampling and grouping coins from generators seeded by it.")
+        seeded = self._settings.seed is not None and not self._parts.seed_is_secret
+        return text + (dp_rules.SEEDED_STATEMENT if seeded else "")
+
+    def _check_claim(self) -> None:
+        """Refuse a claim the ledger does not cover: history not carried, parameters changed outside the
+        attached optimizer, sampled batches used without an engine step."""
+        assert self._privacy is not None and self._watch is not None  # DP mode only
+        dp_rules.check_history(self._inherited_steps, self._privacy.ledger.steps)
+        if self._sink.enabled:
+            self._watch.check_params("after the last engine step")
+        dp_rules.check_unstepped(self._acc.passes, len(self._acc.contexts))
 
     def detach(self) -> None:
         """Remove every hook and restore every ``requires_grad`` flag; the model then trains as before.
@@ -273,7 +287,10 @@ class Engine:
             return
         self._sink.enabled = False
         self._hooks.remove()
-        self._step_handle.remove()
+        for handle in self._step_handles:
+            handle.remove()
+        if self._watch is not None:
+            self._watch.remove()
         self._check.remove()
         for p in self._model.parameters():
             if id(p) in self._original_requires_grad:
@@ -322,10 +339,14 @@ class Engine:
         self._steps_taken = int(state["steps_taken"])
         self._noise_on = bool(state["noise_on"])
         if self._privacy is not None:
-            self._privacy.load_state_dict(state["privacy"])
+            # The model may hold a checkpoint's values now (loaded after attach): its history is looked up again,
+            # and a state whose ledger is shorter than the steps already known would rewind it: refused.
+            self._inherited_steps = max(self._inherited_steps, dp_rules.DP_HISTORY.steps_of(self._model.parameters()))
+            self._privacy.load_state_dict(state["privacy"], known_steps=self._inherited_steps)
+            assert self._watch is not None  # DP mode
+            self._watch.params_stepped()  # the resume point: the loaded values are the reference
             if state.get("noise_multiplier") is not None and state["noise_multiplier"] != self.noise_multiplier:
                 self.set_noise_multiplier(state["noise_multiplier"])
-            self._inherited_steps = 0  # the ledger now carries the history
         self._sampled.resume_position = int(state.get("epoch_position", 0))
         rng = state.get("rng")
         if rng is not None:
@@ -367,12 +388,7 @@ class Engine:
     def _before_step(self, optimizer, args, kwargs) -> None:
         if not self._sink.enabled:
             return
-        if kwargs.get("closure") is not None or any(callable(a) for a in args):
-            raise ConfigurationError(
-                "optimizer.step(closure) is not supported: the optimizer would run the closure's backward pass "
-                "after the engine has written the gradients. Call loss.backward() yourself, then "
-                "optimizer.step() without a closure."
-            )
+        refuse_closure(args, kwargs)
         check_optimizer_parameters(self._optimizer, self._managed_ids, self._names)
         acc = self._acc
         problems = self._sink.take_problems()
@@ -389,7 +405,8 @@ class Engine:
             if self._parts.reducer is None:
                 return  # like plain PyTorch with no gradients: the optimizer has nothing to do
             # Several processes: the other ranks may have gradients; this rank joins their reduction with none.
-        if self._privacy is not None:
+        if self._privacy is not None and self._watch is not None:
+            self._watch.check_params("since the last engine step")
             dp_rules.check_dp_step(acc.passes, len(acc.contexts), self._plan.public_num_groups)
             self._privacy.before_step(self._noise_on)
             if empty_batch:
@@ -401,26 +418,23 @@ class Engine:
             global_groups = (self._plan.mode == "keyed" and self.micro_batch_size > 1
                              and self._plan.num_groups is not None)
             self._parts.reducer(self._managed, acc, self.dp, global_groups)
-        rho = 1.0
-        if self.clipping == "adaptive":
-            rho = adaptive_bound(acc.min_norm)
-            if rho == 0.0:
-                self._sink.warn_once(
-                    "zero_rho",
-                    "Adaptive clipping: the smallest micro-batch gradient norm is 0, so the bound rho is 0 "
-                    "and this step is zero. A micro-batch whose gradient vanishes stops training; consider "
-                    'clipping="fixed".', RuntimeWarning)
+        rho = step_bound(self.clipping, acc, self._sink.warn_once)
         write_gradients(self._managed, acc, rho=rho, noise_std=self.noise_std if self._noise_on else 0.0,
                         noise=self._noise)
         if self._privacy is not None:
             self._privacy.after_step(self._noise_on, not acc.unsampled)
-            dp_rules.DP_HISTORY[self._model] = dp_rules.DP_HISTORY.get(self._model, 0) + 1
         self._acc = StepAccumulator()
         self._steps_taken += 1
         for observer in list(self._observers):
             if hasattr(observer, "on_step"):
                 observer.on_step(self)
         self._check.step_done()
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        """DP mode, after the attached optimizer's update: its versions are the reference; record the history."""
+        if self._privacy is not None and self._sink.enabled and self._watch and self._tracker:
+            self._watch.params_stepped()
+            self._tracker.record(self._privacy.ledger.steps)
 
 
 class _ObserverHandle:
@@ -433,18 +447,3 @@ class _ObserverHandle:
         """Stop calling the observer (idempotent)."""
         if self._observer in self._observers:
             self._observers.remove(self._observer)
-
-
-_MECHANISM = "engine.{name} is read-only: it is part of the mechanism the ledger records."
-_REATTACH = " Detach and attach again with the new value (engine.state_dict() carries the privacy ledger)."
-#: Public attributes that cannot be assigned, each with the message that says what to do instead.
-_READ_ONLY = {
-    **{name: _MECHANISM + _REATTACH for name in ("micro_batch_size", "max_grad_norm", "clipping", "grouping",
-                                                  "sample_rate", "settings", "dp", "noise_std", "last_groups")},
-    "noise_multiplier": _MECHANISM + " Use engine.set_noise_multiplier(z).",
-    "steps_taken": "engine.steps_taken is read-only: the engine counts its own steps (engine.load_state_dict(...) "
-                   "restores the count of a resumed run).",
-    **{name: f"engine.{name} is read-only: the engine's hooks and flags belong to the {name} given to attach(), "
-             "and detach() restores that one. Detach, then attach to the other one."
-       for name in ("model", "optimizer")},
-}

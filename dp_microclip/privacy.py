@@ -8,8 +8,13 @@ a sensitivity itself. See docs/privacy.md and docs/accounting.md.
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 import weakref
 from dataclasses import dataclass
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from accounting.epochs import steps_for_epochs as steps_from_epochs  # noqa: F401  (one definition)
 from accounting.epochs import steps_per_epoch  # noqa: F401
@@ -18,10 +23,11 @@ from accounting.calibrate import max_steps_within
 
 from .errors import ConfigurationError, PrivacyError
 from .grouping import missing_public_groups
+from .history import HISTORY
 
-#: Models that took DP steps under an engine in this process, with how many: a new engine on the same
-#: model refuses epsilon until the old ledger is loaded (see ``check_history``).
-DP_HISTORY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+#: Parameters that took DP steps under an engine in this process, by object and by value (history.py): a new
+#: engine on a model holding them refuses epsilon until the old ledger is loaded (see ``check_history``).
+DP_HISTORY = HISTORY
 
 
 @dataclass(frozen=True)
@@ -215,8 +221,9 @@ class PrivacyState:
         """The ledger and the count of unverified steps (plain data)."""
         return {"ledger": self.ledger.state_dict(), "unverified_steps": self.unverified_steps}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` saved."""
+    def load_state_dict(self, state: dict, known_steps: int = 0) -> None:
+        """Restore what :meth:`state_dict` saved; refuse a ledger shorter than ``known_steps`` or this one."""
+        check_rewind(sum(int(e["steps"]) for e in state["ledger"]["entries"]), known_steps, self.ledger.steps)
         self.ledger.load_state_dict(state["ledger"])
         self.unverified_steps = int(state["unverified_steps"])
         self._allowed.clear()
@@ -259,11 +266,166 @@ def check_dp_step(passes: int, forward_passes: int, public_num_groups: int | Non
         raise missing_public_groups()
 
 
-def check_history(inherited_steps: int) -> None:
-    """Refuse an epsilon that would leave out DP steps the model took under an earlier engine."""
-    if inherited_steps:
+def check_history(inherited_steps: int, ledger_steps: int) -> None:
+    """Refuse an epsilon that would leave out DP steps the model's parameters took under an earlier engine."""
+    if inherited_steps > ledger_steps:
         raise PrivacyError(
-            f"No epsilon: this model already took {inherited_steps} DP step(s) under an earlier engine, "
-            "and this engine's ledger does not hold them, so its epsilon would cover only part of the "
-            "training. Carry the history: new_engine.load_state_dict(old_engine.state_dict())."
+            f"No epsilon: this model's parameters already took {inherited_steps} DP step(s) under an earlier "
+            f"engine (the same parameters, or a copy of their values: a wrapper, nn.Sequential(*m), "
+            f"copy.deepcopy or a loaded state dict), and this engine's ledger holds {ledger_steps}, so its epsilon "
+            "would cover only part of the training. Carry the history: "
+            "new_engine.load_state_dict(old_engine.state_dict())."
         )
+
+
+def check_rewind(loaded_steps: int, inherited_steps: int, own_steps: int) -> None:
+    """Refuse an engine state whose ledger holds fewer DP steps than this model or this engine already took."""
+    known = max(inherited_steps, own_steps)
+    if loaded_steps < known:
+        raise PrivacyError(
+            f"engine.load_state_dict: the state's ledger holds {loaded_steps} DP step(s), but this model's "
+            f"parameters (or this engine) already took {known}: a stale state would rewind the ledger and "
+            "under-report epsilon. Load the state saved after the latest step: "
+            "new_engine.load_state_dict(old_engine.state_dict()) taken when training stopped."
+        )
+
+
+def check_unstepped(passes: int, forward_passes: int) -> None:
+    """Refuse an epsilon while backward passes beyond one wait for a step (their batches trained nothing
+    the ledger saw, or something other than the attached optimizer used them)."""
+    if passes > 1 or forward_passes > 1:
+        raise PrivacyError(
+            f"No epsilon: {max(passes, forward_passes)} backward passes of sampled batches were consumed since "
+            "the last engine step. Each sampled batch must reach the attached optimizer.step() (one forward and "
+            "one backward per step): a batch used without an engine step is not on the ledger."
+        )
+
+
+def warn_seeded(seed, secure_rng: bool) -> None:
+    """``seed=`` in DP mode: the noise is reproducible from it. With ``secure_rng`` a seed is refused."""
+    if seed is None:
+        return
+    if secure_rng:
+        raise ConfigurationError(
+            f"attach(..., seed={seed!r}) with privacy=DP(secure_rng=True): the sampling and grouping coins would "
+            "be predictable from the seed while the statement says the randomness is secure. Drop seed= "
+            "(secure_rng draws the noise from the OS and seeds the coins from the OS)."
+        )
+    warnings.warn(
+        f"attach(..., seed={seed!r}) in DP mode: the noise (and the sampling) is reproducible from the seed, so "
+        "anyone who knows it can subtract the noise and the guarantee is void. Leave seed unset in real DP runs; "
+        "privacy_statement() says the run was seeded.", UserWarning, stacklevel=3)
+
+
+SEEDED_STATEMENT = (" The run was seeded (attach(..., seed=...)): the noise is reproducible from the seed, so the "
+                    "guarantee holds only while the seed stays as secret as the data.")
+
+
+def warn_large_delta(delta: float | None, dataset_size: int) -> None:
+    """Warn when ``delta >= 1/N``: such a delta allows releasing a whole record."""
+    if delta is not None and delta >= 1.0 / dataset_size:
+        warnings.warn(
+            f"delta={delta} is at least 1/N = 1/{dataset_size}: a mechanism that publishes one whole record at "
+            f"random meets this delta. Use delta well below 1/N, e.g. privacy=DP(delta={_below(dataset_size)}).",
+            UserWarning, stacklevel=3)
+
+
+def _below(n: int) -> str:
+    return f"{10.0 ** -math.ceil(math.log10(n) + 1):g}"
+
+
+# ================================================================ what changes the parameters and buffers
+class StateWatch:
+    """DP mode's watch over the model's tensors, by their version counters (no value is read).
+
+    * Between two engine steps only the attached optimizer may change a managed parameter:
+      the versions are recorded after each step (the optimizer's step post-hook) and compared
+      at the next step and at ``epsilon()``.
+    * No forward pass may change a parameter or buffer in place (or replace one): the versions
+      are recorded when the root forward starts (after the layout probe, which restores what it
+      touched) and compared when it ends.
+    * Every other optimizer's step on a managed parameter is refused when it starts.
+
+    Args:
+        model: the attached model.
+        managed: the parameters the engine clips.
+        names: ``id(param) -> name`` for messages.
+        attached: the attached optimizer.
+    """
+
+    def __init__(self, model: torch.nn.Module, managed: list, names: dict, attached: torch.optim.Optimizer):
+        self._modules = [(name or type(model).__name__, m) for name, m in model.named_modules()]
+        self._managed, self._names = managed, names
+        self._managed_ids = frozenset(id(p) for p in managed)
+        self._attached = attached
+        self._versions = self._param_versions()
+        self._forward: list | None = None
+        ref = weakref.ref(self)
+
+        def other_optimizer(optimizer, args, kwargs):
+            watch = ref()
+            if watch is not None:
+                watch.check_optimizer(optimizer)
+
+        self._handle = register_optimizer_step_pre_hook(other_optimizer)
+
+    def _param_versions(self) -> list[int]:
+        return [p._version for p in self._managed]
+
+    def check_params(self, when: str) -> None:
+        """Raise if a managed parameter changed since the attached optimizer's last step (or attach)."""
+        changed = [self._names.get(id(p), "?") for p, v in zip(self._managed, self._versions) if p._version != v]
+        if changed:
+            raise PrivacyError(
+                f"DP mode: parameter(s) {changed} were changed {when} by something other than the attached "
+                "optimizer (a manual update such as p -= lr * p.grad, a second optimizer, SAM's extra step, "
+                "model.load_state_dict or copy_ after attach). That update is not clipped, noised or on the "
+                "ledger. Update the parameters only with the attached optimizer.step(); load checkpoints "
+                "into the model before attach()."
+            )
+
+    def params_stepped(self) -> None:
+        """The attached optimizer just updated the parameters: their versions are the new reference."""
+        self._versions = self._param_versions()
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Refuse a step of an optimizer other than the attached one that holds a managed parameter."""
+        if optimizer is self._attached:
+            return
+        held = [self._names.get(id(p), "?") for g in optimizer.param_groups for p in g["params"]
+                if id(p) in self._managed_ids]
+        if held:
+            raise PrivacyError(
+                f"DP mode: {type(optimizer).__name__}.step() would update {held[:5]}, parameters of a DP "
+                "engine, but it is not the optimizer given to attach(): its update would use no clipped, "
+                "noised gradient and no ledger entry (an optimizer re-created after attach, an LR finder, "
+                "SAM, a second optimizer). Step only the attached optimizer, or engine.detach() and "
+                "attach(model, new_optimizer, ...) with engine.load_state_dict(old_state) to carry the ledger."
+            )
+
+    def forward_started(self) -> None:
+        """Record the version of every parameter and buffer as a DP forward pass starts."""
+        self._forward = [(name, kind, tensors, key, t, t._version) for name, m in self._modules
+                         for kind, tensors in (("parameter", m._parameters), ("buffer", m._buffers))
+                         for key, t in tensors.items() if t is not None]
+
+    def forward_ended(self) -> None:
+        """Raise naming each module whose parameter or buffer the forward changed or replaced."""
+        recorded, self._forward = self._forward, None
+        if recorded is None:
+            return
+        changed = [f"{name} ({kind} {key!r})" for name, kind, tensors, key, t, version in recorded
+                   if tensors.get(key) is not t or t._version != version]
+        if changed:
+            raise PrivacyError(
+                f"DP mode: the forward pass changed the model's state in place: {changed}. State updated from a "
+                "batch (running statistics, a hand-written running normaliser, Embedding(max_norm=...) "
+                "renormalising rows) is released without noise in model.state_dict(). Compute it without "
+                "updating state in a training forward (e.g. register it as a constant, or update it only under "
+                "torch.no_grad() on public data), or use a module that keeps no batch state (nn.GroupNorm)."
+            )
+
+    def remove(self) -> None:
+        """Stop watching other optimizers (``detach``)."""
+        self._handle.remove()
+

@@ -169,3 +169,19 @@ class DP:
 
 
 #: The DP keywords ``attach`` still accepts directly (the fields of :class:`DP`), for existing code.
+
+
+# ================================================================ the engine's read-only attributes
+_MECHANISM_RO = "engine.{name} is read-only: it is part of the mechanism the ledger records."
+_REATTACH_RO = " Detach and attach again with the new value (engine.state_dict() carries the privacy ledger)."
+#: Public attributes that cannot be assigned, each with the message that says what to do instead.
+ENGINE_READ_ONLY = {
+    **{name: _MECHANISM_RO + _REATTACH_RO for name in ("micro_batch_size", "max_grad_norm", "clipping", "grouping",
+                                                  "sample_rate", "settings", "dp", "noise_std", "last_groups")},
+    "noise_multiplier": _MECHANISM_RO + " Use engine.set_noise_multiplier(z).",
+    "steps_taken": "engine.steps_taken is read-only: the engine counts its own steps (engine.load_state_dict(...) "
+                   "restores the count of a resumed run).",
+    **{name: f"engine.{name} is read-only: the engine's hooks and flags belong to the {name} given to attach(), "
+             "and detach() restores that one. Detach, then attach to the other one."
+       for name in ("model", "optimizer")},
+}

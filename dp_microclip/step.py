@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .aggregate import PassResult, merge_means
+from .errors import ConfigurationError
 from .noise import NoiseLike
 from .tensors import accumulation_dtype
 
@@ -95,3 +96,27 @@ def write_gradients(managed: list[nn.Parameter], acc: StepAccumulator, *, rho: f
             torch._foreach_add_(tensors, parts)
     for p, total in totals:
         p.grad = total if total.dtype == p.dtype else total.to(p.dtype)
+
+
+def refuse_closure(args, kwargs) -> None:
+    """Refuse ``optimizer.step(closure)``: its backward would run after the engine wrote the gradients."""
+    if kwargs.get("closure") is not None or any(callable(a) for a in args):
+        raise ConfigurationError(
+            "optimizer.step(closure) is not supported: the optimizer would run the closure's backward pass "
+            "after the engine has written the gradients. Call loss.backward() yourself, then "
+            "optimizer.step() without a closure."
+        )
+
+
+def step_bound(clipping: str, acc: StepAccumulator, warn_once) -> float:
+    """``rho`` of this step: 1, or the smallest group norm under adaptive clipping (warning once when 0)."""
+    if clipping != "adaptive":
+        return 1.0
+    rho = adaptive_bound(acc.min_norm)
+    if rho == 0.0:
+        warn_once(
+            "zero_rho",
+            "Adaptive clipping: the smallest micro-batch gradient norm is 0, so the bound rho is 0 "
+            "and this step is zero. A micro-batch whose gradient vanishes stops training; consider "
+            'clipping="fixed".', RuntimeWarning)
+    return rho

@@ -64,17 +64,27 @@ class FirstStepCheck:
     of the pass). After ``steps`` steps, :meth:`finish` removes the hooks and switches
     the parameters' ``requires_grad`` off: from then on autograd computes no weight
     gradient the engine would throw away.
+
+    With ``private=True`` (DP mode) autograd's raw gradient never reaches ``p.grad``: the
+    tensor hook hands autograd zeros to accumulate (``p.grad`` keeps the engine's last noised
+    gradient exactly), and a post-accumulate hook sets ``p.grad`` back to ``None`` where it was
+    ``None`` before the pass. SAM, a manual ``p -= lr * p.grad`` or another optimizer therefore
+    see no raw gradient on the first steps either.
     """
 
-    def __init__(self, managed: list[nn.Parameter], steps: int, is_enabled):
+    def __init__(self, managed: list[nn.Parameter], steps: int, is_enabled, private: bool = False):
         self._managed = managed
         self.steps_left = int(steps)
         self._is_enabled = is_enabled
+        self._private = private
         self._grads: dict[int, torch.Tensor] = {}
+        self._had_no_grad: set[int] = set()
         self._handles: list = []
         if self.steps_left > 0:
             for p in managed:
-                self._handles.append(p.register_hook(self._hook(id(p))))
+                self._handles.append(p.register_hook(self._hook(p)))
+                if private:
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._restore))
         else:
             self.finish()
 
@@ -83,14 +93,25 @@ class FirstStepCheck:
         """Whether this step is still checked."""
         return self.steps_left > 0
 
-    def _hook(self, pid: int):
+    def _hook(self, p: nn.Parameter):
+        pid = id(p)
+
         def hook(grad: torch.Tensor):
             if self._is_enabled():
                 previous = self._grads.get(pid)
                 self._grads[pid] = grad.detach().clone() if previous is None else previous + grad
-            return None
+            if not self._private:
+                return None
+            if p.grad is None:
+                self._had_no_grad.add(pid)
+            return torch.zeros_like(grad)  # accumulates nothing: the raw gradient stays private
 
         return hook
+
+    def _restore(self, p: nn.Parameter) -> None:
+        if id(p) in self._had_no_grad:
+            self._had_no_grad.discard(id(p))
+            p.grad = None
 
     def take(self) -> dict[int, torch.Tensor]:
         """Autograd's gradients of the pass that just ended, cleared."""

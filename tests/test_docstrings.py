@@ -41,7 +41,8 @@ def test_every_public_name_has_a_docstring():
     missing = []
     for qualname, obj in _public_definitions():
         target = obj.__func__ if isinstance(obj, (classmethod, staticmethod)) else obj
-        target = target.fget if isinstance(target, property) else target
-        if not (inspect.getdoc(target) or "").strip():
+        # A property's docstring is its own (``property(fget, doc=...)``) or its getter's.
+        doc = target.__doc__ if isinstance(target, property) else inspect.getdoc(target)
+        if not (doc or "").strip():
             missing.append(qualname)
     assert not missing, f"{len(missing)} public names without a docstring:\n" + "\n".join(missing)
