@@ -332,9 +332,9 @@ class Engine:
             self._sampled.sampler_state = rng["sampling_generator"].clone()
 
     # ================================================================ backward passes (called by the sink)
-    def _make_groups(self, batch_size: int, device: torch.device) -> tuple[Groups, bool]:
-        """The batch's groups, and whether engine.data_loader drew this batch."""
-        from_loader, drawn = self._sampled.take(batch_size)
+    def _make_groups(self, batch_size: int, device: torch.device, inputs=None) -> tuple[Groups, bool]:
+        """The batch's groups, and whether engine.data_loader drew this batch (its rows in their order)."""
+        from_loader, drawn = self._sampled.take(batch_size, inputs, self._hooks.root_batch_dim)
         self._acc.last_batch_size = batch_size
         return self._plan.groups(batch_size, device, drawn, self._group_generator), from_loader
 
@@ -388,7 +388,7 @@ class Engine:
             # Several processes: the other ranks may have gradients; this rank joins their reduction with none.
         if self._privacy is not None:
             dp_rules.check_dp_step(acc.passes, len(acc.contexts), self._plan.public_num_groups)
-            self._privacy.before_step(self._noise_on)
+            self._privacy.before_step(self._noise_on, not acc.unsampled)
             if empty_batch:
                 acc.groups_seen = float(self._plan.public_num_groups)
         if self._parts.reducer is not None:

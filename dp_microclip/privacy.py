@@ -105,9 +105,17 @@ class PrivacyState:
         except ValueError as err:
             raise _refusal_to_error(err) from err
 
-    def before_step(self, noise_on: bool) -> None:
-        """Budget enforcement: raise before a step that would take epsilon past the target."""
+    def before_step(self, noise_on: bool, sampled_by_engine: bool = True) -> None:
+        """Raise before a step from a batch ``engine.data_loader`` did not draw (without a declared sampling),
+        and before a step that would take epsilon past the target (budget enforcement)."""
         s = self.settings
+        if not sampled_by_engine and s.sampling == "engine":
+            raise PrivacyError(
+                "This DP step's batch did not come from engine.data_loader(...), so the engine cannot vouch for "
+                "the Poisson sampling epsilon is computed for (a shuffled DataLoader samples differently). Use "
+                "engine.data_loader(dataset), or attach(..., privacy=DP(sampling=\"poisson\")) to declare that your "
+                "own loader samples each record independently with probability sample_rate."
+            )
         if not (s.enforce_budget and s.target_epsilon is not None):
             return
         if not noise_on:
