@@ -167,6 +167,10 @@ def batch_fingerprints(batch, batch_size: int) -> list[torch.Tensor]:
             if t.dim() > 0 and t.shape[0] == batch_size and t.numel() and not t.is_complex()]
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(torch.allclose(a, b, rtol=1e-9, atol=1e-12, equal_nan=True))
+
+
 def row_order_problem(expected: list[torch.Tensor], inputs, batch_dim: int, batch_size: int) -> str | None:
     """Whether a model input holds the loader's rows in another order (None: same order, or not comparable).
 
@@ -181,9 +185,9 @@ def row_order_problem(expected: list[torch.Tensor], inputs, batch_dim: int, batc
             continue
         got = row_fingerprints(t, batch_dim)
         for want in expected:
-            if torch.equal(got, want):
-                break
-            if len(torch.unique(want)) > 1 and torch.equal(torch.sort(got).values, torch.sort(want).values):
+            if got.shape != want.shape or _same(got, want):
+                continue
+            if _same(torch.sort(got).values, torch.sort(want).values):
                 return (
                     "The rows of the batch reached the model in another order than engine.data_loader yielded "
                     "them (e.g. sorted by length in the training loop for pack_padded_sequence). In DP mode with "

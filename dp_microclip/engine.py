@@ -41,6 +41,7 @@ from .capture import CaptureSink
 from .errors import ConfigurationError, PrivacyError
 from .grouping import Groups, GroupingPlan
 from .hooks import HookSet
+from .observers import ObserverHandle, check_observer
 from .noise import NoiseLike, NoiseSource, SecureNoiseSource
 from .records import Record, Unit, join_multi_output
 from .routes import Autotuner
@@ -164,16 +165,21 @@ class Engine:
         self._privacy.set_noise_multiplier(check_positive_finite("noise_multiplier", noise_multiplier))
 
     # ================================================================ public API
-    def add_observer(self, observer) -> _ObserverHandle:
+    def add_observer(self, observer, *, release_unnoised: bool = False) -> ObserverHandle:
         """Call ``observer.on_pass(engine, records, result)`` after every backward pass and
         ``observer.on_step(engine)`` after every step (either method may be missing).
 
         The seam for diagnostics (``dp_microclip.tools.diagnostics``): ``records`` are the pass's
         captured layer calls, ``result`` its :class:`~dp_microclip.aggregate.PassResult` (group
         norms, clip factors). Observers must not change either. Returns a handle with ``remove()``.
+        In DP mode they see un-noised statistics: refused unless ``release_unnoised=True``, which the
+        privacy statement then reports (``observers.py``).
         """
+        check_observer(observer, self.dp, release_unnoised)
+        if self._privacy is not None:
+            self._privacy.unnoised_observed = True
         self._observers.append(observer)
-        return _ObserverHandle(self._observers, observer)
+        return ObserverHandle(self._observers, observer)
 
     @contextlib.contextmanager
     def silenced(self) -> Iterator[None]:
@@ -417,18 +423,6 @@ class Engine:
             if hasattr(observer, "on_step"):
                 observer.on_step(self)
         self._check.step_done()
-
-
-class _ObserverHandle:
-    """Removes one observer from its engine."""
-
-    def __init__(self, observers: list, observer):
-        self._observers, self._observer = observers, observer
-
-    def remove(self) -> None:
-        """Stop calling the observer (idempotent)."""
-        if self._observer in self._observers:
-            self._observers.remove(self._observer)
 
 
 _MECHANISM = "engine.{name} is read-only: it is part of the mechanism the ledger records."

@@ -60,6 +60,7 @@ class PrivacyState:
         self._accounting = accounting
         self.ledger = accounting.Ledger()
         self.unverified_steps = 0  # steps whose batch did not come from engine.data_loader
+        self.unnoised_observed = False  # an observer opted in to un-noised statistics (add_observer)
         self._allowed: dict = {}  # mechanism -> total steps verified to stay within the target
         self.check_mechanism()
 
@@ -189,6 +190,10 @@ class PrivacyState:
             )
         except ValueError as err:
             raise _refusal_to_error(err) from err
+        if self.unnoised_observed:
+            text += (" Un-noised statistics of the private batches (batch sizes, micro-batch gradient norms) were "
+                     "observed (engine.add_observer(..., release_unnoised=True)); epsilon does not cover anything "
+                     "released from them.")
         if public_num_groups is not None:
             size = f"N = {dataset_size}" if dataset_size is not None else "N"
             text += (
@@ -217,12 +222,14 @@ class PrivacyState:
 
     def state_dict(self) -> dict:
         """The ledger and the count of unverified steps (plain data)."""
-        return {"ledger": self.ledger.state_dict(), "unverified_steps": self.unverified_steps}
+        return {"ledger": self.ledger.state_dict(), "unverified_steps": self.unverified_steps,
+                "unnoised_observed": self.unnoised_observed}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` saved."""
         self.ledger.load_state_dict(state["ledger"])
         self.unverified_steps = int(state["unverified_steps"])
+        self.unnoised_observed = self.unnoised_observed or bool(state.get("unnoised_observed", False))
         self._allowed.clear()
 
 
@@ -270,4 +277,16 @@ def check_history(inherited_steps: int) -> None:
             f"No epsilon: this model already took {inherited_steps} DP step(s) under an earlier engine, "
             "and this engine's ledger does not hold them, so its epsilon would cover only part of the "
             "training. Carry the history: new_engine.load_state_dict(old_engine.state_dict())."
+        )
+
+
+def check_distributed_sampling(sampling: str) -> None:
+    """Under several processes in DP mode only the distributed loader's sampling is accepted."""
+    if sampling != "engine":
+        raise PrivacyError(
+            f"privacy=DP(sampling={sampling!r}) under dp_microclip.distributed: each rank running its own loader "
+            "samples its own batch, so a record can be in several ranks' shares of one step and its inclusion "
+            "probability is not the sample_rate the ledger records. Remove sampling= (the default \"engine\") and "
+            "draw batches with engine.data_loader(dataset) (dp_microclip.distributed.data_loader), which gives "
+            "each rank its share of one global Poisson batch."
         )
