@@ -155,10 +155,9 @@ def row_fingerprints(t: torch.Tensor, batch_dim: int = 0) -> torch.Tensor:
     rows = t.detach().movedim(batch_dim, 0).reshape(t.shape[batch_dim], -1)
     width = rows.shape[1]
     if width > _FINGERPRINT_ELEMENTS:
-        rows = rows[:, torch.linspace(0, width - 1, _FINGERPRINT_ELEMENTS, device=rows.device).long()]
+        rows = rows[:, ::-(-width // _FINGERPRINT_ELEMENTS)]  # at most 64 evenly strided elements
     rows = rows.to("cpu", torch.float64)
-    weights = torch.arange(1, rows.shape[1] + 1, dtype=torch.float64).sqrt()
-    return rows.nan_to_num(0.0, 1e300, -1e300) @ weights
+    return rows @ torch.arange(1, rows.shape[1] + 1, dtype=torch.float64).sqrt()
 
 
 def batch_fingerprints(batch, batch_size: int) -> list[torch.Tensor]:
