@@ -234,6 +234,7 @@ class LayoutLearner:
         self.probing.probe[(path, index)] = probe_record(args, output)
 
     def signature(self, root: nn.Module, args, kwargs, batch_size: int) -> Signature:
+        """What is known about this call's input signature, probing it first if it is new."""
         if batch_size == 0:
             return Signature(None)  # an empty Poisson batch: nothing to learn from, nothing to split
         key = signature_key(args, kwargs, self.root_batch_dim, batch_size)
