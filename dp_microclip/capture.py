@@ -28,9 +28,9 @@ from .grouping import Groups
 from .records import ForwardContext, Record
 from .layout import Signature
 
-#: ``(batch_size, device) -> (groups, drawn_by_engine)``: the groups of a new batch, and whether
-#: ``engine.data_loader`` drew it.
-GroupMaker = Callable[[int, torch.device], "tuple[Groups, bool]"]
+#: ``(batch_size, device, inputs) -> (groups, drawn_by_engine)``: the groups of a new batch, and whether
+#: ``engine.data_loader`` drew it (``inputs``: the model's ``(args, kwargs)``, checked against the loader's rows).
+GroupMaker = Callable[[int, torch.device, object], "tuple[Groups, bool]"]
 
 
 class CaptureSink:
@@ -77,9 +77,10 @@ class CaptureSink:
             self._replaying = previous
 
     # ------------------------------------------------------------------ what the hooks hand over
-    def open_context(self, batch_size: int, device: torch.device, signature: Signature | None) -> None:
-        """A forward pass of the attached model starts: draw its groups."""
-        groups, drawn = self._make_groups(batch_size, device)
+    def open_context(self, batch_size: int, device: torch.device, signature: Signature | None,
+                     inputs=None) -> None:
+        """A forward pass of the attached model starts (``inputs``: its ``(args, kwargs)``): draw its groups."""
+        groups, drawn = self._make_groups(batch_size, device, inputs)
         self._context = ForwardContext(batch_size, groups, drawn_by_engine=drawn, signature=signature)
         self.last_groups = groups
         if self._watch is not None:

@@ -51,6 +51,7 @@ from . import __version__
 from .attach import attach as _attach
 from .engine import Engine, ProcessParts
 from .errors import BatchError, ConfigurationError
+from .privacy import check_distributed_sampling
 from .layers.traits import MIXES_EXAMPLES
 from .sampling import PoissonBatchSampler, sample_with_groups
 from .step import StepAccumulator
@@ -116,6 +117,8 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *, group=None, pe
     if per_core:
         attach_kwargs = _per_core_kwargs(attach_kwargs)
     _check_model(model)
+    if _wants_dp(attach_kwargs):
+        check_distributed_sampling(getattr(attach_kwargs.get("privacy"), "sampling", "engine"))
     if not dist.is_initialized():
         raise ConfigurationError(
             "dp_microclip.distributed.attach needs an initialised process group: call "

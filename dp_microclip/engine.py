@@ -34,6 +34,7 @@ from .capture import CaptureSink
 from .errors import ConfigurationError, PrivacyError
 from .grouping import Groups, GroupingPlan
 from .hooks import HookSet
+from .observers import ObserverHandle, check_observer
 from .noise import NoiseLike, NoiseSource, SecureNoiseSource
 from .records import Record, Unit, join_multi_output
 from .routes import Autotuner
@@ -168,16 +169,21 @@ class Engine:
         self._privacy.set_noise_multiplier(check_positive_finite("noise_multiplier", noise_multiplier))
 
     # ================================================================ public API
-    def add_observer(self, observer) -> _ObserverHandle:
+    def add_observer(self, observer, *, release_unnoised: bool = False) -> ObserverHandle:
         """Call ``observer.on_pass(engine, records, result)`` after every backward pass and
         ``observer.on_step(engine)`` after every step (either method may be missing).
 
         The seam for diagnostics (``dp_microclip.tools.diagnostics``): ``records`` are the pass's
         captured layer calls, ``result`` its :class:`~dp_microclip.aggregate.PassResult` (group
         norms, clip factors). Observers must not change either. Returns a handle with ``remove()``.
+        In DP mode they see un-noised statistics: refused unless ``release_unnoised=True``, which the
+        privacy statement then reports (``observers.py``).
         """
+        check_observer(observer, self.dp, release_unnoised)
+        if self._privacy is not None:
+            self._privacy.unnoised_observed = True
         self._observers.append(observer)
-        return _ObserverHandle(self._observers, observer)
+        return ObserverHandle(self._observers, observer)
 
     @contextlib.contextmanager
     def silenced(self) -> Iterator[None]:
@@ -356,9 +362,9 @@ class Engine:
             self._sampled.sampler_state = rng["sampling_generator"].clone()
 
     # ================================================================ backward passes (called by the sink)
-    def _make_groups(self, batch_size: int, device: torch.device) -> tuple[Groups, bool]:
-        """The batch's groups, and whether engine.data_loader drew this batch."""
-        from_loader, drawn = self._sampled.take(batch_size)
+    def _make_groups(self, batch_size: int, device: torch.device, inputs=None) -> tuple[Groups, bool]:
+        """The batch's groups, and whether engine.data_loader drew this batch (its rows in their order)."""
+        from_loader, drawn = self._sampled.take(batch_size, inputs, self._hooks.root_batch_dim)
         self._acc.last_batch_size = batch_size
         return self._plan.groups(batch_size, device, drawn, self._group_generator), from_loader
 
@@ -408,7 +414,7 @@ class Engine:
         if self._privacy is not None and self._watch is not None:
             self._watch.check_params("since the last engine step")
             dp_rules.check_dp_step(acc.passes, len(acc.contexts), self._plan.public_num_groups)
-            self._privacy.before_step(self._noise_on)
+            self._privacy.before_step(self._noise_on, not acc.unsampled)
             if empty_batch:
                 assert self._plan.public_num_groups is not None  # check_dp_step refuses a step without it
                 acc.groups_seen = float(self._plan.public_num_groups)
@@ -437,13 +443,3 @@ class Engine:
             self._tracker.record(self._privacy.ledger.steps)
 
 
-class _ObserverHandle:
-    """Removes one observer from its engine."""
-
-    def __init__(self, observers: list, observer):
-        self._observers, self._observer = observers, observer
-
-    def remove(self) -> None:
-        """Stop calling the observer (idempotent)."""
-        if self._observer in self._observers:
-            self._observers.remove(self._observer)

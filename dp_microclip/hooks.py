@@ -27,11 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import contract
 from .capture import CaptureSink
-from .errors import BatchError, UnsupportedModuleError
+from .errors import BatchError, PrivacyError, UnsupportedModuleError
 from .layers.attention import AttentionCapture, LinearParts
 from .layers.registry import rule_for_type
-from .layout import BROADCAST, CallLayout, LayoutLearner
+from .layout import BROADCAST, CallLayout, LayoutLearner, shrink_batch
 from .records import ForwardContext, Record, Shared, Unit
 from .tensors import first_tensor, output_tensors
 
@@ -69,11 +70,13 @@ class HookSet:
     Args:
         sink: the engine's :class:`~dp_microclip.capture.CaptureSink` (the hooks' only seam).
         root_batch_dim: the batch dimension of the model's own input.
-        probe_failure_is_error: DP mode: a failed layout probe raises (see ``layout.LayoutLearner``).
+        probe_failure_is_error: DP mode: a failed layout probe raises (see ``layout.LayoutLearner``), and
+            the per-example contract is verified (``contract.py``).
     """
 
     def __init__(self, sink: CaptureSink, root_batch_dim: int, probe_failure_is_error: bool):
         self.sink = sink
+        self.dp = probe_failure_is_error
         self.handles: list = []
         self.root_batch_dim = root_batch_dim
         self.anchor = torch.zeros((), requires_grad=True)  # makes RequireGrad's output need a gradient
@@ -101,12 +104,22 @@ class HookSet:
                 )
             batch_size = int(x.shape[batch_dim])
             signature = self.layouts.signature(root, args, kwargs, batch_size)
-            self.sink.open_context(batch_size, x.device, signature)
+            if self.dp and batch_size >= 3 and signature.probe_batch is not None and not signature.rows_checked:
+                signature.rows_checked = True  # once per input signature, on its first batch of 3 or more
+                with self.sink.replay():
+                    mixed = contract.rows_mixed(root, args, kwargs, batch_dim, batch_size, shrink_batch)
+                if mixed is not None:
+                    signature.rows_checked = False
+                    raise PrivacyError(contract.mixing_error(mixed))
+            self.sink.open_context(batch_size, x.device, signature, (args, kwargs))
             return None
 
         def post(module, args, kwargs, output):
             if self.layouts.probing is None:
                 self.sink.close_context()
+                problem = contract.model_loss_problem(output) if self.dp and self.sink.active else None
+                if problem is not None and torch.is_grad_enabled():
+                    raise PrivacyError(problem)
             return None
 
         # Installed after the units: the pre-hook goes first (prepend) and the post-hook last, so a

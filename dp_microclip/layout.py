@@ -97,6 +97,7 @@ class Signature:
     probe_batch: int | None  # B' of the probe; None when no probe ran
     probe: dict = field(default_factory=dict)  # (path, call index) -> ProbeRecord
     learned: dict = field(default_factory=dict)  # (path, call index) -> CallLayout
+    rows_checked: bool = False  # DP mode: contract.rows_mixed ran for this signature
 
 
 def _shape(x) -> tuple | None:

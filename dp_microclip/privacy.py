@@ -65,6 +65,7 @@ class PrivacyState:
         self._accounting = accounting
         self.ledger = accounting.Ledger()
         self.unverified_steps = 0  # steps whose batch did not come from engine.data_loader
+        self.unnoised_observed = False  # an observer opted in to un-noised statistics (add_observer)
         self._allowed: dict = {}  # mechanism -> total steps verified to stay within the target
         self.check_mechanism()
 
@@ -110,9 +111,17 @@ class PrivacyState:
         except ValueError as err:
             raise _refusal_to_error(err) from err
 
-    def before_step(self, noise_on: bool) -> None:
-        """Budget enforcement: raise before a step that would take epsilon past the target."""
+    def before_step(self, noise_on: bool, sampled_by_engine: bool = True) -> None:
+        """Raise before a step from a batch ``engine.data_loader`` did not draw (without a declared sampling),
+        and before a step that would take epsilon past the target (budget enforcement)."""
         s = self.settings
+        if not sampled_by_engine and s.sampling == "engine":
+            raise PrivacyError(
+                "This DP step's batch did not come from engine.data_loader(...), so the engine cannot vouch for "
+                "the Poisson sampling epsilon is computed for (a shuffled DataLoader samples differently). Use "
+                "engine.data_loader(dataset), or attach(..., privacy=DP(sampling=\"poisson\")) to declare that your "
+                "own loader samples each record independently with probability sample_rate."
+            )
         if not (s.enforce_budget and s.target_epsilon is not None):
             return
         if not noise_on:
@@ -188,6 +197,10 @@ class PrivacyState:
             )
         except ValueError as err:
             raise _refusal_to_error(err) from err
+        if self.unnoised_observed:
+            text += (" Un-noised statistics of the private batches (batch sizes, micro-batch gradient norms) were "
+                     "observed (engine.add_observer(..., release_unnoised=True)); epsilon does not cover anything "
+                     "released from them.")
         if public_num_groups is not None:
             size = f"N = {dataset_size}" if dataset_size is not None else "N"
             text += (
@@ -219,13 +232,15 @@ class PrivacyState:
 
     def state_dict(self) -> dict:
         """The ledger and the count of unverified steps (plain data)."""
-        return {"ledger": self.ledger.state_dict(), "unverified_steps": self.unverified_steps}
+        return {"ledger": self.ledger.state_dict(), "unverified_steps": self.unverified_steps,
+                "unnoised_observed": self.unnoised_observed}
 
     def load_state_dict(self, state: dict, known_steps: int = 0) -> None:
         """Restore what :meth:`state_dict` saved; refuse a ledger shorter than ``known_steps`` or this one."""
         check_rewind(sum(int(e["steps"]) for e in state["ledger"]["entries"]), known_steps, self.ledger.steps)
         self.ledger.load_state_dict(state["ledger"])
         self.unverified_steps = int(state["unverified_steps"])
+        self.unnoised_observed = self.unnoised_observed or bool(state.get("unnoised_observed", False))
         self._allowed.clear()
 
 
@@ -429,3 +444,14 @@ class StateWatch:
         """Stop watching other optimizers (``detach``)."""
         self._handle.remove()
 
+
+def check_distributed_sampling(sampling: str) -> None:
+    """Under several processes in DP mode only the distributed loader's sampling is accepted."""
+    if sampling != "engine":
+        raise PrivacyError(
+            f"privacy=DP(sampling={sampling!r}) under dp_microclip.distributed: each rank running its own loader "
+            "samples its own batch, so a record can be in several ranks' shares of one step and its inclusion "
+            "probability is not the sample_rate the ledger records. Remove sampling= (the default \"engine\") and "
+            "draw batches with engine.data_loader(dataset) (dp_microclip.distributed.data_loader), which gives "
+            "each rank its share of one global Poisson batch."
+        )

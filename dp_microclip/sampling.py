@@ -20,6 +20,7 @@ from torch.utils.data.dataloader import default_collate
 
 from accounting.epochs import steps_per_epoch
 
+from .contract import batch_fingerprints, row_order_problem
 from .errors import BatchError, ConfigurationError, PrivacyError
 from .grouping import GroupingPlan
 from .settings import is_real
@@ -109,6 +110,12 @@ class SampledBatches:
         self.sampler_state = generator.get_state()  # as of the last batch a forward consumed
         self.epoch_position = 0  # batches of the current epoch consumed
         self.resume_position = 0  # set by a checkpoint: the next epoch starts there
+        self.fingerprints: collections.deque = collections.deque()  # rows of yielded batches (DP, b > 1)
+
+    def on_yield(self, batch) -> None:
+        """The loader yielded ``batch`` (DP mode, ``b > 1``): keep its rows' fingerprints to check their order."""
+        leading = [t.shape[0] for t in _tensors(batch) if t.dim() > 0]
+        self.fingerprints.append(batch_fingerprints(batch, leading[0]) if leading else [])
 
     def on_batch(self, indices: torch.Tensor, groups) -> None:
         """The sampler drew a batch (called by the loader's batch sampler)."""
@@ -117,17 +124,28 @@ class SampledBatches:
     def on_epoch(self) -> int:
         """A loader epoch starts; returns how many of its batches a resumed run already consumed."""
         self.pending.clear()
+        self.fingerprints.clear()
         start, self.resume_position = self.resume_position, 0
         self.epoch_position = start
         return start
 
-    def take(self, batch_size: int) -> tuple[bool, torch.Tensor | None]:
-        """(whether the sampler drew this batch, its records' groups or None); checks the size."""
+    def take(self, batch_size: int, inputs=None, batch_dim: int = 0) -> tuple[bool, torch.Tensor | None]:
+        """(whether the sampler drew this batch, its records' groups or None); checks the size and, where the
+        loader fingerprinted its rows, that ``inputs`` (the model's arguments) hold them in the same order."""
         if not self.pending:
             return False, None
         size, groups, state_after = self.pending.popleft()
+        expected = self.fingerprints.popleft() if self.fingerprints else None
+        problem = None
+        if expected and size == batch_size:
+            problem = row_order_problem(expected, inputs, batch_dim, batch_size)
+        if problem is not None:
+            self.pending.clear()
+            self.fingerprints.clear()
+            raise PrivacyError(problem)
         if size != batch_size:
             self.pending.clear()
+            self.fingerprints.clear()
             raise BatchError(
                 f"The batch has {batch_size} examples, but engine.data_loader drew {size} for it: batches reached "
                 "the model out of order, or not every drawn batch was used. Feed each batch of "
@@ -163,7 +181,33 @@ def poisson_loader(dataset: Dataset, sample_rate: float, generator: torch.Genera
     make = sampler_factory or PoissonBatchSampler
     sampler = make(len(dataset), sample_rate, generator, steps, num_groups, on_batch, on_epoch)
     collate = loader_kwargs.pop("collate_fn", default_collate)
+    on_yield = loader_kwargs.pop("on_yield", None)
+    if on_yield is not None:
+        return RowCheckedLoader(dataset, batch_sampler=sampler, collate_fn=empty_batch_collate(dataset, collate),
+                                on_yield=on_yield, **loader_kwargs)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=empty_batch_collate(dataset, collate), **loader_kwargs)
+
+
+class RowCheckedLoader(DataLoader):
+    """A DataLoader that reports every batch it yields (in the main process) to ``on_yield``.
+
+    DP mode with ``b > 1``: the engine fingerprints each batch's rows here and checks at the model's
+    input that they arrive in the same order (``contract.row_order_problem``).
+    """
+
+    def __init__(self, *args, on_yield: Callable, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._on_yield = on_yield
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self._on_yield(batch)
+            yield batch
+
+
+def _tensors(batch) -> list[torch.Tensor]:
+    leaves, _ = torch.utils._pytree.tree_flatten(batch)
+    return [x for x in leaves if torch.is_tensor(x)]
 
 
 def make_loader(dataset, sample_rate: float | None, batch_size: int | None, generator: torch.Generator,
@@ -198,6 +242,8 @@ def make_loader(dataset, sample_rate: float | None, batch_size: int | None, gene
             "the rows in order and declare it with collate_keeps_order=True, or sort inside the model."
         )
     plan.use_loader(q * n)
+    if dp and micro_batch_size > 1:
+        loader_kwargs["on_yield"] = sampled.on_yield
     loader = poisson_loader(dataset, q, generator, num_groups=plan.loader_groups, on_batch=sampled.on_batch,
                             on_epoch=sampled.on_epoch, sampler_factory=sampler_factory, **loader_kwargs)
     return loader, float(q)

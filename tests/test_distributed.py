@@ -252,20 +252,13 @@ def big_mlp():
 
 def dp_task(rank, world):
     res = {}
-    # (a) own split batch, b = 1: clean step, then a noisy one (lr = 0, so both see the same weights).
-    x, y = batch(2, n=12, d=20)
-    xs, ys = shard(x, y, rank)
+    # (a) each rank's own loader declared as Poisson is refused (issue 24, finding 8): a record could be in
+    # several ranks' shares. That each step adds exactly one noise draw is shown by (b): with noise, the ranks
+    # end at the parameters of one process with the same seed.
     m = big_mlp()
-    opt = torch.optim.SGD(m.parameters(), lr=0.0)
-    engine = mcd.attach(m, opt, micro_batch_size=1, max_grad_norm=0.5, privacy=DP(sample_rate=0.5, expected_batch_size=12, sampling="poisson", **DP_FIELDS),
-                        seed=1234)
-    for noise in (False, True):
-        engine.noise = noise
-        opt.zero_grad()
-        loss_of(m, xs, ys).backward()
-        opt.step()
-        res[f"own-noise{noise}"] = {n: p.grad.clone() for n, p in m.named_parameters()}
-    engine.detach()
+    with pytest.raises(PrivacyError, match="several ranks' shares"):
+        mcd.attach(m, torch.optim.SGD(m.parameters(), lr=0.0), micro_batch_size=1, max_grad_norm=0.5,
+                   privacy=DP(sample_rate=0.5, expected_batch_size=12, sampling="poisson", **DP_FIELDS), seed=1234)
     # (b) the distributed loader, b = 2, 3 steps; checkpoint; a new engine resumes for 3 more steps.
     m = mlp(d_in=6)
     engine = mcd.attach(m, torch.optim.SGD(m.parameters(), lr=0.1), micro_batch_size=2, max_grad_norm=0.5, privacy=DP(sample_rate=0.25, **DP_FIELDS),
@@ -299,9 +292,11 @@ def dp_task(rank, world):
     res["empty-sizes"], res["empty-params"] = sizes, params_of(m)
     engine.detach()
     # (d) secure noise: drawn on rank 0, broadcast.
-    m = big_mlp()
-    engine = mcd.attach(m, torch.optim.SGD(m.parameters(), lr=0.0), micro_batch_size=1, max_grad_norm=0.5, privacy=DP(sample_rate=0.5, expected_batch_size=12, sampling="poisson", secure_rng=True, **DP_FIELDS))
-    loss_of(m, xs, ys).backward()
+    m = mlp(d_in=6)
+    engine = mcd.attach(m, torch.optim.SGD(m.parameters(), lr=0.0), micro_batch_size=1, max_grad_norm=0.5,
+                        privacy=DP(sample_rate=0.25, secure_rng=True, **DP_FIELDS))
+    xb, yb = next(iter(mcd.data_loader(engine, dataset(64))))
+    loss_of(m, xb, yb).backward()
     engine.optimizer.step()
     res["secure"] = {n: p.grad.clone() for n, p in m.named_parameters()}
     engine.detach()
@@ -342,23 +337,8 @@ def refusals(rank):
 
 def test_two_ranks_dp_one_noise_draw_epsilon_and_resume(tmp_path):
     r0, r1 = run_ranks(tmp_path, "dp_task")
-    for key in ("own-noiseFalse", "own-noiseTrue", "loader-params", "empty-params", "secure"):
+    for key in ("loader-params", "empty-params", "secure"):
         close(r0[key], r1[key], tol=1e-14)  # every rank takes the same step
-    # (a) the same as one process with the same seed: noise included, so exactly one draw
-    x, y = batch(2, n=12, d=20)
-    m = big_mlp()
-    opt = torch.optim.SGD(m.parameters(), lr=0.0)
-    engine = dp_microclip.attach(m, opt, micro_batch_size=1, max_grad_norm=0.5, privacy=DP(sample_rate=0.5, expected_batch_size=12, sampling="poisson", **DP_FIELDS), seed=1234)
-    for noise in (False, True):
-        engine.noise = noise
-        opt.zero_grad()
-        loss_of(m, x, y).backward()
-        opt.step()
-        close(r0[f"own-noise{noise}"], {n: p.grad for n, p in m.named_parameters()})
-    noise = torch.cat([(r0["own-noiseTrue"][n] - r0["own-noiseFalse"][n]).flatten() for n in r0["own-noiseTrue"]])
-    want = 1.0 * 0.5 / 12  # z C / M
-    assert noise.numel() > 3000
-    assert abs(float(noise.std()) / want - 1) < 0.08  # sqrt(2) times this if each rank added its own draw
     # (b) the loader and resume: same params and epsilon as 6 steps of one process
     m = mlp(d_in=6)
     engine = dp_microclip.attach(m, torch.optim.SGD(m.parameters(), lr=0.1), micro_batch_size=2,
