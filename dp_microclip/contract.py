@@ -94,15 +94,13 @@ def rows_mixed(root: torch.nn.Module, args, kwargs, batch_dim: int, batch_size: 
             state = torch.get_rng_state()
             cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
             full = output_tensors(root(*args, **kwargs))
+            _restore_buffers(root, saved)  # both forwards start from the same state (running statistics)
             torch.set_rng_state(state)
             for d, s in zip(devices, cuda_states):
                 torch.cuda.set_rng_state(s, d)
             part = output_tensors(root(*p_args, **p_kwargs))
     finally:
-        with torch.no_grad():
-            for name, b in root.named_buffers():
-                if name in saved and b.shape == saved[name].shape:
-                    b.copy_(saved[name])
+        _restore_buffers(root, saved)
     for i, (f, p) in enumerate(zip(full, part)):
         if not (f.is_floating_point() and f.dim() > batch_dim and p.dim() == f.dim()):
             continue
@@ -113,6 +111,13 @@ def rows_mixed(root: torch.nn.Module, args, kwargs, batch_dim: int, batch_size: 
             return (f"output {i} (shape {tuple(f.shape)}): rows {bad[:5]} of the first {kept} examples change "
                     f"when the other {batch_size - kept} examples of the batch are removed")
     return None
+
+
+def _restore_buffers(root: torch.nn.Module, saved: dict) -> None:
+    with torch.no_grad():
+        for name, b in root.named_buffers():
+            if name in saved and b.shape == saved[name].shape:
+                b.copy_(saved[name])
 
 
 def mixing_error(where: str) -> str:
