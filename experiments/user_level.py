@@ -87,7 +87,11 @@ def train_one(recipe, x, y, users, x_test, y_test, *, eps, delta, steps, k, user
     if recipe == "example+group":
         q = users_per_step * k / len(x)  # roughly the same expected number of examples per step as (a)
         eps_ex, delta_ex = eps / m_max, delta / (m_max * math.exp(eps))
-        z = noise_multiplier_for_epsilon(eps_ex, delta_ex, sample_rate=q, steps=steps, accountant="rdp")
+        try:
+            z = noise_multiplier_for_epsilon(eps_ex, delta_ex, sample_rate=q, steps=steps, accountant="rdp")
+        except ValueError:  # no z <= 1e6 reaches eps / m_max: train at (a)'s z and report what group privacy gives
+            z = noise_multiplier_for_epsilon(eps, delta, sample_rate=users_per_step / int(users.unique().numel()),
+                                             steps=steps, accountant="rdp")
         privacy = DP(noise_multiplier=z, sample_rate=q, delta=delta_ex, accountant="rdp")
         engine = dp_microclip.attach(model, opt, micro_batch_size=1, max_grad_norm=1.0, privacy=privacy, seed=seed)
         loader = engine.data_loader(ds)
