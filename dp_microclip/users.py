@@ -225,6 +225,9 @@ class UserSampling:
                                     micro_batch_size=micro_batch_size, keeps_order=keeps_order,
                                     sampler_factory=sampler_factory, **loader_kwargs)
             return loader, q, len(dataset)
+        k = self.max_per_user
+        if k is None or sample_rate is None:  # attach validates both in user mode
+            raise ConfigurationError("privacy_unit='user' needs DP(sample_rate=q, max_examples_per_user=k).")
         if user_ids is None:
             raise ConfigurationError(
                 "privacy_unit='user' needs each example's user id: engine.data_loader(dataset, user_ids=ids) with "
@@ -240,7 +243,7 @@ class UserSampling:
                 "engine.data_loader(..., batch_size=...) with privacy_unit='user': the expected number of users "
                 "per step is q U, set by DP(sample_rate=q). Drop batch_size."
             )
-        if self.max_per_user > 1 and "collate_fn" in loader_kwargs and not keeps_order:
+        if k > 1 and "collate_fn" in loader_kwargs and not keeps_order:
             raise PrivacyError(
                 "engine.data_loader(..., collate_fn=...) with privacy_unit='user': each row's user slot follows "
                 "its row, so a collate_fn that reorders rows would move examples between users' micro-batches. "
@@ -252,7 +255,7 @@ class UserSampling:
         plan.use_loader(sample_rate * index.num_users)  # the public divisor M = round(q U)
 
         def factory(num_records, q, gen, steps, num_groups, on_batch, on_epoch):
-            return UserPoissonBatchSampler(index, self.max_per_user, q, gen, steps, on_batch, on_epoch)
+            return UserPoissonBatchSampler(index, k, q, gen, steps, on_batch, on_epoch)
 
         loader = poisson_loader(dataset, sample_rate, generator, on_batch=sampled.on_batch,
                                 on_epoch=sampled.on_epoch, sampler_factory=factory, **loader_kwargs)
