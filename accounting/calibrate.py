@@ -46,6 +46,8 @@ def noise_multiplier_for_epsilon(
     sampling: str = "poisson",
     accountant: AccountantSpec = "prv",
     tolerance: float = 0.005,
+    privacy_unit: str = "example",
+    max_examples_per_user: int | None = None,
 ) -> float:
     """The engine's noise multiplier z whose run of ``steps`` steps reaches ``target_epsilon``.
 
@@ -64,6 +66,8 @@ def noise_multiplier_for_epsilon(
             ``Ledger.epsilon``).
         tolerance: the result's epsilon lies in
             [target * (1 - tolerance), target].
+        privacy_unit: as in :class:`~accounting.mechanism.Mechanism` ("user" needs grouping="user").
+        max_examples_per_user: as in :class:`~accounting.mechanism.Mechanism`.
 
     Returns:
         The engine's noise multiplier (pass it to ``attach(noise_multiplier=...)``).
@@ -94,6 +98,8 @@ def noise_multiplier_for_epsilon(
         adjacency=adjacency,
         grouping=grouping,
         sampling=sampling,
+        privacy_unit=privacy_unit,
+        max_examples_per_user=max_examples_per_user,
     )
     # The one place the micro-batch factor enters: engine z = accountant z * (engine z / accountant z).
     engine_per_accountant_z = 1.0 / effective_noise_multiplier(probe)

@@ -103,6 +103,7 @@ class Ledger:
         """
         entry = _entry(mechanism, steps)
         self._check_adjacency(entry.mechanism.adjacency)
+        self._check_unit(entry.mechanism.privacy_unit)
         last = self._entries[-1] if self._entries else None
         if last is not None and last.mechanism == entry.mechanism:
             self._entries[-1] = dataclasses.replace(last, steps=last.steps + entry.steps)
@@ -115,6 +116,14 @@ class Ledger:
                 f'This ledger holds steps under adjacency="{self.adjacency}"; a step under '
                 f'adjacency="{adjacency}" cannot be composed with them into one guarantee. Record every step '
                 f'with adjacency="{self.adjacency}", or start a new Ledger().'
+            )
+
+    def _check_unit(self, unit: str) -> None:
+        if self._entries and unit != self.privacy_unit:
+            raise PrivacyRefusal(
+                f'This ledger holds steps with privacy_unit="{self.privacy_unit}"; a step with privacy_unit="{unit}" '
+                "protects another unit, so the two cannot be composed into one guarantee. Train with one privacy "
+                "unit throughout, or start a new Ledger()."
             )
 
     # ---------------------------------------------------------------- inspection
@@ -132,6 +141,11 @@ class Ledger:
     def adjacency(self) -> str:
         """The adjacency of the recorded steps ("add_remove" when empty)."""
         return self._entries[0].mechanism.adjacency if self._entries else "add_remove"
+
+    @property
+    def privacy_unit(self) -> str:
+        """What the recorded steps protect: "example" or "user" ("example" when empty)."""
+        return self._entries[0].mechanism.privacy_unit if self._entries else "example"
 
     @property
     def first_nonprivate_step(self) -> int | None:

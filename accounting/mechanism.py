@@ -28,7 +28,9 @@ import math
 import numbers
 
 ADJACENCIES = ("add_remove", "replace_one")
-GROUPINGS = ("keyed", "contiguous")
+GROUPINGS = ("keyed", "contiguous", "user")
+#: What one neighbouring dataset adds or removes: one example, or one user with all of their examples.
+PRIVACY_UNITS = ("example", "user")
 SAMPLINGS = ("poisson", "shuffle")
 CLIPPINGS = ("fixed", "per_layer", "normalize", "adaptive")
 
@@ -74,6 +76,13 @@ class Mechanism:
         clipping: "fixed", "per_layer" or "normalize" (the engine scales the
             noise so z stays relative to the total sensitivity: same rule as
             fixed), or "adaptive" (data-dependent bound: refused for DP).
+        privacy_unit: "example" (neighbours differ by one example) or "user"
+            (by one user with all of their examples; then ``sample_rate`` is the
+            rate at which users are sampled, ``grouping`` must be "user": each
+            sampled user's examples form one micro-batch, and the sensitivity
+            is C whatever b is).
+        max_examples_per_user: k, the public bound on a sampled user's examples
+            per step (required with ``privacy_unit="user"``, None otherwise).
 
     Raises:
         ValueError: a field is out of range or not one of its choices; the
@@ -91,6 +100,8 @@ class Mechanism:
     grouping: str = "keyed"
     sampling: str = "poisson"
     clipping: str = "fixed"
+    privacy_unit: str = "example"
+    max_examples_per_user: int | None = None
 
     def __post_init__(self) -> None:
         q = self.sample_rate
@@ -111,10 +122,25 @@ class Mechanism:
         _check_choice("grouping", self.grouping, GROUPINGS)
         _check_choice("sampling", self.sampling, SAMPLINGS)
         _check_choice("clipping", self.clipping, CLIPPINGS)
+        _check_choice("privacy_unit", self.privacy_unit, PRIVACY_UNITS)
+        self._check_unit()
         # Normalise numpy scalars and ints so equality, hashing and JSON behave.
         object.__setattr__(self, "sample_rate", float(q))
         object.__setattr__(self, "noise_multiplier", None if z is None else float(z))
         object.__setattr__(self, "micro_batch_size", int(b))
+
+    def _check_unit(self) -> None:
+        k = self.max_examples_per_user
+        if self.privacy_unit == "user":
+            if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
+                raise ValueError(f"privacy_unit='user' needs max_examples_per_user, an integer >= 1. Found {k!r}.")
+            object.__setattr__(self, "max_examples_per_user", int(k))
+            if self.grouping != "user":
+                raise ValueError(f"privacy_unit='user' needs grouping='user' (each sampled user's examples form one "
+                                 f"micro-batch). Found grouping={self.grouping!r}.")
+        elif k is not None or self.grouping == "user":
+            raise ValueError("max_examples_per_user and grouping='user' describe user-level DP: pass "
+                             "privacy_unit='user' with them, or leave both out for example-level DP.")
 
     @property
     def is_private(self) -> bool:

@@ -16,7 +16,14 @@ b > 1              keyed                       replace_one  4C                  
 b > 1              contiguous                  any          unbounded           refused
 any                adaptive clipping           any          data-dependent      refused
 any                shuffled epochs             any          (not Poisson)       refused
+user unit, any b   one group per sampled user  add_remove   C                   z
+user unit, any b   one group per sampled user  replace_one  2C                  z
 =================  ==========================  ===========  ==================  =====
+
+User-level rows (``privacy_unit="user"``): neighbours differ by one user with
+all of their examples; users are Poisson-sampled at rate q and each sampled
+user's (at most k) examples form one micro-batch, so adding or removing a user
+adds or removes one clipped term of norm <= C and changes no other group.
 
 Why 2C for b > 1: adding a record x to keyed group j changes only that group's
 clipped gradient, from clip(g_j) to clip(g_j'), two vectors of norm <= C.
@@ -110,7 +117,8 @@ def sensitivity(mechanism: Mechanism) -> Sensitivity:
     check_accountable(mechanism)
     # b = 1: a record is its own group, so it moves only its own clipped term.
     # b > 1 (keyed): it moves one group's clipped term, two vectors of norm <= C.
-    contribution = 1 if mechanism.micro_batch_size == 1 else 2
+    # A user (privacy_unit="user") is one whole group, present or absent: one clipped term.
+    contribution = 1 if mechanism.micro_batch_size == 1 or mechanism.privacy_unit == "user" else 2
     distance = contribution if mechanism.adjacency == "add_remove" else 2 * contribution
     return Sensitivity(contribution=contribution, neighbour_distance=distance)
 

@@ -42,7 +42,10 @@ def _clipping_unit(entry: LedgerEntry) -> str:
         return f"micro-batch size b={b}, grouping={mech.grouping!r}, clipping={mech.clipping!r}"
     assert mech.noise_multiplier is not None and entry.effective_noise_multiplier is not None  # is_private
     sens = sensitivity(mech)
-    if b == 1:
+    if mech.privacy_unit == "user":
+        unit = (f"user-level micro-batch clipping: each sampled user's examples (at most "
+                f"k={mech.max_examples_per_user}) form one micro-batch whose mean gradient is clipped to C")
+    elif b == 1:
         unit = "per-example clipping (b=1: every example is its own micro-batch)"
     else:
         unit = (
@@ -59,7 +62,7 @@ def _clipping_unit(entry: LedgerEntry) -> str:
             f"for the engine's z={_fmt(mech.noise_multiplier)}"
         )
     if mech.adjacency == "replace_one":
-        noise += " (replace-one analysis with one example's contribution bounded by " + (
+        noise += f" (replace-one analysis with one {mech.privacy_unit}'s contribution bounded by " + (
             "C)" if sens.contribution == 1 else f"{sens.contribution}C)"
         )
     return f"{unit}; {sens_text}, {noise}"
@@ -83,7 +86,8 @@ def privacy_statement(
             engine's Poisson loader and the user declared the sampling; the
             statement then says the guarantee rests on that declaration.
         dataset_size: if given, the statement also gives the expected batch
-            size and the number of epochs.
+            size and the number of epochs (for user-level ledgers: the number
+            of users, and the expected users per step).
 
     Returns:
         A multi-line text, ending with the epsilon line.
@@ -106,9 +110,19 @@ def privacy_statement(
         lines += ["No steps recorded: nothing has been released, so epsilon is 0.", "Epsilon: 0 at delta = "
                   f"{delta:g}."]
         return "\n".join(lines)
-    lines.append(f"Adjacency: {_ADJACENCY_TEXT[ledger.adjacency]}. The guarantee protects one example, not one user "
-                 "with several examples.")
-    sampling = ("Poisson sampling: every step includes each example independently with the probability q below")
+    users = ledger.privacy_unit == "user"
+    if users:
+        k = entries[0].mechanism.max_examples_per_user
+        lines.append(f"Adjacency: {_ADJACENCY_TEXT[ledger.adjacency].replace('example', 'user')}, with all of "
+                     "their examples. The guarantee protects one user (every example they contributed), whatever "
+                     "the number of their examples.")
+        lines.append(f"Contribution bound: a sampled user contributes at most k={k} examples per step, chosen "
+                     "uniformly at random among their examples (k is public).")
+    else:
+        lines.append(f"Adjacency: {_ADJACENCY_TEXT[ledger.adjacency]}. The guarantee protects one example, not one "
+                     "user with several examples.")
+    unit = "user" if users else "example"
+    sampling = f"Poisson sampling: every step includes each {unit} independently with the probability q below"
     if sampling_declared_by_user:
         sampling += (". Declared by the user, not performed by the engine: the guarantee rests on that declaration "
                      "(a loader with fixed-size or shuffled batches does not satisfy it)")
@@ -117,13 +131,14 @@ def privacy_statement(
     lines.append(f"Sampling: {sampling}.")
     if dataset_size is not None:
         epochs = sum(e.steps * e.sample_rate for e in entries)
-        lines.append(f"Dataset: {dataset_size} examples; {epochs:.4g} epochs in expectation.")
+        lines.append(f"Dataset: {dataset_size} {unit}s; {epochs:.4g} epochs in expectation.")
     lines.append(f"Steps: {ledger.steps} in {len(entries)} phase(s):")
     start = 1
     for e in entries:
         end = start + e.steps - 1
         span = f"step {start}" if e.steps == 1 else f"steps {start}-{end}"
-        batch = f", expected batch size {e.sample_rate * dataset_size:.4g}" if dataset_size is not None else ""
+        what = "users per step" if users else "batch size"
+        batch = f", expected {what} {e.sample_rate * dataset_size:.4g}" if dataset_size is not None else ""
         if e.is_private:
             assert e.mechanism.noise_multiplier is not None  # is_private
             lines.append(f"  {span}: q={e.sample_rate:.6g}{batch}, noise multiplier "

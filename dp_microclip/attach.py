@@ -118,6 +118,7 @@ def attach(
     sample_rate, expected_batch_size, steps, epochs = p.sample_rate, p.expected_batch_size, p.steps, p.epochs
     sampling, adjacency, accountant, enforce_budget = p.sampling, p.adjacency, p.accountant, p.enforce_budget
     secure_rng, collate_keeps_order = p.secure_rng, p.collate_keeps_order
+    unit = dict(privacy_unit=p.privacy_unit, max_examples_per_user=p.max_examples_per_user)
     if not isinstance(model, nn.Module):
         raise ConfigurationError(f"attach(model, ...) needs a torch.nn.Module. Found {type(model).__name__}.")
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -160,7 +161,7 @@ def attach(
             micro_batch_size=micro_batch_size, clipping=clipping, grouping=grouping,
             noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, delta=delta,
             sample_rate=sample_rate, expected_batch_size=expected_batch_size, steps=steps, epochs=epochs,
-            sampling=sampling, adjacency=adjacency, accountant=accountant, enforce_budget=enforce_budget,
+            sampling=sampling, adjacency=adjacency, accountant=accountant, enforce_budget=enforce_budget, **unit,
         )
         if not (process_parts is not None and process_parts.seed_is_secret):
             warn_seeded(seed, bool(secure_rng))  # a seed drawn from secrets and shared by processes is no user seed
@@ -206,9 +207,14 @@ def attach(
 
 
 def _dp_setup(*, micro_batch_size, clipping, grouping, noise_multiplier, target_epsilon, delta, sample_rate,
-              expected_batch_size, steps, epochs, sampling, adjacency, accountant, enforce_budget):
+              expected_batch_size, steps, epochs, sampling, adjacency, accountant, enforce_budget,
+              privacy_unit="example", max_examples_per_user=None):
     """Validate a DP configuration; return (PrivacyState, z, grouping, public M or None)."""
     from .privacy import PrivacySettings, PrivacyState, steps_from_epochs
+    from .users import check_privacy_unit
+
+    grouping = check_privacy_unit(privacy_unit, max_examples_per_user, micro_batch_size, grouping, sampling)
+    unit = dict(privacy_unit=privacy_unit, max_examples_per_user=max_examples_per_user)
 
     if clipping == "adaptive":
         raise PrivacyError(
@@ -234,7 +240,7 @@ def _dp_setup(*, micro_batch_size, clipping, grouping, noise_multiplier, target_
         check_supported(accountant, adjacency)
     except ValueError as err:
         raise PrivacyError(str(err)) from err
-    if grouping == "auto" or micro_batch_size == 1:
+    if grouping == "auto" or micro_batch_size == 1 and grouping != "user":
         grouping = "keyed"  # b = 1: every example its own group; position plays no role
     if steps is None and epochs is not None:
         steps = steps_from_epochs(epochs, sample_rate)
@@ -250,19 +256,19 @@ def _dp_setup(*, micro_batch_size, clipping, grouping, noise_multiplier, target_
             )
         noise_multiplier = PrivacyState.calibrate(
             target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
-            micro_batch_size=micro_batch_size, adjacency=adjacency, sampling=sampling, accountant=accountant,
+            micro_batch_size=micro_batch_size, adjacency=adjacency, sampling=sampling, accountant=accountant, **unit,
         )
         calibrated = True
     else:
         calibrated = False
     public = None
     if expected_batch_size is not None:
-        public = public_groups(expected_batch_size, micro_batch_size)
+        public = public_groups(expected_batch_size, 1 if privacy_unit == "user" else micro_batch_size)
     settings = PrivacySettings(
         micro_batch_size=micro_batch_size, clipping=clipping, grouping=grouping, sample_rate=float(sample_rate),
         noise_multiplier=float(noise_multiplier), delta=delta, target_epsilon=target_epsilon,
         planned_steps=steps, sampling=sampling, adjacency=adjacency, accountant=accountant,
-        enforce_budget=enforce_budget, calibrated=calibrated,
+        enforce_budget=enforce_budget, calibrated=calibrated, **unit,
     )
     return PrivacyState(settings), float(noise_multiplier), grouping, public
 

@@ -38,11 +38,11 @@ from .observers import ObserverHandle, check_observer
 from .noise import NoiseLike, NoiseSource, SecureNoiseSource
 from .records import Record, Unit, join_multi_output
 from .routes import Autotuner
-from .sampling import SampledBatches, make_loader
 from .settings import ENGINE_READ_ONLY as _READ_ONLY
 from .settings import EngineSettings, check_positive_finite
 from .step import Reducer, StepAccumulator, refuse_closure, step_bound, write_gradients
 from .units import check_optimizer_parameters, summarize
+from .users import SampledBatches, UserSampling
 from .verify import FirstStepCheck, compare_with_autograd
 
 
@@ -89,6 +89,7 @@ class Engine:
         self._group_generator = torch.Generator().manual_seed(base_seed ^ 0x5DEECE66D)
         self._sampling_generator = torch.Generator().manual_seed(base_seed ^ 0x2545F491)
         self._sampled = SampledBatches(self._sampling_generator)
+        self._loaders = UserSampling.for_privacy(None if privacy is None else privacy.settings)
 
         self._names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
         # DP mode: version counters of the model's tensors (privacy.StateWatch) and the parameters' history.
@@ -216,34 +217,31 @@ class Engine:
         """Standard deviation of the noise added to the clipped sum (before dividing by the number of groups)."""
         return (self.noise_multiplier or 0.0) * self.max_grad_norm
 
-    def data_loader(self, dataset, batch_size: int | None = None, *, collate_keeps_order: bool | None = None,
-                    **loader_kwargs) -> torch.utils.data.DataLoader:
+    def data_loader(self, dataset, batch_size: int | None = None, *, user_ids=None,
+                    collate_keeps_order: bool | None = None, **loader_kwargs) -> torch.utils.data.DataLoader:
         """A DataLoader with Poisson sampling at the engine's ``sample_rate``: the sampling epsilon is computed for.
 
-        Each record joins each batch independently with probability ``q``; one
-        epoch is ``round(1/q)`` steps; batches are ragged and may be empty. In DP
-        mode this also fixes the public number of groups ``M = round(q N / b)``.
-        Each record's micro-batch is drawn from its own coin, so the rows of a
-        batch must reach the model in the order of their indices: in DP mode with
-        ``b > 1`` a custom ``collate_fn`` is refused unless you declare
-        ``collate_keeps_order=True``.
+        Each record joins each batch independently with probability ``q``; one epoch is ``round(1/q)`` steps;
+        batches are ragged, maybe empty. DP mode fixes the public number of groups ``M = round(q N / b)``; rows
+        must reach the model in index order (with ``b > 1`` a custom ``collate_fn`` needs ``collate_keeps_order=
+        True``). ``DP(privacy_unit="user")`` samples users instead: at most ``k`` examples, one micro-batch each.
 
         Args:
             dataset: a map-style dataset of ``N`` records.
-            batch_size: the expected batch size ``q N``; needed only without a sample rate
-                (noise-free), otherwise checked against it.
+            batch_size: the expected batch size ``q N``; needed only without a sample rate (noise-free).
+            user_ids: with ``privacy_unit="user"``, one user id per example (list, tensor, column name).
             collate_keeps_order: your ``collate_fn`` keeps rows in the order of the samples it gets.
             **loader_kwargs: passed to ``DataLoader`` (num_workers, collate_fn, ...).
         """
         keeps_order = collate_keeps_order if collate_keeps_order is not None else self._settings.collate_keeps_order
-        loader, q = make_loader(
-            dataset, self._sample_rate, batch_size, self._sampling_generator, self._sampled, self._plan,
+        loader, q, size = self._loaders.make_loader(
+            dataset, user_ids, self._sample_rate, batch_size, self._sampling_generator, self._sampled, self._plan,
             dp=self.dp, micro_batch_size=self.micro_batch_size, keeps_order=keeps_order,
             sampler_factory=self._parts.sampler_factory, **loader_kwargs,
         )
-        self._sample_rate, self._dataset_size = q, len(dataset)
+        self._sample_rate, self._dataset_size = q, size
         if self._privacy is not None:
-            dp_rules.warn_large_delta(self._privacy.settings.delta, len(dataset))
+            dp_rules.warn_large_delta(self._privacy.settings.delta, size)
         return loader
 
     def epsilon(self, delta: float | None = None, accountant: str | None = None) -> float:

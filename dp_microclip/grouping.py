@@ -173,7 +173,8 @@ class GroupingPlan:
 
     Attributes:
         micro_batch_size: ``b``.
-        requested: the ``grouping`` argument of ``attach`` ("auto", "contiguous" or "keyed").
+        requested: the ``grouping`` argument of ``attach`` ("auto", "contiguous" or "keyed"), or "user"
+            (user-level DP: each sampled user's examples are one group, slots drawn by ``users.py``).
         dp: DP mode (keyed groups and a public divisor).
         num_groups: ``M`` of keyed groups (None: ``ceil(B / b)`` per batch, noise-free only).
         public_num_groups: the public divisor in DP mode, ``round(q N / b)``.
@@ -186,7 +187,8 @@ class GroupingPlan:
     public_num_groups: int | None = None
 
     def __post_init__(self):
-        self.mode = "keyed" if self.requested == "keyed" or self.dp else "contiguous"
+        self.mode = "user" if self.requested == "user" else (
+            "keyed" if self.requested == "keyed" or self.dp else "contiguous")
         if self.public_num_groups is not None:
             self.num_groups = self.public_num_groups
 
@@ -194,7 +196,7 @@ class GroupingPlan:
         """``engine.data_loader`` with expected batch size ``q N``: DP fixes the public ``M``; noise-free
         ``"auto"`` switches to keyed groups (Poisson batches vary in size, so slices of ``b`` would not divide
         them)."""
-        b = self.micro_batch_size
+        b = 1 if self.mode == "user" else self.micro_batch_size  # with users: the expected users per step
         if self.dp:
             public = public_groups(expected_batch_size, b)
             if self.public_num_groups is not None and self.public_num_groups != public:
@@ -217,6 +219,10 @@ class GroupingPlan:
                generator: torch.Generator) -> Groups:
         """The groups of one batch: slices, the sampler's draws, or fresh keyed draws from ``generator``."""
         b = self.micro_batch_size
+        if self.mode == "user":  # the user slot of every row; a batch the user loader did not draw: one row each
+            if drawn is None:
+                return contiguous_groups(batch_size, 1, device)
+            return groups_from_index(drawn.to(device), int(drawn.max()) + 1 if drawn.numel() else 1)
         if self.mode == "contiguous" or b == 1:
             return contiguous_groups(batch_size, b, device)
         num_groups = self.num_groups

@@ -48,6 +48,8 @@ class PrivacySettings:
     accountant: str
     enforce_budget: bool
     calibrated: bool = False  # noise_multiplier came from calibrate() for exactly planned_steps and this accountant
+    privacy_unit: str = "example"  # "user": neighbours differ by one user (grouping "user", docs/user-level.md)
+    max_examples_per_user: int | None = None  # k, the public contribution bound of a user per step
 
 
 def _refusal_to_error(err: Exception) -> PrivacyError:
@@ -71,15 +73,16 @@ class PrivacyState:
 
     @staticmethod
     def calibrate(*, target_epsilon, delta, sample_rate, steps, micro_batch_size, adjacency, sampling,
-                  accountant) -> float:
+                  accountant, privacy_unit="example", max_examples_per_user=None) -> float:
         """The engine's noise multiplier that reaches ``target_epsilon`` after ``steps`` steps."""
         from accounting.calibrate import noise_multiplier_for_epsilon
 
         try:
             return noise_multiplier_for_epsilon(
                 target_epsilon, delta, sample_rate=sample_rate, steps=steps, micro_batch_size=micro_batch_size,
-                adjacency=adjacency, grouping="keyed", sampling=_accounting_sampling(sampling),
-                accountant=accountant,
+                adjacency=adjacency, grouping="user" if privacy_unit == "user" else "keyed",
+                sampling=_accounting_sampling(sampling), accountant=accountant, privacy_unit=privacy_unit,
+                max_examples_per_user=max_examples_per_user,
             )
         except ValueError as err:
             raise _refusal_to_error(err) from err
@@ -95,6 +98,8 @@ class PrivacyState:
             grouping=s.grouping,
             sampling=_accounting_sampling(s.sampling),
             clipping=s.clipping,
+            privacy_unit=s.privacy_unit,
+            max_examples_per_user=s.max_examples_per_user,
         )
 
     def set_noise_multiplier(self, noise_multiplier: float) -> None:
@@ -201,7 +206,11 @@ class PrivacyState:
             text += (" Un-noised statistics of the private batches (batch sizes, micro-batch gradient norms) were "
                      "observed (engine.add_observer(..., release_unnoised=True)); epsilon does not cover anything "
                      "released from them.")
-        if public_num_groups is not None:
+        if public_num_groups is not None and s.privacy_unit == "user":
+            text += (f" The number of users U{'' if dataset_size is None else f' = {dataset_size}'}, and with it "
+                     f"the divisor M = round(q U) = {public_num_groups} (the expected users per step), are treated "
+                     "as public; fix M from a public count with DP(expected_batch_size=...) otherwise.")
+        elif public_num_groups is not None:
             size = f"N = {dataset_size}" if dataset_size is not None else "N"
             text += (
                 f" The dataset size {size}, and with it the public number of micro-batches M = {public_num_groups} "

@@ -25,6 +25,8 @@ GRAD_MODES = ("auto", "bookkeeping", "materialize", "func")
 GROUPINGS = ("auto", "contiguous", "keyed")
 LOSS_REDUCTIONS = ("mean", "sum")
 FALLBACKS = (None, "generic", "error")
+#: What DP protects: one example, or one user with all of their examples (docs/user-level.md).
+PRIVACY_UNITS = ("example", "user")
 NONFINITE_POLICIES = ("skip", "raise")
 
 
@@ -146,6 +148,14 @@ class DP:
         enforce_budget: with ``target_epsilon``, raise before a step that would exceed it.
         secure_rng: draw the noise from the OS's cryptographically secure generator.
         collate_keeps_order: declare that a custom ``collate_fn`` keeps rows in order.
+        privacy_unit: ``"example"`` (default) or ``"user"``: user-level DP, where neighbouring
+            datasets differ by one user with all of their examples. ``engine.data_loader(dataset,
+            user_ids=...)`` then samples users at rate ``q``, each sampled user's examples form one
+            micro-batch (clipped to C: sensitivity C), and the divisor is ``round(q U)`` for ``U`` users;
+            ``expected_batch_size`` then counts users. See docs/user-level.md.
+        max_examples_per_user: ``k``, the public contribution bound of user-level DP: a sampled user
+            contributes at most ``k`` examples per step, chosen uniformly among theirs. Required with
+            ``privacy_unit="user"``; pass ``micro_batch_size=k`` to ``attach``.
 
     Example:
         >>> from dp_microclip import DP
@@ -166,6 +176,8 @@ class DP:
     enforce_budget: bool = True
     secure_rng: bool = False
     collate_keeps_order: bool = False
+    privacy_unit: str = "example"
+    max_examples_per_user: int | None = None
 
 
 #: The DP keywords ``attach`` still accepts directly (the fields of :class:`DP`), for existing code.
