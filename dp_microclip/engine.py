@@ -46,7 +46,7 @@ from .records import Record, Unit, join_multi_output
 from .routes import Autotuner
 from .sampling import SampledBatches, make_loader
 from .settings import EngineSettings, check_positive_finite
-from .step import Reducer, StepAccumulator, adaptive_bound, write_gradients
+from .step import Reducer, StepAccumulator, adaptive_bound, hold_update, write_gradients
 from .units import check_optimizer_parameters, summarize
 from .verify import FirstStepCheck, compare_with_autograd
 
@@ -207,7 +207,7 @@ class Engine:
         return (self.noise_multiplier or 0.0) * self.max_grad_norm
 
     def data_loader(self, dataset, batch_size: int | None = None, *, collate_keeps_order: bool | None = None,
-                    **loader_kwargs) -> torch.utils.data.DataLoader:
+                    max_physical_batch_size: int | None = None, **loader_kwargs) -> torch.utils.data.DataLoader:
         """A DataLoader with Poisson sampling at the engine's ``sample_rate``: the sampling epsilon is computed for.
 
         Each record joins each batch independently with probability ``q``; one
@@ -223,13 +223,16 @@ class Engine:
             batch_size: the expected batch size ``q N``; needed only without a sample rate
                 (noise-free), otherwise checked against it.
             collate_keeps_order: your ``collate_fn`` keeps rows in the order of the samples it gets.
+            max_physical_batch_size: at most this many examples (whole micro-batches) per forward pass; the
+                update waits for a sampled batch's last chunk (docs/privacy.md). ``len(loader)`` counts batches.
             **loader_kwargs: passed to ``DataLoader`` (num_workers, collate_fn, ...).
         """
         keeps_order = collate_keeps_order if collate_keeps_order is not None else self._settings.collate_keeps_order
         loader, q = make_loader(
             dataset, self._sample_rate, batch_size, self._sampling_generator, self._sampled, self._plan,
             dp=self.dp, micro_batch_size=self.micro_batch_size, keeps_order=keeps_order,
-            sampler_factory=self._parts.sampler_factory, **loader_kwargs,
+            sampler_factory=self._parts.sampler_factory, max_physical_batch_size=max_physical_batch_size,
+            **loader_kwargs,
         )
         self._sample_rate, self._dataset_size = q, len(dataset)
         return loader
@@ -335,7 +338,7 @@ class Engine:
     def _make_groups(self, batch_size: int, device: torch.device) -> tuple[Groups, bool]:
         """The batch's groups, and whether engine.data_loader drew this batch."""
         from_loader, drawn = self._sampled.take(batch_size)
-        self._acc.last_batch_size = batch_size
+        self._acc.new_forward(batch_size, self._sampled.last_taken)
         return self._plan.groups(batch_size, device, drawn, self._group_generator), from_loader
 
     def _finish_pass(self, records: list[Record]) -> None:
@@ -343,15 +346,13 @@ class Engine:
         records = join_multi_output(records)
         # Only batches that reach a backward pass count: an evaluation forward outside torch.no_grad()
         # does not make the step unverified.
-        if not all(r.ctx.drawn_by_engine for r in records):
-            self._acc.unsampled = True
-        self._acc.contexts.update(r.ctx.id for r in records)
+        drawn = self._acc.note_contexts(records)
         if self._check.running:
             for problem in compare_with_autograd(records, autograd_grads, self._names, self._sink.replay):
                 self._sink.report(problem)
         result = clip_and_sum(records, self._settings.clip, self._sink.replay,
                               lambda ctx: self._plan.divisor(ctx.groups), self._tuner)
-        self._acc.add(result)
+        self._acc.add(result, chunk=drawn and self._acc.batch_chunks > 0, fixed_divisor=self._plan.fixed_divisor)
         self.nonfinite_groups += result.nonfinite_groups
         if result.group_norms:
             self.last_group_norms = torch.cat(result.group_norms)
@@ -376,6 +377,8 @@ class Engine:
         if problems:
             self._acc = StepAccumulator()
             raise ConfigurationError("dp_microclip refused this step:\n" + "\n".join(f"  - {p}" for p in problems))
+        if not acc.finish_batch():  # a physical chunk: the update waits for the logical batch's last chunk
+            return hold_update(self._managed)
         empty_batch = acc.passes == 0 and acc.last_batch_size == 0
         if acc.passes == 0 and not (self.dp and empty_batch):
             if self.dp:
@@ -387,7 +390,7 @@ class Engine:
                 return  # like plain PyTorch with no gradients: the optimizer has nothing to do
             # Several processes: the other ranks may have gradients; this rank joins their reduction with none.
         if self._privacy is not None:
-            dp_rules.check_dp_step(acc.passes, len(acc.contexts), self._plan.public_num_groups)
+            dp_rules.check_dp_step(acc.passes, len(acc.contexts), self._plan.public_num_groups, **acc.chunk_facts())
             self._privacy.before_step(self._noise_on)
             if empty_batch:
                 acc.groups_seen = float(self._plan.public_num_groups)
