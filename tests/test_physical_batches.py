@@ -84,7 +84,6 @@ def test_noise_is_drawn_once_per_logical_batch_with_std_zC_over_M():
     m = nn.Sequential(nn.Linear(6, 400, bias=False)).double()
     engine = dp_microclip.attach(m, torch.optim.SGD(m.parameters(), lr=0.0), micro_batch_size=1, max_grad_norm=1.0,
                                  seed=0, privacy=DP(noise_multiplier=2.0, sample_rate=Q, delta=1e-5))
-    x, _ = next(iter(engine.data_loader(dataset(), max_physical_batch_size=5)))
     grads = []
     loader = engine.data_loader(dataset(), max_physical_batch_size=5)
     for x, _ in loader:
