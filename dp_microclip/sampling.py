@@ -204,7 +204,7 @@ class PhysicalBatchSampler(Sampler[list[int]]):
         self.inner, self.sampled = inner, sampled
 
     def __len__(self) -> int:
-        return len(self.inner)
+        return len(self.inner)  # type: ignore[arg-type]  # a batch sampler has a length
 
     def __iter__(self):
         for _ in self.inner:  # the inner sampler reported the logical batch to sampled.on_batch first
