@@ -40,7 +40,7 @@ from .records import Record, Unit, join_multi_output
 from .routes import Autotuner
 from .settings import ENGINE_READ_ONLY as _READ_ONLY
 from .settings import EngineSettings, check_positive_finite
-from .step import Reducer, StepAccumulator, refuse_closure, step_bound, write_gradients
+from .step import Reducer, StepAccumulator, hold_update, refuse_closure, step_bound, write_gradients
 from .units import check_optimizer_parameters, summarize
 from .users import SampledBatches, UserSampling
 from .verify import FirstStepCheck, compare_with_autograd
@@ -218,7 +218,8 @@ class Engine:
         return (self.noise_multiplier or 0.0) * self.max_grad_norm
 
     def data_loader(self, dataset, batch_size: int | None = None, *, user_ids=None,
-                    collate_keeps_order: bool | None = None, **loader_kwargs) -> torch.utils.data.DataLoader:
+                    collate_keeps_order: bool | None = None, max_physical_batch_size: int | None = None,
+                    **loader_kwargs) -> torch.utils.data.DataLoader:
         """A DataLoader with Poisson sampling at the engine's ``sample_rate``: the sampling epsilon is computed for.
 
         Each record joins each batch independently with probability ``q``; one epoch is ``round(1/q)`` steps;
@@ -231,13 +232,16 @@ class Engine:
             batch_size: the expected batch size ``q N``; needed only without a sample rate (noise-free).
             user_ids: with ``privacy_unit="user"``, one user id per example (list, tensor, column name).
             collate_keeps_order: your ``collate_fn`` keeps rows in the order of the samples it gets.
+            max_physical_batch_size: at most this many examples (whole micro-batches) per forward pass; the
+                update waits for a sampled batch's last chunk (docs/privacy.md). ``len(loader)`` counts batches.
             **loader_kwargs: passed to ``DataLoader`` (num_workers, collate_fn, ...).
         """
         keeps_order = collate_keeps_order if collate_keeps_order is not None else self._settings.collate_keeps_order
         loader, q, size = self._loaders.make_loader(
             dataset, user_ids, self._sample_rate, batch_size, self._sampling_generator, self._sampled, self._plan,
             dp=self.dp, micro_batch_size=self.micro_batch_size, keeps_order=keeps_order,
-            sampler_factory=self._parts.sampler_factory, **loader_kwargs,
+            sampler_factory=self._parts.sampler_factory, max_physical_batch_size=max_physical_batch_size,
+            **loader_kwargs,
         )
         self._sample_rate, self._dataset_size = q, size
         if self._privacy is not None:
@@ -363,7 +367,7 @@ class Engine:
     def _make_groups(self, batch_size: int, device: torch.device, inputs=None) -> tuple[Groups, bool]:
         """The batch's groups, and whether engine.data_loader drew this batch (its rows in their order)."""
         from_loader, drawn = self._sampled.take(batch_size, inputs, self._hooks.root_batch_dim)
-        self._acc.last_batch_size = batch_size
+        self._acc.new_forward(batch_size, self._sampled.last_taken)
         return self._plan.groups(batch_size, device, drawn, self._group_generator), from_loader
 
     def _finish_pass(self, records: list[Record]) -> None:
@@ -371,15 +375,13 @@ class Engine:
         records = join_multi_output(records)
         # Only batches that reach a backward pass count: an evaluation forward outside torch.no_grad()
         # does not make the step unverified.
-        if not all(r.ctx.drawn_by_engine for r in records):
-            self._acc.unsampled = True
-        self._acc.contexts.update(r.ctx.id for r in records)
+        drawn = self._acc.note_contexts(records)
         if self._check.running:
             for problem in compare_with_autograd(records, autograd_grads, self._names, self._sink.replay):
                 self._sink.report(problem)
         result = clip_and_sum(records, self._settings.clip, self._sink.replay,
                               lambda ctx: self._plan.divisor(ctx.groups), self._tuner)
-        self._acc.add(result)
+        self._acc.add(result, chunk=drawn and self._acc.batch_chunks > 0, fixed_divisor=self._plan.fixed_divisor)
         self.nonfinite_groups += result.nonfinite_groups
         if result.group_norms:
             self._last_norms = result.group_norms
@@ -399,6 +401,8 @@ class Engine:
         if problems:
             self._acc = StepAccumulator()
             raise ConfigurationError("dp_microclip refused this step:\n" + "\n".join(f"  - {p}" for p in problems))
+        if not acc.finish_batch():  # a physical chunk: the update waits for the logical batch's last chunk
+            return hold_update(self._managed)
         empty_batch = acc.passes == 0 and acc.last_batch_size == 0
         if acc.passes == 0 and not (self.dp and empty_batch):
             if self.dp:
@@ -411,7 +415,7 @@ class Engine:
             # Several processes: the other ranks may have gradients; this rank joins their reduction with none.
         if self._privacy is not None and self._watch is not None:
             self._watch.check_params("since the last engine step")
-            dp_rules.check_dp_step(acc.passes, len(acc.contexts), self._plan.public_num_groups)
+            dp_rules.check_dp_step(acc.passes, len(acc.contexts), self._plan.public_num_groups, **acc.chunk_facts())
             self._privacy.before_step(self._noise_on, not acc.unsampled)
             if empty_batch:
                 assert self._plan.public_num_groups is not None  # check_dp_step refuses a step without it

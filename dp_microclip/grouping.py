@@ -234,6 +234,13 @@ class GroupingPlan:
             return groups_from_index(drawn.to(device), num_groups)
         return keyed_groups(batch_size, num_groups, generator)
 
+    @property
+    def fixed_divisor(self) -> bool:
+        """Whether every batch is divided by the same ``M`` (the public one, or keyed groups' slots): the
+        clipped means of the physical chunks of one logical batch then add up to the batch's mean."""
+        return self.public_num_groups is not None or (self.mode == "keyed" and self.micro_batch_size > 1
+                                                      and self.num_groups is not None)
+
     def divisor(self, groups: Groups) -> float:
         """``M`` of one batch: its number of groups, or the public constant in DP mode."""
         return float(self.public_num_groups if self.public_num_groups is not None else groups.num_groups)

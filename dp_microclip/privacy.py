@@ -258,18 +258,43 @@ def _accounting_sampling(sampling: str) -> str:
 
 
 # ================================================================ the DP step guards
-def check_dp_step(passes: int, forward_passes: int, public_num_groups: int | None) -> None:
-    """Refuse a DP step that is not one forward and one backward pass of one sampled batch.
+def check_dp_step(passes: int, forward_passes: int, public_num_groups: int | None, *, chunks: int = 1,
+                  logical_batches: int = 1, most_passes_per_forward: int = 1, foreign: bool = False) -> None:
+    """Refuse a DP step that is not one forward and one backward pass of one sampled batch, or of each
+    physical chunk of one sampled batch (``engine.data_loader(..., max_physical_batch_size=...)``).
 
     Args:
         passes: backward passes since the last step.
         forward_passes: distinct forward passes those backward passes came from.
         public_num_groups: the public ``M`` (None: not known yet).
+        chunks: physical chunks of the step's logical batch the model consumed.
+        logical_batches: sampled logical batches that began since the last step.
+        most_passes_per_forward: the most backward passes any one forward pass reached.
+        foreign: some backward pass came from a batch ``engine.data_loader`` did not draw.
 
     Raises:
-        PrivacyError: gradient accumulation or several forward passes in one step.
+        PrivacyError: gradient accumulation or several forward passes in one step (chunks of one sampled
+            batch excepted: each in one forward and one backward pass), several sampled batches in one step.
         ConfigurationError: the public number of groups is not known.
     """
+    if chunks > 1:
+        if logical_batches > 1:
+            raise PrivacyError(
+                f"{logical_batches} sampled batches of engine.data_loader reached the model before one "
+                "optimizer.step() in DP mode: each step must be one Poisson-sampled batch (accumulating batches "
+                "would change the public normaliser). Call optimizer.step() after every chunk the loader yields."
+            )
+        if foreign or most_passes_per_forward > 1 or forward_passes != chunks:
+            raise PrivacyError(
+                f"A DP step of a sampled batch in {chunks} physical chunks got {forward_passes} forward pass(es) "
+                f"with a backward pass{', one of them backpropagated twice' if most_passes_per_forward > 1 else ''}"
+                f"{', and a batch not drawn by engine.data_loader' if foreign else ''}. Each chunk must reach the "
+                "model in exactly one forward and one backward pass, and nothing else may join the step: "
+                "for x, y in loader: optimizer.zero_grad(); loss_fn(model(x), y).backward(); optimizer.step()."
+            )
+        if public_num_groups is None:
+            raise missing_public_groups()
+        return
     if passes > 1:
         raise PrivacyError(
             f"{passes} backward passes before one optimizer.step() in DP mode: each step must be "

@@ -12,7 +12,8 @@ sampling it accounts for is the sampling that happened.
 from __future__ import annotations
 
 import collections
-from typing import Callable
+import numbers
+from typing import Callable, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -79,6 +80,33 @@ class PoissonBatchSampler(Sampler[list[int]]):
             yield indices.tolist()
 
 
+def plan_chunks(indices: torch.Tensor, groups: torch.Tensor | None, max_size: int) -> list:
+    """Split one sampled logical batch into physical chunks of at most ``max_size`` rows.
+
+    With keyed groups the rows are ordered by group (stably) and a chunk holds whole groups
+    only, so every micro-batch is clipped as a whole, exactly as in the one-shot step: a
+    record's group comes from its own coin and never depends on the chunking. A group
+    larger than ``max_size`` gets a chunk of its own (larger than ``max_size``). An empty
+    logical batch is one empty chunk (its step is noise-only).
+
+    Returns:
+        ``[(indices, groups or None), ...]``, one pair per chunk, in the order the model must see them.
+    """
+    if groups is None:
+        return [(indices[i:i + max_size], None) for i in range(0, max(1, indices.numel()), max_size)]
+    order = torch.argsort(groups, stable=True)
+    indices, groups = indices[order], groups[order]
+    chunks, start, sizes = [], 0, torch.bincount(groups).tolist() if groups.numel() else []
+    end = 0
+    for size in sizes:  # whole groups, in group order
+        if size and end > start and end + size - start > max_size:
+            chunks.append((indices[start:end], groups[start:end]))
+            start = end
+        end += size
+    chunks.append((indices[start:end], groups[start:end]))
+    return chunks
+
+
 def empty_batch_collate(dataset: Dataset, collate: Callable = default_collate) -> Callable:
     """A collate function that turns an empty index list into zero-length tensors of the right shape."""
 
@@ -101,16 +129,35 @@ def _take_zero_rows(batch):
     return batch
 
 
+class Chunk(NamedTuple):
+    """One physical chunk of a drawn logical batch (the whole batch when it is not split)."""
+
+    size: int
+    groups: torch.Tensor | None
+    state_after: torch.Tensor  # the sampling generator's state after the logical batch was drawn
+    first: bool  # the logical batch's first chunk
+    last: bool  # its last chunk: the optimizer step then takes the whole logical batch
+
+
 class SampledBatches:
-    """The batches ``engine.data_loader`` drew and the model has not consumed yet, and the sampler's position."""
+    """The batches ``engine.data_loader`` drew and the model has not consumed yet, and the sampler's position.
+
+    With physical batches (``max_physical``) each drawn logical batch is queued as its chunks
+    (:func:`plan_chunks`); ``chunk_lists`` holds their index lists for the loader to yield, and
+    the position (``epoch_position``, ``sampler_state``) moves only when a logical batch's last
+    chunk is consumed, so a checkpoint taken between chunks resumes at that logical batch's start.
+    """
 
     def __init__(self, generator: torch.Generator):
         self.generator = generator
-        self.pending: collections.deque = collections.deque()  # (size, groups, generator state after the draw)
+        self.pending: collections.deque = collections.deque()  # Chunk entries, in the order the model needs them
         self.sampler_state = generator.get_state()  # as of the last batch a forward consumed
         self.epoch_position = 0  # batches of the current epoch consumed
         self.resume_position = 0  # set by a checkpoint: the next epoch starts there
         self.fingerprints: collections.deque = collections.deque()  # rows of yielded batches (DP, b > 1)
+        self.max_physical: int | None = None  # physical batch size (None: one chunk per logical batch)
+        self.chunk_lists: collections.deque = collections.deque()  # chunk index lists the loader has to yield
+        self.last_taken: Chunk | None = None  # the chunk the latest forward consumed
 
     def on_yield(self, batch) -> None:
         """The loader yielded ``batch`` (DP mode, ``b > 1``): keep its rows' fingerprints to check their order."""
@@ -119,12 +166,20 @@ class SampledBatches:
 
     def on_batch(self, indices: torch.Tensor, groups) -> None:
         """The sampler drew a batch (called by the loader's batch sampler)."""
-        self.pending.append((int(indices.numel()), groups, self.generator.get_state()))
+        state = self.generator.get_state()
+        if self.max_physical is None:
+            self.pending.append(Chunk(int(indices.numel()), groups, state, True, True))
+            return
+        chunks = plan_chunks(indices, groups, self.max_physical)
+        for i, (chunk_indices, chunk_groups) in enumerate(chunks):
+            self.pending.append(Chunk(int(chunk_indices.numel()), chunk_groups, state, i == 0, i == len(chunks) - 1))
+            self.chunk_lists.append(chunk_indices.tolist())
 
     def on_epoch(self) -> int:
         """A loader epoch starts; returns how many of its batches a resumed run already consumed."""
         self.pending.clear()
         self.fingerprints.clear()
+        self.chunk_lists.clear()
         start, self.resume_position = self.resume_position, 0
         self.epoch_position = start
         return start
@@ -133,41 +188,60 @@ class SampledBatches:
         """(whether the sampler drew this batch, its records' groups or None); checks the size and, where the
         loader fingerprinted its rows, that ``inputs`` (the model's arguments) hold them in the same order."""
         if not self.pending:
+            self.last_taken = None
             return False, None
-        size, groups, state_after = self.pending.popleft()
+        chunk = self.last_taken = self.pending.popleft()
         expected = self.fingerprints.popleft() if self.fingerprints else None
         problem = None
-        if expected and size == batch_size:
+        if expected and chunk.size == batch_size:
             problem = row_order_problem(expected, inputs, batch_dim, batch_size)
         if problem is not None:
             self.pending.clear()
             self.fingerprints.clear()
             raise PrivacyError(problem)
-        if size != batch_size:
+        if chunk.size != batch_size:
             self.pending.clear()
             self.fingerprints.clear()
             raise BatchError(
-                f"The batch has {batch_size} examples, but engine.data_loader drew {size} for it: batches reached "
-                "the model out of order, or not every drawn batch was used. Feed each batch of "
+                f"The batch has {batch_size} examples, but engine.data_loader drew {chunk.size} for it: batches "
+                "reached the model out of order, or not every drawn batch was used. Feed each batch of "
                 "engine.data_loader(...) to the model exactly once, in order (forward passes under "
                 "torch.no_grad() do not count)."
             )
-        self.sampler_state = state_after
-        self.epoch_position += 1
-        return True, groups
+        if chunk.last:
+            self.sampler_state = chunk.state_after
+            self.epoch_position += 1
+        return True, chunk.groups
+
+
+class PhysicalBatchSampler(Sampler[list[int]]):
+    """Yields the physical chunks of every logical batch ``inner`` draws (``engine.data_loader(...,
+    max_physical_batch_size=...)``); ``len()`` counts logical batches, i.e. optimizer updates."""
+
+    def __init__(self, inner: Sampler, sampled: SampledBatches):
+        self.inner, self.sampled = inner, sampled
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]  # a batch sampler has a length
+
+    def __iter__(self):
+        for _ in self.inner:  # the inner sampler reported the logical batch to sampled.on_batch first
+            while self.sampled.chunk_lists:
+                yield self.sampled.chunk_lists.popleft()
 
 
 def poisson_loader(dataset: Dataset, sample_rate: float, generator: torch.Generator, *,
                    num_groups: int | None = None, on_batch: Callable | None = None,
                    on_epoch: Callable | None = None, sampler_factory: Callable | None = None,
-                   **loader_kwargs) -> DataLoader:
+                   physical: SampledBatches | None = None, **loader_kwargs) -> DataLoader:
     """A DataLoader over ``dataset`` with Poisson sampling at rate ``sample_rate``.
 
     One epoch is ``round(1 / sample_rate)`` steps (each record is then seen once per
     epoch on average). ``loader_kwargs`` go to ``DataLoader`` (num_workers, pin_memory, ...);
     ``batch_size``, ``shuffle``, ``sampler`` and ``batch_sampler`` are set here.
     ``sampler_factory`` (multi-process training) builds the batch sampler instead of
-    :class:`PoissonBatchSampler`, from the same arguments.
+    :class:`PoissonBatchSampler`, from the same arguments. ``physical`` (the queue of an engine
+    whose ``max_physical`` is set) makes the loader yield each logical batch as its physical chunks.
     """
     for forbidden in ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"):
         if forbidden in loader_kwargs:
@@ -180,6 +254,8 @@ def poisson_loader(dataset: Dataset, sample_rate: float, generator: torch.Genera
     steps = steps_per_epoch(sample_rate)  # the same formula the privacy plan uses for epochs
     make = sampler_factory or PoissonBatchSampler
     sampler = make(len(dataset), sample_rate, generator, steps, num_groups, on_batch, on_epoch)
+    if physical is not None:
+        sampler = PhysicalBatchSampler(sampler, physical)
     collate = loader_kwargs.pop("collate_fn", default_collate)
     on_yield = loader_kwargs.pop("on_yield", None)
     if on_yield is not None:
@@ -213,12 +289,13 @@ def _tensors(batch) -> list[torch.Tensor]:
 def make_loader(dataset, sample_rate: float | None, batch_size: int | None, generator: torch.Generator,
                 sampled: SampledBatches, plan: GroupingPlan, *, dp: bool, micro_batch_size: int,
                 keeps_order: bool, sampler_factory: Callable | None = None,
-                **loader_kwargs) -> tuple[DataLoader, float]:
+                max_physical_batch_size: int | None = None, **loader_kwargs) -> tuple[DataLoader, float]:
     """``engine.data_loader``: check the arguments, fix ``q`` and the grouping plan, build the loader.
 
     Returns the loader and the sample rate ``q`` it samples with (``batch_size / N`` when the
     engine had none).
     """
+    max_physical_batch_size = check_physical_batch_size(max_physical_batch_size, sampler_factory is not None)
     n = len(dataset)
     if n == 0:
         raise ConfigurationError("engine.data_loader(dataset): the dataset is empty.")
@@ -244,6 +321,33 @@ def make_loader(dataset, sample_rate: float | None, batch_size: int | None, gene
     plan.use_loader(q * n)
     if dp and micro_batch_size > 1:
         loader_kwargs["on_yield"] = sampled.on_yield
+    b = micro_batch_size
+    if max_physical_batch_size is not None and plan.loader_groups is None and max_physical_batch_size % b:
+        raise ConfigurationError(
+            f"max_physical_batch_size={max_physical_batch_size} is not a multiple of micro_batch_size={b} "
+            f'(grouping="contiguous"): a chunk would cut a micro-batch in two. Use a multiple of {b}, or '
+            'grouping="keyed".'
+        )
+    sampled.max_physical = max_physical_batch_size
     loader = poisson_loader(dataset, q, generator, num_groups=plan.loader_groups, on_batch=sampled.on_batch,
-                            on_epoch=sampled.on_epoch, sampler_factory=sampler_factory, **loader_kwargs)
+                            on_epoch=sampled.on_epoch, sampler_factory=sampler_factory,
+                            physical=sampled if max_physical_batch_size is not None else None, **loader_kwargs)
     return loader, float(q)
+
+
+def check_physical_batch_size(max_physical_batch_size, several_processes: bool) -> int | None:
+    """``max_physical_batch_size`` as an int, or None; refuses a non-int, a value < 1, several processes."""
+    if max_physical_batch_size is None:
+        return None
+    if isinstance(max_physical_batch_size, bool) or not isinstance(max_physical_batch_size, numbers.Integral) \
+            or max_physical_batch_size < 1:
+        raise ConfigurationError(
+            f"max_physical_batch_size must be an int >= 1 (the most examples one forward and backward pass "
+            f"holds), or None for one pass per sampled batch. Found {max_physical_batch_size!r}."
+        )
+    if several_processes:
+        raise ConfigurationError(
+            "max_physical_batch_size is not supported with several processes yet (each rank's chunks would "
+            "finish at different times). Leave it out, or lower each rank's share with more processes."
+        )
+    return int(max_physical_batch_size)

@@ -14,6 +14,7 @@ Algorithm 1) and 1 otherwise.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,24 +36,100 @@ class StepAccumulator:
         groups_seen: the divisor of ``sums`` (the public ``M`` per pass in DP mode).
         min_norm: the smallest non-empty micro-batch norm (adaptive clipping's bound).
         passes: backward passes since the last step.
-        contexts: ids of the forward passes those backward passes came from.
+        contexts: ids of the forward passes those backward passes came from, each with its number of passes.
         unsampled: some pass's batch was not drawn by ``engine.data_loader``.
         last_batch_size: the batch size of the latest forward pass (0: an empty Poisson batch).
+        batch_sums, batch_groups: the clipped mean of the current logical batch's chunks so far, and its divisor.
+        batch_chunks: chunks of the current logical batch the model consumed.
+        logical_batches: logical batches ``engine.data_loader`` drew that began since the last step.
+        open_batch: chunks of the current logical batch are still to come (the step waits for them).
     """
 
     sums: dict = field(default_factory=dict)
     groups_seen: float = 0.0
     min_norm: float = math.inf
     passes: int = 0
-    contexts: set = field(default_factory=set)
+    contexts: Counter = field(default_factory=Counter)
     unsampled: bool = False
     last_batch_size: int | None = None
+    batch_sums: dict = field(default_factory=dict)
+    batch_groups: float = 0.0
+    batch_chunks: int = 0
+    logical_batches: int = 0
+    open_batch: bool = False
 
-    def add(self, result: PassResult) -> None:
-        """Merge one backward pass's clipped means (weighted by their group counts)."""
-        self.sums, self.groups_seen = merge_means(self.sums, self.groups_seen, result.sums, result.num_groups)
+    def new_forward(self, batch_size: int, chunk) -> None:
+        """A forward pass of ``batch_size`` examples consumed ``chunk`` (a ``sampling.Chunk``) of a logical batch
+        drawn by ``engine.data_loader``, or None (not from the loader)."""
+        self.last_batch_size = batch_size
+        if chunk is None:
+            return
+        if chunk.first:
+            self.close_batch()
+            self.logical_batches += 1
+            self.batch_chunks = 0
+        self.batch_chunks += 1
+        self.open_batch = not chunk.last
+
+    def note_contexts(self, records: list) -> bool:
+        """Count the forward passes one backward pass's records came from; True if the loader drew them all."""
+        drawn = all(r.ctx.drawn_by_engine for r in records)
+        self.unsampled |= not drawn
+        self.contexts.update({r.ctx.id for r in records})
+        return drawn
+
+    def add(self, result: PassResult, *, chunk: bool = False, fixed_divisor: bool = False) -> None:
+        """Merge one backward pass's clipped means.
+
+        Passes of different batches are averaged, weighted by their group counts (noise-free
+        accumulation). A ``chunk`` of the current logical batch joins that batch's mean: with a
+        ``fixed_divisor`` (every chunk divided by the same ``M``: the public one in DP mode, or keyed
+        groups) the chunks' means ADD, since together they are one batch's sum over ``M``; otherwise
+        (one group per example or slice, ``M`` the chunk's own count) they average like passes.
+        """
+        if chunk and fixed_divisor and self.batch_groups:
+            for pid, (p, value) in result.sums.items():
+                if pid in self.batch_sums:
+                    self.batch_sums[pid][1].add_(value)
+                else:
+                    self.batch_sums[pid] = (p, value.clone())
+        elif chunk:
+            self.batch_sums, self.batch_groups = merge_means(self.batch_sums, self.batch_groups, result.sums,
+                                                             result.num_groups)
+        else:
+            self.sums, self.groups_seen = merge_means(self.sums, self.groups_seen, result.sums, result.num_groups)
         self.min_norm = min(self.min_norm, result.min_norm)
         self.passes += 1
+
+    def finish_batch(self) -> bool:
+        """At a step: False while chunks of the current logical batch are still to come (no update yet);
+        else merge the finished logical batch into the step's mean and return True."""
+        if self.open_batch:
+            return False
+        self.close_batch()
+        return True
+
+    def close_batch(self) -> None:
+        """Merge the finished logical batch into the step's mean (a step, or the next logical batch, calls it)."""
+        if self.batch_groups:
+            self.sums, self.groups_seen = merge_means(self.sums, self.groups_seen, self.batch_sums,
+                                                      self.batch_groups)
+            self.batch_sums, self.batch_groups = {}, 0.0
+
+    def chunk_facts(self) -> dict:
+        """What the DP guard needs to know of a step's chunks (``privacy.check_dp_step``'s keywords)."""
+        return {"chunks": self.batch_chunks, "logical_batches": self.logical_batches,
+                "most_passes_per_forward": max(self.contexts.values(), default=0), "foreign": self.unsampled}
+
+
+def hold_update(managed: list[nn.Parameter]) -> None:
+    """A step on a chunk whose logical batch is not finished: no gradient, so the optimizer changes nothing.
+
+    ``p.grad = None`` on every managed parameter: torch optimizers (SGD with momentum, Adam,
+    AdamW, ...) skip such parameters entirely, so no parameter, moment or step count changes.
+    """
+    for p in managed:
+        p.grad = None
 
 
 #: ``(managed, accumulator, dp, global_groups) -> None``: combines every process's accumulator in place

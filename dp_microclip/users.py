@@ -238,6 +238,12 @@ class UserSampling:
                 "privacy_unit='user' with several processes is not supported yet (each user's examples would have "
                 "to stay on one rank). Train user-level DP in one process."
             )
+        if loader_kwargs.pop("max_physical_batch_size", None) is not None:
+            raise ConfigurationError(
+                "engine.data_loader(..., max_physical_batch_size=...) with privacy_unit='user' is not supported yet "
+                "(a user's micro-batch would have to be kept whole across chunks). Drop max_physical_batch_size and "
+                "choose sample_rate so that q U users of at most k examples fit one pass."
+            )
         if batch_size is not None:
             raise ConfigurationError(
                 "engine.data_loader(..., batch_size=...) with privacy_unit='user': the expected number of users "
