@@ -114,7 +114,7 @@ def max_relative_difference(a, b):
 
 
 DP_SETTINGS = dict(micro_batch_size=1, max_grad_norm=0.5, seed=7, grad_mode="bookkeeping",
-                   privacy=dp_microclip.DP(noise_multiplier=1.0, sample_rate=0.25, delta=1e-3))
+                   privacy=dp_microclip.DP(noise_multiplier=1.0, sample_rate=0.25, delta=1e-3, accountant="rdp"))
 NOISE_FREE = dict(micro_batch_size=2, max_grad_norm=0.5, seed=7, grad_mode="bookkeeping")
 
 
