@@ -67,7 +67,8 @@ def auto_per_example_loss(model: torch.nn.Module, label_smoothing: float = 0.0) 
     * causal LMs (``GPT2LMHeadModel``, ``LlamaForCausalLM``, ...): next-token cross-entropy, each
       example's mean over its own counted tokens (:func:`~dp_microclip.losses.causal_lm_per_example_loss`);
     * sequence classification: cross-entropy / squared error / binary cross-entropy by
-      ``config.problem_type``, as HF computes it (:func:`~dp_microclip.losses.sequence_classification_per_example_loss`);
+      ``config.problem_type``, as HF computes it
+      (:func:`~dp_microclip.losses.sequence_classification_per_example_loss`);
     * token classification, masked LM and sequence-to-sequence LM: cross-entropy over each example's
       own non-ignored positions, no shift (:func:`~dp_microclip.losses.per_example_mean_loss`).
 
@@ -185,8 +186,10 @@ class DPTrainer(Trainer):
                  collate_keeps_order: bool | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if not isinstance(attach_kwargs, Mapping) or {"model", "optimizer"} & set(attach_kwargs):
-            raise ConfigurationError("attach_kwargs takes the keywords of dp_microclip.attach other than the model and "
-                                     "optimizer (DPTrainer passes those), e.g. dict(micro_batch_size=1, max_grad_norm=1.0).")
+            raise ConfigurationError(
+                "attach_kwargs takes the keywords of dp_microclip.attach other than the model and optimizer "
+                "(DPTrainer passes those), e.g. dict(micro_batch_size=1, max_grad_norm=1.0)."
+            )
         if self.model_init is not None:
             raise ConfigurationError("DPTrainer(model_init=...) would build a new model the engine is not attached to; "
                                      "pass model= instead.")
@@ -195,8 +198,8 @@ class DPTrainer(Trainer):
                 "compute_loss_func returns one number for the batch, and DPTrainer needs one loss per example. Pass "
                 "per_example_loss=fn with fn(outputs, labels) -> (B,) instead of compute_loss_func."
             )
-        self.attach_kwargs = dict(attach_kwargs)
-        self.collate_keeps_order = collate_keeps_order
+        self.attach_kwargs: dict[str, Any] = dict(attach_kwargs)
+        self.collate_keeps_order: bool | None = collate_keeps_order
         self.per_example_loss: PerExampleLoss | None
         if isinstance(per_example_loss, str):
             if per_example_loss != "auto":
@@ -213,7 +216,7 @@ class DPTrainer(Trainer):
             logger.info("DPTrainer: TrainingArguments.max_grad_norm=%s turned off; the engine clips (attach_kwargs' "
                         "max_grad_norm).", self.args.max_grad_norm)
             self.args.max_grad_norm = 0.0
-        self.privacy_callback = PrivacyCallback()
+        self.privacy_callback: PrivacyCallback = PrivacyCallback()
         self.callback_handler.callbacks.insert(0, self.privacy_callback)
         self._check_setup()
 
@@ -254,6 +257,7 @@ class DPTrainer(Trainer):
         optimizer = super().create_optimizer(model)
         inner = getattr(self.optimizer, "optimizer", self.optimizer)  # under accelerate's AcceleratedOptimizer
         if self.engine is None:
+            assert self.model is not None and inner is not None  # model_init is refused; the optimizer exists now
             self.engine = dp_microclip.attach(self.model, inner, **self.attach_kwargs)
             self.privacy_callback.engine = self.engine
         elif self.engine.optimizer is not inner:
@@ -285,10 +289,10 @@ class DPTrainer(Trainer):
                 self.data_collator, "__module__", "").startswith("transformers.")
         loader_kwargs: dict[str, Any] = {"num_workers": self.args.dataloader_num_workers,
                                          "pin_memory": self.args.dataloader_pin_memory}
-        if self.args.dataloader_num_workers > 0:
+        workers = self.args.dataloader_num_workers
+        if workers > 0:
             loader_kwargs.update(persistent_workers=self.args.dataloader_persistent_workers,
-                                 worker_init_fn=functools.partial(seed_worker, num_workers=self.args.dataloader_num_workers,
-                                                                  rank=0))
+                                 worker_init_fn=functools.partial(seed_worker, num_workers=workers, rank=0))
         # PHYSICAL BATCHES (issue 25, part 1, built on another branch): once engine.data_loader takes
         # max_physical_batch_size=K, pass K = per_device_train_batch_size here in DP mode (the loader then
         # yields each logical batch as a list of chunks of at most K), and see training_step.
