@@ -142,14 +142,16 @@ class PrivacyCallback(TrainerCallback):
 class DPTrainer(Trainer):
     """A ``transformers.Trainer`` that trains through a dp_microclip engine, noise-free or DP.
 
-    Example::
+    Usage (the whole guide: docs/trainer.md):
 
-        trainer = DPTrainer(model=model, args=TrainingArguments(..., per_device_train_batch_size=64),
-                            train_dataset=train_set, data_collator=collator,
-                            attach_kwargs=dict(micro_batch_size=1, max_grad_norm=1.0,
-                                               privacy=dp_microclip.DP(noise_multiplier=1.0, sample_rate=q,
-                                                                       delta=1e-5)))
-        trainer.train()   # logs epsilon; prints the privacy statement at the end
+    ```python
+    trainer = DPTrainer(model=model, args=TrainingArguments(...), train_dataset=train_set,
+                        data_collator=collator,
+                        attach_kwargs=dict(micro_batch_size=1, max_grad_norm=1.0,
+                                           privacy=dp_microclip.DP(noise_multiplier=1.0, sample_rate=q,
+                                                                   delta=1e-5)))
+    trainer.train()   # epsilon in every log; the privacy statement at the end
+    ```
 
     What differs from a plain ``Trainer`` run:
 
