@@ -141,6 +141,34 @@ def test_bert_classification_trainer_equals_the_plain_loop(tmp_path, settings):
     assert max_relative_difference(model, twin) < 1e-10
 
 
+def test_noise_free_gradient_accumulation_equals_the_plain_loop(tmp_path):
+    """Two Poisson batches per step: each pass backpropagates its plain mean loss, across an epoch boundary."""
+    model = gpt2()
+    twin = copy.deepcopy(model)
+    trainer = DPTrainer(model=model, args=training_args(tmp_path, gradient_accumulation_steps=2),
+                        train_dataset=text_rows(False), attach_kwargs=NOISE_FREE)
+    trainer.privacy_callback.verbose = False
+    trainer.train()
+    optimizer = torch.optim.SGD(twin.parameters(), lr=LR)
+    engine = dp_microclip.attach(twin, optimizer, **NOISE_FREE)
+    loader = engine.data_loader(text_rows(False), 8, collate_fn=default_data_collator, collate_keeps_order=True)
+    passes = 0
+    while passes < 2 * STEPS:
+        for batch in loader:                         # one epoch: 4 batches, 2 steps
+            labels = batch.pop("labels")
+            causal_lm_per_example_loss(twin(**batch).logits, labels).mean().backward()
+            passes += 1
+            if passes % 2 == 0:
+                optimizer.step()
+                optimizer.zero_grad()
+            if passes == 2 * STEPS:
+                break
+    assert engine.steps_taken == trainer.engine.steps_taken == STEPS
+    assert max_relative_difference(model, twin) < 1e-10
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == STEPS and all(3 < loss < 6 for loss in logged)   # a mean loss (ln 100 = 4.6), not a sum
+
+
 def test_epsilon_is_in_the_trainer_logs_and_equals_the_engine(tmp_path):
     trainer = run_trainer(gpt2(), text_rows(False), tmp_path, DP_SETTINGS)
     assert trainer.engine is not None
