@@ -121,6 +121,15 @@ class SampledBatches:
         self.epoch_position = start
         return start
 
+    def next_is_empty(self) -> int:
+        """0 when the next drawn batch is empty (``engine.take_empty_batch`` then takes it); raises otherwise."""
+        if not self.pending or self.pending[0][0] != 0:
+            raise BatchError(
+                "engine.take_empty_batch(): the next batch of engine.data_loader is not an empty one (or none was "
+                "drawn). Call it only for a batch of zero examples from engine.data_loader, instead of its forward."
+            )
+        return 0
+
     def take(self, batch_size: int) -> tuple[bool, torch.Tensor | None]:
         """(whether the sampler drew this batch, its records' groups or None); checks the size."""
         if not self.pending:

@@ -227,3 +227,18 @@ def test_import_dp_microclip_does_not_import_transformers():
     code = ("import sys, dp_microclip, dp_microclip.integrations; "
             "assert 'transformers' not in sys.modules, 'transformers imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_empty_poisson_batches_make_noise_only_steps(tmp_path):
+    """q N = 0.03: the batches are empty; HF models cannot run on zero rows, so DPTrainer skips the forward."""
+    settings = {**DP_SETTINGS, "privacy": dp_microclip.DP(noise_multiplier=1.0, sample_rate=0.001, delta=1e-3,
+                                                          accountant="rdp")}
+    model = gpt2()
+    start = copy.deepcopy(model)
+    trainer = DPTrainer(model=model, args=training_args(tmp_path, max_steps=2), train_dataset=text_rows(False),
+                        attach_kwargs=settings)
+    trainer.privacy_callback.verbose = False
+    trainer.train()
+    assert trainer.engine is not None and trainer.engine.steps_taken == 2
+    assert max_relative_difference(model, start) > 1e-3            # the noise moved every tensor
+    assert 0 < trainer.engine.epsilon() < float("inf")

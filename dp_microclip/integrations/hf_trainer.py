@@ -94,6 +94,14 @@ def auto_per_example_loss(model: torch.nn.Module, label_smoothing: float = 0.0) 
     )
 
 
+def _batch_size(inputs) -> int | None:
+    """Rows of a collated batch (its first tensor's first dimension), or None without a tensor."""
+    for value in inputs.values() if isinstance(inputs, Mapping) else ():
+        if torch.is_tensor(value) and value.dim() > 0:
+            return int(value.shape[0])
+    return None
+
+
 class PrivacyCallback(TrainerCallback):
     """Epsilon in the Trainer's logs at every logging step, and the privacy statement when training ends.
 
@@ -315,6 +323,11 @@ class DPTrainer(Trainer):
         # run super().training_step on each chunk here, each with the chunk's mean loss; the engine sums the
         # clipped contributions and draws the noise once at the optimizer step. Until then a logical batch is
         # one forward and one backward pass, and DP mode refuses gradient_accumulation_steps > 1.
+        if self.engine is not None and _batch_size(inputs) == 0:
+            # An empty Poisson batch (HF models cannot run on zero rows): no forward, no backward; the
+            # optimizer step that follows adds the noise alone in DP mode, and does nothing noise-free.
+            self.engine.take_empty_batch()
+            return torch.zeros((), device=self.args.device)
         loss = super().training_step(model, inputs, num_items_in_batch)
         return loss / self.current_gradient_accumulation_steps
 
