@@ -248,6 +248,10 @@ class Engine:
             dp_rules.warn_large_delta(self._privacy.settings.delta, size)
         return loader
 
+    def take_empty_batch(self) -> None:
+        """Take an empty batch of ``engine.data_loader`` without a forward (HF models cannot run on 0 rows)."""
+        self._make_groups(self._sampled.next_is_empty(), torch.device("cpu"))  # then optimizer.step(): noise only
+
     def epsilon(self, delta: float | None = None, accountant: str | None = None) -> float:
         """Epsilon of everything trained so far at ``delta`` (default: attach's delta).
 
@@ -307,20 +311,18 @@ class Engine:
 
     def summary(self) -> str:
         """One line per hooked unit: module path, type, path taken, parameters."""
-        return summarize(
-            self._units, f"dp_microclip engine: micro_batch_size={self.micro_batch_size}, clipping={self.clipping!r}, "
-            f"grouping={self.grouping!r}, grad_mode={self._settings.clip.grad_mode!r}, "
-            f"noise={'on' if self.noise else 'off'}")
+        return summarize(self._units, f"dp_microclip engine: micro_batch_size={self.micro_batch_size}, clipping="
+                         f"{self.clipping!r}, grouping={self.grouping!r}, grad_mode={self._settings.clip.grad_mode!r}, "
+                         f"noise={'on' if self.noise else 'off'}")
 
     def state_dict(self, include_rng_state: bool = False) -> dict:
         """What a resumed run needs: the step count, the noise setting, the privacy ledger, the loader's position.
 
         Args:
-            include_rng_state: also save the states of the noise, grouping and sampling
-                generators, so that a resumed run is bitwise the same as an uninterrupted
-                one. Those states predict every future noise draw: a checkpoint that holds
-                them must stay as secret as the training data. Without them (default) a
-                resumed run draws fresh randomness, which is just as private.
+            include_rng_state: also save the states of the noise, grouping and sampling generators, so that a
+                resumed run is bitwise the same as an uninterrupted one. Those states predict every future noise
+                draw: a checkpoint that holds them must stay as secret as the training data. Without them
+                (default) a resumed run draws fresh randomness, which is just as private.
         """
         state = {
             "steps_taken": self._steps_taken, "noise_on": self._noise_on, "noise_multiplier": self.noise_multiplier,
@@ -339,8 +341,7 @@ class Engine:
     def load_state_dict(self, state: Mapping) -> None:
         """Resume from :meth:`state_dict`: the ledger (epsilon continues), the noise setting, the loader's position.
 
-        Call it before iterating a new ``engine.data_loader(...)``: its first epoch then
-        continues where the saved run stopped.
+        Call it before iterating a new ``engine.data_loader(...)``: its first epoch continues where the run stopped.
         """
         if (state["privacy"] is None) != (self._privacy is None):
             raise ConfigurationError("This state_dict comes from an engine with a different DP mode.")

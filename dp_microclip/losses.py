@@ -40,7 +40,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["per_example_mean_loss", "causal_lm_per_example_loss", "per_example_mean"]
+__all__ = [
+    "per_example_mean_loss", "causal_lm_per_example_loss", "per_example_mean",
+    "sequence_classification_per_example_loss",
+]
 
 
 def per_example_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -119,4 +122,55 @@ def causal_lm_per_example_loss(
                          f"{tuple(labels.shape)}.")
     return per_example_mean_loss(
         logits[:, :-1], labels[:, 1:], ignore_index=ignore_index, label_smoothing=label_smoothing
+    )
+
+
+def sequence_classification_per_example_loss(
+    logits: torch.Tensor, labels: torch.Tensor, *, problem_type: str | None = None, label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Per-example loss of a sequence classifier, as HF's ``*ForSequenceClassification`` computes it: ``(B,)``.
+
+    The problem type follows HF's rule when ``problem_type`` is None (``config.problem_type``):
+    one output is regression (squared error), integer labels are single-label classification
+    (cross-entropy), float labels over several outputs are multi-label (binary cross-entropy
+    with logits, averaged over the labels). ``.mean()`` equals HF's ``outputs.loss`` (whose
+    classification losses are already per-example means), except that an example labelled
+    ``ignore_index`` has loss 0 here and still counts in the batch size.
+
+    Args:
+        logits: ``(B, num_labels)`` (``outputs.logits``).
+        labels: ``(B,)`` class indices, ``(B,)`` / ``(B, 1)`` targets for regression, or ``(B, num_labels)``
+            floats for multi-label.
+        problem_type: ``"regression"``, ``"single_label_classification"``, ``"multi_label_classification"``
+            or None (inferred as above).
+        label_smoothing: single-label classification only, as in ``F.cross_entropy``.
+        ignore_index: the label of an example that does not count (single-label classification).
+
+    Returns:
+        ``(B,)`` per-example losses; backprop ``.mean()``.
+    """
+    num_labels = logits.shape[-1]
+    if problem_type is None:
+        if num_labels == 1:
+            problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem_type = "single_label_classification"
+        else:
+            problem_type = "multi_label_classification"
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    if problem_type == "regression":
+        return (logits.reshape(len(logits), -1) - labels.reshape(len(labels), -1).to(logits.dtype)).pow(2).mean(1)
+    if problem_type == "single_label_classification":
+        flat = labels.reshape(-1)
+        valid = flat != ignore_index
+        losses = F.cross_entropy(logits.reshape(-1, num_labels), flat.masked_fill(~valid, 0), reduction="none",
+                                 label_smoothing=label_smoothing)
+        return losses * valid.to(losses.dtype)
+    if problem_type == "multi_label_classification":
+        losses = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
+        return losses.reshape(len(losses), -1).mean(1)
+    raise ValueError(
+        f"problem_type={problem_type!r} is not one of 'regression', 'single_label_classification', "
+        "'multi_label_classification' (or None to infer it as HF does)."
     )

@@ -184,6 +184,15 @@ class SampledBatches:
         self.epoch_position = start
         return start
 
+    def next_is_empty(self) -> int:
+        """0 when the next drawn batch is empty (``engine.take_empty_batch`` then takes it); raises otherwise."""
+        if not self.pending or self.pending[0].size != 0:
+            raise BatchError(
+                "engine.take_empty_batch(): the next batch of engine.data_loader is not an empty one (or none was "
+                "drawn). Call it only for a batch of zero examples from engine.data_loader, instead of its forward."
+            )
+        return 0
+
     def take(self, batch_size: int, inputs=None, batch_dim: int = 0) -> tuple[bool, torch.Tensor | None]:
         """(whether the sampler drew this batch, its records' groups or None); checks the size and, where the
         loader fingerprinted its rows, that ``inputs`` (the model's arguments) hold them in the same order."""

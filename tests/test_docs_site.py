@@ -20,6 +20,7 @@ API_PAGES = {
     "engine": "dp_microclip.engine",
     "audit": "dp_microclip.tools.audit",
     "losses": "dp_microclip.losses",
+    "hf_trainer": "dp_microclip.integrations.hf_trainer",
     "accounting": "accounting",
 }
 

@@ -1,0 +1,244 @@
+"""DPTrainer: an unchanged ``transformers.Trainer`` run equals the same steps written as a plain loop with the engine.
+
+Tiny GPT-2 and BERT models built from configs (no download), in float64, dropout off; both runs get the
+same initial weights and the same engine seed, so the engine's Poisson loader draws the same batches
+(and, in DP mode, the same noise). The Trainer uses ``optim="sgd"`` at a constant learning rate, the
+loop ``torch.optim.SGD`` at the same rate.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import (  # noqa: E402
+    BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, TrainingArguments, default_data_collator,
+)
+
+import dp_microclip  # noqa: E402
+from dp_microclip.errors import ConfigurationError, PrivacyError  # noqa: E402
+from dp_microclip.integrations.hf_trainer import DPTrainer  # noqa: E402
+from dp_microclip.losses import causal_lm_per_example_loss, sequence_classification_per_example_loss  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore")  # seeded DP engines warn (on purpose here), HF deprecations
+
+N, T, VOCAB, LR, STEPS = 32, 10, 100, 0.1, 3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny float64 models: one thread is about 10x faster than several on a shared, loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Records(torch.utils.data.Dataset):
+    """A list of dicts of tensors, one per record."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def text_rows(with_class_labels: bool):
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(N):
+        length = int(torch.randint(3, T + 1, (1,), generator=g))
+        mask = (torch.arange(T) < length).long()                            # right padding
+        ids = torch.randint(1, VOCAB, (T,), generator=g).masked_fill(mask == 0, 0)
+        labels = torch.randint(0, 3, (), generator=g) if with_class_labels else ids.masked_fill(mask == 0, -100)
+        rows.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return Records(rows)
+
+
+def gpt2():
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config).double()
+
+
+def bert():
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=37, max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(config).double()
+
+
+def training_args(tmp_path, **overrides):
+    kwargs = dict(output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=8, learning_rate=LR,
+                  optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, logging_steps=1, report_to="none",
+                  save_strategy="no", use_cpu=True, disable_tqdm=True, dataloader_pin_memory=False)
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def run_trainer(model, dataset, tmp_path, attach_kwargs, **trainer_kwargs):
+    trainer = DPTrainer(model=model, args=training_args(tmp_path), train_dataset=dataset,
+                        attach_kwargs=attach_kwargs, **trainer_kwargs)
+    trainer.privacy_callback.verbose = False
+    trainer.train()
+    return trainer
+
+
+def run_loop(model, dataset, attach_kwargs, loss_fn):
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    engine = dp_microclip.attach(model, optimizer, **attach_kwargs)
+    loader = engine.data_loader(dataset, None if engine.sample_rate else 8, collate_fn=default_data_collator,
+                                collate_keeps_order=True)
+    for _, batch in zip(range(STEPS), loader):
+        optimizer.zero_grad()
+        labels = batch.pop("labels")
+        loss_fn(model(**batch).logits, labels).mean().backward()
+        optimizer.step()
+    return engine
+
+
+def max_relative_difference(a, b):
+    return max(((p - q).norm() / q.norm()).item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+DP_SETTINGS = dict(micro_batch_size=1, max_grad_norm=0.5, seed=7, grad_mode="bookkeeping",
+                   privacy=dp_microclip.DP(noise_multiplier=1.0, sample_rate=0.25, delta=1e-3, accountant="rdp"))
+NOISE_FREE = dict(micro_batch_size=2, max_grad_norm=0.5, seed=7, grad_mode="bookkeeping")
+
+
+@pytest.mark.parametrize("settings", [NOISE_FREE, DP_SETTINGS], ids=["noise-free b=2", "DP b=1"])
+def test_gpt2_trainer_equals_the_plain_loop(tmp_path, settings):
+    model = gpt2()
+    twin = copy.deepcopy(model)
+    start = copy.deepcopy(model)
+    trainer = run_trainer(model, text_rows(False), tmp_path, settings)
+    engine = run_loop(twin, text_rows(False), settings, causal_lm_per_example_loss)
+    assert trainer.engine is not None and trainer.engine.steps_taken == engine.steps_taken == STEPS
+    assert max_relative_difference(model, start) > 1e-3          # it trained
+    assert max_relative_difference(model, twin) < 1e-10
+    assert trainer.args.max_grad_norm == 0.0                      # the Trainer's clipping is off
+    assert not any("grad_norm" in entry for entry in trainer.state.log_history)
+
+
+@pytest.mark.parametrize("settings", [NOISE_FREE, DP_SETTINGS], ids=["noise-free b=2", "DP b=1"])
+def test_bert_classification_trainer_equals_the_plain_loop(tmp_path, settings):
+    model = bert()
+    twin = copy.deepcopy(model)
+    run_trainer(model, text_rows(True), tmp_path, settings)
+    run_loop(twin, text_rows(True), settings, sequence_classification_per_example_loss)
+    assert max_relative_difference(model, twin) < 1e-10
+
+
+def test_noise_free_gradient_accumulation_equals_the_plain_loop(tmp_path):
+    """Two Poisson batches per step: each pass backpropagates its plain mean loss, across an epoch boundary."""
+    model = gpt2()
+    twin = copy.deepcopy(model)
+    trainer = DPTrainer(model=model, args=training_args(tmp_path, gradient_accumulation_steps=2),
+                        train_dataset=text_rows(False), attach_kwargs=NOISE_FREE)
+    trainer.privacy_callback.verbose = False
+    trainer.train()
+    optimizer = torch.optim.SGD(twin.parameters(), lr=LR)
+    engine = dp_microclip.attach(twin, optimizer, **NOISE_FREE)
+    loader = engine.data_loader(text_rows(False), 8, collate_fn=default_data_collator, collate_keeps_order=True)
+    passes = 0
+    while passes < 2 * STEPS:
+        for batch in loader:                         # one epoch: 4 batches, 2 steps
+            labels = batch.pop("labels")
+            causal_lm_per_example_loss(twin(**batch).logits, labels).mean().backward()
+            passes += 1
+            if passes % 2 == 0:
+                optimizer.step()
+                optimizer.zero_grad()
+            if passes == 2 * STEPS:
+                break
+    assert engine.steps_taken == trainer.engine.steps_taken == STEPS
+    assert max_relative_difference(model, twin) < 1e-10
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == STEPS and all(3 < loss < 6 for loss in logged)   # a mean loss (ln 100 = 4.6), not a sum
+
+
+def test_epsilon_is_in_the_trainer_logs_and_equals_the_engine(tmp_path):
+    trainer = run_trainer(gpt2(), text_rows(False), tmp_path, DP_SETTINGS)
+    assert trainer.engine is not None
+    logged = [entry["epsilon"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == STEPS and logged == sorted(logged) and logged[0] > 0
+    assert logged[-1] == pytest.approx(trainer.engine.epsilon(), rel=1e-12)
+    final = trainer.state.log_history[-1]
+    assert final["epsilon"] == trainer.engine.epsilon()
+    assert final["privacy_statement"] == trainer.privacy_callback.statement == trainer.engine.privacy_statement()
+
+
+def test_the_models_labels_loss_is_refused_in_dp_mode_with_the_fix(tmp_path):
+    with pytest.raises(PrivacyError, match="per_example_loss='auto'"):
+        run_trainer(gpt2(), text_rows(False), tmp_path, DP_SETTINGS, per_example_loss=None)
+
+
+def test_noise_free_may_train_on_the_models_loss(tmp_path):
+    trainer = run_trainer(gpt2(), text_rows(False), tmp_path, NOISE_FREE, per_example_loss=None)
+    assert trainer.engine is not None and trainer.engine.steps_taken == STEPS
+
+
+def test_gradient_accumulation_is_refused_in_dp_mode(tmp_path):
+    trainer = DPTrainer(model=gpt2(), args=training_args(tmp_path, gradient_accumulation_steps=2),
+                        train_dataset=text_rows(False), attach_kwargs=DP_SETTINGS)
+    with pytest.raises(PrivacyError, match="gradient_accumulation_steps=1"):
+        trainer.train()
+
+
+def test_compute_loss_func_and_unknown_models_are_refused_with_the_fix(tmp_path):
+    with pytest.raises(ConfigurationError, match="per_example_loss=fn"):
+        DPTrainer(model=gpt2(), args=training_args(tmp_path), train_dataset=text_rows(False),
+                  attach_kwargs=DP_SETTINGS, compute_loss_func=lambda outputs, labels, num_items_in_batch=None: 0)
+    with pytest.raises(ConfigurationError, match="per_example_loss=fn"):
+        DPTrainer(model=gpt2().transformer, args=training_args(tmp_path), train_dataset=text_rows(False),
+                  attach_kwargs=DP_SETTINGS)
+
+
+@pytest.mark.parametrize("problem_type", ["single_label_classification", "multi_label_classification", "regression"])
+def test_classification_losses_average_to_hfs_loss(problem_type):
+    torch.manual_seed(0)
+    num_labels = 1 if problem_type == "regression" else 3
+    config = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=16, num_labels=num_labels, problem_type=problem_type)
+    model = BertForSequenceClassification(config).eval()
+    ids = torch.randint(0, VOCAB, (5, 7))
+    labels = {"single_label_classification": torch.randint(0, 3, (5,)),
+              "multi_label_classification": torch.randint(0, 2, (5, 3)).float(),
+              "regression": torch.randn(5)}[problem_type]
+    out = model(input_ids=ids, labels=labels)
+    mine = sequence_classification_per_example_loss(out.logits, labels, problem_type=problem_type)
+    assert mine.shape == (5,)
+    assert mine.mean().item() == pytest.approx(out.loss.item(), rel=1e-6)
+
+
+def test_import_dp_microclip_does_not_import_transformers():
+    code = ("import sys, dp_microclip, dp_microclip.integrations; "
+            "assert 'transformers' not in sys.modules, 'transformers imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_empty_poisson_batches_make_noise_only_steps(tmp_path):
+    """q N = 0.03: the batches are empty; HF models cannot run on zero rows, so DPTrainer skips the forward."""
+    settings = {**DP_SETTINGS, "privacy": dp_microclip.DP(noise_multiplier=1.0, sample_rate=0.001, delta=1e-3,
+                                                          accountant="rdp")}
+    model = gpt2()
+    start = copy.deepcopy(model)
+    trainer = DPTrainer(model=model, args=training_args(tmp_path, max_steps=2), train_dataset=text_rows(False),
+                        attach_kwargs=settings)
+    trainer.privacy_callback.verbose = False
+    trainer.train()
+    assert trainer.engine is not None and trainer.engine.steps_taken == 2
+    assert max_relative_difference(model, start) > 1e-3            # the noise moved every tensor
+    assert 0 < trainer.engine.epsilon() < float("inf")
