@@ -115,18 +115,27 @@ def _weight_group_grads(layer, prod: torch.Tensor, groups: Groups, channels_firs
     return {"weight": groups.sum(per_example).to(layer.weight.dtype)}  # (M, d)
 
 
+def _eps(layer) -> float:
+    """The layer's epsilon, whichever name its release gives it (``variance_epsilon`` or ``eps``)."""
+    for name in ("variance_epsilon", "eps"):
+        value = getattr(layer, name, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    raise AttributeError(f"{type(layer).__name__} has neither variance_epsilon nor eps: its rule cannot apply.")
+
+
 def llama_rms_norm_group_grads(layer, inputs, out_grad, groups: Groups) -> dict:
     """LlamaRMSNorm family: ``h = (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype)``, ``y = w * h``."""
     x = inputs[0]
     h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + layer.variance_epsilon)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + _eps(layer))
     return _weight_group_grads(layer, out_grad * h.to(x.dtype), groups)  # (M, d)
 
 
 def olmo2_rms_norm_group_grads(layer, inputs, out_grad, groups: Groups) -> dict:
     """Olmo2RMSNorm family: ``h = x32 * rsqrt(mean(x32^2) + eps)``, ``y = (w * h).to(x.dtype)``."""
     h = inputs[0].to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + layer.variance_epsilon)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + _eps(layer))
     grad = out_grad.to(torch.promote_types(layer.weight.dtype, h.dtype))  # the cast's backward
     return _weight_group_grads(layer, grad * h, groups)
 
@@ -138,7 +147,7 @@ def t5_layer_norm_group_grads(layer, inputs, out_grad, groups: Groups) -> dict:
     """
     x = inputs[0]
     variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
-    h = x * torch.rsqrt(variance + layer.variance_epsilon)
+    h = x * torch.rsqrt(variance + _eps(layer))
     if layer.weight.dtype in (torch.float16, torch.bfloat16):
         h = h.to(layer.weight.dtype)
     return _weight_group_grads(layer, out_grad * h, groups)
@@ -147,7 +156,7 @@ def t5_layer_norm_group_grads(layer, inputs, out_grad, groups: Groups) -> dict:
 def gemma_rms_norm_group_grads(layer, inputs, out_grad, groups: Groups) -> dict:
     """GemmaRMSNorm family: ``y = (x32 * rsqrt(mean(x32^2) + eps) * (1 + w32)).type_as(x)``; ``dy/dw = h``."""
     h = inputs[0].float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + layer.eps)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + _eps(layer))
     return _weight_group_grads(layer, out_grad.float() * h, groups)  # type_as's backward casts G to float32
 
 
@@ -157,7 +166,7 @@ def gemma3n_rms_norm_group_grads(layer, inputs, out_grad, groups: Groups) -> dic
     The weight exists only with ``with_scale=True``; without it the layer has no parameter and no unit.
     """
     h = inputs[0].float()
-    h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + layer.eps, -0.5)
+    h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + _eps(layer), -0.5)
     return _weight_group_grads(layer, out_grad.float() * h, groups)
 
 
@@ -200,7 +209,7 @@ def timm_layer_norm_2d_group_grads(layer, inputs, out_grad, groups: Groups) -> d
 def timm_rms_norm_2d_group_grads(layer, inputs, out_grad, groups: Groups) -> dict:
     """timm RmsNorm2d: ``h = x * rsqrt(mean_c(x^2) + eps)`` over dim 1, ``dL/dw_c = sum_{h,w} G * h``."""
     x = inputs[0]
-    h = x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + layer.eps)  # (B, C, H, W)
+    h = x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + _eps(layer))  # (B, C, H, W)
     return _weight_group_grads(layer, out_grad * h, groups, channels_first=True)  # (M, C)
 
 
