@@ -313,11 +313,13 @@ def check_equals_naive_loop(data, types=None, whole_batch=False, grad_modes=GRAD
     )
     note(f"model: {model}")
     assert set(want) == {n for n, _ in model.named_parameters()}
+    # A tensor whose exact gradient is ~0 compares rounding noise with rounding noise, amplified by the clip
+    # factor (normalize: C / (norm + gamma) reaches 1e4): its floor is 1e-9 of the whole update's norm.
+    total = sum(float(w.norm()) ** 2 for w in want.values()) ** 0.5
     for n, w in want.items():
         g = torch.zeros_like(w) if got[n] is None else got[n]
         err = float((g - w).norm())
-        # relative 1e-6; the absolute 1e-13 only matters for a tensor whose exact gradient is 0
-        assert err <= 1e-6 * float(w.norm()) + 1e-13, (n, err, float(w.norm()))
+        assert err <= 1e-6 * float(w.norm()) + 1e-9 * total + 1e-13, (n, err, float(w.norm()), total)
 
 
 @settings(max_examples=60, deadline=None)
