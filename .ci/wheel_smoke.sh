@@ -22,6 +22,7 @@ PYTHON=$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
+rm -rf "$ROOT/build"  # setuptools' staging folder (ignored by git): a file left there by an older build would ship
 "$PYTHON" -m pip wheel -q --no-deps --no-build-isolation -w "$WORK/dist" "$ROOT"
 WHEEL=$(ls "$WORK"/dist/dp_microclip-*.whl)
 echo "built $(basename "$WHEEL")"

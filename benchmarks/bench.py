@@ -395,11 +395,11 @@ def parse_args(argv):
                         "isolated: gc.collect() before each pair and gradients freed outside the clock "
                         "(the earlier tables' method)")
     p.add_argument("--slow-ms", type=float, default=1500.0,
-                   help="methods slower than this per step are timed in --slow-rounds rounds only")
-    p.add_argument("--slow-rounds", type=int, default=3)
+                   help="methods slower than this per step are timed in --slow-rounds rounds only (default %(default)s)")
+    p.add_argument("--slow-rounds", type=int, default=3, help="rounds for the slow methods (default %(default)s)")
     p.add_argument("--out", default=None, help=f"output folder (default {os.path.relpath(DEFAULT_OUT)}; quick: <out>/quick)")
     p.add_argument("--machine", default=None, help="machine tag in file names (default from the device)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of models and data (default %(default)s)")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                    help="before each model, wait up to SECONDS until other processes use < 20%% of the CPUs")
     args = p.parse_args(argv)
