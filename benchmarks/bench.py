@@ -407,7 +407,12 @@ def parse_args(argv):
     unknown = [m for m in args.models if m not in MAIN_MODELS + EXTRA_MODELS]
     if unknown:
         p.error(f"unknown model(s) {unknown}; choose from {', '.join(MAIN_MODELS + EXTRA_MODELS)}")
-    args.b = [int(x) for x in args.b.split(",")] if args.b else None
+    try:
+        args.b = [int(x) for x in args.b.split(",")] if args.b else None
+    except ValueError:
+        p.error(f"--b takes comma-separated integers, e.g. 1,8. Found {args.b!r}.")
+    if args.b and min(args.b) < 1:
+        p.error(f"--b: every micro-batch size must be >= 1. Found {args.b}.")
     args.modes = [x.strip() for x in args.modes.split(",")] if args.modes else None
     if args.rounds is None:
         args.rounds = 2 if args.quick else (3 if args.scaling else 7)

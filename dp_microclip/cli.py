@@ -33,7 +33,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
-from accounting.cli import flags_of, wants_json
+from accounting.cli import FLAG_ALIASES, flags_of, in_flag_terms, json_error, wants_json
 
 PROG = "dp-microclip"
 
@@ -121,8 +121,6 @@ def usage() -> str:
 def _error(command: str | None, message: str, *, as_json: bool = False,
            flags: Mapping[str, str] | None = None, stderr=None) -> int:
     """One error line on stderr (in flag terms), and with ``--json`` the JSON object on stdout; returns 2."""
-    from accounting.cli import FLAG_ALIASES, in_flag_terms, json_error
-
     message = in_flag_terms(message, FLAG_ALIASES if flags is None else flags)
     prefix = f"{PROG} {command}" if command else PROG
     print(f"{prefix}: error: {message}", file=stderr or sys.stderr)

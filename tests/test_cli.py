@@ -83,6 +83,8 @@ def test_every_command_has_help_with_an_example(command, capsys):
         ["demo", "--epochs", "x"],
         ["sweep", "--epochs", "x"],
         ["bench", "--models", "no_such_model"],
+        ["bench", "--models", "mlp", "--b", "0"],
+        ["bench", "--models", "mlp", "--b", "x"],
     ],
     ids=lambda argv: " ".join(argv[:3]),
 )
