@@ -157,7 +157,8 @@ def gemma3n_rms_norm_group_grads(layer, inputs, out_grad, groups: Groups) -> dic
     The weight exists only with ``with_scale=True``; without it the layer has no parameter and no unit.
     """
     h = inputs[0].float()
-    h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + layer.eps, -0.5)
+    eps = layer.eps if hasattr(layer, "eps") else layer.variance_epsilon  # transformers 5.25 renamed it
+    h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + eps, -0.5)
     return _weight_group_grads(layer, out_grad.float() * h, groups)
 
 
