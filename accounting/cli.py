@@ -9,13 +9,16 @@ as in ``engine.data_loader``), rounded up so as not to understate
 epsilon). The CLI cannot see how batches are drawn, so the statement says the
 guarantee assumes Poisson sampling at that rate.
 
-``--json`` prints one JSON object instead (an infinite epsilon is the string
-``"inf"``, as in ``dp-microclip audit --json``). Bad input prints one line,
-``dp-microclip COMMAND: error: ...``, to standard error and exits with status
-2. When the dataset size N is given and delta is not below 1 / N, a warning
-goes to standard error (and into the JSON's ``warnings``): a mechanism that
-publishes one random example in full is (0, 1/N)-DP, so such a delta promises
-little.
+``--json`` prints one JSON object instead; numbers are JSON numbers, and an
+infinite epsilon (no noise: no guarantee) is ``null``, as in ``dp-microclip
+audit --json``. Bad input prints one line, ``dp-microclip COMMAND: error:
+...``, to standard error and exits with status 2; the message names the
+command-line flags (``--noise-multiplier``), not the library's parameter
+names. With ``--json`` the error is also printed to standard output as one
+JSON object, ``{"command": ..., "error": ..., "exit_code": 2}``. When the
+dataset size N is given and delta is not below 1 / N, a warning goes to
+standard error (and into the JSON's ``warnings``): a mechanism that publishes
+one random example in full is (0, 1/N)-DP, so such a delta promises little.
 
 Example:
     python -m accounting.cli epsilon --batch-size 256 --dataset-size 60000 \\
@@ -27,7 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
+from collections.abc import Callable, Iterable, Mapping
 
 from accounting.backends import ACCOUNTANTS
 from accounting.calibrate import noise_multiplier_for_epsilon
@@ -58,16 +63,20 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-rate", type=float, help="Poisson sampling rate q per step")
     parser.add_argument("--batch-size", type=int, help="expected batch size B (with --dataset-size: q = B / N)")
     parser.add_argument("--dataset-size", type=int, help="number of examples N (also checks that delta < 1 / N)")
-    parser.add_argument("--steps", type=int, help="number of steps")
-    parser.add_argument("--epochs", type=float, help="number of epochs (an epoch is round(1/q) steps, as "
-                                                     "engine.data_loader makes it)")
+    parser.add_argument("--steps", type=int, help="number of steps (or --epochs)")
+    parser.add_argument("--epochs", type=float,
+                        help="number of epochs, instead of --steps (an epoch is round(1/q) steps, as "
+                             "engine.data_loader makes it)")
     parser.add_argument("--delta", type=float, required=True, help="target delta, below 1 / dataset size (e.g. 1e-5)")
     parser.add_argument("--micro-batch-size", type=int, default=1,
-                        help="examples per clipping unit b (b > 1: sensitivity 2C, the accountant sees z/2)")
-    parser.add_argument("--accountant", choices=ACCOUNTANTS, default="prv", help="backend (default: prv)")
+                        help="examples per clipping unit b (b > 1: sensitivity 2C, the accountant sees z/2; "
+                             "default %(default)s)")
+    parser.add_argument("--accountant", choices=ACCOUNTANTS, default="prv",
+                        help="backend (default %(default)s; pld needs the accounting extra)")
     parser.add_argument("--adjacency", choices=ADJACENCIES, default="add_remove",
-                        help="neighbouring datasets (replace_one needs --accountant pld)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object (for scripts) instead of text")
+                        help="neighbouring datasets (default %(default)s; replace_one needs --accountant pld)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object (for scripts) instead of text; errors too (exit status 2)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -119,7 +128,7 @@ def _steps(args: argparse.Namespace, q: float) -> int:
     if not (args.epochs > 0 and math.isfinite(args.epochs)):
         raise UsageError(f"--epochs must be a finite number > 0. Found {args.epochs}.")
     if not 0 < q <= 1:  # checked again by Mechanism; here it would divide by zero first
-        raise UsageError(f"sample_rate must be in (0, 1]. Found {q!r}.")
+        raise UsageError(f"--sample-rate must be in (0, 1]. Found {q!r}.")
     return steps_for_epochs(args.epochs, q)
 
 
@@ -163,8 +172,104 @@ def delta_warning(delta: float, dataset_size: int | None) -> str | None:
             f"a guarantee with such a delta allows publishing some example in full; use delta well below 1/N.")
 
 
-def _json_number(value: float) -> float | str:
-    return "inf" if isinstance(value, float) and math.isinf(value) else value
+def _json_number(value: float) -> float | None:
+    """A JSON-safe number: infinity and NaN (which JSON cannot hold) become ``null``."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+# Library names that are not the dest of any flag, and the flag (or words) the command line uses instead; a key
+# with "=" or a space is replaced literally.
+FLAG_ALIASES = {"expected_batch_size": "--batch-size", "num_canaries": "--canaries", "num_fillers": "--fillers",
+                "noise=False": "--no-noise", "learning_rate": "--lr", "must be None (no noise) or a": "must be a"}
+
+
+def flags_of(parsers: Iterable[argparse.ArgumentParser]) -> dict[str, str]:
+    """Each option's Python name (its ``dest``) mapped to its long flag, over several parsers, with
+    :data:`FLAG_ALIASES`.
+
+    Args:
+        parsers: argument parsers (a command's parser and its sub-parsers).
+
+    Returns:
+        ``{"noise_multiplier": "--noise-multiplier", ...}``.
+
+    Example:
+        >>> flags_of([_parser()])["noise_multiplier"]
+        '--noise-multiplier'
+    """
+    flags = dict(FLAG_ALIASES)
+    for parser in parsers:
+        for action in parser._actions:
+            long = [o for o in action.option_strings if o.startswith("--")]
+            if long and action.dest not in ("help", argparse.SUPPRESS):
+                flags[action.dest] = long[0]
+        for action in parser._actions:  # sub-parsers of `epsilon` and `noise`
+            if isinstance(action, argparse._SubParsersAction):
+                flags.update({k: v for k, v in flags_of(action.choices.values()).items() if k not in flags})
+    return flags
+
+
+def _flag_value(flag: str) -> Callable[[re.Match], str]:
+    """A replacement for ``name=value`` that writes ``--flag value``."""
+    def replace(m: re.Match) -> str:
+        return f"{flag} {m.group(2)}"
+
+    return replace
+
+
+def in_flag_terms(message: str, flags: Mapping[str, str]) -> str:
+    """Rewrite a library error message in the command line's terms: Python parameter names become flags.
+
+    ``noise_multiplier`` becomes ``--noise-multiplier``, ``accountant="pld"``
+    becomes ``--accountant pld``; a name without an underscore (``delta``,
+    ``steps``) is rewritten only where it starts a sentence before "must", so
+    ordinary words stay words. Keys of ``flags`` that contain ``=``
+    or a space are replaced literally (``noise=False`` by ``--no-noise``).
+
+    Args:
+        message: the library's error message.
+        flags: Python name to flag, e.g. from :func:`flags_of`.
+
+    Returns:
+        The message with flags in place of parameter names.
+
+    Example:
+        >>> in_flag_terms('noise_multiplier must be >= 0; use accountant="pld".',
+        ...               {"noise_multiplier": "--noise-multiplier", "accountant": "--accountant"})
+        '--noise-multiplier must be >= 0; use --accountant pld.'
+    """
+    for name in sorted(flags, key=len, reverse=True):
+        flag = flags[name]
+        if "=" in name or " " in name:
+            message = message.replace(name, flag)
+            continue
+        word = rf"(?<![\w\-]){re.escape(name)}"
+        message = re.sub(word + r"""=(["']?)([^"'\s,;)]+)\1""", _flag_value(flag), message)
+        if "_" in name:
+            message = re.sub(word + r"(?![\w=])", flag, message)
+        else:
+            message = re.sub(rf"(^|(?<=\. )){re.escape(name)}(?= must)", flag, message)
+    return message
+
+
+def json_error(command: str | None, message: str) -> str:
+    """The one JSON object that ``--json`` prints to standard output for an error (exit status 2).
+
+    Example:
+        >>> json_error("epsilon", "--delta must be in (0, 1).")
+        '{"command": "epsilon", "error": "--delta must be in (0, 1).", "exit_code": 2}'
+    """
+    return json.dumps({"command": command, "error": message, "exit_code": 2})
+
+
+def wants_json(argv: Iterable[str]) -> bool:
+    """Whether ``--json`` is among the options (before any ``--``)."""
+    for arg in argv:
+        if arg == "--":
+            return False
+        if arg == "--json":
+            return True
+    return False
 
 
 def _run(args: argparse.Namespace) -> tuple[str, dict]:
@@ -231,18 +336,25 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in ("epsilon", "noise") else None
     prog = f"{PROG} {command}" if command else PROG
+    parser = _parser()
+
+    def error(message: str) -> int:
+        message = in_flag_terms(message, flags_of([parser]))
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        if wants_json(argv):
+            print(json_error(command, message))
+        return 2
+
     try:
-        args = _parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else 0
     except UsageError as err:
-        print(f"{prog}: error: {err} (see {prog} --help)", file=sys.stderr)
-        return 2
+        return error(f"{err} (see {prog} --help)")
     try:
         text, data = _run(args)
     except (UsageError, PrivacyRefusal, AccountantError, ValueError, ImportError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
+        return error(str(err))
     warning = delta_warning(args.delta, args.dataset_size)
     if warning:
         print(f"{prog}: warning: {warning}", file=sys.stderr)

@@ -395,11 +395,11 @@ def parse_args(argv):
                         "isolated: gc.collect() before each pair and gradients freed outside the clock "
                         "(the earlier tables' method)")
     p.add_argument("--slow-ms", type=float, default=1500.0,
-                   help="methods slower than this per step are timed in --slow-rounds rounds only")
-    p.add_argument("--slow-rounds", type=int, default=3)
+                   help="methods slower than this per step are timed in --slow-rounds rounds only (default %(default)s)")
+    p.add_argument("--slow-rounds", type=int, default=3, help="rounds for the slow methods (default %(default)s)")
     p.add_argument("--out", default=None, help=f"output folder (default {os.path.relpath(DEFAULT_OUT)}; quick: <out>/quick)")
     p.add_argument("--machine", default=None, help="machine tag in file names (default from the device)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of models and data (default %(default)s)")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                    help="before each model, wait up to SECONDS until other processes use < 20%% of the CPUs")
     args = p.parse_args(argv)
@@ -407,7 +407,12 @@ def parse_args(argv):
     unknown = [m for m in args.models if m not in MAIN_MODELS + EXTRA_MODELS]
     if unknown:
         p.error(f"unknown model(s) {unknown}; choose from {', '.join(MAIN_MODELS + EXTRA_MODELS)}")
-    args.b = [int(x) for x in args.b.split(",")] if args.b else None
+    try:
+        args.b = [int(x) for x in args.b.split(",")] if args.b else None
+    except ValueError:
+        p.error(f"--b takes comma-separated integers, e.g. 1,8. Found {args.b!r}.")
+    if args.b and min(args.b) < 1:
+        p.error(f"--b: every micro-batch size must be >= 1. Found {args.b}.")
     args.modes = [x.strip() for x in args.modes.split(",")] if args.modes else None
     if args.rounds is None:
         args.rounds = 2 if args.quick else (3 if args.scaling else 7)

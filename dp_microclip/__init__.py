@@ -17,4 +17,4 @@ __all__ = [
     "registered_lazy_names", "rule_for",
     "MicroclipError", "ConfigurationError", "UnsupportedModuleError", "BatchError", "PrivacyError",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,17 +1,21 @@
 """The ``dp-microclip`` command: ``demo``, ``epsilon``, ``noise``, ``sweep``, ``bench`` and ``audit``.
 
 Every command takes ``--help`` (with an example). ``epsilon``, ``noise`` and
-``audit`` take ``--json`` and then print one JSON object, for scripts. Bad
-input prints one line, ``dp-microclip COMMAND: error: ...``, to standard error
-and exits with status 2; there is no traceback. When the dataset size N is
+``audit`` take ``--json`` and then print one JSON object, for scripts (numbers
+as JSON numbers; an infinite epsilon as ``null``). Bad input prints one line,
+``dp-microclip COMMAND: error: ...``, to standard error and exits with status
+2; there is no traceback, and the message names the flags (``--noise-multiplier``),
+not the library's parameter names. With ``--json`` the error is also printed to
+standard output as ``{"command": ..., "error": ..., "exit_code": 2}``. When the dataset size N is
 known (``epsilon``/``noise`` with ``--dataset-size``; ``audit``, whose data
 holds at most ``--fillers`` + ``--canaries`` examples) and delta is not below
 1 / N, a warning goes to standard error.
 
 The installed command needs only the installed packages ``dp_microclip`` and
-``accounting``. The commands that run code from the repository's other
-folders import it when they run and say how to get it when it is missing:
-``demo`` (``tutorials/demo_digits.py``) and ``bench`` (``benchmarks/``).
+``accounting``. ``demo`` (``tutorials/demo_digits.py``) and ``bench``
+(``benchmarks/``) run code that the wheel does not include: they find it in the
+source checkout of an editable install (``pip install -e .``), and otherwise
+say that they need a source checkout.
 
 Example:
     dp-microclip epsilon --batch-size 256 --dataset-size 60000 --noise-multiplier 1.1 \\
@@ -26,10 +30,11 @@ import importlib
 import io
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 from accounting.errors import OneLineParser, UsageError
+from accounting.cli import FLAG_ALIASES, flags_of, in_flag_terms, json_error, wants_json
 
 PROG = "dp-microclip"
 
@@ -48,9 +53,9 @@ COMMANDS: dict[str, Command] = {
         "train a small CNN on scikit-learn's digits with and without micro-batch clipping",
         "dp-microclip demo --epochs 5 --micro-batch-size 8",
         "tutorials.demo_digits",
-        "the demo lives in the repository's tutorials/ folder, which is not installed with this package. "
-        "From a checkout of the dp-microclip repository run `make demo` (or `pip install -e \".[demo]\"` "
-        "and then `dp-microclip demo`)",
+        "the demo needs a source checkout: it lives in the repository's tutorials/ folder, which the installed "
+        "package does not include. Clone the dp-microclip repository and run `make demo` there (or "
+        "`pip install -e \".[demo]\"` in the checkout, then `dp-microclip demo`)",
     ),
     "epsilon": Command(
         "epsilon of a DP-SGD run with micro-batches, and its privacy statement",
@@ -75,8 +80,9 @@ COMMANDS: dict[str, Command] = {
         "time one training step against plain PyTorch, Opacus and the naive loop",
         "dp-microclip bench --quick",
         "benchmarks.bench",
-        "the benchmarks live in the repository's benchmarks/ folder, which is not installed with this package. "
-        "From a checkout of the dp-microclip repository run `make bench` (or `python -m benchmarks.bench`)",
+        "the benchmarks need a source checkout: they live in the repository's benchmarks/ folder, which the "
+        "installed package does not include. Clone the dp-microclip repository and run `make bench` there (or "
+        "`pip install -e \".[dev]\"` in the checkout, then `dp-microclip bench`)",
     ),
     "audit": Command(
         "empirical lower bound on epsilon from one training run with canaries",
@@ -109,10 +115,59 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def _error(command: str | None, message: str) -> int:
+def _error(command: str | None, message: str, *, as_json: bool = False,
+           flags: Mapping[str, str] | None = None, stderr=None) -> int:
+    """One error line on stderr (in flag terms), and with ``--json`` the JSON object on stdout; returns 2."""
+    message = in_flag_terms(message, FLAG_ALIASES if flags is None else flags)
     prefix = f"{PROG} {command}" if command else PROG
-    print(f"{prefix}: error: {message}", file=sys.stderr)
+    print(f"{prefix}: error: {message}", file=stderr or sys.stderr)
+    if as_json:
+        print(json_error(command, message))
     return 2
+
+
+class _ErrorLines(io.TextIOBase):
+    """Standard error while a delegated command runs: its own ``dp-microclip COMMAND: error: ...`` lines pass
+    through :func:`_error` (flags, JSON); everything else (progress bars, warnings) is written through at once."""
+
+    def __init__(self, stream, command: str, as_json: bool, flags: Callable[[], Mapping[str, str]]):
+        self._stream, self._command, self._as_json, self._flags = stream, command, as_json, flags
+        self._prefix = f"{PROG} {command}: error: "
+        self._line = ""  # an error line being written (print writes the text and the newline separately)
+
+    def write(self, text: str) -> int:
+        if not self._line and not text.startswith(self._prefix):
+            return self._stream.write(text)
+        self._line += text
+        while "\n" in self._line:
+            line, self._line = self._line.split("\n", 1)
+            if line.startswith(self._prefix):
+                _error(self._command, line[len(self._prefix):], as_json=self._as_json, flags=self._flags(),
+                       stderr=self._stream)
+            else:
+                self._stream.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self._line:
+            self.write("\n")
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._stream, "encoding", "utf-8")
+
+
+def _checkout_root() -> str | None:
+    """The source checkout this package was imported from (an editable install or a run from the checkout), if any."""
+    root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    return root if os.path.isfile(os.path.join(root, "pyproject.toml")) else None
 
 
 def _warn(command: str, message: str) -> None:
@@ -123,7 +178,7 @@ def _load(command: str) -> Callable[[list[str]], int | None] | str:
     """The command's ``main``, or the one-line reason it is not installed."""
     spec = COMMANDS[command]
     try:
-        module = importlib.import_module(spec.module)
+        module = _import_from_checkout(spec.module)
     except ModuleNotFoundError as err:
         missing = err.name or ""
         if spec.module == missing or spec.module.startswith(missing + "."):
@@ -135,25 +190,66 @@ def _load(command: str) -> Callable[[list[str]], int | None] | str:
     return main
 
 
+def _import_from_checkout(name: str):
+    """Import ``name``, from the source checkout when it is not installed.
+
+    tutorials/ and benchmarks/ are not in the wheel, and an editable install
+    maps only the installed packages. When this package was imported from a
+    checkout that holds ``name``, the checkout goes first on ``sys.path``;
+    a module of the same top-level name from another distribution is dropped
+    first (Opacus installs a top-level ``benchmarks`` package). A module set
+    to None in ``sys.modules`` (blocked) stays blocked.
+    """
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        root, top, missing = _checkout_root(), name.split(".")[0], err.name or ""
+        if (root is None or not (name == missing or name.startswith(missing + "."))
+                or not os.path.isfile(os.path.join(root, *name.split(".")) + ".py")):
+            raise
+        loaded = [m for m in sys.modules if m == top or m.startswith(top + ".")]
+        if any(sys.modules[m] is None for m in loaded):
+            raise
+        for module in loaded:
+            del sys.modules[module]
+        if root not in sys.path:
+            sys.path.insert(0, root)
+        importlib.invalidate_caches()
+        return importlib.import_module(name)
+
+
 def _wants_help(argv: Sequence[str]) -> bool:
     head = list(argv[: argv.index("--")]) if "--" in argv else list(argv)
     return "-h" in head or "--help" in head
 
 
 @contextlib.contextmanager
-def _one_line_argparse_errors() -> Iterator[None]:
+def _one_line_argparse_errors(parsers: list[argparse.ArgumentParser] | None = None) -> Iterator[None]:
     """Make a delegated module's argparse errors one line and exit status 2 (argparse prints usage first).
 
     The patch is on ``argparse.ArgumentParser.error`` for the duration of the
-    command only; parsers that define their own ``error`` keep it.
+    command only; parsers that define their own ``error`` keep it. Every
+    parser that parses arguments meanwhile is appended to ``parsers`` (its
+    flags name the library's parameters in error messages).
     """
     original = argparse.ArgumentParser.error
-    # A subclass's method on the base class: it uses only ``message``, so any parser may call it.
-    argparse.ArgumentParser.error = OneLineParser.error  # type: ignore[method-assign,assignment]
+    original_parse = argparse.ArgumentParser.parse_known_args
+
+    def error(self: argparse.ArgumentParser, message: str):
+        raise UsageError(message)
+
+    def parse_known_args(self: argparse.ArgumentParser, *args, **kwargs):
+        if parsers is not None:
+            parsers.append(self)
+        return original_parse(self, *args, **kwargs)
+
+    argparse.ArgumentParser.error = error  # type: ignore[method-assign]
+    argparse.ArgumentParser.parse_known_args = parse_known_args  # type: ignore[method-assign]
     try:
         yield
     finally:
         argparse.ArgumentParser.error = original  # type: ignore[method-assign]
+        argparse.ArgumentParser.parse_known_args = original_parse  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
@@ -176,16 +272,17 @@ def _exit_status(code: object) -> int:
 def _run_delegated(command: str, argv: list[str]) -> int:
     """Run a command whose code lives in a module imported now (``demo``, ``sweep``, ``bench``, ``audit``)."""
     spec = COMMANDS[command]
+    as_json = wants_json(argv)
     try:
         main = _load(command)
     except ImportError as err:
-        return _error(command, _import_hint(err))
+        return _error(command, _import_hint(err), as_json=as_json)
     if isinstance(main, str):
         if _wants_help(argv):
             print(f"usage: {PROG} {command} [options]\n\n{spec.summary}.\n\nnot available: {main}.\n\n"
                   f"example (once installed):\n  {spec.example}")
             return 0
-        return _error(command, f"{main}.")
+        return _error(command, f"{main}.", as_json=as_json)
     if _wants_help(argv):
         out = io.StringIO()
         with _one_line_argparse_errors(), _program_name(command, argv), contextlib.redirect_stdout(out):
@@ -208,17 +305,25 @@ def _run_delegated(command: str, argv: list[str]) -> int:
 
     from .errors import MicroclipError
 
+    parsers: list[argparse.ArgumentParser] = []
+
+    def flags() -> dict[str, str]:
+        return flags_of(parsers)
+
+    stderr = _ErrorLines(sys.stderr, command, as_json, flags)
     try:
-        with _one_line_argparse_errors(), _program_name(command, argv):
+        with _one_line_argparse_errors(parsers), _program_name(command, argv), contextlib.redirect_stderr(stderr):
             return _exit_status(main(argv))
     except UsageError as err:
-        return _error(command, f"{err} (see {PROG} {command} --help)")
+        return _error(command, f"{err} (see {PROG} {command} --help)", as_json=as_json, flags=flags())
     except (MicroclipError, PrivacyRefusal, AccountantError) as err:  # settings the library refuses
-        return _error(command, str(err))
+        return _error(command, str(err), as_json=as_json, flags=flags())
     except ImportError as err:
-        return _error(command, _import_hint(err))
+        return _error(command, _import_hint(err), as_json=as_json)
     except SystemExit as exit_:
         return _exit_status(exit_.code)
+    finally:
+        stderr.flush()
 
 
 def _import_hint(err: ImportError) -> str:
@@ -279,7 +384,8 @@ def _dispatch(argv: list[str]) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        return _error(None, f"unknown command {command!r}; choose from {', '.join(COMMANDS)} (see {PROG} --help)")
+        return _error(None, f"unknown command {command!r}; choose from {', '.join(COMMANDS)} (see {PROG} --help)",
+                      as_json=wants_json(rest))
     if command in ("epsilon", "noise"):
         from accounting.cli import main as accounting_main
 

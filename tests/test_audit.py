@@ -186,9 +186,13 @@ def test_cli_json(capsys):
                         "noise_multiplier", "sample_rate", "steps", "canary"}
 
 
-def test_cli_no_noise_prints_inf(capsys):
+def test_cli_no_noise_prints_null_for_infinite_epsilon(capsys):
     assert main(["--canaries", "100", "--fillers", "50", "--steps", "30", "--no-noise", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["claimed_epsilon"] == "inf"
+    out = capsys.readouterr().out
+    assert '"inf"' not in out and "Infinity" not in out and "NaN" not in out
+    data = json.loads(out)
+    assert data["claimed_epsilon"] is None  # infinite: JSON has no infinity
+    assert all(v is None or isinstance(v, (int, float, str, bool, list, dict)) for v in data.values())
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -7,13 +7,18 @@ than a few steps.
 
 from __future__ import annotations
 
+import argparse
 import doctest
 import json
 import os
+import pathlib
+import re
 import subprocess
 import sys
+import warnings
 
 import pytest
+import torch
 
 import accounting.cli
 from dp_microclip import cli
@@ -78,6 +83,8 @@ def test_every_command_has_help_with_an_example(command, capsys):
         ["demo", "--epochs", "x"],
         ["sweep", "--epochs", "x"],
         ["bench", "--models", "no_such_model"],
+        ["bench", "--models", "mlp", "--b", "0"],
+        ["bench", "--models", "mlp", "--b", "x"],
     ],
     ids=lambda argv: " ".join(argv[:3]),
 )
@@ -97,9 +104,11 @@ def test_epsilon_json_parses_and_matches_the_text(capsys):
     assert data["statement"].startswith("DP-SGD privacy statement") and data["warnings"] == []
 
 
-def test_epsilon_json_writes_infinity_as_a_string(capsys):
+def test_epsilon_json_writes_infinity_as_null(capsys):
     assert main(["epsilon", *RUN, "--noise-multiplier", "0", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["epsilon"] == "inf"
+    out = capsys.readouterr().out
+    assert '"inf"' not in out and "Infinity" not in out
+    assert json.loads(out)["epsilon"] is None
 
 
 def test_noise_json_round_trips_through_epsilon(capsys):
@@ -212,4 +221,184 @@ def test_installed_executable(tmp_path):
     proc = subprocess.run([EXE, "epsilon", "--sample-rate", "2", "--noise-multiplier", "1", "--steps", "10",
                            "--delta", "1e-5"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("dp-microclip epsilon: error: sample_rate")
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("dp-microclip epsilon: error: --sample-rate")
+
+
+# ====================================================================== what a newcomer meets first (issue 29)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _parsers_of(command: str) -> list[argparse.ArgumentParser]:
+    """The argument parsers a command builds (its sub-parsers included), caught as it starts to parse."""
+    parsers: list[argparse.ArgumentParser] = []
+    original = argparse.ArgumentParser.parse_known_args
+
+    def catch(self, *args, **kwargs):
+        parsers.append(self)
+        raise SystemExit(0)
+
+    command_main = cli._load(command)
+    assert callable(command_main), command_main
+    argparse.ArgumentParser.parse_known_args = catch
+    try:
+        try:
+            command_main([command] if command in ("epsilon", "noise") else [])
+        except SystemExit:  # accounting.cli's main catches it and returns 0
+            pass
+    finally:
+        argparse.ArgumentParser.parse_known_args = original
+    assert parsers, f"{command} parsed no arguments"
+    for parser in list(parsers):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+    return parsers
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_option_has_help_and_says_its_default(command):
+    missing = []
+    for parser in _parsers_of(command):
+        for action in parser._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            text = action.help or ""
+            if not text:
+                missing.append(f"{action.option_strings[-1]}: no help text")
+            elif action.default not in (None, False) and "default" not in text:
+                missing.append(f"{action.option_strings[-1]}: the default {action.default!r} is not stated")
+    assert not missing, missing
+
+
+def test_demo_help_lists_every_option_with_its_default(capsys):
+    assert main(["demo", "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag, default in [("--micro-batch-size", "8"), ("--max-grad-norm", "1.0"), ("--clipping", "fixed"),
+                          ("--batch-size", "64"), ("--epochs", "30"), ("--lr-plain", "0.02"), ("--lr-clip", "0.05"),
+                          ("--label-noise", "0.2"), ("--seed", "0")]:
+        assert flag in out
+        block = out.split(flag, 2)[-1].split("\n  --", 1)[0]  # the option's own help, after the usage line
+        assert re.search(rf"default\s+{re.escape(default)}\)", block), (flag, block)
+
+
+# argv, flags the message must name, Python names it must not contain
+FLAG_ERRORS = [
+    (["epsilon", *RUN, "--noise-multiplier", "-1"], ["--noise-multiplier"], ["noise_multiplier", "None"]),
+    (["epsilon", *RUN[:-2], "--noise-multiplier", "1", "--adjacency", "replace_one"],
+     ["--accountant pld", "--adjacency replace_one"], ['accountant="', 'adjacency="']),
+    (["epsilon", "--sample-rate", "2", "--noise-multiplier", "1", "--steps", "10", "--delta", "1e-5"],
+     ["--sample-rate", "--batch-size / --dataset-size"], ["sample_rate", "expected_batch_size"]),
+    (["epsilon", *RUN, "--noise-multiplier", "1", "--micro-batch-size", "0"], ["--micro-batch-size"],
+     ["micro_batch_size"]),
+    (["noise", "--sample-rate", "0.01", "--steps", "10", "--delta", "1e-5", "--accountant", "rdp",
+      "--target-epsilon", "1e-9"], ["--target-epsilon"], ["target_epsilon"]),
+    (["audit", "--noise-multiplier", "-1"], ["--noise-multiplier", "--no-noise"], ["noise_multiplier", "noise=False"]),
+    (["audit", "--canary", "input", "--k-pos", "10000"], ["--k-pos", "--canaries"], ["k_pos", "num_canaries"]),
+    (["audit", "--micro-batch-size", "0"], ["--micro-batch-size"], ["micro_batch_size"]),
+    (["demo", "--epochs", "1", "--micro-batch-size", "0"], ["--micro-batch-size"], ["micro_batch_size"]),
+]
+
+
+@pytest.mark.parametrize("argv, flags, python_names", FLAG_ERRORS, ids=lambda v: " ".join(v[:4]) if isinstance(v, list) and v and v[0] in COMMANDS else None)
+def test_errors_name_the_flags_the_user_typed(argv, flags, python_names, capsys):
+    if argv[0] == "demo":
+        pytest.importorskip("sklearn")
+    assert main(argv) == 2
+    if argv[0] == "demo":  # the plain run trains (one epoch, its progress bar on stderr) before attach() refuses
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if ": error: " in line]
+        assert len(errors) == 1 and "Traceback" not in err, err
+        line = errors[0]
+    else:
+        line = _one_error_line(capsys, argv[0])
+    for flag in flags:
+        assert flag in line, (flag, line)
+    for name in python_names:
+        assert name not in line, (name, line)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["epsilon", *RUN, "--noise-multiplier", "1", "--unknown-flag", "--json"],  # argparse
+        ["epsilon", *RUN, "--noise-multiplier", "-1", "--json"],  # the library refuses
+        ["noise", *RUN, "--json"],  # no --target-epsilon
+        ["audit", "--canaries", "x", "--json"],  # argparse, inside a delegated command
+        ["audit", "--noise-multiplier", "-1", "--json"],  # the library refuses, printed by audit itself
+        ["frobnicate", "--json"],  # unknown command
+    ],
+    ids=lambda argv: " ".join(argv[:3]),
+)
+def test_json_errors_are_one_json_object_with_exit_status_2(argv, capsys):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)  # stdout holds exactly one JSON object
+    command = argv[0] if argv[0] in COMMANDS else None
+    assert data["exit_code"] == 2 and data["command"] == command
+    assert data["error"] and "Traceback" not in data["error"]
+    assert captured.err.strip().endswith(data["error"])  # the same message, one line, on stderr
+    assert "_" not in re.sub(r"(dp_accounting|add_remove|replace_one|[\w./-]+\.py)", "", data["error"].split(" (see")[0])
+
+
+def test_audit_without_noise_json_has_numbers_or_null(capsys):
+    assert main(["audit", *TINY_AUDIT, "--no-noise", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert '"inf"' not in out and "Infinity" not in out and "NaN" not in out
+    data = json.loads(out)
+    assert data["claimed_epsilon"] is None
+    assert isinstance(data["lower_bound"], (int, float)) and isinstance(data["steps"], int)
+    assert all(not isinstance(v, str) or k in ("canary", "score", "accountant") for k, v in data.items()), data
+
+
+class _NoRule(torch.nn.Module):
+    """A module with a parameter and no layer rule: attach() warns that it takes the generic path."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def test_attach_warnings_point_at_the_users_line():
+    import dp_microclip
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), _NoRule())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = sys._getframe().f_lineno + 1
+        engine = dp_microclip.attach(model, optimizer, micro_batch_size=1, max_grad_norm=1.0)
+    engine.detach()
+    generic = [w for w in caught if "generic" in str(w.message)]
+    assert generic, [str(w.message) for w in caught]
+    assert all((w.filename, w.lineno) == (__file__, line) for w in generic), [(w.filename, w.lineno) for w in generic]
+
+
+def test_demo_and_bench_run_from_the_checkout_of_an_editable_install(tmp_path):
+    """tutorials/ and benchmarks/ are not installed: the command finds them next to the package's checkout."""
+    site = tmp_path / "site"
+    site.mkdir()
+    for package in ("dp_microclip", "accounting"):  # an install that maps only the two packages, as the wheel does
+        (site / package).symlink_to(ROOT / package)
+    code = ("import sys\n"
+            "sys.path = [p for p in sys.path if p not in ('', '.')]\n"
+            "from dp_microclip.cli import main\n"
+            "assert main(['demo', '--help']) == 0 and main(['bench', '--help']) == 0\n")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "--label-noise" in proc.stdout and "--rounds" in proc.stdout and "not available" not in proc.stdout
+
+
+def test_version_agrees_with_pyproject_and_the_changelog():
+    import tomllib
+
+    import dp_microclip
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert dp_microclip.__version__ == version
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    assert re.search(rf"^## {re.escape(version)}\b", changelog, re.M), f"CHANGELOG.md has no section for {version}"

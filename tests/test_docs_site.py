@@ -1,4 +1,4 @@
-"""The API reference site builds with ``mkdocs build --strict`` and every guide in docs/ is in its nav.
+"""The site builds with ``mkdocs build --strict``; every guide and tutorial is in its nav and linked from its home page.
 
 Needs the docs extra (``pip install -e ".[docs]"``); skipped without it.
 """
@@ -75,5 +75,48 @@ def test_every_guide_in_docs_is_in_the_nav():
     in_nav = set(files(config["nav"]))
     missing = sorted(p.name for p in (ROOT / "docs").glob("*.md") if p.name not in in_nav)
     assert not missing, f"docs/{missing[0]} is not in mkdocs.yml's nav: add it under 'Guides'"
-    absent = sorted(f for f in in_nav if not (ROOT / "docs" / f).is_file())
-    assert not absent, f"mkdocs.yml's nav names {absent}, which do not exist in docs/"
+    tutorials = set(_tutorial_pages())
+    missing = sorted(tutorials - in_nav)
+    assert not missing, f"{missing[0]} (rendered from tutorials/) is not in mkdocs.yml's nav: add it under 'Tutorials'"
+    absent = sorted(f for f in in_nav if not (ROOT / "docs" / f).is_file() and f not in tutorials)
+    assert not absent, f"mkdocs.yml's nav names {absent}, which are neither in docs/ nor rendered from tutorials/"
+
+
+def _tutorial_pages() -> dict[str, str]:
+    pytest.importorskip("griffe", reason="docs/_hooks.py needs griffe (the docs extra)")
+    sys.path.insert(0, str(ROOT / "docs"))
+    try:
+        import _hooks
+    finally:
+        sys.path.remove(str(ROOT / "docs"))
+    return _hooks.tutorial_pages()
+
+
+def test_home_page_links_every_guide_and_tutorial():
+    links = set(re.findall(r"\]\(([^)#\s]+)", (ROOT / "docs" / "index.md").read_text()))
+    guides = {p.name for p in (ROOT / "docs").glob("*.md")} - {"index.md"}
+    assert guides - links == set(), f"docs/index.md does not link {sorted(guides - links)}"
+    notebooks = {f"tutorials/{p.stem}.md" for p in (ROOT / "tutorials").glob("[0-9][0-9]_*.ipynb")}
+    assert notebooks and notebooks - links == set(), f"docs/index.md does not link {sorted(notebooks - links)}"
+    assert "tutorials/06_torchrun.md" in links
+
+
+def test_tutorial_pages_keep_code_outputs_and_plots():
+    pages = _tutorial_pages()
+    assert set(pages) >= {f"tutorials/{p.stem}.md" for p in (ROOT / "tutorials").glob("[0-9][0-9]_*.ipynb")}
+    assert "tutorials/01_noise_free_clipping.md" not in pages  # a stub that says the tutorial moved
+    quickstart = pages["tutorials/01_quickstart.md"]
+    assert "```python" in quickstart and "dp_microclip.attach" in quickstart and "```text" in quickstart
+    assert '<img alt="' in pages["tutorials/02_dp_training.md"]  # its plot, inline
+    for uri, page in pages.items():  # links that the site cannot resolve are dropped, not left to break it
+        for target in re.findall(r"\]\(([^)\s]+)\)", page):
+            assert target.startswith(("../", "#", "http")) or target.endswith(".md"), (uri, target)
+
+
+def test_site_has_the_rendered_tutorials(site):
+    for uri in _tutorial_pages():
+        page = site / uri.replace(".md", ".html")
+        assert page.is_file(), uri
+    assert "data:image/png;base64," in (site / "tutorials" / "02_dp_training.html").read_text()
+    home = (site / "index.html").read_text()
+    assert 'href="tutorials/01_quickstart.html"' in home and 'href="science.html"' in home

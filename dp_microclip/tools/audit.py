@@ -239,8 +239,8 @@ class AuditResult:
     noise_ratio: float | None = None
 
     def to_dict(self) -> dict:
-        """Plain JSON-ready fields (inf becomes the string "inf")."""
-        return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(self).items()}
+        """Plain JSON-ready fields: numbers stay numbers, and inf or NaN (which JSON cannot hold) become None (null)."""
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
 
     def summary(self) -> str:
         """One line per fact, for the command line."""

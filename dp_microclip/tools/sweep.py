@@ -433,17 +433,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dp-microclip sweep", description=(
         "Compare plain training with noise-free micro-batch clipping on scikit-learn's digits, each method with "
         "its own learning rate (and C) tuned on a validation split, over paired seeds."))
-    p.add_argument("--label-noise", type=float, default=0.2, help="fraction of training labels flipped (draggers)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--micro-batch-sizes", "-b", nargs="+", type=int, default=[1, 8, 32])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--tune-seeds", type=int, default=1)
+    p.add_argument("--label-noise", type=float, default=0.2,
+                   help="fraction of training labels flipped, the draggers (default %(default)s)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="methods to compare (default: all, %(default)s)")
+    p.add_argument("--micro-batch-sizes", "-b", nargs="+", type=int, default=[1, 8, 32],
+                   help="micro-batch sizes b of the clipping methods (default %(default)s)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                   help="paired seeds, the same for every method (default %(default)s)")
+    p.add_argument("--tune-seeds", type=int, default=1,
+                   help="how many of the first --seeds pick the learning rate and C (default %(default)s)")
     p.add_argument("--lrs", nargs="+", type=float, default=None, help="one grid for all methods (default: per method)")
-    p.add_argument("--max-grad-norms", nargs="+", type=float, default=[0.3, 1.0])
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--out", default="sweep-results", help="directory for the md, json, png and the run store")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--max-grad-norms", nargs="+", type=float, default=[0.3, 1.0],
+                   help="clipping bounds C tried while tuning (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size B (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=20, help="training epochs per run (default %(default)s)")
+    p.add_argument("--out", default="sweep-results",
+                   help="directory for the md, json, png and the run store (default %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     settings = SweepSettings(
