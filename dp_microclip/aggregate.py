@@ -114,6 +114,7 @@ def _one_context(
             if strategy == "ghost":
                 rule = record.rule
                 assert rule is not None and rule.group_sq_norms is not None  # choose_strategy: ghost needs has_ghost
+                assert isinstance(record.out_grad, torch.Tensor)  # rule records have one output tensor
                 norms = rule.group_sq_norms(record.layer, record.inputs, record.out_grad, groups)
             else:
                 grads = tuner.group_grads(record, groups)
@@ -203,6 +204,7 @@ def _one_context(
                       for name, p in record.params.items()}
         rule = record.rule
         assert rule is not None and rule.weighted_sum is not None  # ghost routes need has_ghost
+        assert isinstance(record.out_grad, torch.Tensor)  # rule records have one output tensor
         weighted = rule.weighted_sum(record.layer, record.inputs, record.out_grad, row_weight)
         for name, p in record.params.items():
             add(id(p), weighted[name])
@@ -227,7 +229,9 @@ def _in_float32(record: Record) -> Record:
 
 def _grad_tensors(record: Record) -> list:
     """The record's output gradient(s) as a list (several for a multi-output layer such as an RNN)."""
-    return record.grad_tensors()
+    if isinstance(record.out_grad, tuple):
+        return [g for g in record.out_grad if g is not None]
+    return [record.out_grad]
 
 
 def _drop_groups(records, materialised, sq_norms, bad, groups):
@@ -265,9 +269,11 @@ def unclipped_sums(records: list[Record], replay_guard) -> dict[int, torch.Tenso
         groups = record.ctx.groups.to(device)
         if record.rule is not None and record.rule.weighted_sum is not None and not record.unit.parametrized:
             ones = {name: torch.ones(groups.batch_size, device=device) for name in record.params}
+            assert isinstance(record.out_grad, torch.Tensor)  # rule records have one output tensor
             sums = record.rule.weighted_sum(record.layer, record.inputs, record.out_grad, ones)
         else:
             if record.rule is not None:
+                assert isinstance(record.out_grad, torch.Tensor)  # rule records have one output tensor
                 grads = chain_parametrizations(
                     record, record.rule.group_grads(record.layer, record.inputs, record.out_grad, groups))
             else:

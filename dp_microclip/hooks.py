@@ -209,8 +209,7 @@ class HookSet:
             ctx = self._capturing()
             if ctx is None:
                 return None
-            multi_rule = unit.rule is not None and unit.rule.multi_output
-            if not torch.is_tensor(output) and unit.kind == "rule" and not multi_rule:
+            if not torch.is_tensor(output) and unit.kind == "rule":
                 raise UnsupportedModuleError(
                     f"{unit.path} ({type(module).__name__}) returned {type(output).__name__}; its rule needs "
                     "one tensor. Register a rule for this type that matches its output, or restructure the module."
@@ -281,8 +280,7 @@ class HookSet:
 
     def _watch_outputs(self, unit: Unit, module, inputs, kwargs, ctx, output, layout: CallLayout,
                        input_dims, call, kw_names: tuple = ()) -> Any:
-        """Several output tensors (RNNs): one partial record per output gradient; the engine joins them
-        (``records.join_multi_output``) for the unit's multi-output rule, or the generic path without one.
+        """Several output tensors (RNNs): one partial record per output gradient; the engine joins them.
 
         An output whose gradient never arrives (h_n unused by the loss) counts as a zero gradient.
         """
@@ -306,7 +304,7 @@ class HookSet:
                 if sink.active:
                     g = grad.reshape(shape)
                     g = (g.movedim(d, 0) if d != 0 else g).detach()
-                    sink.emit(Record(unit, unit.path, unit.rule, module, unit.params, inputs, kwargs, g, ctx, dims,
+                    sink.emit(Record(unit, unit.path, None, module, unit.params, inputs, kwargs, g, ctx, dims,
                                         input_dims, call, slot, shapes, kw_names))
                 return None
 

@@ -66,7 +66,7 @@ class Record:
 
     unit: Unit
     name: str  # unit path, or "path.in_proj" for MHA parts
-    rule: LayerRule | None  # None for the generic path; a multi-output rule gets the joined tuple out_grad
+    rule: LayerRule | None  # None for the generic path
     layer: Any  # the module, or LinearParts for MHA projections
     params: dict[str, nn.Parameter]
     inputs: tuple
@@ -79,12 +79,6 @@ class Record:
     slot: int = 0  # which output tensor this record's out_grad belongs to (multi-output calls)
     out_shapes: tuple = ()  # batch-first shapes of every output tensor (multi-output calls), for missing ones
     kw_names: tuple = ()  # the last len(kw_names) inputs are these tensor keyword arguments (generic path)
-
-    def grad_tensors(self) -> list[torch.Tensor]:
-        """The output gradient(s) as a list (several for a multi-output layer such as an RNN)."""
-        if isinstance(self.out_grad, tuple):
-            return [g for g in self.out_grad if g is not None]
-        return [self.out_grad]
 
 
 def join_multi_output(records: list[Record]) -> list[Record]:
@@ -115,6 +109,6 @@ def join_multi_output(records: list[Record]) -> list[Record]:
             grads.get(i, None if shape is None else template.new_zeros(shape))
             for i, shape in enumerate(first.out_shapes)
         )
-        out.append(Record(first.unit, first.name, first.rule, first.layer, first.params, first.inputs, first.kwargs,
+        out.append(Record(first.unit, first.name, None, first.layer, first.params, first.inputs, first.kwargs,
                           out_grad, first.ctx, first.batch_dim, first.input_dims, kw_names=first.kw_names))
     return out

@@ -69,6 +69,7 @@ def choose_strategy(
     captured = record.unit.kind in ("attention", "rnn")  # their records are Linear parts, not the module
     if record.rule is None or (settings.grad_mode == "func" and not captured and replayable):
         return "func"
+    assert isinstance(record.out_grad, torch.Tensor)  # rule records have one output tensor
     shared = any(uses[id(p)] > 1 for p in record.params.values())
     if shared or not record.rule.has_ghost or settings.grad_mode == "materialize":
         return "materialize"
@@ -114,24 +115,23 @@ class Autotuner:
 
     def group_grads(self, record: Record, groups) -> dict:
         """The rule's group gradients, from its fastest variant for these shapes (timed once per shape class)."""
-        assert record.rule is not None  # routes are for rule records
+        assert record.rule is not None and isinstance(record.out_grad, torch.Tensor)  # routes are for rule records
         rule, args = record.rule, (record.layer, record.inputs, record.out_grad, groups)
         key = rule.variant_key(*args) if rule.variants and rule.variant_key is not None else None
         if key is None:
             return rule.group_grads(*args)
         assert rule.variants is not None  # a key is only computed with variants
         runs = {name: (lambda fn=fn: fn(*args)) for name, fn in rule.variants.items()}
-        name = self.fastest(("variant", type(record.layer), key), runs, record.grad_tensors()[0].device,
-                            self.VARIANT_REPEATS)
+        name = self.fastest(("variant", type(record.layer), key), runs, record.out_grad.device, self.VARIANT_REPEATS)
         return rule.variants[name](*args)
 
     @staticmethod
     def _key(record: Record, groups) -> tuple:
         a = next(x for x in record.inputs if torch.is_tensor(x))
-        g = record.grad_tensors()[0]  # the first output's (a multi-output layer's output sequence)
+        assert isinstance(record.out_grad, torch.Tensor)  # rule records have one output tensor
         bucket = lambda n: max(1, int(n)).bit_length()  # noqa: E731
         return (record.name, bucket(groups.num_groups), bucket(groups.max_size()), bucket(a.shape[0]),
-                tuple(a.shape[2:]), tuple(g.shape[2:]), a.shape[1] if a.dim() > 2 else None)
+                tuple(a.shape[2:]), tuple(record.out_grad.shape[2:]), a.shape[1] if a.dim() > 2 else None)
 
     def choose(self, record: Record, groups, candidates: list[str]) -> str:
         """The route for this record: timed once per (layer, shape class), then remembered."""
@@ -152,13 +152,14 @@ class Autotuner:
     def _time_routes(self, record: Record, groups, routes: list[str]) -> dict[str, float]:
         """Best time of each route (interleaved repeats, see :func:`best_times`)."""
         runs = {route: self._runner(record, groups, route) for route in routes}
-        return best_times(runs, record.grad_tensors()[0].device, self.REPEATS)
+        assert isinstance(record.out_grad, torch.Tensor)  # rule records have one output tensor
+        return best_times(runs, record.out_grad.device, self.REPEATS)
 
     def _runner(self, record: Record, groups, route: str) -> Callable[[], None]:
         """The work one route does for this record, as a call to time."""
+        assert isinstance(record.out_grad, torch.Tensor)  # rule records have one output tensor
         rule, args = record.rule, (record.layer, record.inputs, record.out_grad)
-        device = record.grad_tensors()[0].device
-        weights = {name: torch.ones(groups.batch_size, device=device) for name in record.params}
+        weights = {name: torch.ones(groups.batch_size, device=record.out_grad.device) for name in record.params}
 
         def run():
             if route == "ghost":

@@ -68,24 +68,19 @@ class LayerRule(NamedTuple):
     several classes (a subclass, a third-party copy of a torch layer) without
     any class hierarchy. The first argument of every function is typed ``Any``: it is an instance of the
     class the rule is registered for (``nn.Linear`` for the Linear rule), which a plain NamedTuple cannot express.
-    The third, ``out_grad``, is one tensor, or a tuple of them for a ``multi_output`` rule.
     """
 
-    group_grads: Callable[[Any, tuple, Any, Groups], GradDict]
-    group_sq_norms: Callable[[Any, tuple, Any, Groups], GradDict] | None = None
-    weighted_sum: Callable[[Any, tuple, Any, GradDict], GradDict] | None = None
-    group_grad_elements: Callable[[Any, tuple, Any, Groups], int] | None = None
+    group_grads: Callable[[Any, tuple, torch.Tensor, Groups], GradDict]
+    group_sq_norms: Callable[[Any, tuple, torch.Tensor, Groups], GradDict] | None = None
+    weighted_sum: Callable[[Any, tuple, torch.Tensor, GradDict], GradDict] | None = None
+    group_grad_elements: Callable[[Any, tuple, torch.Tensor, Groups], int] | None = None
     #: Exact alternatives to ``group_grads`` (same numbers, different kernels); the engine's autotuner
     #: (``routes.py``) times them once per ``variant_key`` and uses the fastest. The rule knows its maths, not
     #: the timing.
-    variants: Mapping[str, Callable[[Any, tuple, Any, Groups], GradDict]] | None = None
+    variants: Mapping[str, Callable[[Any, tuple, torch.Tensor, Groups], GradDict]] | None = None
     #: ``(layer, inputs, out_grad, groups) -> hashable``: the shape class variants are timed for; None: use
     #: ``group_grads``.
-    variant_key: Callable[[Any, tuple, Any, Groups], Hashable | None] | None = None
-    #: The layer returns several tensors (an RNN's output and hidden states): its functions receive as
-    #: ``out_grad`` a tuple with one batch-first gradient per output tensor, in the order of the flattened
-    #: output, zeros for an output the loss did not reach.
-    multi_output: bool = False
+    variant_key: Callable[[Any, tuple, torch.Tensor, Groups], Hashable | None] | None = None
 
     @property
     def has_ghost(self) -> bool:

@@ -157,11 +157,11 @@ class RNNCapture(TorchFunctionMode):
                 u = torch.sigmoid(o) * torch.tanh(c)
                 if w_hr is not None:
                     us[t] = u.detach()
-                    h = torch.addmm(zeros_p[t], u, w_hr.t())  # type: ignore[index]
+                    h = torch.addmm(zeros_p[t], u, w_hr.t())
                 else:
                     h = u
             elif gru:
-                gh = (h @ w_hh_t if b_hh is None else torch.addmm(b_hh, h, w_hh_t)) + zeros_h[t]  # type: ignore[index]
+                gh = (h @ w_hh_t if b_hh is None else torch.addmm(b_hh, h, w_hh_t)) + zeros_h[t]
                 ir, iz, in_ = steps[t].chunk(3, 1)
                 hr, hz, hn = gh.chunk(3, 1)
                 r = torch.sigmoid(ir + hr)
