@@ -73,14 +73,16 @@ def _attach(model: nn.Module, b: int, generic: bool):
 
 
 def _methods(kind: str, d: int, hidden: int, bs: list[int], dtype=torch.float32, seed: int = 0) -> dict:
+    """Every method's own copy of one model (copied before any attach: a copy would share the hooks)."""
     torch.manual_seed(seed)
     base = Classifier(kind, d, hidden).to(dtype)
-    methods = {"plain": (copy.deepcopy(base), None)}
+    plain = copy.deepcopy(base)
+    methods: dict = {"plain": (plain, (torch.optim.SGD(plain.parameters(), lr=0.01), None)),
+                     "reference": (copy.deepcopy(base), (None, None))}
     for b in bs:
         for generic in (False, True):
             model = copy.deepcopy(base)
             methods[f"{'generic' if generic else 'rule'} b={b}"] = (model, _attach(model, b, generic))
-    methods["plain"] = (methods["plain"][0], (torch.optim.SGD(methods["plain"][0].parameters(), lr=0.01), None))
     return methods
 
 
@@ -96,13 +98,14 @@ def check(kind: str, bs: list[int]) -> dict:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(8, 6, 5, generator=g, dtype=torch.float64)
     y = torch.randint(0, CLASSES, (8,), generator=g)
-    for name, (model, (opt, engine)) in _methods(kind, 5, 7, bs, torch.float64).items():
+    methods = _methods(kind, 5, 7, bs, torch.float64)
+    reference = methods.pop("reference")[0]
+    for name, (model, (opt, engine)) in methods.items():
         if engine is None:
             continue
         b = int(name.split("b=")[1])
-        reference = copy.deepcopy(model)
-        opt.param_groups[0]["lr"] = 0.0  # the step writes the clipped gradient and changes nothing
         want = naive_microbatch_grads(reference, F.cross_entropy, x, y, micro_batch_size=b, max_grad_norm=1.0)
+        opt.param_groups[0]["lr"] = 0.0  # the step writes the clipped gradient and changes nothing
         _step(model, opt, x, y)
         errors[name] = max(float((p.grad - want[n]).norm() / want[n].norm()) for n, p in model.named_parameters())
     return errors
@@ -111,6 +114,7 @@ def check(kind: str, bs: list[int]) -> dict:
 def run(kind: str, B: int, T: int, d: int, hidden: int, bs: list[int], rounds: int, warmup: int) -> dict:
     """Median step times (ms) and median per-round ratios to plain for every method."""
     methods = _methods(kind, d, hidden, bs)
+    del methods["reference"]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, T, d, generator=g)
     y = torch.randint(0, CLASSES, (B,), generator=g)
