@@ -146,15 +146,17 @@ class RNNCapture(TorchFunctionMode):
             proj_hook = gi.new_zeros(batch, T, w_hr.shape[0]).requires_grad_()
             zeros_p = proj_hook.unbind(1)
         w_hh_t = w_hh.t()
+        hidden = w_hh.shape[1] if w_hr is None else w_hr.shape[1]  # LSTM: c's size
         hs: list = [None] * T
         hprev: list = [None] * T
         us: list = [None] * T
         for t in (range(T - 1, -1, -1) if reverse else range(T)):
             hprev[t] = h.detach()
             if mode == "LSTM":
-                i, f, g, o = torch.addmm(steps[t], h, w_hh_t).chunk(4, 1)
-                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                u = torch.sigmoid(o) * torch.tanh(c)
+                gates = torch.addmm(steps[t], h, w_hh_t)
+                i, f, _, o = torch.sigmoid(gates).chunk(4, 1)  # one kernel for the three sigmoid gates
+                c = torch.addcmul(f * c, i, torch.tanh(gates[:, 2 * hidden:3 * hidden]))
+                u = o * torch.tanh(c)
                 if w_hr is not None:
                     us[t] = u.detach()
                     h = torch.addmm(zeros_p[t], u, w_hr.t())
