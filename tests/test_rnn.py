@@ -89,9 +89,29 @@ def test_bidirectional_two_layers_equal_naive_loop(options, batch_first, b):
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 def test_initial_state_and_every_route(kind, grad_mode):
     torch.manual_seed(0)
-    h0 = kind != "LSTM"  # an LSTM's (h_0, c_0) tuple input is refused by the hooks
-    _compare(Net(kind, False, use_hidden=True, bidirectional=True, h0=h0).double(), 2, seq_len=3,
+    _compare(Net(kind, False, use_hidden=True, bidirectional=True, h0=kind != "LSTM").double(), 2, seq_len=3,
              grad_mode=grad_mode)
+
+
+class LearnedState(nn.Module):
+    """An LSTM whose (h_0, c_0) a Linear computes from the input: gradients reach it through the state."""
+
+    def __init__(self):
+        super().__init__()
+        self.init = nn.Linear(4, 5)
+        self.rnn = nn.LSTM(4, 5, num_layers=2, bidirectional=True)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):  # x: (B, T, 4), the LSTM sequence-first
+        h0 = torch.tanh(self.init(x.mean(1)))[None].expand(4, -1, -1).contiguous()
+        _, (h, c) = self.rnn(x.transpose(0, 1), (h0, 0.5 * h0))
+        return self.head(h[-1] + c[0])
+
+
+@pytest.mark.parametrize("b", [1, 2])
+def test_lstm_with_a_learned_initial_state_tuple(b):
+    torch.manual_seed(0)
+    _compare(LearnedState().double(), b, seq_len=5)
 
 
 def test_dropout_between_layers_in_training_is_exact():

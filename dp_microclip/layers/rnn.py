@@ -29,8 +29,10 @@ Linear record per weight:
   output-gradient rows ``dL/dh_t``.
 
 Inter-layer dropout in training is exact: the masks are drawn here, and the
-dropped input is what the record keeps. ``PackedSequence`` inputs are refused
-by the hooks before the module runs.
+dropped input is what the record keeps. An initial state (an LSTM's
+``(h_0, c_0)`` too) is used as given; gradients reach whatever computed it through
+the ordinary graph. ``PackedSequence`` inputs are refused by the hooks before the
+module runs (a packed batch would need its rows mapped back to examples).
 """
 
 from __future__ import annotations
