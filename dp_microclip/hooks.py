@@ -31,6 +31,7 @@ from . import contract
 from .capture import CaptureSink
 from .errors import BatchError, PrivacyError, UnsupportedModuleError
 from .layers.attention import AttentionCapture, LinearParts
+from .layers.rnn import RNNCapture
 from .layers.registry import rule_for_type
 from .layout import BROADCAST, CallLayout, LayoutLearner, shrink_batch
 from .records import ForwardContext, Record, Shared, Unit
@@ -132,6 +133,8 @@ class HookSet:
         """Hook one unit: its forward hook captures inputs and watches the output's gradient."""
         if unit.kind == "attention":
             self._install_attention(unit)
+        elif unit.kind == "rnn":
+            self._install_rnn(unit)
         else:
             self._install_layer(unit)
 
@@ -410,3 +413,62 @@ class HookSet:
 
         self.handles.append(mha.register_forward_pre_hook(pre, with_kwargs=True))
         self.handles.append(mha.register_forward_hook(post, with_kwargs=True, always_call=True))
+
+    # --------------------------------------------------------------------- RNNs
+    def _install_rnn(self, unit: Unit) -> None:
+        """nn.LSTM / GRU / RNN: run step by step (layers/rnn.py); one Linear record per weight matrix."""
+        linear_rule = rule_for_type(nn.Linear)
+        modes: list[RNNCapture] = []
+
+        def pre(module, args, kwargs):
+            if self.layouts.probing is not None:
+                return None
+            ctx = self._capturing()
+            if ctx is None:
+                return None
+            for i, a in enumerate(args):
+                if isinstance(a, nn.utils.rnn.PackedSequence):
+                    raise UnsupportedModuleError(
+                        f"{unit.path} ({type(module).__name__}): input {i} is a PackedSequence, which cannot be "
+                        "split per example yet. Pass padded tensors instead (torch.nn.utils.rnn.pad_packed_sequence), "
+                        "masking padded steps in the loss."
+                    )
+
+            def on_part(weight: str, bias: str | None, parts: LinearParts, x, source, source_dim: int):
+                params = {k: unit.params[n] for k, n in (("weight", weight), ("bias", bias)) if n in unit.params}
+                if not params:
+                    return
+                if x.shape[0] != ctx.batch_size:
+                    raise BatchError(
+                        f"{unit.path} ({type(module).__name__}) ran on {x.shape[0]} examples in a batch of "
+                        f"{ctx.batch_size}: its batch_first={module.batch_first} does not match the input's layout. "
+                        "Pass the input in the layout the module declares."
+                    )
+
+                def on_grad(grad):
+                    if self.sink.active:
+                        g = (grad.movedim(source_dim, 0) if source_dim else grad).detach()
+                        self.sink.emit(Record(unit, f"{unit.path}.{weight}", linear_rule, parts, params, (x,), {},
+                                              g, ctx, 0))
+
+                source.register_hook(on_grad)
+
+            mode = RNNCapture(module, unit.path, on_part)
+            mode.__enter__()
+            modes.append(mode)
+            return None
+
+        def post(module, args, kwargs, output):
+            if not modes:
+                return None
+            mode = modes.pop()
+            mode.__exit__(None, None, None)
+            if mode.calls != 1 and self.sink.active and torch.is_grad_enabled():
+                raise UnsupportedModuleError(
+                    f"{unit.path}: {type(module).__name__} ran without the expected fused RNN call "
+                    "(a changed torch version?); its parameters would be missed. Report this with your torch version."
+                )
+            return None
+
+        self.handles.append(unit.module.register_forward_pre_hook(pre, with_kwargs=True))
+        self.handles.append(unit.module.register_forward_hook(post, with_kwargs=True, always_call=True))

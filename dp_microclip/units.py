@@ -16,6 +16,7 @@ from torch import nn
 from .errors import ConfigurationError, UnsupportedModuleError
 from .records import Unit
 from .layers.registry import rule_for
+from .layers.rnn import is_captured_rnn
 from .layers.traits import INDEPENDENT_WITHOUT_RULE, MIXES_EXAMPLES
 from .layers.validators import module_problems
 from .layout import declared_batch_dim
@@ -97,6 +98,9 @@ def find_units(
             continue
         has_parametrized = any(p.requires_grad for pl in _parametrized_tensors(module).values()
                                for p in pl.parameters())
+        if own and not has_parametrized and is_captured_rnn(module):
+            units.append(Unit(path, module, "rnn", None, own, batch_dim))  # layers/rnn.py: Linear records
+            continue
         if not own and not has_parametrized:
             continue
         if isinstance(module, MIXES_EXAMPLES) and not dp:
@@ -174,7 +178,8 @@ def check_optimizer_parameters(optimizer, managed_ids: set[int], names: dict[int
 
 def summarize(units: list[Unit], header: str) -> str:
     """``engine.summary()``: one line per hooked unit (path, type, route, parameters), then the generic ones."""
-    route = {"rule": "rule", "attention": "attention capture + Linear rule", "generic": "generic torch.func"}
+    route = {"rule": "rule", "attention": "attention capture + Linear rule", "rnn": "RNN capture + Linear rule",
+             "generic": "generic torch.func"}
     lines = [header]
     for unit in units:
         lines.append(f"  {unit.path or '<root>'}: {type(unit.module).__name__} -> {route[unit.kind]} "

@@ -1,6 +1,6 @@
 """Layer rules. Importing this package registers the built-in rules (third-party ones lazily, by class name)."""
 
-from . import conv, conv_transpose, embedding, linear, misc, norms, third_party, validators  # noqa: F401  (register at import)
+from . import conv, conv_transpose, embedding, linear, misc, norms, rnn, third_party, validators  # noqa: F401  (register at import)
 from .registry import (
     LayerRule,
     register_lazy_rule,

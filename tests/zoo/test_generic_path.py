@@ -21,9 +21,6 @@ pytest.importorskip("transformers")
 # Listed in docs/models.md ("Modules on the generic path"), with the reason.
 DOCUMENTED = {
     "WhisperPositionalEmbedding": "an Embedding subclass whose forward indexes its weight directly",
-    "LSTM": "RNNs have no rule; the generic path is exact for them",
-    "GRU": "RNNs have no rule; the generic path is exact for them",
-    "RNN": "RNNs have no rule; the generic path is exact for them",
 }
 MODULES = ("test_hf_encoders", "test_hf_decoders", "test_hf_seq2seq_speech", "test_peft", "test_torch_modules")
 
