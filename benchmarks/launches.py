@@ -71,7 +71,7 @@ def _setup(workload, method: str):
                                      grad_mode="bookkeeping", verify_steps=0)
     elif method == "dp b=1":
         engine = dp_microclip.attach(
-            model, opt, micro_batch_size=1, max_grad_norm=1.0, grad_mode="bookkeeping", verify_steps=0, seed=0,
+            model, opt, micro_batch_size=1, max_grad_norm=1.0, grad_mode="bookkeeping", verify_steps=0,
             privacy=dp_microclip.DP(noise_multiplier=1.0, sample_rate=0.01, expected_batch_size=workload.batch_size,
                                     sampling="poisson", delta=1e-5, accountant="rdp"))
     return model, opt, engine
