@@ -398,21 +398,8 @@ class HookSet:
             modes.append(mode)
             return None
 
-        def post(module, args, kwargs, output):
-            if not modes:
-                return None
-            mode = modes.pop()
-            mode.__exit__(None, None, None)
-            if mode.calls != 1 and self.sink.active and torch.is_grad_enabled():
-                raise UnsupportedModuleError(
-                    f"{unit.path}: nn.MultiheadAttention ran without the expected projection call "
-                    "(a fast path or a changed torch version?); its parameters would be missed. "
-                    "Report this with your torch version."
-                )
-            return None
-
-        self.handles.append(mha.register_forward_pre_hook(pre, with_kwargs=True))
-        self.handles.append(mha.register_forward_hook(post, with_kwargs=True, always_call=True))
+        self._install_capture(mha, pre, modes, f"{unit.path}: nn.MultiheadAttention ran without the expected "
+                              "projection call (a fast path or a changed torch version?)")
 
     # --------------------------------------------------------------------- RNNs
     def _install_rnn(self, unit: Unit) -> None:
@@ -458,6 +445,13 @@ class HookSet:
             modes.append(mode)
             return None
 
+        self._install_capture(unit.module, pre, modes, f"{unit.path}: {type(unit.module).__name__} ran without "
+                              "the expected fused RNN call (a changed torch version?)")
+
+    def _install_capture(self, module: nn.Module, pre, modes: list, missing: str) -> None:
+        """Hook a module whose parameters a function mode captures: ``pre`` enters the mode, the forward hook
+        leaves it and refuses a forward in which the mode saw no call (its parameters would be missed)."""
+
         def post(module, args, kwargs, output):
             if not modes:
                 return None
@@ -465,10 +459,8 @@ class HookSet:
             mode.__exit__(None, None, None)
             if mode.calls != 1 and self.sink.active and torch.is_grad_enabled():
                 raise UnsupportedModuleError(
-                    f"{unit.path}: {type(module).__name__} ran without the expected fused RNN call "
-                    "(a changed torch version?); its parameters would be missed. Report this with your torch version."
-                )
+                    f"{missing}; its parameters would be missed. Report this with your torch version.")
             return None
 
-        self.handles.append(unit.module.register_forward_pre_hook(pre, with_kwargs=True))
-        self.handles.append(unit.module.register_forward_hook(post, with_kwargs=True, always_call=True))
+        self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        self.handles.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))
