@@ -22,11 +22,11 @@ from torch import nn
 from .engine import Engine, ProcessParts
 from .errors import ConfigurationError, PrivacyError
 from .privacy import DP_HISTORY, warn_seeded
-from .grouping import public_groups
+from .grouping import public_groups, resolve_grouping
 from .layout import declared_batch_first
 from .settings import (
     DP, SAMPLINGS, CLIPPING_MODES, FALLBACKS, GRAD_MODES, GROUPINGS, LOSS_REDUCTIONS, NONFINITE_POLICIES, ClipSettings,
-    EngineSettings, check_choice, check_positive_finite, is_real, total_bound,
+    EngineSettings, check_choice, check_int, check_positive_finite, is_real, total_bound,
 )
 from .units import find_units, managed_parameters
 from accounting.mechanism import ADJACENCIES
@@ -127,8 +127,7 @@ def attach(
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ConfigurationError(f"attach(..., optimizer) needs a torch.optim.Optimizer. Found "
                                  f"{type(optimizer).__name__}.")
-    if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
-        raise ConfigurationError(f"micro_batch_size must be an integer >= 1. Found {micro_batch_size!r}.")
+    check_int("micro_batch_size", micro_batch_size)
     _choice("clipping", clipping, CLIPPING_MODES)
     _choice("grad_mode", grad_mode, GRAD_MODES)
     _choice("grouping", grouping, GROUPINGS)
@@ -151,10 +150,9 @@ def attach(
     normalize_gamma = check_positive_finite("normalize_gamma", normalize_gamma)
     if expected_batch_size is not None:
         check_positive_finite("expected_batch_size", expected_batch_size)
-    if num_groups is not None and (isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1):
-        raise ConfigurationError(f"num_groups must be an integer >= 1. Found {num_groups!r}.")
-    if isinstance(verify_steps, bool) or not isinstance(verify_steps, int) or verify_steps < 0:
-        raise ConfigurationError(f"verify_steps must be an integer >= 0. Found {verify_steps!r}.")
+    if num_groups is not None:
+        check_int("num_groups", num_groups)
+    check_int("verify_steps", verify_steps, minimum=0)
     _choice("sampling", sampling, SAMPLINGS)
     _choice("adjacency", adjacency, ADJACENCIES)
     privacy_state = None
@@ -225,8 +223,8 @@ def _dp_setup(*, micro_batch_size, clipping, grouping, noise_multiplier, target_
             'differential-privacy guarantee. Use clipping="fixed" (or "per_layer"/"normalize") with noise, or '
             "adaptive clipping without noise_multiplier/target_epsilon."
         )
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ConfigurationError(f"steps must be an integer >= 1. Found {steps!r}.")
+    if steps is not None:
+        check_int("steps", steps)
     if epochs is not None:
         check_positive_finite("epochs", epochs)
     if sample_rate is None or not is_real(sample_rate) or not (0 < sample_rate <= 1):
@@ -243,8 +241,8 @@ def _dp_setup(*, micro_batch_size, clipping, grouping, noise_multiplier, target_
         check_supported(accountant, adjacency)
     except ValueError as err:
         raise PrivacyError(str(err)) from err
-    if grouping == "auto" or micro_batch_size == 1 and grouping != "user":
-        grouping = "keyed"  # b = 1: every example its own group; position plays no role
+    if grouping == "auto" or micro_batch_size == 1:
+        grouping = resolve_grouping(grouping, micro_batch_size, dp=True)  # the ledger records the grouping used
     if steps is None and epochs is not None:
         steps = steps_from_epochs(epochs, sample_rate)
     if target_epsilon is not None:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .tensors import output_tensors
+from .tensors import LOW_PRECISION
 
 _DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
 _FINGERPRINT_ELEMENTS = 64  # elements of each row that enter its fingerprint
@@ -54,7 +55,7 @@ class NoDropout(TorchFunctionMode):
 def _tolerance(t: torch.Tensor) -> float:
     if t.dtype == torch.float64:
         return 1e-7
-    if t.dtype in (torch.float16, torch.bfloat16):
+    if t.dtype in LOW_PRECISION:
         return 3e-2
     return 1e-3
 

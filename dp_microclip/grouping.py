@@ -167,6 +167,16 @@ def missing_public_groups() -> ConfigurationError:
     )
 
 
+def resolve_grouping(requested: str, micro_batch_size: int, dp: bool) -> str:
+    """The one grouping decision: "user" stays; DP mode, b = 1 in DP mode and "keyed" give keyed groups
+    (each record's group from its own coin; at b = 1 every example is its own group); else contiguous."""
+    if requested == "user":
+        return "user"
+    if requested == "keyed" or dp:
+        return "keyed"
+    return "contiguous"
+
+
 @dataclass
 class GroupingPlan:
     """How the examples of each batch form micro-batches.
@@ -187,8 +197,7 @@ class GroupingPlan:
     public_num_groups: int | None = None
 
     def __post_init__(self):
-        self.mode = "user" if self.requested == "user" else (
-            "keyed" if self.requested == "keyed" or self.dp else "contiguous")
+        self.mode = resolve_grouping(self.requested, self.micro_batch_size, self.dp)
         if self.public_num_groups is not None:
             self.num_groups = self.public_num_groups
 

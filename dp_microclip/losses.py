@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from .tensors import LOW_PRECISION
 
 __all__ = [
     "per_example_mean_loss", "causal_lm_per_example_loss", "per_example_mean",
@@ -86,7 +87,7 @@ def per_example_mean_loss(
             f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not match: logits must be "
             "labels' shape plus a class dimension."
         )
-    if logits.dtype in (torch.float16, torch.bfloat16):
+    if logits.dtype in LOW_PRECISION:
         logits = logits.float()
     valid = labels != ignore_index
     token_loss = F.cross_entropy(
@@ -158,7 +159,7 @@ def sequence_classification_per_example_loss(
             problem_type = "single_label_classification"
         else:
             problem_type = "multi_label_classification"
-    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    logits = logits.float() if logits.dtype in LOW_PRECISION else logits
     if problem_type == "regression":
         return (logits.reshape(len(logits), -1) - labels.reshape(len(labels), -1).to(logits.dtype)).pow(2).mean(1)
     if problem_type == "single_label_classification":

@@ -41,6 +41,13 @@ def is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum`` (bools refused), or ConfigurationError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ConfigurationError(f"{name} must be an integer >= {minimum}. Found {value!r}.")
+    return int(value)
+
+
 def check_positive_finite(name: str, value) -> float:
     """``value`` as a float, or a ConfigurationError when it is not a finite number > 0 (NaN and inf included)."""
     if not is_real(value) or not math.isfinite(float(value)) or float(value) <= 0:

@@ -63,6 +63,7 @@ from ..grouping import Groups
 from .linear import _as_rows, linear_group_sq_norms
 from .norms import group_norm_group_grads, layer_norm_group_grads, rms_norm_group_grads
 from .registry import LayerRule, register_lazy_rule
+from ..tensors import LOW_PRECISION
 
 
 # ----------------------------------------------------------------------------------- HF Conv1D
@@ -148,7 +149,7 @@ def t5_layer_norm_group_grads(layer, inputs, out_grad, groups: Groups) -> dict:
     x = inputs[0]
     variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
     h = x * torch.rsqrt(variance + _eps(layer))
-    if layer.weight.dtype in (torch.float16, torch.bfloat16):
+    if layer.weight.dtype in LOW_PRECISION:
         h = h.to(layer.weight.dtype)
     return _weight_group_grads(layer, out_grad * h, groups)
 

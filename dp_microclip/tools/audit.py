@@ -50,6 +50,7 @@ from accounting.audit import epsilon_lower_bound, score_guesses
 from accounting.errors import OneLineParser, UsageError
 
 from ..errors import ConfigurationError
+from ..settings import check_int
 from .audit_canaries import gradient_canary_run, input_canary_run
 
 CANARY_KINDS = ("gradient", "input")
@@ -120,11 +121,11 @@ class AuditConfig:
             raise ConfigurationError(f"canary={self.canary!r} is not one of {CANARY_KINDS}.")
         if self.score not in SCORES:
             raise ConfigurationError(f"score={self.score!r} is not one of {SCORES}.")
-        _positive_int("num_canaries", self.num_canaries, minimum=2)
-        _positive_int("num_fillers", self.num_fillers, minimum=0)
-        _positive_int("micro_batch_size", self.micro_batch_size)
-        _positive_int("steps", self.steps)
-        _positive_int("seed", self.seed, minimum=0)
+        check_int("num_canaries", self.num_canaries, minimum=2)
+        check_int("num_fillers", self.num_fillers, minimum=0)
+        check_int("micro_batch_size", self.micro_batch_size)
+        check_int("steps", self.steps)
+        check_int("seed", self.seed, minimum=0)
         for name in ("max_grad_norm", "learning_rate", "canary_scale"):
             value = getattr(self, name)
             if (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
@@ -165,14 +166,9 @@ class AuditConfig:
             default = (max(1, self.num_canaries // 10), max(1, self.num_canaries // 10))
         k_pos = default[0] if self.k_pos is None else self.k_pos
         k_neg = default[1] if self.k_neg is None else self.k_neg
-        _positive_int("k_pos", k_pos, minimum=0)
-        _positive_int("k_neg", k_neg, minimum=0)
+        check_int("k_pos", k_pos, minimum=0)
+        check_int("k_neg", k_neg, minimum=0)
         return k_pos, k_neg
-
-
-def _positive_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigurationError(f"{name} must be an integer >= {minimum}. Found {value!r}.")
 
 
 @dataclass(frozen=True)
