@@ -420,7 +420,7 @@ def main(argv=None) -> None:
         for noise in args.noise:
             result, prefix = claim(f_tr, y_tr, (f_te, y_te), noise, args, Path(args.out))
             result.save(Path(args.out), prefix, plots=False)
-            print(f"## label noise {noise}\n{result.table() if hasattr(result, 'table') else result}")
+            print(f"## label noise {noise}\n{result.to_markdown()}")
     elif args.cmd == "smoke":
         x_tr, y_tr, x_te, y_te = load_fmnist(args.data)
         small = (x_tr[:512], y_tr[:512], x_te[:256], y_te[:256])

@@ -138,3 +138,20 @@ def test_scatter_features_if_kymatio_is_installed():
         pytest.skip("kymatio not installed (pip install 'dp-microclip[experiments]')")
     f = fmnist.scatter(torch.rand(3, 1, 28, 28))
     assert f.shape == (3, 81, 7, 7)
+
+
+def test_claim_code_path_on_random_features(tmp_path):
+    """Part 2's small-scale sweep runs end to end (random features: checks the plumbing, not the science)."""
+    import argparse
+
+    torch.manual_seed(0)
+    feats = torch.randn(150, 81, 7, 7)
+    labels = torch.arange(150) % 10
+    test = (torch.randn(20, 81, 7, 7), torch.arange(20) % 10)
+    args = argparse.Namespace(subset=100, epochs=1, seeds=1, b=[1, 4], batch_size=20, lrs=[0.1])
+    result, prefix = fmnist.claim(feats, labels, test, 0.2, args, tmp_path)
+    assert prefix == "fmnist-claim-noise0.2"
+    table = result.to_markdown()
+    for method in ("plain", "fixed", "adaptive"):
+        assert method in table
+    assert (tmp_path / "fmnist-claim-noise0.2.runs.jsonl").exists()
