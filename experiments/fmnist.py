@@ -205,12 +205,15 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 20
 
 
 # ------------------------------------------------------------------------------------------- one run
-def train_dp(row: str, method: str, seed: int, data, epochs: int = 40, log=None, **overrides) -> dict:
-    """One DP-SGD run of a Table 1 ``row`` with ``method`` (``engine`` or ``opacus``); returns the result dict.
+def train_dp(row: str, method: str, seed: int, data, epochs: int = 40, log=None, progress=None,
+             **overrides) -> dict:
+    """One DP-SGD run of a Table 1 ``row`` with ``method`` (``engine``, ``opacus``, ``opacus_ghost``).
 
     ``data`` is ``(x_train, y_train, x_test, y_test)`` (pixels for ``cnn``, ScatterNet features for the
     others). ``overrides`` replace entries of the row's settings (``batch_size``, ``lr``, ...), for
     smoke runs. Seed ``seed`` fixes the initialisation and the sampling and noise generators.
+    ``progress(partial_result)`` is called after every epoch (so a run stopped by a time limit
+    leaves what it reached). Returns the result dict.
     """
     cfg = {**COMMON, **ROWS[row], **overrides, "epochs": epochs, "row": row, "method": method, "seed": seed}
     x_tr, y_tr, x_te, y_te = data
@@ -222,6 +225,7 @@ def train_dp(row: str, method: str, seed: int, data, epochs: int = 40, log=None,
     model = MODELS[row]()
     opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"])
     t0 = time.perf_counter()
+    loss_fn = F.cross_entropy
     if method == "engine":
         import dp_microclip
 
@@ -231,28 +235,40 @@ def train_dp(row: str, method: str, seed: int, data, epochs: int = 40, log=None,
         loader = engine.data_loader(train_set)
         epsilon = engine.epsilon
         net = model
-    elif method == "opacus":
-        from opacus import GradSampleModule
+    elif method in ("opacus", "opacus_ghost"):
         from opacus.accountants import PRVAccountant
         from opacus.data_loader import DPDataLoader
-        from opacus.optimizers import DPOptimizer
 
-        net = GradSampleModule(model)
-        opt = DPOptimizer(opt, noise_multiplier=cfg["noise_multiplier"], max_grad_norm=cfg["max_grad_norm"],
-                          expected_batch_size=cfg["batch_size"], generator=torch.Generator().manual_seed(seed + 1))
+        dp = dict(noise_multiplier=cfg["noise_multiplier"], max_grad_norm=cfg["max_grad_norm"],
+                  expected_batch_size=cfg["batch_size"], generator=torch.Generator().manual_seed(seed + 1))
+        if method == "opacus":  # Opacus' default: per-example gradients from hooks
+            from opacus import GradSampleModule
+            from opacus.optimizers import DPOptimizer
+
+            net = GradSampleModule(model)
+            opt = DPOptimizer(opt, **dp)
+        else:  # ghost clipping: per-example norms without per-example gradients, a second backward
+            from opacus.grad_sample import GradSampleModuleFastGradientClipping
+            from opacus.optimizers import DPOptimizerFastGradientClipping
+            from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+            net = GradSampleModuleFastGradientClipping(model, max_grad_norm=cfg["max_grad_norm"],
+                                                       use_ghost_clipping=True)
+            opt = DPOptimizerFastGradientClipping(opt, **dp)
+            loss_fn = DPLossFastGradientClipping(net, opt, nn.CrossEntropyLoss())
         accountant = PRVAccountant()
         opt.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=q))
         loader = DPDataLoader(train_set, sample_rate=q, generator=torch.Generator().manual_seed(seed))
         epsilon = lambda: accountant.get_epsilon(delta=cfg["delta"])  # noqa: E731
     else:
-        raise ValueError(f"method {method!r}: engine or opacus")
+        raise ValueError(f"method {method!r}: engine, opacus or opacus_ghost")
     cfg["setup_s"] = time.perf_counter() - t0
     curve, epoch_s, steps, seen = [], [], 0, 0
     for epoch in range(epochs):
         t = time.perf_counter()
         for xb, yb in loader:
             opt.zero_grad()
-            F.cross_entropy(net(xb), yb).backward()
+            loss_fn(net(xb), yb).backward()
             opt.step()
             steps += 1
             seen += len(yb)
@@ -261,8 +277,12 @@ def train_dp(row: str, method: str, seed: int, data, epochs: int = 40, log=None,
         if log:
             log(f"{row} {method} seed {seed} epoch {epoch + 1}/{epochs}: test {curve[-1]:.4f} "
                 f"({epoch_s[-1]:.1f} s train)")
+        if progress:
+            progress(dict(cfg, epochs_done=epoch + 1, accuracy=curve[-1], best_accuracy=max(curve), curve=list(curve),
+                          epsilon=float(epsilon()), steps=steps, train_s=sum(epoch_s), epoch_s=list(epoch_s),
+                          wall_s=time.perf_counter() - t0))
     cfg.update(
-        accuracy=curve[-1], best_accuracy=max(curve), best_epoch=int(np.argmax(curve)) + 1, curve=curve,
+        epochs_done=epochs, accuracy=curve[-1], best_accuracy=max(curve), best_epoch=int(np.argmax(curve)) + 1, curve=curve,
         epsilon=float(epsilon()), steps=steps, examples=seen, train_s=sum(epoch_s), epoch_s=epoch_s,
         wall_s=time.perf_counter() - t0)
     if method == "engine":
@@ -274,6 +294,11 @@ def train_dp(row: str, method: str, seed: int, data, epochs: int = 40, log=None,
 def run_path(row: str, method: str, seed: int, epochs: int, out: Path = RUNS) -> Path:
     """Where one run's JSON lives (its presence means the run is done)."""
     return Path(out) / f"table1-{row}-{method}-e{epochs}-s{seed}.json"
+
+
+def partial_path(path: Path) -> Path:
+    """Where a run's progress is written after every epoch until it finishes (``*.partial.json``)."""
+    return Path(path).with_suffix(".partial.json")
 
 
 def row_data(row: str, cache: Path | None = CACHE, root=None):
@@ -302,12 +327,15 @@ def report(out: Path = RUNS, dest: Path = RESULTS) -> str:
     runs = [json.loads(p.read_text()) for p in sorted(Path(out).glob("table1-*.json"))]
     groups: dict = {}
     for r in runs:
-        groups.setdefault((r["row"], r["method"], r["epochs"]), []).append(r)
+        done = r.get("epochs_done", r["epochs"])
+        # a run stopped early (time limit) is its own group, labelled "k of E": never mixed with finished runs
+        key = r["epochs"] if done == r["epochs"] else f"{done} of {r['epochs']} (stopped)"
+        groups.setdefault((r["row"], r["method"], key), []).append(r)
     lines = ["| row | paper | method | epochs | seeds | final test acc. (%) | per seed | best epoch's acc. (%) "
-             "| epsilon (PRV) | wall s per run |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| epsilon (PRV) | train s per epoch | wall s per run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     blob = []
     order = {k: i for i, k in enumerate(ROWS)}
-    for (row, method, epochs), rs in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1], kv[0][2])):
+    for (row, method, epochs), rs in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1], str(kv[0][2]))):
         rs = sorted(rs, key=lambda r: r["seed"])
         acc = [100 * r["accuracy"] for r in rs]
         best = [100 * r["best_accuracy"] for r in rs]
@@ -315,11 +343,12 @@ def report(out: Path = RUNS, dest: Path = RESULTS) -> str:
         interval = f"{m:.2f} [{lo:.2f}, {hi:.2f}]" if len(acc) > 1 else f"{m:.2f}"
         eps = sorted({round(r["epsilon"], 3) for r in rs})
         wall = [r["wall_s"] for r in rs]
+        per_epoch = [r["train_s"] / r.get("epochs_done", r["epochs"]) for r in rs]
         lines.append(f"| {ROWS[row]['title']} | {ROWS[row]['paper']} | {method} | {epochs} | "
                      f"{','.join(str(r['seed']) for r in rs)} | {interval} | {', '.join(f'{a:.2f}' for a in acc)} | "
-                     f"{np.mean(best):.2f} | {', '.join(map(str, eps))} | {np.mean(wall):.0f} |")
+                     f"{np.mean(best):.2f} | {', '.join(map(str, eps))} | {np.mean(per_epoch):.1f} | {np.mean(wall):.0f} |")
         blob.append(dict(row=row, method=method, epochs=epochs, seeds=[r["seed"] for r in rs], accuracy=acc,
-                         mean=m, t95=[lo, hi], best_epoch_accuracy=best, epsilon=eps, wall_s=wall,
+                         mean=m, t95=[lo, hi], best_epoch_accuracy=best, epsilon=eps, wall_s=wall, train_s_per_epoch=per_epoch,
                          paper=ROWS[row]["paper"]))
     text = ("Fashion-MNIST, Tramer & Boneh (2021) Table 1 at (epsilon=3, delta=1e-5). Regenerate: "
             "`python -m experiments.fmnist table1 ...` then `python -m experiments.fmnist report`. "
@@ -372,7 +401,7 @@ def main(argv=None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("table1", help="the Table 1 runs (resumable: finished runs are skipped)")
     t.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
-    t.add_argument("--methods", nargs="+", default=["engine", "opacus"], choices=["engine", "opacus"])
+    t.add_argument("--methods", nargs="+", default=["engine", "opacus"], choices=["engine", "opacus", "opacus_ghost"])
     t.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     t.add_argument("--epochs", type=int, default=40)
     t.add_argument("--out", default=str(RUNS))
@@ -405,9 +434,12 @@ def main(argv=None) -> None:
                         log(f"done already: {path.name}")
                         continue
                     data = data or row_data(row, root=args.data)
-                    res = train_dp(row, method, seed, data, epochs=args.epochs, log=log)
                     path.parent.mkdir(parents=True, exist_ok=True)
+                    partial = partial_path(path)
+                    res = train_dp(row, method, seed, data, epochs=args.epochs, log=log,
+                                   progress=lambda r, f=partial: f.write_text(json.dumps(r, indent=1)))
                     path.write_text(json.dumps(res, indent=1))
+                    partial.unlink(missing_ok=True)
                     log(f"== {path.name}: acc {res['accuracy']:.4f} (best {res['best_accuracy']:.4f}), "
                         f"eps {res['epsilon']:.3f}, {res['wall_s']:.0f} s")
         out = Path(args.out)

@@ -6,6 +6,7 @@ Nothing here needs the Debian package or kymatio: the fixture is written into tm
 from __future__ import annotations
 
 import gzip
+import json
 import struct
 
 import numpy as np
@@ -94,12 +95,15 @@ def test_flip_labels_flips_exactly_the_fraction():
     assert torch.all(noisy[mask] != y[mask]) and torch.equal(noisy[~mask], y[~mask])
 
 
-@pytest.mark.parametrize("method", ["engine", "opacus"])
+@pytest.mark.parametrize("method", ["engine", "opacus", "opacus_ghost"])
 def test_tiny_dp_run(fixture_dir, tmp_path, method):
     """A few seconds of the Table 1 training loop on the fixture: it records what ran and an epsilon."""
     torch.set_num_threads(1)
     data = fmnist.load_fmnist(fixture_dir)
-    res = fmnist.train_dp("cnn", method, 0, data, epochs=2, batch_size=10, lr=0.5)
+    seen = []
+    res = fmnist.train_dp("cnn", method, 0, data, epochs=2, batch_size=10, lr=0.5, progress=seen.append)
+    assert [r["epochs_done"] for r in seen] == [1, 2] and seen[-1]["curve"] == res["curve"]
+    assert seen[0]["epsilon"] < seen[1]["epsilon"] == pytest.approx(res["epsilon"])
     assert res["row"] == "cnn" and res["method"] == method and res["epochs"] == 2
     assert len(res["curve"]) == 2 and 0.0 <= res["accuracy"] <= 1.0
     assert res["sample_rate"] == pytest.approx(10 / 40)
@@ -121,10 +125,16 @@ def test_engine_and_opacus_spend_the_same_epsilon(fixture_dir):
 def test_report_summarises_runs(tmp_path):
     for seed, acc in ((0, 0.80), (1, 0.82)):
         run = dict(row="linear", method="engine", epochs=3, seed=seed, accuracy=acc, best_accuracy=acc + 0.01,
-                   epsilon=1.5, wall_s=10.0)
-        fmnist.run_path("linear", "engine", seed, 3, tmp_path).write_text(__import__("json").dumps(run))
+                   epsilon=1.5, wall_s=10.0, train_s=9.0)
+        fmnist.run_path("linear", "engine", seed, 3, tmp_path).write_text(json.dumps(run))
+    stopped = dict(row="linear", method="engine", epochs=3, epochs_done=1, seed=2, accuracy=0.5,
+                   best_accuracy=0.5, epsilon=0.5, wall_s=4.0, train_s=3.0)
+    fmnist.partial_path(fmnist.run_path("linear", "engine", 2, 3, tmp_path)).write_text(json.dumps(stopped))
     text = fmnist.report(tmp_path, tmp_path)
     assert "| ScatterNet + linear | 89.7 | engine | 3 | 0,1 | 81.00 [" in text
+    assert "| 3.0 | 10 |" in text                        # 9 s over 3 epochs; wall per run
+    # the stopped run is reported on its own line, never averaged with the finished ones
+    assert "| engine | 1 of 3 (stopped) | 2 | 50.00 |" in text
     assert (tmp_path / "fmnist-table1.json").exists()
     m, lo, hi = fmnist.t_interval([80.0, 82.0])
     assert m == 81.0 and lo < 80.0 and hi > 82.0     # t with 1 d.o.f. is wide
