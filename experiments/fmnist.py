@@ -375,7 +375,13 @@ def flip_labels(y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tens
 
 
 def claim(features, labels, test, noise: float, args, out: Path = RESULTS):
-    """SMALL-SCALE Part 2 for one label-noise rate: plain vs fixed/adaptive clipping, tuned on validation."""
+    """SMALL-SCALE Part 2 for one label-noise rate: plain vs fixed/adaptive clipping, tuned on validation.
+
+    A subset of ``args.subset`` training examples (and a validation split a fifth of that, as noisy),
+    the ScatterNet + linear model, :func:`dp_microclip.sweep.sweep` over ``args.b`` and ``args.lrs``.
+    Limits: the flipped labels are drawn once (not per seed), and the tuning seeds' runs are reused
+    as reporting runs (the sweep's design). Returns ``(SweepResult, file prefix)``.
+    """
     from dp_microclip.sweep import SweepSettings, sweep
 
     g = torch.Generator().manual_seed(1234)
@@ -385,7 +391,7 @@ def claim(features, labels, test, noise: float, args, out: Path = RESULTS):
     y_va, _ = flip_labels(labels[va], noise, seed=1)  # validation as noisy as training; test stays clean
     settings = SweepSettings(
         methods=("plain", "fixed", "adaptive"), micro_batch_sizes=tuple(args.b), seeds=tuple(range(args.seeds)),
-        tune_seeds=1, learning_rates=tuple(args.lrs), max_grad_norms=(0.1, 1.0), batch_size=args.batch_size,
+        tune_seeds=min(2, args.seeds), learning_rates=tuple(args.lrs), max_grad_norms=(0.1, 1.0), batch_size=args.batch_size,
         epochs=args.epochs, name=f"fmnist-claim-{noise}-{args.subset}-{args.epochs}")
     prefix = f"fmnist-claim-noise{noise}"
     return sweep(scatter_linear, (features[tr], y_tr), (features[va], y_va), test, settings,
@@ -410,7 +416,7 @@ def main(argv=None) -> None:
     c = sub.add_parser("claim", help="small-scale Part 2 (noise-free clipping vs plain SGD, flipped labels)")
     c.add_argument("--subset", type=int, default=6000)
     c.add_argument("--epochs", type=int, default=5)
-    c.add_argument("--seeds", type=int, default=3)
+    c.add_argument("--seeds", type=int, default=5, help="paired seeds (the first 2 also tune)")
     c.add_argument("--noise", nargs="+", type=float, default=[0.0, 0.2, 0.4])
     c.add_argument("--b", nargs="+", type=int, default=[1, 4, 16, 64])
     c.add_argument("--batch-size", type=int, default=64)
