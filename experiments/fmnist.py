@@ -467,5 +467,14 @@ def main(argv=None) -> None:
             print(f"cnn {method}: acc {r['accuracy']:.3f} eps {r['epsilon']:.2f} {r['wall_s']:.1f} s")
 
 
+def cli(argv=None) -> None:
+    """``main`` with a missing data set reported as one line (exit status 2), not a traceback."""
+    try:
+        main(argv)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    main()
+    cli()

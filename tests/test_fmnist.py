@@ -165,3 +165,11 @@ def test_claim_code_path_on_random_features(tmp_path):
     for method in ("plain", "fixed", "adaptive"):
         assert method in table
     assert (tmp_path / "fmnist-claim-noise0.2.runs.jsonl").exists()
+
+
+def test_command_line_names_the_package_when_data_is_missing(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        fmnist.cli(["--data", str(tmp_path), "smoke"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "apt-get install dataset-fashion-mnist" in err and "Traceback" not in err
