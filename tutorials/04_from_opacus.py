@@ -85,7 +85,7 @@ model_opacus, opt_opacus, loader_opacus = privacy_engine.make_private(
 opt_engine = torch.optim.SGD(model_engine.parameters(), lr=1.0)
 engine = dp_microclip.attach(model_engine, opt_engine, micro_batch_size=1, max_grad_norm=C,
                              privacy=dp_microclip.DP(noise_multiplier=Z, delta=DELTA, sample_rate=Q,
-                                                     expected_batch_size=Q * N))
+                                                     expected_batch_size=Q * N, sampling="poisson"))
 engine.noise = False
 
 xb, yb = next(iter(loader_opacus))              # one Poisson batch
@@ -183,7 +183,7 @@ model_b4.load_state_dict({k: v for k, v in zip(model_b4.state_dict(), start)})
 opt_b4 = torch.optim.SGD(model_b4.parameters(), lr=1.0)
 engine_b4 = dp_microclip.attach(model_b4, opt_b4, micro_batch_size=4, max_grad_norm=C,
                                 privacy=dp_microclip.DP(noise_multiplier=Z, delta=DELTA, sample_rate=Q,
-                                                        expected_batch_size=Q * N))
+                                                        expected_batch_size=Q * N, sampling="poisson"))
 engine_b4.noise = False
 opt_b4.zero_grad()
 F.cross_entropy(model_b4(xb), yb).backward()
