@@ -26,7 +26,7 @@ from torch.utils.data import Sampler
 from .errors import ConfigurationError, PrivacyError
 from .grouping import GroupingPlan
 from .settings import PRIVACY_UNITS, check_choice
-from .sampling import SampledBatches, make_loader, poisson_loader
+from .sampling import SampledBatches, check_physical_batch_size, make_loader, poisson_loader
 
 __all__ = ["SampledBatches", "UserIndex", "UserPoissonBatchSampler", "UserSampling", "check_privacy_unit",
            "sample_users"]
@@ -238,11 +238,12 @@ class UserSampling:
                 "privacy_unit='user' with several processes is not supported yet (each user's examples would have "
                 "to stay on one rank). Train user-level DP in one process."
             )
-        if loader_kwargs.pop("max_physical_batch_size", None) is not None:
+        physical = check_physical_batch_size(loader_kwargs.pop("max_physical_batch_size", None), False)
+        if physical is not None and physical < k:
             raise ConfigurationError(
-                "engine.data_loader(..., max_physical_batch_size=...) with privacy_unit='user' is not supported yet "
-                "(a user's micro-batch would have to be kept whole across chunks). Drop max_physical_batch_size and "
-                "choose sample_rate so that q U users of at most k examples fit one pass."
+                f"max_examples_per_user={k} is larger than max_physical_batch_size={physical}: a user's micro-batch "
+                "is clipped as a whole, so it must fit one physical chunk. Use max_physical_batch_size >= "
+                f"{k}, or a smaller max_examples_per_user."
             )
         if batch_size is not None:
             raise ConfigurationError(
@@ -263,8 +264,12 @@ class UserSampling:
         def factory(num_records, q, gen, steps, num_groups, on_batch, on_epoch):
             return UserPoissonBatchSampler(index, k, q, gen, steps, on_batch, on_epoch)
 
+        # Physical chunks keep every user's rows together (sampling.plan_chunks keeps whole groups): each chunk's
+        # clipped mean is over the public M, so the chunks of one sampled batch add up to its one-shot step.
+        sampled.max_physical = physical
         loader = poisson_loader(dataset, sample_rate, generator, on_batch=sampled.on_batch,
-                                on_epoch=sampled.on_epoch, sampler_factory=factory, **loader_kwargs)
+                                on_epoch=sampled.on_epoch, sampler_factory=factory,
+                                physical=sampled if physical is not None else None, **loader_kwargs)
         return loader, float(sample_rate), index.num_users
 
     def _index(self, dataset, user_ids) -> UserIndex:

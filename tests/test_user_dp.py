@@ -101,6 +101,40 @@ def test_user_level_update_equals_the_naive_per_user_loop_float64():
     assert checked == 4 and clipped > 0  # the bound was active for some users
 
 
+def test_user_level_physical_chunks_equal_the_one_shot_step_float64():
+    # The same sampled users, once in one pass and once in chunks of at most 7 rows (whole users per chunk).
+    steps = {}
+    for physical in (None, 7):
+        m = model(torch.float64)
+        engine = user_attach(m, grad_mode="materialize")
+        engine.noise = False
+        loader = engine.data_loader(dataset(dtype=torch.float64), user_ids=user_ids(), max_physical_batch_size=physical)
+        grads, chunks = [], 0
+        for x, y, idx in loader:
+            assert physical is None or len(idx) <= physical or len(user_ids()[idx].unique()) == 1
+            engine.optimizer.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            engine.optimizer.step()
+            chunks += 1
+            if engine.steps_taken > len(grads):
+                grads.append([p.grad.clone() for p in m.parameters()])
+            if len(grads) == 3:
+                break
+        steps[physical] = (grads, chunks, engine.epsilon())
+    (one, one_passes, eps_one), (chunked, chunk_passes, eps_chunked) = steps[None], steps[7]
+    assert chunk_passes > one_passes  # the chunks really split the sampled batches
+    for a, b in zip(one, chunked):
+        for ga, gb in zip(a, b):
+            torch.testing.assert_close(gb, ga, rtol=1e-10, atol=1e-13)
+    assert eps_chunked == eps_one  # one ledger step per sampled batch
+
+
+def test_a_user_larger_than_a_physical_chunk_is_refused():
+    engine = user_attach(model())
+    with pytest.raises(ConfigurationError, match=r"max_examples_per_user=3 is larger than max_physical_batch_size=2"):
+        engine.data_loader(dataset(), user_ids=user_ids(), max_physical_batch_size=2)
+
+
 def test_users_with_more_than_k_examples_give_a_uniform_k_of_them():
     ids = torch.tensor([0] * 10 + [1] * 2 + list(range(2, 40)))
     index = UserIndex(ids, len(ids))
