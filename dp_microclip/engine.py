@@ -55,12 +55,14 @@ class ProcessParts:
         wrap_noise: wraps the engine's noise source (one draw broadcast to every process).
         sampler_factory: builds the loader's batch sampler (each process keeps its share of one batch).
         seed_is_secret: the engine's seed was drawn from ``secrets`` and shared by the processes, not given.
+        share: which rows of one global batch this process keeps, from their group keys (user-level DP).
     """
 
     reducer: Reducer | None = None
     wrap_noise: Callable[[NoiseLike], NoiseLike] | None = None
     sampler_factory: Callable | None = None
     seed_is_secret: bool = False
+    share: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 class Engine:
@@ -240,8 +242,8 @@ class Engine:
         loader, q, size = self._loaders.make_loader(
             dataset, user_ids, self._sample_rate, batch_size, self._sampling_generator, self._sampled, self._plan,
             dp=self.dp, micro_batch_size=self.micro_batch_size, keeps_order=keeps_order,
-            sampler_factory=self._parts.sampler_factory, max_physical_batch_size=max_physical_batch_size,
-            **loader_kwargs,
+            sampler_factory=self._parts.sampler_factory, share=self._parts.share,
+            max_physical_batch_size=max_physical_batch_size, **loader_kwargs,
         )
         self._sample_rate, self._dataset_size = q, size
         if self._privacy is not None:

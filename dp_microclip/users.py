@@ -176,10 +176,11 @@ class UserPoissonBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, index: UserIndex, max_per_user: int, sample_rate: float, generator: torch.Generator,
-                 steps_per_epoch: int, on_batch: Callable | None = None, on_epoch: Callable | None = None):
+                 steps_per_epoch: int, on_batch: Callable | None = None, on_epoch: Callable | None = None,
+                 share: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.index, self.max_per_user, self.sample_rate = index, max_per_user, sample_rate
         self.generator, self.steps_per_epoch = generator, steps_per_epoch
-        self.on_batch, self.on_epoch = on_batch, on_epoch
+        self.on_batch, self.on_epoch, self.share = on_batch, on_epoch, share
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -188,6 +189,9 @@ class UserPoissonBatchSampler(Sampler[list[int]]):
         start = (self.on_epoch() or 0) if self.on_epoch is not None else 0
         for _ in range(start, self.steps_per_epoch):
             indices, slots = sample_users(self.index, self.sample_rate, self.max_per_user, self.generator)
+            if self.share is not None:  # several processes: the same draw everywhere, each keeps its users
+                mine = self.share(slots)
+                indices, slots = indices[mine], slots[mine]
             if self.on_batch is not None:
                 self.on_batch(indices, slots)
             yield indices.tolist()
@@ -213,7 +217,7 @@ class UserSampling:
     def make_loader(self, dataset, user_ids, sample_rate: float | None, batch_size: int | None,
                     generator: torch.Generator, sampled: SampledBatches, plan: GroupingPlan, *, dp: bool,
                     micro_batch_size: int, keeps_order: bool, sampler_factory: Callable | None = None,
-                    **loader_kwargs):
+                    share: Callable[[torch.Tensor], torch.Tensor] | None = None, **loader_kwargs):
         """``engine.data_loader``: returns ``(loader, q, size)`` where ``size`` counts examples, or users."""
         if self.privacy_unit != "user":
             if user_ids is not None:
@@ -233,10 +237,10 @@ class UserSampling:
                 "privacy_unit='user' needs each example's user id: engine.data_loader(dataset, user_ids=ids) with "
                 "one id per example (a list, a 1-D integer tensor, or a dataset column such as dataset['author'])."
             )
-        if sampler_factory is not None:
+        if sampler_factory is not None and share is None:
             raise ConfigurationError(
-                "privacy_unit='user' with several processes is not supported yet (each user's examples would have "
-                "to stay on one rank). Train user-level DP in one process."
+                "privacy_unit='user' with several processes needs dp_microclip.distributed.attach (its loader keeps "
+                "each sampled user's examples on one rank)."
             )
         physical = check_physical_batch_size(loader_kwargs.pop("max_physical_batch_size", None), False)
         if physical is not None and physical < k:
@@ -262,7 +266,7 @@ class UserSampling:
         plan.use_loader(sample_rate * index.num_users)  # the public divisor M = round(q U)
 
         def factory(num_records, q, gen, steps, num_groups, on_batch, on_epoch):
-            return UserPoissonBatchSampler(index, k, q, gen, steps, on_batch, on_epoch)
+            return UserPoissonBatchSampler(index, k, q, gen, steps, on_batch, on_epoch, share=share)
 
         # Physical chunks keep every user's rows together (sampling.plan_chunks keeps whole groups): each chunk's
         # clipped mean is over the public M, so the chunks of one sampled batch add up to its one-shot step.

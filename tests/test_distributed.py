@@ -335,6 +335,48 @@ def refusals(rank):
     return out
 
 
+USER_IDS = torch.arange(48) % 13  # 13 users with 3 or 4 examples each
+
+
+def user_attach(attach, m):
+    return attach(m, torch.optim.SGD(m.parameters(), lr=0.1), micro_batch_size=2, max_grad_norm=0.5, seed=7,
+                  privacy=DP(sample_rate=0.3, privacy_unit="user", max_examples_per_user=2, **DP_FIELDS))
+
+
+def user_task(rank, world):
+    """User-level DP on two ranks: every rank draws the same users and keeps those whose slot is its own."""
+    m = mlp(d_in=6)
+    engine = user_attach(mcd.attach, m)
+    seen = []
+
+    def loader():
+        for x, y in engine.data_loader(dataset(48), user_ids=USER_IDS):
+            seen.append(len(y))
+            yield x, y
+
+    train_loader(engine, m, loader, 4)
+    return {"params": params_of(m), "eps": engine.epsilon(), "rows": seen}
+
+
+def test_two_ranks_user_level_dp_equal_one_process(tmp_path):
+    r0, r1 = run_ranks(tmp_path, "user_task")
+    m = mlp(d_in=6)
+    engine = user_attach(dp_microclip.attach, m)
+    rows = []
+
+    def loader():
+        for x, y in engine.data_loader(dataset(48), user_ids=USER_IDS):
+            rows.append(len(y))
+            yield x, y
+
+    train_loader(engine, m, loader, 4)
+    assert [a + b for a, b in zip(r0["rows"], r1["rows"])] == rows  # the ranks split each sampled batch
+    assert any(a and b for a, b in zip(r0["rows"], r1["rows"]))
+    close(r0["params"], params_of(m))  # noise on: one draw, the same step as one process
+    close(r1["params"], params_of(m))
+    assert r0["eps"] == r1["eps"] == pytest.approx(engine.epsilon(), rel=1e-12)
+
+
 def test_two_ranks_dp_one_noise_draw_epsilon_and_resume(tmp_path):
     r0, r1 = run_ranks(tmp_path, "dp_task")
     for key in ("loader-params", "empty-params", "secure"):
