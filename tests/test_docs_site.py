@@ -107,7 +107,8 @@ def test_tutorial_pages_keep_code_outputs_and_plots():
     assert "tutorials/01_noise_free_clipping.md" not in pages  # a stub that says the tutorial moved
     quickstart = pages["tutorials/01_quickstart.md"]
     assert "```python" in quickstart and "dp_microclip.attach" in quickstart and "```text" in quickstart
-    assert '<img alt="' in pages["tutorials/02_dp_training.md"]  # its plot, inline
+    for uri in ("01_quickstart", "02_dp_training", "04_from_opacus", "05_huggingface"):  # their plots, inline
+        assert '<img alt="' in pages[f"tutorials/{uri}.md"], uri
     for uri, page in pages.items():  # links that the site cannot resolve are dropped, not left to break it
         for target in re.findall(r"\]\(([^)\s]+)\)", page):
             assert target.startswith(("../", "#", "http")) or target.endswith(".md"), (uri, target)
