@@ -9,9 +9,6 @@ checked against the rules in ``accounting/`` (``_dp_setup``). The engine itself
 from __future__ import annotations
 
 import math
-import os
-import sys
-from types import FrameType
 import warnings
 from types import MappingProxyType
 from collections.abc import Mapping, Sequence
@@ -20,7 +17,7 @@ import torch
 from torch import nn
 
 from .engine import Engine, ProcessParts
-from .errors import ConfigurationError, PrivacyError
+from .errors import ConfigurationError, PrivacyError, user_stacklevel
 from .privacy import DP_HISTORY, warn_seeded
 from .grouping import public_groups, resolve_grouping
 from .layout import declared_batch_first
@@ -172,7 +169,7 @@ def attach(
                 f"This model's parameters already took {inherited} DP step(s) under an earlier engine. "
                 f"The new engine's "
                 "ledger starts empty, so epsilon() refuses until you carry the history: "
-                "engine.load_state_dict(old_engine.state_dict()).", UserWarning, stacklevel=_user_stacklevel(),
+                "engine.load_state_dict(old_engine.state_dict()).", UserWarning, stacklevel=user_stacklevel(),
             )
     if batch_first is not None and not isinstance(batch_first, bool):
         raise ConfigurationError(f"batch_first must be True, False or None. Found {batch_first!r}.")
@@ -181,7 +178,7 @@ def attach(
         1 if declared is False else 0)
 
     def warn(key: str, message: str) -> None:
-        warnings.warn(message, UserWarning, stacklevel=_user_stacklevel())
+        warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
 
     units = find_units(model, dp=dp, fallback=fallback, root_batch_dim=root_batch_dim, warn=warn)
     managed = managed_parameters(units)
@@ -310,18 +307,3 @@ def _privacy_settings(privacy: DP | None) -> tuple[bool, DP]:
             "epochs=...). For noise-free clipping leave privacy out."
         )
     return True, privacy
-
-
-
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` that makes a warning raised by this function's caller point at the user's line.
-
-    That is the first frame outside the dp_microclip package (the user's
-    ``attach(...)``), however deep inside the package the warning is raised.
-    """
-    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
-    frame: FrameType | None = sys._getframe(2)
-    level = 2  # level 1 is the caller, which calls warnings.warn
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
-        frame, level = frame.f_back, level + 1
-    return level

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from .errors import user_stacklevel
 from .grouping import Groups
 from .records import ForwardContext, Record
 from .layout import Signature
@@ -108,11 +109,11 @@ class CaptureSink:
         problems, self._problems = self._problems, []
         return problems
 
-    def warn_once(self, key: str, message: str, category: type[Warning] = UserWarning, stacklevel: int = 4) -> None:
-        """Warn with ``message`` the first time ``key`` is seen."""
+    def warn_once(self, key: str, message: str, category: type[Warning] = UserWarning) -> None:
+        """Warn with ``message`` the first time ``key`` is seen, pointing at the user's line (``user_stacklevel``)."""
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, category, stacklevel=stacklevel)
+            warnings.warn(message, category, stacklevel=user_stacklevel())
 
     def _finish_pass(self) -> None:
         records, self._records = self._records, []

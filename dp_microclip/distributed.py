@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader
 from .attach import attach as _attach
 from .rank_agreement import check_same_settings as _check_same_settings
 from .engine import Engine, ProcessParts
-from .errors import BatchError, ConfigurationError
+from .errors import BatchError, ConfigurationError, user_stacklevel
 from .privacy import check_distributed_sampling
 from .layers.traits import MIXES_EXAMPLES
 from .sampling import PoissonBatchSampler, sample_with_groups
@@ -139,7 +139,7 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *, group=None, pe
             "A BatchNorm layer under dp_microclip.distributed: its statistics cover each rank's local batch "
             "only (as under DDP without SyncBatchNorm), so the ranks together do not compute what one process "
             "would on the whole batch. nn.GroupNorm or nn.LayerNorm have no such dependence.", UserWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     reducer = StepReducer(group=group, per_core=per_core)
     secure = bool(getattr(attach_kwargs.get("privacy"), "secure_rng", False))

@@ -81,8 +81,7 @@ class HookSet:
         self.handles: list = []
         self.root_batch_dim = root_batch_dim
         self.anchor = torch.zeros((), requires_grad=True)  # makes RequireGrad's output need a gradient
-        self.layouts = LayoutLearner(root_batch_dim, probe_failure_is_error,
-                                     lambda key, message: sink.warn_once(key, message, stacklevel=6))
+        self.layouts = LayoutLearner(root_batch_dim, probe_failure_is_error, sink.warn_once)
         self.no_grad_in_forward: set[str] = set()  # units seen under no_grad inside a forward (checkpointing)
 
     # ------------------------------------------------------------------ install

@@ -21,7 +21,7 @@ from accounting.epochs import steps_per_epoch  # noqa: F401
 
 from accounting.calibrate import max_steps_within
 
-from .errors import ConfigurationError, PrivacyError
+from .errors import ConfigurationError, PrivacyError, user_stacklevel
 from .grouping import missing_public_groups
 from .history import HISTORY
 
@@ -363,7 +363,7 @@ def warn_seeded(seed, secure_rng: bool) -> None:
     warnings.warn(
         f"attach(..., seed={seed!r}) in DP mode: the noise (and the sampling) is reproducible from the seed, so "
         "anyone who knows it can subtract the noise and the guarantee is void. Leave seed unset in real DP runs; "
-        "privacy_statement() says the run was seeded.", UserWarning, stacklevel=3)
+        "privacy_statement() says the run was seeded.", UserWarning, stacklevel=user_stacklevel())
 
 
 SEEDED_STATEMENT = (" The run was seeded (attach(..., seed=...)): the noise is reproducible from the seed, so the "
@@ -376,7 +376,7 @@ def warn_large_delta(delta: float | None, dataset_size: int) -> None:
         warnings.warn(
             f"delta={delta} is at least 1/N = 1/{dataset_size}: a mechanism that publishes one whole record at "
             f"random meets this delta. Use delta well below 1/N, e.g. privacy=DP(delta={_below(dataset_size)}).",
-            UserWarning, stacklevel=3)
+            UserWarning, stacklevel=user_stacklevel())
 
 
 def _below(n: int) -> str:

@@ -376,6 +376,55 @@ def test_attach_warnings_point_at_the_users_line():
     assert all((w.filename, w.lineno) == (__file__, line) for w in generic), [(w.filename, w.lineno) for w in generic]
 
 
+class _FixedBatch(torch.nn.Module):
+    """Runs on batches of 8 only, so the engine's layout probe (a smaller batch) fails and warns."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.linear(x).reshape(8, 2)
+
+
+def _where(caught, text):
+    found = [(w.filename, w.lineno) for w in caught if text in str(w.message)]
+    assert found, [str(w.message) for w in caught]
+    return found
+
+
+def test_training_warnings_point_at_the_users_line():
+    """Warnings raised inside the engine's hooks (through torch's forward, backward and optimizer wrappers)
+    and by its DP checks name the user's forward, step, attach and data_loader lines, never a library file."""
+    import dp_microclip
+    from torch.utils.data import TensorDataset
+
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = _FixedBatch()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        engine = dp_microclip.attach(model, optimizer, micro_batch_size=2, max_grad_norm=1.0, clipping="adaptive")
+        forward = sys._getframe().f_lineno + 1
+        out = model(x)                                   # the layout probe fails: a warning
+        (out * 0.0).sum().backward()                     # every micro-batch gradient is 0
+        step = sys._getframe().f_lineno + 1
+        optimizer.step()                                 # adaptive bound rho = 0: a warning
+        engine.detach()
+        model = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        attach = sys._getframe().f_lineno + 1
+        engine = dp_microclip.attach(model, optimizer, micro_batch_size=1, max_grad_norm=1.0, seed=0,
+                                     privacy=dp_microclip.DP(noise_multiplier=1.0, delta=0.5, sample_rate=0.5))
+        loader = sys._getframe().f_lineno + 1
+        engine.data_loader(TensorDataset(x, y))          # delta >= 1/N: a warning
+        engine.detach()
+    assert set(_where(caught, "layout probe")) == {(__file__, forward)}
+    assert set(_where(caught, "rho is 0")) == {(__file__, step)}
+    assert set(_where(caught, "seed=0")) == {(__file__, attach)}
+    assert set(_where(caught, "at least 1/N")) == {(__file__, loader)}
+
+
 def test_demo_and_bench_run_from_the_checkout_of_an_editable_install(tmp_path):
     """tutorials/ and benchmarks/ are not installed: the command finds them next to the package's checkout."""
     site = tmp_path / "site"

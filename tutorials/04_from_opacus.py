@@ -35,6 +35,7 @@
 import copy
 import warnings
 
+import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from opacus import PrivacyEngine
@@ -66,9 +67,10 @@ def make_model() -> nn.Module:
 #
 # Both start from the same weights. Opacus gets `noise_multiplier=0`; the engine is in DP mode with
 # noise switched off (`engine.noise = False`: epsilon becomes infinite, which is the point of the
-# toggle: a check, not a run to report). One Poisson batch from Opacus' loader goes through both;
-# with plain SGD at `lr = 1` the parameter change is minus the gradient each computed. Both divide
-# the clipped sum by the expected batch size `q N = 140`.
+# toggle: a check, not a run to report). One Poisson batch from Opacus' loader goes through both
+# (`sampling="poisson"` declares that this loader, not `engine.data_loader`, samples each record with
+# rate `q`); with plain SGD at `lr = 1` the parameter change is minus the gradient each computed. Both
+# divide the clipped sum by the expected batch size `q N = 140`.
 
 # %%
 model_opacus = make_model()
@@ -101,6 +103,39 @@ diff = max((a - b).abs().max().item() for a, b in zip(update_opacus, update_engi
 norm = torch.cat([u.flatten() for u in update_engine]).norm().item()
 print(f"clipped update norm {norm:.6f}; max |Opacus - dp-microclip| = {diff:.1e} (float64)")
 engine.detach()
+
+# %% [markdown]
+# The two updates side by side: every coordinate of the engine's update against Opacus' (left; on the
+# diagonal when they agree), and the norm of each parameter's update in both (right).
+
+# %%
+NAMES = [name for name, _ in model_engine.named_parameters()]
+
+
+def flat(update):
+    return torch.cat([u.flatten() for u in update]).numpy()
+
+
+def compare(ax_scatter, ax_bars, update, label):
+    a, b = flat(update_opacus), flat(update)
+    ax_scatter.scatter(a, b, s=4, alpha=0.5)
+    lim = max(abs(a).max(), abs(b).max()) * 1.05
+    ax_scatter.plot([-lim, lim], [-lim, lim], color="black", linewidth=0.8, linestyle="--")
+    ax_scatter.set_xlabel("Opacus update, per coordinate")
+    ax_scatter.set_ylabel(f"{label} update")
+    positions = torch.arange(len(NAMES)).numpy()
+    ax_bars.bar(positions - 0.2, [u.norm().item() for u in update_opacus], width=0.4, label="Opacus")
+    ax_bars.bar(positions + 0.2, [u.norm().item() for u in update], width=0.4, label=label)
+    ax_bars.set_xticks(positions)
+    ax_bars.set_xticklabels(NAMES, fontsize="small")
+    ax_bars.set_ylabel("update norm, per parameter")
+    ax_bars.legend(fontsize="small")
+
+
+fig, (ax_scatter, ax_bars) = plt.subplots(1, 2, figsize=(9, 3.2))
+compare(ax_scatter, ax_bars, update_engine, "dp-microclip b=1")
+fig.tight_layout()
+plt.show()
 
 # %% [markdown]
 # ## The same epsilon for the same z, q and steps
@@ -193,6 +228,11 @@ diff4 = max((a - b).abs().max().item() for a, b in zip(update_opacus, update_b4)
 norm4 = torch.cat([u.flatten() for u in update_b4]).norm().item()
 print(f"b=4 clipped update norm {norm4:.6f} (b=1: {norm:.6f}); max |Opacus - dp-microclip b=4| = {diff4:.1e}")
 engine_b4.detach()
+
+fig, (ax_scatter, ax_bars) = plt.subplots(1, 2, figsize=(9, 3.2))
+compare(ax_scatter, ax_bars, update_b4, "dp-microclip b=4")
+fig.tight_layout()
+plt.show()
 
 # %% [markdown]
 # **Summary.** At `b = 1` dp-microclip computes Opacus' clipped update and Opacus' epsilon, without

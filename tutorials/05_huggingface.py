@@ -24,13 +24,14 @@
 # *batch*, which weighs each example by its length relative to the others: one example's
 # gradient then depends on the other examples, and the DP analysis does not hold.
 # `causal_lm_per_example_loss(logits, labels)` returns one loss per example (its own token mean);
-# backprop its `.mean()`.
+# backprop its `.mean()`. The loss curves of both runs are plotted at the end.
 
 # %%
 import time
 import warnings
 
 warnings.filterwarnings("ignore", message="IProgress not found")      # tqdm in a notebook without ipywidgets
+import matplotlib.pyplot as plt
 import torch
 from torch.utils.data import TensorDataset
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -67,14 +68,20 @@ def eval_loss(model) -> float:
 
 
 def fine_tune(model, opt, engine, epochs):
+    """Train; returns the training loss of each step and the held-out loss after each epoch (and before)."""
     loader = engine.data_loader(train_set)
+    train_curve, held_curve = [], [eval_loss(model)]
     for _ in range(epochs):
         for ids, mask in loader:
             opt.zero_grad()
             logits = model(input_ids=ids, attention_mask=mask).logits          # (B, T, V)
             labels = ids.masked_fill(mask == 0, -100)                           # padding does not count
-            causal_lm_per_example_loss(logits, labels).mean().backward()        # mean of per-example losses
+            loss = causal_lm_per_example_loss(logits, labels).mean()            # mean of per-example losses
+            loss.backward()
             opt.step()
+            train_curve.append(loss.item())
+        held_curve.append(eval_loss(model))
+    return train_curve, held_curve
 
 
 config = GPT2Config(vocab_size=VOCAB, n_positions=T, n_embd=64, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
@@ -93,11 +100,11 @@ opt = torch.optim.Adam(model.parameters(), lr=3e-3)
 engine = dp_microclip.attach(model, opt, micro_batch_size=1, max_grad_norm=1.0,
                              privacy=dp_microclip.DP(target_epsilon=8.0, delta=DELTA, sample_rate=Q, epochs=EPOCHS))
 print(f"calibrated z = {engine.noise_multiplier:.3f}")
-before = eval_loss(model)
 start = time.perf_counter()
-fine_tune(model, opt, engine, EPOCHS)
+curves = {"full fine-tuning": fine_tune(model, opt, engine, EPOCHS)}
+held = curves["full fine-tuning"][1]
 print(f"{engine.steps_taken} DP steps in {time.perf_counter() - start:.0f} s")
-print(f"held-out per-token loss: {before:.3f} -> {eval_loss(model):.3f}  (uniform guessing: {torch.log(torch.tensor(float(VOCAB))):.3f})")
+print(f"held-out per-token loss: {held[0]:.3f} -> {held[-1]:.3f}  (uniform guessing: {torch.log(torch.tensor(float(VOCAB))):.3f})")
 print(f"epsilon = {engine.epsilon():.3f} at delta = {DELTA}")
 engine.detach()
 
@@ -125,12 +132,33 @@ if get_peft_model is not None:
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
     engine = dp_microclip.attach(model, opt, micro_batch_size=1, max_grad_norm=1.0,
                                  privacy=dp_microclip.DP(target_epsilon=8.0, delta=DELTA, sample_rate=Q, epochs=EPOCHS))
-    before = eval_loss(model)
     start = time.perf_counter()
-    fine_tune(model, opt, engine, EPOCHS)
+    curves["LoRA (r=4)"] = fine_tune(model, opt, engine, EPOCHS)
+    held = curves["LoRA (r=4)"][1]
     print(f"LoRA: {engine.steps_taken} DP steps in {time.perf_counter() - start:.0f} s; "
-          f"held-out loss {before:.3f} -> {eval_loss(model):.3f}; epsilon = {engine.epsilon():.3f}")
+          f"held-out loss {held[0]:.3f} -> {held[-1]:.3f}; epsilon = {engine.epsilon():.3f}")
     engine.detach()
+
+# %% [markdown]
+# ## The loss curves
+#
+# The training loss of each DP step (the batch's mean per-example loss, before the noise) and the
+# held-out loss after each epoch.
+
+# %%
+fig, ax = plt.subplots(figsize=(6, 3.2))
+for (label, (train_curve, held_curve)), color in zip(curves.items(), ("C0", "C1")):
+    steps_per_epoch = len(train_curve) / EPOCHS
+    ax.plot(range(1, len(train_curve) + 1), train_curve, color=color, alpha=0.5, label=f"{label}: training batches")
+    ax.plot([e * steps_per_epoch for e in range(EPOCHS + 1)], held_curve, "o-", color=color,
+            label=f"{label}: held-out")
+ax.axhline(torch.log(torch.tensor(float(VOCAB))).item(), color="gray", linestyle="--", linewidth=1,
+           label="uniform guessing")
+ax.set_xlabel("DP step")
+ax.set_ylabel("per-token loss")
+ax.legend(fontsize="small")
+fig.tight_layout()
+plt.show()
 
 # %% [markdown]
 # The base model here is random, so LoRA on it learns less than full fine-tuning; with a real
