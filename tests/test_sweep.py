@@ -225,3 +225,14 @@ def test_extra_test_sets_per_domain():
     plain = [r["extra"]["a"] for r in result.final[("plain", None)]]
     assert row["diff_a_vs_plain"] == pytest.approx(np.mean(per_seed) - np.mean(plain))
     assert len(row["diff_b_ci"]) == 2
+
+
+def test_demo_lr_runs(tmp_path):
+    """``python -m experiments.demo_lr`` used to fail with AttributeError 'lr_clip' (the demo's train() reads
+    lr_plain / lr_clip); a one-epoch run through the same code."""
+    pytest.importorskip("sklearn")
+    from experiments import demo_lr
+
+    demo_lr.main(["--seeds", "1", "--test-seeds", "1", "--epochs", "1", "--no-progress", "--out", str(tmp_path)])
+    blob = json.loads((tmp_path / "demo-lr-summary.json").read_text())
+    assert blob["lr_plain"] in demo_lr.LRS and len(blob["test"]["fixed"]) == 1
