@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from dp_microclip.tools.sweep import SweepSettings
+from dp_microclip.tools.sweep_report import paired_t
 from tutorials.data import digits
 from tutorials.demo_digits import small_cnn, train
 
@@ -69,6 +70,7 @@ def main(argv=None) -> None:
                                            seed=seed)
             tests[method].append(train(demo_args, clip=method == "fixed", progress=lambda it, desc="": it))
     diffs = np.array(tests["fixed"]) - np.array(tests["plain"])
+    t = paired_t(diffs)
     total = time.perf_counter() - start
     rows = "\n".join(f"| {lr:g} | {curve['plain'][lr]:.4f} | {curve['fixed'][lr]:.4f} |" for lr in LRS)
     text = (
@@ -79,7 +81,9 @@ def main(argv=None) -> None:
         f"Demo test accuracy with these rates (demo's own train(), seeds 0..{args.test_seeds - 1}): plain "
         f"{np.mean(tests['plain']):.4f} ({', '.join(f'{v:.4f}' for v in tests['plain'])}); clipping "
         f"{np.mean(tests['fixed']):.4f} ({', '.join(f'{v:.4f}' for v in tests['fixed'])}); paired difference "
-        f"{diffs.mean():+.4f} (per seed {', '.join(f'{d:+.4f}' for d in diffs)}).\n")
+        f"{diffs.mean():+.4f} (per seed {', '.join(f'{d:+.4f}' for d in diffs)}; 95% paired t interval "
+        f"[{t['low']:+.4f}, {t['high']:+.4f}], p = {t['p']:.2g}; one demo split, so the test sample's own error is "
+        "not in it).\n")
     write_summary(out, "demo-lr-summary", "Learning rates for the digits demo", text,
                   {"lr_plain": lr_plain, "lr_clip": lr_clip, "val_by_lr": curve, "test": tests, "seconds": total})
     print(text)
