@@ -90,6 +90,8 @@ class SweepSettings:
         momentum: SGD momentum.
         weight_decay: SGD weight decay (applied by the optimizer, outside clipping).
         gamma: the ``gamma`` of ``normalize``.
+        grad_mode: the engine's. ``"bookkeeping"``: one fixed route, so reruns are bit-identical (``"auto"`` picks
+            among exact routes, whose float sums differ, by timing them: a rerun under other load could differ).
         confidence: the interval's coverage.
         name: the task name stored with each run, so that one store can hold several tasks.
     """
@@ -106,6 +108,7 @@ class SweepSettings:
     momentum: float = 0.9
     weight_decay: float = 0.0
     gamma: float = 0.01
+    grad_mode: str = "bookkeeping"
     confidence: float = 0.95
     name: str = "task"
 
@@ -192,8 +195,8 @@ class RunConfig:
     def key(self, settings: SweepSettings) -> str:
         """A stable string naming this run under ``settings`` (the store's key)."""
         shared = {k: getattr(settings, k) for k in ("name", "batch_size", "epochs", "momentum", "weight_decay")}
-        if self.method == "normalize":
-            shared["gamma"] = settings.gamma
+        shared.update({"grad_mode": settings.grad_mode} if self.method != "plain" else {})
+        shared.update({"gamma": settings.gamma} if self.method == "normalize" else {})
         return json.dumps({**shared, **asdict(self)}, sort_keys=True)
 
 
@@ -255,7 +258,7 @@ def train_run(make_model: Callable[[], nn.Module], data, config: RunConfig, sett
             raise ConfigurationError(f"RunConfig(method={config.method!r}) needs a micro_batch_size (None: plain).")
         engine = attach(model, optimizer, micro_batch_size=config.micro_batch_size,
                         max_grad_norm=config.max_grad_norm or 1.0, clipping=config.method,
-                        normalize_gamma=settings.gamma, grouping="contiguous")
+                        normalize_gamma=settings.gamma, grouping="contiguous", grad_mode=settings.grad_mode)
     order = torch.Generator().manual_seed(config.seed)
     n, bs = len(x_tr), settings.batch_size
     if n < bs:
