@@ -1,6 +1,6 @@
 """Multi-domain mixes: handwritten digits (images) and spoken digits (synthetic speech) in one 10-class task.
 
-    python -m experiments.domains [--seeds 5] [--quick]
+    python -m experiments.domains [--seeds 10] [--tune-seeds 2] [--quick]
 
 Both domains share the label space (the digits 0-9) and a 64-d input: the 8x8
 image's pixels, or the mean and std over time of 32 log-mel bins of a spoken
@@ -61,7 +61,7 @@ def main(argv=None) -> None:
         val = take([d_val, s_val], [round(n_val * frac), n_val - round(n_val * frac)])
         test = (torch.cat([d_te[0], s_te[0]]), torch.cat([d_te[1], s_te[1]]))
         settings = SweepSettings(methods=("plain", "fixed", "adaptive"), micro_batch_sizes=(1, 8),
-                                 seeds=tuple(range(args.seeds)), learning_rates=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0), tune_seeds=2,
+                                 seeds=tuple(range(args.seeds)), learning_rates=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0), tune_seeds=args.tune_seeds,
                                  max_grad_norms=(1.0,), batch_size=64, epochs=epochs, name=f"domains-{name}")
         result, seconds = run_sweep(mlp, train, val, test, settings, out, f"domains-{name}",
                                     progress=not args.no_progress, extra_test_sets={"digits": d_te, "speech": s_te})

@@ -4,25 +4,23 @@ Comparing methods at one shared learning rate measures the learning rate, not
 the method: clipping changes the size of every update, so each method needs
 its own step size. :func:`sweep` therefore tunes the learning rate (and the
 bound ``C`` of fixed clipping) separately for every (method, b) on a held-out
-validation split, never on the test set, then reruns the chosen setting over
-several seeds. Seeds are paired: seed ``s`` gives every method the same
-initialisation and the same batch order, so differences between methods are
-measured seed by seed (a paired bootstrap interval against plain training).
+validation split, never on the test set, with *tuning seeds*, then reruns the
+chosen setting over separate *reporting seeds* (10 by default). Plain SGD gets
+a learning-rate grid as fine as the largest (lr, C) grid of the clipping
+methods. Seeds are paired: seed ``s`` gives every method the same
+initialisation, batch order and (with ``data`` given as a function of the
+seed) the same split and label noise, so differences between methods are
+measured seed by seed: a paired t interval and p-value against plain training,
+with Holm-adjusted p-values over the sweep's comparisons.
 
 Use it on your own model and data::
 
     from dp_microclip.tools.sweep import SweepSettings, sweep
-    result = sweep(make_model, train_set, val_set, test_set,
-                   SweepSettings(micro_batch_sizes=(1, 8, 32), seeds=(0, 1, 2, 3, 4)),
-                   store="runs.jsonl")
-    print(result.to_markdown())
-    result.save("results/", "mytask")      # md, json, two png plots
+    result = sweep(make_model, train_set, val_set, test_set, SweepSettings(micro_batch_sizes=(1, 8, 32)),
+                   store="runs.jsonl")    # resumable: finished runs are read back, not redone
+    print(result.to_markdown()); result.save("results/", "mytask")   # md, json, two png plots
 
 or from the shell on scikit-learn's digits: ``dp-microclip sweep --label-noise 0.2``.
-
-Resumable: with ``store=...`` every finished run is appended to a JSON-lines
-file and a later call with the same settings reads it back instead of
-training again (an interrupted sweep continues where it stopped).
 
 :func:`sweep` returns a :class:`~dp_microclip.tools.sweep_report.SweepResult`
 (tables, Markdown, JSON and plots: :mod:`dp_microclip.tools.sweep_report`).
@@ -47,7 +45,7 @@ from torch import nn
 from ..errors import ConfigurationError
 from .sweep_report import SweepResult
 
-__all__ = ["METHODS", "SweepSettings", "RunConfig", "sweep", "train_run", "accuracy",
+__all__ = ["METHODS", "TUNE_SEED_BASE", "SweepSettings", "RunConfig", "sweep", "train_run", "accuracy",
            "digits_splits", "digits_mlp", "main"]
 
 #: The methods a sweep compares. ``plain`` trains without the engine.
@@ -63,6 +61,9 @@ DEFAULT_LRS: Mapping[str, tuple[float, ...]] = {
     "normalize": (0.01, 0.03, 0.1, 0.3),
 }
 
+#: Where tuning seeds start when ``SweepSettings.tune_seeds`` is a count: far from the reporting seeds 0, 1, ...
+TUNE_SEED_BASE = 1000
+
 
 @dataclass(frozen=True)
 class SweepSettings:
@@ -73,11 +74,15 @@ class SweepSettings:
     Attributes:
         methods: any of ``"plain"``, ``"fixed"``, ``"adaptive"``, ``"normalize"``.
         micro_batch_sizes: the ``b`` values; each must divide ``batch_size`` (contiguous groups).
-        seeds: paired seeds; seed ``s`` fixes the initialisation and the batch order of every method.
-        tune_seeds: how many of the first ``seeds`` are averaged to pick the learning rate (and C)
-            on the validation split. Their runs are reused as final runs.
+        seeds: the reporting seeds, paired; seed ``s`` fixes the initialisation and the batch order of
+            every method (and the data, when the sweep's data is a function of the seed).
+        tune_seeds: the seeds averaged to pick the learning rate (and C) on the validation split, and
+            the method and b (:meth:`SweepResult.best`); disjoint from ``seeds``, so that no reported
+            number was used to choose. A count ``n`` means ``TUNE_SEED_BASE + 0 .. n-1``.
         learning_rates: one grid for every method, or a mapping ``method -> grid``
             (methods left out use :data:`DEFAULT_LRS`). ``None``: :data:`DEFAULT_LRS`.
+        match_plain_grid: give plain SGD as many learning rates as the largest (lr, C) grid among the
+            clipping methods (log-spaced over plain's own range), so that neither side is tuned more finely.
         max_grad_norms: the grid of ``C`` for ``fixed`` (``normalize`` uses ``C = 1``: its ``C``
             only rescales the step, which the learning rate already tunes; ``adaptive`` has no ``C``).
         batch_size: examples per step (the last incomplete batch of an epoch is dropped).
@@ -85,23 +90,25 @@ class SweepSettings:
         momentum: SGD momentum.
         weight_decay: SGD weight decay (applied by the optimizer, outside clipping).
         gamma: the ``gamma`` of ``normalize``.
-        bootstrap: resamples of the paired bootstrap.
+        grad_mode: the engine's. ``"bookkeeping"``: one fixed route, so reruns are bit-identical (``"auto"`` picks
+            among exact routes, whose float sums differ, by timing them: a rerun under other load could differ).
         confidence: the interval's coverage.
         name: the task name stored with each run, so that one store can hold several tasks.
     """
 
     methods: tuple[str, ...] = METHODS
     micro_batch_sizes: tuple[int, ...] = (1, 8, 32)
-    seeds: tuple[int, ...] = (0, 1, 2)
-    tune_seeds: int = 1
+    seeds: tuple[int, ...] = tuple(range(10))
+    tune_seeds: tuple[int, ...] | int = (TUNE_SEED_BASE, TUNE_SEED_BASE + 1)
     learning_rates: tuple[float, ...] | Mapping[str, tuple[float, ...]] | None = None
+    match_plain_grid: bool = True
     max_grad_norms: tuple[float, ...] = (0.3, 1.0)
     batch_size: int = 64
     epochs: int = 20
     momentum: float = 0.9
     weight_decay: float = 0.0
     gamma: float = 0.01
-    bootstrap: int = 2000
+    grad_mode: str = "bookkeeping"
     confidence: float = 0.95
     name: str = "task"
 
@@ -109,12 +116,19 @@ class SweepSettings:
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise ConfigurationError(f"methods={self.methods!r}: choose from {METHODS}.")
-        if not self.seeds or not 1 <= self.tune_seeds <= len(self.seeds):
+        if isinstance(self.tune_seeds, int):
+            object.__setattr__(self, "tune_seeds", tuple(range(TUNE_SEED_BASE, TUNE_SEED_BASE + self.tune_seeds)))
+        object.__setattr__(self, "seeds", tuple(self.seeds))
+        tune = tuple(self.tune_seeds)
+        object.__setattr__(self, "tune_seeds", tune)
+        if not self.seeds or not tune:
+            raise ConfigurationError(f"seeds={self.seeds!r}, tune_seeds={tune!r}: give at least one of each.")
+        if set(tune) & set(self.seeds):
             raise ConfigurationError(
-                f"tune_seeds={self.tune_seeds} with {len(self.seeds)} seeds: give at least one seed and "
-                "1 <= tune_seeds <= len(seeds).")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ConfigurationError(f"seeds={self.seeds!r} repeats a seed; give distinct seeds.")
+                f"tune_seeds {sorted(set(tune) & set(self.seeds))} are also reporting seeds: choosing and reporting "
+                "on the same seeds inflates the result; give disjoint tune_seeds (e.g. a count: 1000, 1001, ...).")
+        if len(set(self.seeds)) != len(self.seeds) or len(set(tune)) != len(tune):
+            raise ConfigurationError(f"seeds={self.seeds!r} or tune_seeds={tune!r} repeats a seed; give distinct ones.")
         for b in self.micro_batch_sizes:
             if not isinstance(b, int) or b < 1 or self.batch_size % b:
                 raise ConfigurationError(
@@ -133,12 +147,19 @@ class SweepSettings:
             raise ConfigurationError(f"confidence={self.confidence}: give a value in (0, 1), e.g. 0.95.")
 
     def lrs(self, method: str) -> tuple[float, ...]:
-        """The learning-rate grid of ``method``."""
+        """The learning-rate grid of ``method`` (plain's refined to match the clipping grids: ``match_plain_grid``)."""
         if self.learning_rates is None:
-            return tuple(DEFAULT_LRS[method])
-        if isinstance(self.learning_rates, Mapping):
-            return tuple(self.learning_rates.get(method, DEFAULT_LRS[method]))
-        return tuple(self.learning_rates)
+            given = tuple(DEFAULT_LRS[method])
+        elif isinstance(self.learning_rates, Mapping):
+            given = tuple(self.learning_rates.get(method, DEFAULT_LRS[method]))
+        else:
+            given = tuple(self.learning_rates)
+        if method != "plain" or not self.match_plain_grid or len(set(given)) < 2 or min(given) <= 0:
+            return given
+        target = max((len(self.grid(m)) for m in self.methods if m != "plain"), default=0)
+        if target <= len(given):
+            return given
+        return tuple(float(f"{v:.3g}") for v in np.geomspace(min(given), max(given), target))
 
     def grid(self, method: str) -> list[tuple[float, float | None]]:
         """``(lr, C)`` pairs tuned for ``method`` (``C`` is None where the method has no bound to tune)."""
@@ -174,8 +195,8 @@ class RunConfig:
     def key(self, settings: SweepSettings) -> str:
         """A stable string naming this run under ``settings`` (the store's key)."""
         shared = {k: getattr(settings, k) for k in ("name", "batch_size", "epochs", "momentum", "weight_decay")}
-        if self.method == "normalize":
-            shared["gamma"] = settings.gamma
+        shared.update({"grad_mode": settings.grad_mode} if self.method != "plain" else {})
+        shared.update({"gamma": settings.gamma} if self.method == "normalize" else {})
         return json.dumps({**shared, **asdict(self)}, sort_keys=True)
 
 
@@ -237,7 +258,7 @@ def train_run(make_model: Callable[[], nn.Module], data, config: RunConfig, sett
             raise ConfigurationError(f"RunConfig(method={config.method!r}) needs a micro_batch_size (None: plain).")
         engine = attach(model, optimizer, micro_batch_size=config.micro_batch_size,
                         max_grad_norm=config.max_grad_norm or 1.0, clipping=config.method,
-                        normalize_gamma=settings.gamma, grouping="contiguous")
+                        normalize_gamma=settings.gamma, grouping="contiguous", grad_mode=settings.grad_mode)
     order = torch.Generator().manual_seed(config.seed)
     n, bs = len(x_tr), settings.batch_size
     if n < bs:
@@ -309,14 +330,7 @@ def _progress(total: int, enabled: bool, desc: str):
             pass
 
     class _Silent:
-        def update(self, n=1):
-            pass
-
-        def set_postfix_str(self, s):
-            pass
-
-        def close(self):
-            pass
+        update = set_postfix_str = close = staticmethod(lambda *a, **k: None)
 
     return _Silent()
 
@@ -328,14 +342,17 @@ def sweep(make_model: Callable[[], nn.Module], train_set, val_set, test_set,
     """Tune each (method, b) on ``val_set``, rerun the choice over paired seeds, report on ``test_set``.
 
     For every cell (method, b) each ``(lr, C)`` of :meth:`SweepSettings.grid` trains with the
-    first ``tune_seeds`` seeds; the pair with the best mean validation metric is kept (diverged
-    runs lose) and trained with every seed. The test metric is recorded for every run but never
-    read by the selection.
+    ``tune_seeds``; the pair with the best mean validation metric is kept (diverged runs lose)
+    and trained with every reporting seed. The test metric is recorded for every run but never
+    read by any selection (:meth:`SweepResult.best` picks the method and b on validation too).
 
     Args:
         make_model: a function returning a fresh ``nn.Module`` (called after seeding).
         train_set, val_set, test_set: ``(x, y)`` data: TensorDatasets, ``(x, y)`` tensor pairs,
-            or map-style datasets of ``(x, y)`` items that fit in memory.
+            or map-style datasets of ``(x, y)`` items that fit in memory. Or ``train_set`` is a
+            function ``seed -> (train, val, test)`` and ``val_set`` and ``test_set`` are None: every
+            seed then draws its own split (and label noise), shared by all methods at that seed, so
+            the intervals include the variation of the split and of the test sample.
         settings: the :class:`SweepSettings`.
         loss_fn: the mean training loss.
         metric: ``metric(model, x, y) -> float``, higher is better (default :func:`accuracy`).
@@ -350,13 +367,26 @@ def sweep(make_model: Callable[[], nn.Module], train_set, val_set, test_set,
     Returns:
         a :class:`SweepResult`.
     """
-    data = (_tensors(train_set), _tensors(val_set), _tensors(test_set))
+    per_seed: dict[int, tuple] = {}
+    if callable(train_set):
+        if val_set is not None or test_set is not None:
+            raise ConfigurationError("With train_set a function seed -> (train, val, test), pass val_set=None and "
+                                     "test_set=None.")
+
+        def data_for(seed: int) -> tuple:
+            if seed not in per_seed:
+                per_seed[seed] = tuple(_tensors(part) for part in train_set(seed))
+            return per_seed[seed]
+    else:
+        fixed = (_tensors(train_set), _tensors(val_set), _tensors(test_set))
+
+        def data_for(seed: int) -> tuple:
+            return fixed
     extra = {k: _tensors(v) for k, v in (extra_test_sets or {}).items()}
     runs = _Store(store)
     cells = settings.cells()
-    tune = settings.seeds[:settings.tune_seeds]
-    rest = settings.seeds[settings.tune_seeds:]
-    planned = sum(len(settings.grid(m)) * len(tune) + len(rest) for m, _ in cells)
+    tune = tuple(settings.tune_seeds)  # type: ignore[arg-type]
+    planned = sum(len(settings.grid(m)) * len(tune) + len(settings.seeds) for m, _ in cells)
     bar = _progress(planned, progress, settings.name)
 
     def run(config: RunConfig) -> dict:
@@ -364,7 +394,7 @@ def sweep(make_model: Callable[[], nn.Module], train_set, val_set, test_set,
         row = runs.get(key)
         if row is None:
             bar.set_postfix_str(f"{config.method} b={config.micro_batch_size} lr={config.lr} seed={config.seed}")
-            row = train_run(make_model, data, config, settings, loss_fn, metric, extra)
+            row = train_run(make_model, data_for(config.seed), config, settings, loss_fn, metric, extra)
             runs.add(key, row)
         bar.update(1)
         return row
@@ -396,7 +426,8 @@ def digits_splits(label_noise: float = 0.0, seed: int = 0, val_fraction: float =
 
     ``label_noise`` flips that fraction of training and validation labels to another class
     (the validation split is as noisy as the training data, as a user's would be; the test
-    labels stay clean). Returns ``(train, val, test, flipped_train)``.
+    labels stay clean). ``seed`` draws both the split and the flips: give each seed its own.
+    Returns ``(train, val, test, flipped_train)``.
     """
     try:
         from sklearn.datasets import load_digits
@@ -439,10 +470,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="methods to compare (default: all, %(default)s)")
     p.add_argument("--micro-batch-sizes", "-b", nargs="+", type=int, default=[1, 8, 32],
                    help="micro-batch sizes b of the clipping methods (default %(default)s)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
-                   help="paired seeds, the same for every method (default %(default)s)")
-    p.add_argument("--tune-seeds", type=int, default=1,
-                   help="how many of the first --seeds pick the learning rate and C (default %(default)s)")
+    p.add_argument("--seeds", nargs="+", type=int, default=list(range(10)),
+                   help="paired reporting seeds; each draws its own split and label noise (default %(default)s)")
+    p.add_argument("--tune-seeds", nargs="+", type=int, default=[TUNE_SEED_BASE, TUNE_SEED_BASE + 1],
+                   help="seeds that pick the learning rate, C, method and b; disjoint from --seeds "
+                        "(default %(default)s)")
     p.add_argument("--lrs", nargs="+", type=float, default=None, help="one grid for all methods (default: per method)")
     p.add_argument("--max-grad-norms", nargs="+", type=float, default=[0.3, 1.0],
                    help="clipping bounds C tried while tuning (default %(default)s)")
@@ -455,12 +487,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     settings = SweepSettings(
         methods=tuple(args.methods), micro_batch_sizes=tuple(args.micro_batch_sizes), seeds=tuple(args.seeds),
-        tune_seeds=args.tune_seeds, learning_rates=None if args.lrs is None else tuple(args.lrs),
+        tune_seeds=tuple(args.tune_seeds), learning_rates=None if args.lrs is None else tuple(args.lrs),
         max_grad_norms=tuple(args.max_grad_norms), batch_size=args.batch_size, epochs=args.epochs,
-        name=f"digits-mlp-noise{args.label_noise:g}")
-    train, val, test, _ = digits_splits(args.label_noise)
+        name=f"digits-mlp-noise{args.label_noise:g}-split-per-seed")
     out = Path(args.out)
-    result = sweep(digits_mlp, train, val, test, settings, store=out / "runs.jsonl", progress=not args.no_progress)
+    result = sweep(digits_mlp, lambda seed: digits_splits(args.label_noise, seed)[:3], None, None, settings,
+                   store=out / "runs.jsonl", progress=not args.no_progress)
     paths = result.save(out, settings.name)
     print(result.to_markdown())
     print("wrote " + ", ".join(str(x) for x in paths))
