@@ -330,12 +330,7 @@ class HookSet:
         modes: list[AttentionCapture] = []
         names = {"in_proj": ("in_proj_weight", "in_proj_bias"), "out_proj": ("out_proj.weight", "out_proj.bias")}
 
-        def pre(module, args, kwargs):
-            if self.layouts.probing is not None:
-                return None
-            ctx = self._capturing()
-            if ctx is None:
-                return None
+        def start(module, args, ctx):
 
             def on_linear(part: str, parts: LinearParts, x, y):
                 weight_name, bias_name = names[part]
@@ -392,12 +387,9 @@ class HookSet:
 
                     y.register_hook(on_grad)
 
-            mode = AttentionCapture(mha, unit.path, on_linear, on_cross)
-            mode.__enter__()
-            modes.append(mode)
-            return None
+            return AttentionCapture(mha, unit.path, on_linear, on_cross)
 
-        self._install_capture(mha, pre, modes, f"{unit.path}: nn.MultiheadAttention ran without the expected "
+        self._install_capture(mha, start, modes, f"{unit.path}: nn.MultiheadAttention ran without the expected "
                               "projection call (a fast path or a changed torch version?)")
 
     # --------------------------------------------------------------------- RNNs
@@ -406,12 +398,7 @@ class HookSet:
         linear_rule = rule_for_type(nn.Linear)
         modes: list[RNNCapture] = []
 
-        def pre(module, args, kwargs):
-            if self.layouts.probing is not None:
-                return None
-            ctx = self._capturing()
-            if ctx is None:
-                return None
+        def start(module, args, ctx):
             for i, a in enumerate(args):
                 if isinstance(a, nn.utils.rnn.PackedSequence):
                     raise UnsupportedModuleError(
@@ -439,17 +426,26 @@ class HookSet:
 
                 source.register_hook(on_grad)
 
-            mode = RNNCapture(module, unit.path, on_part)
+            return RNNCapture(module, unit.path, on_part)
+
+        self._install_capture(unit.module, start, modes, f"{unit.path}: {type(unit.module).__name__} ran without "
+                              "the expected fused RNN call (a changed torch version?)")
+
+    def _install_capture(self, module: nn.Module, start, modes: list, missing: str) -> None:
+        """Hook a module whose parameters a function mode captures: ``start(module, args, ctx)`` makes the mode,
+        entered for the module's forward while the engine captures; the forward hook leaves it and refuses a
+        forward in which the mode saw no call (its parameters would be missed)."""
+
+        def pre(module, args, kwargs):
+            if self.layouts.probing is not None:
+                return None
+            ctx = self._capturing()
+            if ctx is None:
+                return None
+            mode = start(module, args, ctx)
             mode.__enter__()
             modes.append(mode)
             return None
-
-        self._install_capture(unit.module, pre, modes, f"{unit.path}: {type(unit.module).__name__} ran without "
-                              "the expected fused RNN call (a changed torch version?)")
-
-    def _install_capture(self, module: nn.Module, pre, modes: list, missing: str) -> None:
-        """Hook a module whose parameters a function mode captures: ``pre`` enters the mode, the forward hook
-        leaves it and refuses a forward in which the mode saw no call (its parameters would be missed)."""
 
         def post(module, args, kwargs, output):
             if not modes:

@@ -343,10 +343,10 @@ def user_attach(attach, m):
                   privacy=DP(sample_rate=0.3, privacy_unit="user", max_examples_per_user=2, **DP_FIELDS))
 
 
-def user_task(rank, world):
-    """User-level DP on two ranks: every rank draws the same users and keeps those whose slot is its own."""
+def user_run(attach) -> dict:
+    """4 user-level DP steps; the parameters, epsilon and the rows of every batch this process saw."""
     m = mlp(d_in=6)
-    engine = user_attach(mcd.attach, m)
+    engine = user_attach(attach, m)
     seen = []
 
     def loader():
@@ -358,23 +358,19 @@ def user_task(rank, world):
     return {"params": params_of(m), "eps": engine.epsilon(), "rows": seen}
 
 
+def user_task(rank, world):
+    """User-level DP on two ranks: every rank draws the same users and keeps those whose slot is its own."""
+    return user_run(mcd.attach)
+
+
 def test_two_ranks_user_level_dp_equal_one_process(tmp_path):
     r0, r1 = run_ranks(tmp_path, "user_task")
-    m = mlp(d_in=6)
-    engine = user_attach(dp_microclip.attach, m)
-    rows = []
-
-    def loader():
-        for x, y in engine.data_loader(dataset(48), user_ids=USER_IDS):
-            rows.append(len(y))
-            yield x, y
-
-    train_loader(engine, m, loader, 4)
-    assert [a + b for a, b in zip(r0["rows"], r1["rows"])] == rows  # the ranks split each sampled batch
+    one = user_run(dp_microclip.attach)
+    assert [a + b for a, b in zip(r0["rows"], r1["rows"])] == one["rows"]  # the ranks split each sampled batch
     assert any(a and b for a, b in zip(r0["rows"], r1["rows"]))
-    close(r0["params"], params_of(m))  # noise on: one draw, the same step as one process
-    close(r1["params"], params_of(m))
-    assert r0["eps"] == r1["eps"] == pytest.approx(engine.epsilon(), rel=1e-12)
+    close(r0["params"], one["params"])  # noise on: one draw, the same step as one process
+    close(r1["params"], one["params"])
+    assert r0["eps"] == r1["eps"] == pytest.approx(one["eps"], rel=1e-12)
 
 
 def test_two_ranks_dp_one_noise_draw_epsilon_and_resume(tmp_path):
