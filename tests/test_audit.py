@@ -13,7 +13,6 @@ import math
 import numpy as np
 import pytest
 import scipy.stats
-import torch
 
 from accounting.audit import audit_lower_bound, epsilon_lower_bound, make_guesses, p_value, score_guesses
 from dp_microclip.errors import ConfigurationError
@@ -22,12 +21,7 @@ from dp_microclip.tools.audit import AuditConfig, main, run_audit
 DELTA = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ================================================================ statistics

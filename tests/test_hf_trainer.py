@@ -26,18 +26,12 @@ from dp_microclip.errors import ConfigurationError, PrivacyError  # noqa: E402
 from dp_microclip.integrations.hf_trainer import DPTrainer  # noqa: E402
 from dp_microclip.losses import causal_lm_per_example_loss, sequence_classification_per_example_loss  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore")  # seeded DP engines warn (on purpose here), HF deprecations
+# Seeded DP engines warn (on purpose here), HF deprecations; tiny float64 models run ~10x faster on one thread.
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("one_thread")]
 
 N, T, VOCAB, LR, STEPS = 32, 10, 100, 0.1, 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny float64 models: one thread is about 10x faster than several on a shared, loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Records(torch.utils.data.Dataset):

@@ -31,12 +31,7 @@ TINY = sw.SweepSettings(methods=("plain", "fixed", "adaptive", "normalize"), mic
                         tune_seeds=1, epochs=2, name="tiny")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_selection_reads_validation_never_test():
