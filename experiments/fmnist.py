@@ -37,7 +37,7 @@ old conversion (the paper's z was calibrated so that RDP reaches 3 after 40 epoc
 ``claim`` is a SMALL-SCALE version of the issue's Part 2: noise-free micro-batch clipping (fixed,
 adaptive) against plain SGD on a subset of Fashion-MNIST ScatterNet features with 0/20/40% of
 training labels flipped, learning rate (and C) tuned per (method, b) on a validation split, via
-:func:`dp_microclip.sweep.sweep`.
+:func:`dp_microclip.tools.sweep.sweep`.
 """
 
 from __future__ import annotations
@@ -378,11 +378,11 @@ def claim(features, labels, test, noise: float, args, out: Path = RESULTS):
     """SMALL-SCALE Part 2 for one label-noise rate: plain vs fixed/adaptive clipping, tuned on validation.
 
     A subset of ``args.subset`` training examples (and a validation split a fifth of that, as noisy),
-    the ScatterNet + linear model, :func:`dp_microclip.sweep.sweep` over ``args.b`` and ``args.lrs``.
+    the ScatterNet + linear model, :func:`dp_microclip.tools.sweep.sweep` over ``args.b`` and ``args.lrs``.
     Limits: the flipped labels are drawn once (not per seed), and the tuning seeds' runs are reused
     as reporting runs (the sweep's design). Returns ``(SweepResult, file prefix)``.
     """
-    from dp_microclip.sweep import SweepSettings, sweep
+    from dp_microclip.tools.sweep import SweepSettings, sweep
 
     g = torch.Generator().manual_seed(1234)
     perm = torch.randperm(len(features), generator=g)[:args.subset + args.subset // 5]
