@@ -208,7 +208,9 @@ def _dp_setup(*, micro_batch_size, clipping, grouping, noise_multiplier, target_
               expected_batch_size, steps, epochs, sampling, adjacency, accountant, enforce_budget,
               privacy_unit="example", max_examples_per_user=None):
     """Validate a DP configuration; return (PrivacyState, z, grouping, public M or None)."""
-    from .privacy import PrivacySettings, PrivacyState, steps_from_epochs
+    from accounting.epochs import steps_for_epochs
+
+    from .privacy import PrivacySettings, PrivacyState
     from .users import check_privacy_unit
 
     grouping = check_privacy_unit(privacy_unit, max_examples_per_user, micro_batch_size, grouping, sampling)
@@ -241,7 +243,7 @@ def _dp_setup(*, micro_batch_size, clipping, grouping, noise_multiplier, target_
     if grouping == "auto" or micro_batch_size == 1:
         grouping = resolve_grouping(grouping, micro_batch_size, dp=True)  # the ledger records the grouping used
     if steps is None and epochs is not None:
-        steps = steps_from_epochs(epochs, sample_rate)
+        steps = steps_for_epochs(epochs, sample_rate)
     if target_epsilon is not None:
         check_positive_finite("target_epsilon", target_epsilon)
         if delta is None:

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from accounting.epochs import steps_for_epochs as steps_from_epochs  # noqa: F401  (one definition)
-from accounting.epochs import steps_per_epoch  # noqa: F401
 
 from accounting.calibrate import max_steps_within
 
