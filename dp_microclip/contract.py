@@ -137,6 +137,43 @@ def mixing_error(where: str) -> str:
     )
 
 
+def normalised_loss_problem(logits: torch.Tensor, grad: torch.Tensor) -> str | None:
+    """A cross-entropy over class logits ``(B, C)`` whose per-example weights are normalised by the batch.
+
+    For ``L = sum_i c_i CE(z_i, y_i)`` the output gradient is ``c_i (softmax(z_i) - onehot(y_i))``: every
+    entry but the target's is ``c_i p_ik``, so ``c_i`` can be read off each row. A mean of per-example
+    losses has ``c_i = 1/B``, a sum ``c_i = 1``, a weighted mean with weights of the example's own
+    ``w_i c_i = w_i / B``. Class weights with ``reduction="mean"`` (``F.cross_entropy(weight=...)``) and an
+    ``ignore_index`` mean over partly labelled batches divide by a sum over the batch instead: the
+    ``c_i`` differ and add up to exactly 1. That is refused; rows that do not have the cross-entropy
+    shape (label smoothing, other losses) are not judged.
+    """
+    if logits.dim() != 2 or logits.shape[0] < 2 or logits.shape[1] < 2 or not logits.is_floating_point():
+        return None
+    g = grad.detach().double()
+    p = torch.softmax(logits.detach().double(), dim=1)
+    target = g.argmin(dim=1, keepdim=True)  # (B, 1): the one negative entry of a cross-entropy row
+    others = torch.ones_like(g, dtype=torch.bool).scatter_(1, target, False)
+    ratio = torch.where(others, g / p, torch.zeros_like(g))  # (B, C): c_i off the target
+    c = ratio.sum(1) / (g.shape[1] - 1)  # (B,)
+    spread = (ratio - c[:, None]).abs().masked_fill(~others, 0).amax(1)
+    target_ok = (g.gather(1, target)[:, 0] - c * (p.gather(1, target)[:, 0] - 1)).abs()
+    scale = float(c.abs().max())
+    if scale == 0 or float(spread.max()) > 1e-6 * scale or float(target_ok.max()) > 1e-6 * scale:
+        return None  # not (weighted) cross-entropy rows: nothing to say
+    varies = float(c.max() - c.min()) > 1e-6 * scale
+    if varies and abs(float(c.sum()) - 1.0) < 1e-6:
+        return (
+            "The loss weights each example by a factor normalised over the batch (per-example factors that differ "
+            "and add up to exactly 1): F.cross_entropy(..., weight=class_weights) or an ignore_index mean with "
+            "reduction='mean' divide by the sum of the batch's weights, so every example's gradient depends on "
+            "the other examples and the sensitivity epsilon assumes does not hold. In DP mode compute "
+            "F.cross_entropy(logits, y, reduction='none') (times per-example weights, if any) and take .mean() "
+            "over the batch, so the divisor is the batch size."
+        )
+    return None
+
+
 def model_loss_problem(output) -> str | None:
     """A loss the model computed itself over the whole batch (HuggingFace ``labels=``), refused in DP mode."""
     loss = getattr(output, "loss", None) if not isinstance(output, dict) else output.get("loss")

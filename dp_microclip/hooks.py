@@ -83,6 +83,7 @@ class HookSet:
         self.anchor = torch.zeros((), requires_grad=True)  # makes RequireGrad's output need a gradient
         self.layouts = LayoutLearner(root_batch_dim, probe_failure_is_error, sink.warn_once)
         self.no_grad_in_forward: set[str] = set()  # units seen under no_grad inside a forward (checkpointing)
+        self.loss_checks_left = 1  # DP mode: the first backward pass's logits gradient is checked (contract.py)
 
     # ------------------------------------------------------------------ install
     def install_root(self, root: nn.Module) -> None:
@@ -120,6 +121,9 @@ class HookSet:
                 problem = contract.model_loss_problem(output) if self.dp and self.sink.active else None
                 if problem is not None and torch.is_grad_enabled():
                     raise PrivacyError(problem)
+                if self.dp and self.loss_checks_left and self.sink.active and torch.is_tensor(output) \
+                        and output.requires_grad and torch.is_grad_enabled():
+                    self._check_loss(output)
             return None
 
         # Installed after the units: the pre-hook goes first (prepend) and the post-hook last, so a
@@ -127,6 +131,17 @@ class HookSet:
         self.handles.append(root.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
         self.handles.append(root.register_forward_hook(post, with_kwargs=True, always_call=True))
         self.root = root
+
+    def _check_loss(self, logits: torch.Tensor) -> None:
+        """On the first DP backward pass, read the per-example loss weights off the logits' gradient."""
+        self.loss_checks_left -= 1
+
+        def on_grad(grad: torch.Tensor):
+            problem = contract.normalised_loss_problem(logits, grad) if self.sink.active else None
+            if problem is not None:
+                self.sink.report(problem)
+
+        logits.register_hook(on_grad)
 
     def install_unit(self, unit: Unit) -> None:
         """Hook one unit: its forward hook captures inputs and watches the output's gradient."""

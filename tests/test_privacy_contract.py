@@ -209,3 +209,31 @@ def test_a_dp_step_from_a_shuffled_loader_is_refused_at_the_first_step():
     F.cross_entropy(m(x), y).backward()
     with pytest.raises(PrivacyError, match=r'did not come from engine.data_loader.*DP\(sampling="poisson"\)'):
         engine.optimizer.step()
+
+
+WEIGHTS = torch.tensor([1.0, 4.0, 0.5])
+LOSSES = {
+    "class weights, mean": (lambda out, y: F.cross_entropy(out, y, weight=WEIGHTS), True),
+    "ignore_index, mean": (lambda out, y: F.cross_entropy(out, torch.where(y == 0, -100, y)), True),
+    "per-example mean": (lambda out, y: F.cross_entropy(out, y), False),
+    "class weights per example, batch mean (the fix)":
+        (lambda out, y: (F.cross_entropy(out, y, reduction="none") * WEIGHTS[y]).mean(), False),
+    "label smoothing": (lambda out, y: F.cross_entropy(out, y, label_smoothing=0.1), False),
+}
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_losses_normalised_over_the_batch_are_refused_in_dp_mode(name):
+    loss_fn, refused = LOSSES[name]
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    engine = dp_attach(m)
+    x, y = next(iter(engine.data_loader(flat_data())))
+    engine.optimizer.zero_grad()
+    loss_fn(m(x), y).backward()
+    if refused:
+        with pytest.raises(dp_microclip.ConfigurationError, match=r"reduction='none'.*\.mean\(\)"):
+            engine.optimizer.step()
+    else:
+        engine.optimizer.step()
+        assert engine.steps_taken == 1
