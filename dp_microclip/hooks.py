@@ -414,13 +414,7 @@ class HookSet:
         modes: list[RNNCapture] = []
 
         def start(module, args, ctx):
-            for i, a in enumerate(args):
-                if isinstance(a, nn.utils.rnn.PackedSequence):
-                    raise UnsupportedModuleError(
-                        f"{unit.path} ({type(module).__name__}): input {i} is a PackedSequence, which cannot be "
-                        "split per example yet. Pass padded tensors instead (torch.nn.utils.rnn.pad_packed_sequence), "
-                        "masking padded steps in the loss."
-                    )
+            packed = args[0] if args and isinstance(args[0], nn.utils.rnn.PackedSequence) else None
 
             def on_part(weight: str, bias: str | None, parts: LinearParts, x, source, source_dim: int):
                 params = {k: unit.params[n] for k, n in (("weight", weight), ("bias", bias)) if n in unit.params}
@@ -441,7 +435,7 @@ class HookSet:
 
                 source.register_hook(on_grad)
 
-            return RNNCapture(module, unit.path, on_part)
+            return RNNCapture(module, unit.path, on_part, None if packed is None else packed.unsorted_indices)
 
         self._install_capture(unit.module, start, modes, f"{unit.path}: {type(unit.module).__name__} ran without "
                               "the expected fused RNN call (a changed torch version?)")

@@ -134,21 +134,74 @@ def test_rnn_is_allowed_in_dp_mode_without_declaring_the_generic_path():
                         privacy=dp_microclip.DP(noise_multiplier=1.0, sample_rate=0.1, delta=1e-5))
 
 
-def test_packed_sequences_are_refused_with_the_fix():
-    rnn = nn.GRU(4, 5, batch_first=True)
+class PackedNet(nn.Module):
+    """Packs its padded input by the lengths its rows carry (padded steps are zero vectors), as RNN language
+    models do, and reads both the packed output (mean over each example's own steps) and h_n."""
 
-    class Packed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.rnn = rnn
+    def __init__(self, kind, enforce_sorted=False, **options):
+        super().__init__()
+        self.enforce_sorted = enforce_sorted
+        self.rnn = getattr(nn, kind)(4, 5, num_layers=2, batch_first=True, **options)
+        width = (options.get("proj_size") or 5) * (2 if options.get("bidirectional") else 1)
+        self.head = nn.Linear(width + (options.get("proj_size") or 5), 3)
 
-        def forward(self, x):
-            packed = nn.utils.rnn.pack_padded_sequence(x, [3, 2], batch_first=True)
-            return self.rnn(packed)[1][-1]
+    def forward(self, x):  # x: (B, T, 4), zero after each example's last step
+        lengths = (x.abs().sum(-1) > 0).sum(1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=self.enforce_sorted)
+        out, hidden = self.rnn(packed)
+        if isinstance(hidden, tuple):
+            hidden = hidden[0]
+        padded, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
+        pooled = padded.sum(1) / lengths[:, None].to(padded.dtype)
+        return self.head(torch.cat([pooled, hidden[-1]], -1))
 
-    model = Packed()
+
+def _packed_batch(lengths, seq_len=5):
+    x = torch.randn(len(lengths), seq_len, 4, dtype=torch.float64)
+    for i, n in enumerate(lengths):
+        x[i, n:] = 0
+    return x
+
+
+@pytest.mark.parametrize("b", [1, 2, 4])
+@pytest.mark.parametrize("options", [
+    {"kind": "LSTM"}, {"kind": "GRU"}, {"kind": "RNN"}, {"kind": "LSTM", "bidirectional": True},
+    {"kind": "GRU", "bidirectional": True, "bias": False}, {"kind": "LSTM", "proj_size": 3, "bidirectional": True},
+], ids=lambda o: "-".join(f"{v}" for v in o.values()))
+def test_packed_sequences_equal_naive_loop(options, b):
+    """Unsorted lengths (the rows are sorted inside the packing and the states permuted back), a length equal to
+    T and a length 1, bidirectional (the reverse direction starts at each example's own last step)."""
+    torch.manual_seed(0)
+    options = dict(options)
+    model = PackedNet(options.pop("kind"), **options).double()
+    reference = copy.deepcopy(model)
+    x, y = _packed_batch([3, 5, 1, 4]), torch.tensor([0, 1, 2, 0])
+    want = naive_microbatch_grads(reference, F.cross_entropy, x, y, micro_batch_size=b, max_grad_norm=0.05)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dp_microclip.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=1, max_grad_norm=1.0)
-    with pytest.raises(dp_microclip.UnsupportedModuleError, match="PackedSequence.*pad_packed_sequence"):
-        model(torch.randn(2, 3, 4)).sum().backward()
+        warnings.simplefilter("error")  # no generic-path notice
+        engine = dp_microclip.attach(model, opt, micro_batch_size=b, max_grad_norm=0.05)
+    for _ in range(2):  # the first step is also checked against autograd
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        for name, p in model.named_parameters():
+            assert float((p.grad - want[name]).norm()) <= 1e-9 * float(want[name].norm()) + 1e-15, name
+    assert all(not route.startswith("func") for route in engine.last_strategies.values())
+
+
+def test_packed_sorted_sequences_and_outputs_match_torch():
+    """enforce_sorted=True, and the attached module's forward returns what torch's packed kernel returns."""
+    torch.manual_seed(0)
+    model = PackedNet("LSTM", enforce_sorted=True, bidirectional=True).double()
+    reference = copy.deepcopy(model)
+    x, y = _packed_batch([5, 4, 2]), torch.tensor([0, 1, 2])
+    want = naive_microbatch_grads(reference, F.cross_entropy, x, y, micro_batch_size=1, max_grad_norm=0.05)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    dp_microclip.attach(model, opt, micro_batch_size=1, max_grad_norm=0.05)
+    out = model(x)
+    assert torch.allclose(out, reference(x), rtol=0, atol=1e-12)
+    F.cross_entropy(out, y).backward()
+    opt.step()
+    for name, p in model.named_parameters():
+        assert float((p.grad - want[name]).norm()) <= 1e-9 * float(want[name].norm()) + 1e-15, name

@@ -31,8 +31,16 @@ Linear record per weight:
 Inter-layer dropout in training is exact: the masks are drawn here, and the
 dropped input is what the record keeps. An initial state (an LSTM's
 ``(h_0, c_0)`` too) is used as given; gradients reach whatever computed it through
-the ordinary graph. ``PackedSequence`` inputs are refused by the hooks before the
-module runs (a packed batch would need its rows mapped back to examples).
+the ordinary graph.
+
+A ``PackedSequence`` input reaches the fused function as its packed rows and
+``batch_sizes`` (sequences sorted by length, hidden states permuted the same
+way). The capture unpacks it to a ``(B, T, in)`` batch in the examples' own
+order (``unsorted_indices``), runs the same recurrence with each example's state
+frozen after its last step (``torch.where`` on a per-step mask, so padded steps
+get a zero gate gradient and add nothing), and packs the outputs and final
+states back. A reverse direction starts each example at its own last step, as
+torch's packed kernel does.
 """
 
 from __future__ import annotations
@@ -70,11 +78,12 @@ class RNNCapture(TorchFunctionMode):
     output-gradient hook on its ``source``.
     """
 
-    def __init__(self, rnn: nn.RNNBase, path: str, on_part: OnPart):
+    def __init__(self, rnn: nn.RNNBase, path: str, on_part: OnPart, unsorted_indices: torch.Tensor | None = None):
         super().__init__()
         self.rnn = rnn
         self.path = path
         self.on_part = on_part
+        self.unsorted_indices = unsorted_indices  # a PackedSequence input's: sorted row -> example order
         self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -83,15 +92,33 @@ class RNNCapture(TorchFunctionMode):
             packed = torch.is_tensor(args[1]) and not args[1].is_floating_point()
             params = args[3] if packed else args[2]
             if isinstance(params, (list, tuple)) and params and params[0] is self.rnn._flat_weights[0]:
-                if packed:
-                    raise UnsupportedModuleError(
-                        f"{self.path}: a PackedSequence input cannot be split per example here. Pass padded "
-                        "tensors (torch.nn.utils.rnn.pad_packed_sequence), masking padded steps in the loss.")
                 self.calls += 1  # the mode is off while this runs: our own torch calls are not intercepted
+                if packed:
+                    return self._run_packed(_FUNCTIONS[func], *args)
                 return self._run(_FUNCTIONS[func], *args)
         return func(*args, **kwargs)
 
-    def _run(self, mode: str, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
+    def _run_packed(self, mode: str, data, batch_sizes, hx, params, has_biases, num_layers, dropout, train,
+                    bidirectional):
+        """The packed call: unpack to ``(B, T, in)`` in example order, run masked, pack the results back."""
+        sizes = batch_sizes.to(data.device)
+        T, B = len(batch_sizes), int(batch_sizes[0]) if len(batch_sizes) else 0
+        in_step = torch.arange(B, device=data.device)[None, :] < sizes[:, None]  # (T, B_sorted): row r at step t
+        padded = data.new_zeros(T, B, data.shape[-1]).index_put((in_step,), data)  # sorted rows, (T, B, in)
+        order = self.unsorted_indices
+        order = torch.arange(B, device=data.device) if order is None else order.to(data.device)
+        back = torch.empty_like(order)
+        back[order] = torch.arange(B, device=data.device)  # example order -> sorted row (sorted_indices)
+        x = padded.transpose(0, 1)[order]  # (B, T, in) in the examples' order
+        active = in_step.t()[order].unbind(1)  # per step, (B,) in example order
+        hx = tuple(h[:, order] for h in hx) if isinstance(hx, (tuple, list)) else hx[:, order]
+        result = self._run(mode, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, True,
+                           [a[:, None] for a in active])
+        out = result[0][back].transpose(0, 1)[in_step]  # packed rows again, (N, hidden)
+        return (out, *(h[:, back] for h in result[1:]))
+
+    def _run(self, mode: str, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
+             active: list | None = None):
         rnn = self.rnn
         if x.dim() != 3:
             raise UnsupportedModuleError(
@@ -112,7 +139,8 @@ class RNNCapture(TorchFunctionMode):
                 sfx = f"_l{layer}" + ("_reverse" if direction else "")
                 k = layer * ndir + direction
                 out, h, c = self._direction(mode, seq, weights, sfx, has_biases, h0[k],
-                                            None if c0 is None else c0[k], bool(direction), tdim, batch_first)
+                                            None if c0 is None else c0[k], bool(direction), tdim, batch_first,
+                                            active)
                 outs.append(out)
                 h_n.append(h)
                 c_n.append(c)
@@ -121,8 +149,11 @@ class RNNCapture(TorchFunctionMode):
             return seq, torch.stack(h_n), torch.stack(c_n)
         return seq, torch.stack(h_n)
 
-    def _direction(self, mode, seq, weights, sfx, has_biases, h, c, reverse, tdim, batch_first):
-        """One direction of one layer; returns its output sequence (the call's layout), h_n and c_n."""
+    def _direction(self, mode, seq, weights, sfx, has_biases, h, c, reverse, tdim, batch_first, active=None):
+        """One direction of one layer; returns its output sequence (the call's layout), h_n and c_n.
+
+        ``active[t]`` ((B, 1) booleans, packed input only): whether each example has a step ``t``; an
+        example's state is carried unchanged through the steps it does not have."""
         w_ih, w_hh = weights["weight_ih" + sfx], weights["weight_hh" + sfx]
         b_ih = weights.get("bias_ih" + sfx) if has_biases else None
         b_hh = weights.get("bias_hh" + sfx) if has_biases else None
@@ -154,6 +185,7 @@ class RNNCapture(TorchFunctionMode):
         us: list = [None] * T
         for t in (range(T - 1, -1, -1) if reverse else range(T)):
             hprev[t] = h.detach()
+            h_before, c_before = h, c
             if mode == "LSTM":
                 gates = torch.addmm(steps[t], h, w_hh_t)
                 i, f, _, o = torch.sigmoid(gates).chunk(4, 1)  # one kernel for the three sigmoid gates
@@ -175,6 +207,10 @@ class RNNCapture(TorchFunctionMode):
             else:
                 pre = torch.addmm(steps[t], h, w_hh_t)
                 h = torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)
+            if active is not None:  # an example past its last step keeps its state (and gets no gate gradient)
+                h = torch.where(active[t], h, h_before)
+                if c is not None:
+                    c = torch.where(active[t], c, c_before)
             hs[t] = h
         out = torch.stack(hs, tdim) if T else seq.new_zeros((*seq.shape[:-1], h.shape[-1]))
         bias_ih, bias_hh = ("bias_ih" + sfx, "bias_hh" + sfx) if has_biases else (None, None)

@@ -13,9 +13,6 @@ WHISPER_POSITIONS = (UnsupportedModuleError, (
     "applies) is called with position_ids as a keyword tensor; UnsupportedModuleError 'was called with "
     "tensor keyword argument position_ids; pass tensors positionally'. The user cannot change HF's call. "
     "Cross-attention further on is not reached"))
-PACKED_SEQUENCE = (UnsupportedModuleError, (
-    "refused: a PackedSequence input has no batch dimension to split per example; UnsupportedModuleError "
-    "'input 0 is a PackedSequence holding tensors ... Pass padded tensors instead'"))
 RNN_TUPLE = (UnsupportedModuleError, (
     "refused: nn.LSTM / GRU / RNN return (output, h_n) or (output, (h_n, c_n)), packed or not; "
     "UnsupportedModuleError 'rnn (LSTM) returned tuple; ... needs layers with trainable parameters to "
