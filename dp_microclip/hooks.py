@@ -35,7 +35,8 @@ from .layers.rnn import RNNCapture
 from .layers.registry import rule_for_type
 from .layout import BROADCAST, CallLayout, LayoutLearner, shrink_batch
 from .records import ForwardContext, Record, Shared, Unit
-from .tensors import first_tensor, output_tensors
+from .shared_outputs import SharedOutput, SharedOutputTracker, no_batch_error
+from .tensors import expand_at, first_tensor, output_tensors
 
 
 def in_backward() -> bool:
@@ -61,10 +62,6 @@ class RequireGrad(torch.autograd.Function):
         return None, None
 
 
-def _expand_at(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-    return x.expand(*[size if d == dim else -1 for d in range(x.dim())])
-
-
 class HookSet:
     """Installs and owns every hook of one engine; everything captured goes to ``sink``.
 
@@ -84,6 +81,8 @@ class HookSet:
         self.layouts = LayoutLearner(root_batch_dim, probe_failure_is_error, sink.warn_once)
         self.no_grad_in_forward: set[str] = set()  # units seen under no_grad inside a forward (checkpointing)
         self.loss_checks_left = 1  # DP mode: the first backward pass's logits gradient is checked (contract.py)
+        self.tracker: SharedOutputTracker | None = None  # follows layer outputs shared by the batch (one forward)
+        self.unshared: set[int] = set()  # signatures (by id) whose forward had no such layer: not followed
 
     # ------------------------------------------------------------------ install
     def install_root(self, root: nn.Module) -> None:
@@ -113,9 +112,17 @@ class HookSet:
                     signature.rows_checked = False
                     raise PrivacyError(contract.mixing_error(mixed))
             self.sink.open_context(batch_size, x.device, signature, (args, kwargs))
+            if batch_dim == 0 and id(signature) not in self.unshared:  # a batch-first model (shared_outputs.py)
+                self.tracker = SharedOutputTracker(batch_size, id(signature))
+                self.tracker.__enter__()
             return None
 
         def post(module, args, kwargs, output):
+            tracker, self.tracker = self.tracker, None
+            if tracker is not None:
+                tracker.__exit__(None, None, None)
+                if not tracker.sources:
+                    self.unshared.add(tracker.key)
             if self.layouts.probing is None:
                 self.sink.close_context()
                 problem = contract.model_loss_problem(output) if self.dp and self.sink.active else None
@@ -260,6 +267,8 @@ class HookSet:
             kwargs = {k: v for k, v in kwargs.items() if k not in kw_names}
             index = ctx.next_call(unit.path)
             layout = self.layouts.layout(unit, ctx, index, args, output)
+            if torch.is_tensor(output) and layout.output is None:
+                return self._shared_output(unit, module, args, kwargs, ctx, output, layout)
             batch = ctx.batch_size
             inputs = []
             for i, (a, dim) in enumerate(zip(args, layout.inputs)):
@@ -275,7 +284,7 @@ class HookSet:
                         )
                     inputs.append(Shared(a.detach()))
                 elif dim == BROADCAST:
-                    inputs.append(_expand_at(a.detach(), unit.batch_dim, batch).movedim(unit.batch_dim, 0))
+                    inputs.append(expand_at(a.detach(), unit.batch_dim, batch).movedim(unit.batch_dim, 0))
                 else:
                     inputs.append(a.detach().movedim(dim, 0) if dim != 0 else a.detach())
             input_dims = tuple(
@@ -289,7 +298,7 @@ class HookSet:
             if out_dim == BROADCAST:
                 # One value shared by the batch (position embeddings of (1, T) ids): expanded to the batch so
                 # that each example's output gradient, and so its share of the weight gradient, exists.
-                output = replaced = _expand_at(output, unit.batch_dim, batch)
+                output = replaced = expand_at(output, unit.batch_dim, batch)
                 out_dim = unit.batch_dim
             if not output.requires_grad:
                 # The engine switched the weights' own requires_grad off (autograd would compute an
@@ -304,6 +313,24 @@ class HookSet:
             return cloned if cloned is not None else replaced
 
         self.handles.append(unit.module.register_forward_hook(post, with_kwargs=True))
+
+    def _shared_output(self, unit: Unit, module, args, kwargs, ctx, output, layout: CallLayout):
+        """A layer whose output is the same for every example: followed to where it meets the batch."""
+        where = f"{unit.path or '<root module>'} ({type(module).__name__})"
+        if unit.kind != "rule" or self.tracker is None or any(d is not None for d in layout.inputs):
+            raise no_batch_error(where, tuple(output.shape))
+        inputs = tuple(a.detach().expand(ctx.batch_size, *a.shape) if torch.is_tensor(a) else a for a in args)
+        dims = tuple(0 if torch.is_tensor(a) else None for a in args)
+        shared = output.clone() if output.requires_grad else RequireGrad.apply(self.anchor, output)
+
+        def emit(rows: torch.Tensor) -> None:
+            self.sink.emit(Record(unit, unit.path, unit.rule, module, unit.params, inputs, dict(kwargs), rows, ctx,
+                                  0, dims))
+
+        source = SharedOutput(where, shared, ctx.batch_size, emit)
+        shared.register_hook(lambda grad: source.complete(grad) if self.sink.active else None)
+        self.tracker.follow(source)
+        return shared
 
     def _watch_outputs(self, unit: Unit, module, inputs, kwargs, ctx, output, layout: CallLayout,
                        input_dims, call, kw_names: tuple = ()) -> Any:

@@ -318,15 +318,9 @@ class LayoutLearner:
             if signature is not None and signature.probe_batch is not None:
                 signature.learned[key] = layout
             return layout
+        # None: the output is the same for every example (relative-position tables); shared_outputs.py
+        # follows it to where it meets the batch, or the hooks refuse the layer.
         out_dim = dim_of(output, record.output if record is not None else None, "output")
-        if out_dim is None:
-            raise BatchError(
-                f"{where}: its output of shape {tuple(output.shape)} has no batch dimension (it is the same for "
-                "every example), so its parameters' gradient cannot be split per example. This happens with "
-                "tensors that do not derive from the batch (relative-position buckets, a parametrization's "
-                "weight). Compute such a table once outside a module with trainable parameters, or freeze "
-                "those parameters (requires_grad=False) before attach()."
-            )
         layout = CallLayout(tuple(inputs), out_dim)
         if signature is not None and signature.probe_batch is not None:
             signature.learned[key] = layout

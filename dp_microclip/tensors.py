@@ -40,3 +40,8 @@ def first_tensor(obj) -> torch.Tensor | None:
     if isinstance(obj, dict):
         return first_tensor(list(obj.values()))
     return None
+
+
+def expand_at(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``x`` (size 1 at ``dim``) expanded to ``size`` there without copying: one value shared by the batch."""
+    return x.expand(*[size if d == dim else -1 for d in range(x.dim())])

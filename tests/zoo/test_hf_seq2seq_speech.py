@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dp_microclip.errors import BatchError
 from dp_microclip.losses import per_example_mean_loss
 
 
 from .data import CLASSES, PAD, VOCAB, cross_entropy, token_batch
-from .harness import B, ZooCase, assert_matches, build_model, engine, zoo_params
+from .harness import B, ZooCase, assert_matches, zoo_params
 
 transformers = pytest.importorskip("transformers")
 
@@ -120,29 +119,15 @@ CASES["wav2vec2_frozen_pos_conv"] = ZooCase(_wav2vec2, _waveform_batch, _logits,
 
 EXPECTED: dict = {}
 
-# Refused on purpose, with an error that names the cause and the fix (the fix is tested above:
-# t5_frozen_relative_bias, wav2vec2_frozen_pos_conv).
-REFUSED = {
-    # T5's relative_attention_bias (nn.Embedding) is looked up with a (T, T) bucket matrix, the same for
-    # every example: its gradient has no per-example split.
-    "t5": (BatchError, r"relative_attention_bias \(Embedding\): its output of shape \(\d+, \d+, 2\) has no batch "
-                       r"dimension(.|\n)*freeze those parameters"),
-}
+# T5's relative_attention_bias (nn.Embedding) is looked up with a (T, T) bucket matrix, the same for every
+# example: its per-example gradient is read where the bias is added to each example's scores
+# (dp_microclip/shared_outputs.py), so T5 is matched whole; t5_frozen_relative_bias stays as a case.
 # Wav2Vec2's positional conv uses weight_norm (torch.nn.utils.parametrize): the conv rule's group gradients
 # of the computed weight are chained back to its original tensors, so it is matched, not refused.
-MATCHED = {name: case for name, case in CASES.items() if name not in REFUSED}
+MATCHED = CASES
 
 
 @pytest.mark.parametrize("name, b, T", zoo_params(MATCHED, EXPECTED, slow=("whisper", "whisper_cls", "wav2vec2_frozen_pos_conv")))
 def test_matches_naive_loop(name, b, T):
     assert_matches(CASES[name], B=B, T=T, b=b)
 
-
-@pytest.mark.parametrize("name, b, T", zoo_params(REFUSED, bs=(1, B)))
-def test_refused_with_the_fix(name, b, T):
-    error, message = REFUSED[name]
-    case = CASES[name]
-    model = build_model(case, T, torch.float64)
-    inputs, targets = case.batch(B, T, torch.float64, torch.Generator().manual_seed(0))
-    with pytest.raises(error, match=message):
-        engine(case, model, inputs, targets, b=b)

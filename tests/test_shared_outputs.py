@@ -1,0 +1,160 @@
+"""Layers whose output is the same for every example (relative-position tables), against the naive loop.
+
+The engine follows such an output to where it meets the batch (dp_microclip/shared_outputs.py): T5-style
+bias tables, a table normalised by a LayerNorm before use (two shared layers in a chain), a position table
+projected by a Linear and added to every example, a table reused by several layers. A use it cannot split
+per example is refused when the gradient arrives, never guessed."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dp_microclip
+from dp_microclip.reference import naive_microbatch_grads
+
+D, HEADS, CLASSES = 8, 2, 3
+
+
+def _buckets(T: int) -> torch.Tensor:
+    pos = torch.arange(T)
+    return (pos[None, :] - pos[:, None]).clamp(-3, 3) + 3  # (T, T) in [0, 6]
+
+
+class RelativeBiasAttention(nn.Module):
+    """Self-attention with a relative-position bias table shared by the batch (T5's shape of the idea)."""
+
+    def __init__(self, normed: bool):
+        super().__init__()
+        self.qk = nn.Linear(D, 2 * D)
+        self.table = nn.Embedding(7, HEADS)
+        self.norm = nn.LayerNorm(HEADS) if normed else None
+
+    def bias(self, T: int) -> torch.Tensor:
+        b = self.table(_buckets(T))  # (T, T, H): no batch dimension
+        if self.norm is not None:
+            b = self.norm(b)  # a second shared layer, fed by the first
+        return b.permute(2, 0, 1).unsqueeze(0)  # (1, H, T, T)
+
+    def forward(self, x, bias=None):  # x: (B, T, D)
+        B, T, _ = x.shape
+        q, k = self.qk(x).view(B, T, 2, HEADS, D // HEADS).permute(2, 0, 3, 1, 4)
+        bias = self.bias(T) if bias is None else bias
+        scores = q @ k.transpose(-1, -2) + bias  # the shared bias meets the batch here
+        return (scores.softmax(-1) @ q).transpose(1, 2).reshape(B, T, D), bias
+
+
+class Net(nn.Module):
+    def __init__(self, normed=False, reuse=False, projected=False):
+        super().__init__()
+        self.embed = nn.Linear(4, D)
+        self.layers = nn.ModuleList([RelativeBiasAttention(normed), RelativeBiasAttention(normed)])
+        self.reuse = reuse
+        self.positions = nn.Linear(5, D) if projected else None
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, x):  # x: (B, T, 4)
+        h = self.embed(x)
+        if self.positions is not None:
+            fixed = torch.linspace(-1, 1, x.shape[1] * 5, dtype=x.dtype).view(x.shape[1], 5)
+            h = h + self.positions(fixed)  # (T, D): a shared Linear output added to every example
+        bias = None
+        for layer in self.layers:
+            h, b = layer(h, bias if self.reuse else None)
+            bias = b  # T5 passes the first layer's bias to the next ones
+        return self.head(h.mean(1))
+
+
+def _compare(model, b, T, B=4, clipping="fixed"):
+    torch.manual_seed(1)
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(B, T, 4, dtype=torch.float64), torch.arange(B) % CLASSES
+    want = naive_microbatch_grads(reference, F.cross_entropy, x, y, micro_batch_size=b, max_grad_norm=0.05,
+                                  clipping=clipping)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no generic-path notice
+        engine = dp_microclip.attach(model, opt, micro_batch_size=b, max_grad_norm=0.05, clipping=clipping)
+    for _ in range(2):  # the first step is also checked against autograd
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        for name, p in model.named_parameters():  # (reuse: the second layer's table is never used)
+            got = torch.zeros_like(p) if p.grad is None else p.grad
+            assert float((got - want[name]).norm()) <= 1e-9 * float(want[name].norm()) + 1e-15, name
+    assert all(not route.startswith("func") for route in engine.last_strategies.values())
+    return engine
+
+
+@pytest.mark.parametrize("b", [1, 2, 4])
+@pytest.mark.parametrize("T", [4, 5])  # T == B and T != B
+@pytest.mark.parametrize("variant", [
+    dict(), dict(normed=True), dict(reuse=True), dict(projected=True), dict(normed=True, reuse=True),
+], ids=lambda v: "-".join(v) or "plain")
+def test_shared_tables_equal_naive_loop(variant, T, b):
+    torch.manual_seed(0)
+    _compare(Net(**variant).double(), b, T)
+
+
+def test_adaptive_clipping_with_a_shared_table():
+    torch.manual_seed(0)
+    _compare(Net(normed=True).double(), 1, 5, clipping="adaptive")
+
+
+class Penalised(Net):
+    """A penalty on the bias table's output added to the loss itself: it never meets the batch."""
+
+    def forward(self, x):
+        self.penalty = self.layers[0].bias(x.shape[1]).square().mean()
+        return super().forward(x)
+
+
+def test_a_use_that_does_not_meet_the_batch_is_refused_with_the_fix():
+    torch.manual_seed(0)
+    model = Penalised().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    dp_microclip.attach(model, opt, micro_batch_size=1, max_grad_norm=1.0)
+    x, y = torch.randn(4, 5, 4, dtype=torch.float64), torch.arange(4) % CLASSES
+    with pytest.raises(dp_microclip.UnsupportedModuleError, match="table.*same for every example.*Freeze"):
+        (F.cross_entropy(model(x), y) + model.penalty).backward()
+
+
+class SeqFirst(nn.Module):
+    """A sequence-first model: the batch is not the leading dimension where the table meets it."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Linear(5, D)
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, x):  # x: (T, B, D)
+        fixed = torch.ones(x.shape[0], 5, dtype=x.dtype)
+        return self.head((x + self.table(fixed).unsqueeze(1)).mean(0))
+
+
+def test_sequence_first_models_refuse_shared_tables_with_the_fix():
+    model = SeqFirst().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    dp_microclip.attach(model, opt, micro_batch_size=1, max_grad_norm=1.0, batch_first=False)
+    x = torch.randn(5, 4, D, dtype=torch.float64)
+    with pytest.raises(dp_microclip.BatchError, match="table.*no batch dimension.*requires_grad=False"):
+        F.cross_entropy(model(x), torch.arange(4) % CLASSES).backward()
+
+
+def test_dp_step_with_a_shared_table_has_noise_and_an_epsilon():
+    torch.manual_seed(0)
+    model = Net(normed=True).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = dp_microclip.attach(model, opt, micro_batch_size=1, max_grad_norm=1.0,
+                                 privacy=dp_microclip.DP(noise_multiplier=1.0, sample_rate=0.5, delta=1e-5))
+    data = torch.utils.data.TensorDataset(torch.randn(8, 5, 4, dtype=torch.float64), torch.arange(8) % CLASSES)
+    for x, y in engine.data_loader(data):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert engine.epsilon() > 0
