@@ -82,65 +82,144 @@ def training_args(tmp_path, **overrides):
     return TrainingArguments(**kwargs)
 
 
-def run_trainer(model, dataset, tmp_path, attach_kwargs, **trainer_kwargs):
-    trainer = DPTrainer(model=model, args=training_args(tmp_path), train_dataset=dataset,
+def run_trainer(model, dataset, tmp_path, attach_kwargs, args=None, **trainer_kwargs):
+    trainer = DPTrainer(model=model, args=args or training_args(tmp_path), train_dataset=dataset,
                         attach_kwargs=attach_kwargs, **trainer_kwargs)
     trainer.privacy_callback.verbose = False
     trainer.train()
     return trainer
 
 
-def run_loop(model, dataset, attach_kwargs, loss_fn):
+def run_loop(model, dataset, attach_kwargs, loss_fn, *, steps=STEPS, batch_size=8, collate=default_data_collator,
+             lr_at=lambda step: LR):
+    """The plain loop: ONE forward and backward per sampled logical batch (no physical chunks), one step each.
+
+    Returns the engine and the epsilon after every step (DP mode)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     engine = dp_microclip.attach(model, optimizer, **attach_kwargs)
-    loader = engine.data_loader(dataset, None if engine.sample_rate else 8, collate_fn=default_data_collator,
+    loader = engine.data_loader(dataset, None if engine.sample_rate else batch_size, collate_fn=collate,
                                 collate_keeps_order=True)
-    for _, batch in zip(range(STEPS), loader):
+    epsilons = []
+    for step, batch in zip(range(steps), loader):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
         optimizer.zero_grad()
         labels = batch.pop("labels")
         loss_fn(model(**batch).logits, labels).mean().backward()
         optimizer.step()
-    return engine
+        epsilons.append(engine.epsilon())
+    return engine, epsilons
+
+
+def flat(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def update_difference(a, b, start):
+    """|theta_a - theta_b| / |theta_b - theta_0|: how far two runs' updates differ, relative to the update."""
+    return ((flat(a) - flat(b)).norm() / (flat(b) - flat(start)).norm()).item()
 
 
 def max_relative_difference(a, b):
     return max(((p - q).norm() / q.norm()).item() for p, q in zip(a.parameters(), b.parameters()))
 
 
+class ForwardSizes:
+    """Rows of every training forward pass of a model (to see the physical chunks)."""
+
+    def __init__(self, model):
+        self.sizes = []
+        model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        if module.training and torch.is_grad_enabled():
+            self.sizes.append(kwargs["input_ids"].shape[0])
+
+
 DP_SETTINGS = dict(micro_batch_size=1, max_grad_norm=0.5, seed=7, grad_mode="bookkeeping",
                    privacy=dp_microclip.DP(noise_multiplier=1.0, sample_rate=0.25, delta=1e-3, accountant="rdp"))
+DP_B2 = {**DP_SETTINGS, "micro_batch_size": 2}
 NOISE_FREE = dict(micro_batch_size=2, max_grad_norm=0.5, seed=7, grad_mode="bookkeeping")
 
+# (settings, chunk = per_device_train_batch_size, noise on): the logical batch is 8 expected examples
+# (q N = 0.25 x 32 in DP mode, logical_batch_size=8 noise-free), processed in chunks of `chunk`.
+CASES = {"noise-free b=2, chunks of 4": (NOISE_FREE, 4, False), "DP b=1, chunks of 3": (DP_SETTINGS, 3, True),
+         "DP b=1 noise off, chunks of 3": (DP_SETTINGS, 3, False), "DP b=2, chunks of 4": (DP_B2, 4, True),
+         "DP b=1, chunk 64 > logical batch": (DP_SETTINGS, 64, True)}
 
-@pytest.mark.parametrize("settings", [NOISE_FREE, DP_SETTINGS], ids=["noise-free b=2", "DP b=1"])
-def test_gpt2_trainer_equals_the_plain_loop(tmp_path, settings):
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_gpt2_trainer_in_physical_chunks_equals_the_plain_loop(tmp_path, case):
+    """Chunks of per_device_train_batch_size; the loop takes each sampled logical batch in one pass."""
+    settings, chunk, noise = CASES[case]
     model = gpt2()
-    twin = copy.deepcopy(model)
-    start = copy.deepcopy(model)
-    trainer = run_trainer(model, text_rows(False), tmp_path, settings)
-    engine = run_loop(twin, text_rows(False), settings, causal_lm_per_example_loss)
-    assert trainer.engine is not None and trainer.engine.steps_taken == engine.steps_taken == STEPS
-    assert max_relative_difference(model, start) > 1e-3          # it trained
-    assert max_relative_difference(model, twin) < 1e-10
-    assert trainer.args.max_grad_norm == 0.0                      # the Trainer's clipping is off
+    twin, start = copy.deepcopy(model), copy.deepcopy(model)
+    sizes = ForwardSizes(model)
+    # A linear schedule: if the Trainer counted chunks as steps, its learning rates would differ from the loop's.
+    args = training_args(tmp_path, per_device_train_batch_size=chunk, lr_scheduler_type="linear")
+    trainer = DPTrainer(model=model, args=args, train_dataset=text_rows(False), attach_kwargs=settings,
+                        logical_batch_size=None if "privacy" in settings else 8)
+    trainer.privacy_callback.verbose = False
+    trainer.create_optimizer()
+    assert trainer.engine is not None
+    trainer.engine.noise = noise if trainer.engine.dp else False
+    trainer.train()
+    optimizer = torch.optim.SGD(twin.parameters(), lr=LR)
+    engine = dp_microclip.attach(twin, optimizer, **settings)
+    engine.noise = trainer.engine.noise
+    loader = engine.data_loader(text_rows(False), None if engine.dp else 8, collate_fn=default_data_collator,
+                                collate_keeps_order=True)
+    for step, batch in zip(range(STEPS), loader):
+        optimizer.param_groups[0]["lr"] = LR * (STEPS - step) / STEPS      # HF's linear decay, no warm-up
+        optimizer.zero_grad()
+        labels = batch.pop("labels")
+        causal_lm_per_example_loss(twin(**batch).logits, labels).mean().backward()
+        optimizer.step()
+    assert trainer.state.global_step == trainer.engine.steps_taken == engine.steps_taken == STEPS
+    assert trainer.lr_scheduler.last_epoch == STEPS                 # the schedule stepped once per logical batch
+    if chunk < 8:
+        assert len(sizes.sizes) > STEPS                            # more forward passes than steps: chunks
+    if settings["micro_batch_size"] == 1:
+        assert max(sizes.sizes) <= chunk
+    assert max_relative_difference(model, start) > 1e-3             # it trained
+    assert update_difference(model, twin, start) < 1e-10
+    assert trainer.engine.epsilon() == engine.epsilon()             # one ledger step per logical batch
+    assert trainer.args.max_grad_norm == 0.0                        # the Trainer's clipping is off
     assert not any("grad_norm" in entry for entry in trainer.state.log_history)
 
 
-@pytest.mark.parametrize("settings", [NOISE_FREE, DP_SETTINGS], ids=["noise-free b=2", "DP b=1"])
-def test_bert_classification_trainer_equals_the_plain_loop(tmp_path, settings):
+@pytest.mark.parametrize("case", ["noise-free b=2, chunks of 4", "DP b=1, chunks of 3"])
+def test_bert_classification_trainer_in_physical_chunks_equals_the_plain_loop(tmp_path, case):
+    settings, chunk, _ = CASES[case]
     model = bert()
-    twin = copy.deepcopy(model)
-    run_trainer(model, text_rows(True), tmp_path, settings)
+    twin, start = copy.deepcopy(model), copy.deepcopy(model)
+    trainer = run_trainer(model, text_rows(True), tmp_path, settings,
+                          args=training_args(tmp_path, per_device_train_batch_size=chunk),
+                          logical_batch_size=None if "privacy" in settings else 8)
     run_loop(twin, text_rows(True), settings, sequence_classification_per_example_loss)
-    assert max_relative_difference(model, twin) < 1e-10
+    assert trainer.state.global_step == STEPS
+    assert update_difference(model, twin, start) < 1e-10
+
+
+def test_an_epoch_is_round_one_over_q_logical_steps(tmp_path):
+    """num_train_epochs=2 without max_steps: 2 x round(1/q) = 8 logical steps, however many chunks they took."""
+    model = gpt2()
+    sizes = ForwardSizes(model)
+    trainer = run_trainer(model, text_rows(False), tmp_path, DP_SETTINGS,
+                          args=training_args(tmp_path, max_steps=-1, num_train_epochs=2, per_device_train_batch_size=3,
+                                             logging_steps=4))
+    assert trainer.state.global_step == trainer.engine.steps_taken == 8
+    assert len(sizes.sizes) > 8
+    assert trainer.state.epoch == pytest.approx(2.0)
 
 
 def test_noise_free_gradient_accumulation_equals_the_plain_loop(tmp_path):
-    """Two Poisson batches per step: each pass backpropagates its plain mean loss, across an epoch boundary."""
+    """Two Poisson batches per step, each in chunks: each chunk backpropagates its plain mean loss."""
     model = gpt2()
-    twin = copy.deepcopy(model)
-    trainer = DPTrainer(model=model, args=training_args(tmp_path, gradient_accumulation_steps=2),
-                        train_dataset=text_rows(False), attach_kwargs=NOISE_FREE)
+    twin, start = copy.deepcopy(model), copy.deepcopy(model)
+    trainer = DPTrainer(model=model, args=training_args(tmp_path, gradient_accumulation_steps=2,
+                                                        per_device_train_batch_size=6),
+                        train_dataset=text_rows(False), attach_kwargs=NOISE_FREE, logical_batch_size=8)
     trainer.privacy_callback.verbose = False
     trainer.train()
     optimizer = torch.optim.SGD(twin.parameters(), lr=LR)
@@ -157,21 +236,31 @@ def test_noise_free_gradient_accumulation_equals_the_plain_loop(tmp_path):
                 optimizer.zero_grad()
             if passes == 2 * STEPS:
                 break
-    assert engine.steps_taken == trainer.engine.steps_taken == STEPS
-    assert max_relative_difference(model, twin) < 1e-10
+    assert engine.steps_taken == trainer.engine.steps_taken == trainer.state.global_step == STEPS
+    assert update_difference(model, twin, start) < 1e-10
     logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == STEPS and all(3 < loss < 6 for loss in logged)   # a mean loss (ln 100 = 4.6), not a sum
 
 
-def test_epsilon_is_in_the_trainer_logs_and_equals_the_engine(tmp_path):
-    trainer = run_trainer(gpt2(), text_rows(False), tmp_path, DP_SETTINGS)
+def test_epsilon_in_the_logs_equals_the_engines_after_each_logical_step(tmp_path):
+    trainer = run_trainer(gpt2(), text_rows(False), tmp_path, DP_SETTINGS,
+                          args=training_args(tmp_path, per_device_train_batch_size=3))
+    _, epsilons = run_loop(gpt2(), text_rows(False), DP_SETTINGS, causal_lm_per_example_loss)
     assert trainer.engine is not None
     logged = [entry["epsilon"] for entry in trainer.state.log_history if "loss" in entry]
-    assert len(logged) == STEPS and logged == sorted(logged) and logged[0] > 0
+    assert [entry["step"] for entry in trainer.state.log_history if "loss" in entry] == list(range(1, STEPS + 1))
+    assert logged == pytest.approx(epsilons, rel=1e-12) and logged == sorted(logged) and logged[0] > 0
     assert logged[-1] == pytest.approx(trainer.engine.epsilon(), rel=1e-12)
     final = trainer.state.log_history[-1]
     assert final["epsilon"] == trainer.engine.epsilon()
     assert final["privacy_statement"] == trainer.privacy_callback.statement == trainer.engine.privacy_statement()
+
+
+def test_the_privacy_statement_is_printed_at_the_end(tmp_path, capsys):
+    trainer = DPTrainer(model=gpt2(), args=training_args(tmp_path, max_steps=1), train_dataset=text_rows(False),
+                        attach_kwargs=DP_SETTINGS)
+    trainer.train()
+    assert trainer.engine is not None and trainer.engine.privacy_statement() in capsys.readouterr().out
 
 
 def test_the_models_labels_loss_is_refused_in_dp_mode_with_the_fix(tmp_path):
