@@ -82,8 +82,8 @@ def training_args(tmp_path, **overrides):
     return TrainingArguments(**kwargs)
 
 
-def run_trainer(model, dataset, tmp_path, attach_kwargs, args=None, **trainer_kwargs):
-    trainer = DPTrainer(model=model, args=args or training_args(tmp_path), train_dataset=dataset,
+def run_trainer(model, dataset, tmp_path, attach_kwargs, args=None, trainer_class=None, **trainer_kwargs):
+    trainer = (trainer_class or DPTrainer)(model=model, args=args or training_args(tmp_path), train_dataset=dataset,
                         attach_kwargs=attach_kwargs, **trainer_kwargs)
     trainer.privacy_callback.verbose = False
     trainer.train()
@@ -263,6 +263,92 @@ def test_the_privacy_statement_is_printed_at_the_end(tmp_path, capsys):
     assert trainer.engine is not None and trainer.engine.privacy_statement() in capsys.readouterr().out
 
 
+def sorting_collator(samples):
+    """A user's collator that sorts rows by length, longest first (as for packed sequences)."""
+    return default_data_collator(sorted(samples, key=lambda s: -int(s["attention_mask"].sum())))
+
+
+def test_a_sorting_collator_at_b1_trains_correctly(tmp_path):
+    """b = 1: every example is its own micro-batch, so the order of the rows in a chunk changes nothing."""
+    model = gpt2()
+    twin, start = copy.deepcopy(model), copy.deepcopy(model)
+    run_trainer(model, text_rows(False), tmp_path, DP_SETTINGS, data_collator=sorting_collator,
+                args=training_args(tmp_path, per_device_train_batch_size=3))
+    run_loop(twin, text_rows(False), DP_SETTINGS, causal_lm_per_example_loss)
+    assert update_difference(model, twin, start) < 1e-10
+
+
+def test_a_sorting_collator_at_b2_is_refused_in_dp_mode(tmp_path):
+    """b > 1: a micro-batch is a pair of rows, so a collator that sorts would regroup records by the others' lengths."""
+    with pytest.raises(PrivacyError, match="collate_keeps_order=True"):                  # not declared
+        run_trainer(gpt2(), text_rows(False), tmp_path, DP_B2, data_collator=sorting_collator)
+    with pytest.raises(PrivacyError, match="another order than its samples"):            # declared, but it sorts
+        run_trainer(gpt2(), text_rows(False), tmp_path, DP_B2, data_collator=sorting_collator,
+                    collate_keeps_order=True)
+
+
+def test_an_order_keeping_custom_collator_passes_the_check(tmp_path):
+    trainer = run_trainer(gpt2(), text_rows(False), tmp_path, DP_B2, collate_keeps_order=True,
+                          data_collator=lambda samples: default_data_collator(samples))
+    assert trainer.state.global_step == STEPS
+
+
+def test_a_custom_train_sampler_or_loader_is_refused_in_dp_mode(tmp_path):
+    class WithSampler(DPTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    with pytest.raises(ConfigurationError, match="_get_train_sampler would be ignored"):
+        WithSampler(model=gpt2(), args=training_args(tmp_path), train_dataset=text_rows(False),
+                    attach_kwargs=DP_SETTINGS)
+
+    class WithLoader(DPTrainer):
+        def get_train_dataloader(self):
+            return torch.utils.data.DataLoader(self.train_dataset, batch_size=8, collate_fn=default_data_collator)
+
+    with pytest.raises(PrivacyError, match="not a LogicalBatch"):
+        run_trainer(gpt2(), text_rows(False), tmp_path, DP_SETTINGS, trainer_class=WithLoader)
+
+
+def test_gradient_accumulation_is_refused_in_dp_mode(tmp_path):
+    trainer = DPTrainer(model=gpt2(), args=training_args(tmp_path, gradient_accumulation_steps=2),
+                        train_dataset=text_rows(False), attach_kwargs=DP_SETTINGS)
+    with pytest.raises(PrivacyError, match="gradient_accumulation_steps=1.*raise DP\\(sample_rate"):
+        trainer.train()
+
+
+def test_a_logical_batch_that_disagrees_with_the_sample_rate_is_refused(tmp_path):
+    with pytest.raises(ConfigurationError, match="logical_batch_size=16 disagrees.*logical_batch_size=8"):
+        run_trainer(gpt2(), text_rows(False), tmp_path, DP_SETTINGS, logical_batch_size=16)
+    trainer = run_trainer(gpt2(), text_rows(False), tmp_path, DP_SETTINGS, logical_batch_size=8)   # agrees: fine
+    assert trainer.state.global_step == STEPS
+    for bad in (0, 2.5, True):
+        with pytest.raises(ConfigurationError, match="logical_batch_size must be an int >= 1"):
+            DPTrainer(model=gpt2(), args=training_args(tmp_path), train_dataset=text_rows(False),
+                      attach_kwargs=DP_SETTINGS, logical_batch_size=bad)
+
+
+def test_resume_and_auto_batch_size_are_refused_with_the_reason(tmp_path):
+    trainer = DPTrainer(model=gpt2(), args=training_args(tmp_path), train_dataset=text_rows(False),
+                        attach_kwargs=DP_SETTINGS)
+    with pytest.raises(ConfigurationError, match="ledger"):
+        trainer.train(resume_from_checkpoint=True)
+    with pytest.raises(ConfigurationError, match="auto_find_batch_size"):
+        DPTrainer(model=gpt2(), args=training_args(tmp_path, auto_find_batch_size=True),
+                  train_dataset=text_rows(False), attach_kwargs=DP_SETTINGS)
+
+
+def test_data_loader_workers_keep_the_logical_batches(tmp_path):
+    """Two worker processes prefetch chunks; the chunk counts live in the main process, so steps stay logical."""
+    model = gpt2()
+    twin, start = copy.deepcopy(model), copy.deepcopy(model)
+    trainer = run_trainer(model, text_rows(False), tmp_path, DP_SETTINGS,
+                          args=training_args(tmp_path, per_device_train_batch_size=3, dataloader_num_workers=2))
+    run_loop(twin, text_rows(False), DP_SETTINGS, causal_lm_per_example_loss)
+    assert trainer.state.global_step == STEPS
+    assert update_difference(model, twin, start) < 1e-10
+
+
 def test_the_models_labels_loss_is_refused_in_dp_mode_with_the_fix(tmp_path):
     with pytest.raises(PrivacyError, match="per_example_loss='auto'"):
         run_trainer(gpt2(), text_rows(False), tmp_path, DP_SETTINGS, per_example_loss=None)
@@ -271,13 +357,6 @@ def test_the_models_labels_loss_is_refused_in_dp_mode_with_the_fix(tmp_path):
 def test_noise_free_may_train_on_the_models_loss(tmp_path):
     trainer = run_trainer(gpt2(), text_rows(False), tmp_path, NOISE_FREE, per_example_loss=None)
     assert trainer.engine is not None and trainer.engine.steps_taken == STEPS
-
-
-def test_gradient_accumulation_is_refused_in_dp_mode(tmp_path):
-    trainer = DPTrainer(model=gpt2(), args=training_args(tmp_path, gradient_accumulation_steps=2),
-                        train_dataset=text_rows(False), attach_kwargs=DP_SETTINGS)
-    with pytest.raises(PrivacyError, match="gradient_accumulation_steps=1"):
-        trainer.train()
 
 
 def test_compute_loss_func_and_unknown_models_are_refused_with_the_fix(tmp_path):

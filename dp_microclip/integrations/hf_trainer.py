@@ -41,10 +41,10 @@ import dp_microclip
 
 from ..engine import Engine
 from ..errors import ConfigurationError, PrivacyError
-from ..sampling import PhysicalBatchSampler
 from ..losses import causal_lm_per_example_loss, per_example_mean_loss, sequence_classification_per_example_loss
+from .logical_batches import LogicalBatch, LogicalBatchLoader, order_checked
 
-__all__ = ["DPTrainer", "LogicalBatch", "LogicalBatchLoader", "PrivacyCallback", "auto_per_example_loss"]
+__all__ = ["DPTrainer", "PrivacyCallback", "auto_per_example_loss"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,50 +104,6 @@ def _batch_size(inputs) -> int | None:
         if torch.is_tensor(value) and value.dim() > 0:
             return int(value.shape[0])
     return None
-
-
-class LogicalBatch(list):
-    """One Poisson-sampled logical batch: the list of its collated physical chunks, in the order the model sees them.
-
-    ``DPTrainer``'s loader yields one per optimizer step, so the Trainer counts logical steps; an empty
-    sampled batch is one chunk of zero rows (its step is noise-only in DP mode).
-    """
-
-
-class LogicalBatchLoader:
-    """``engine.data_loader(..., max_physical_batch_size=K)`` regrouped: one :class:`LogicalBatch` per item.
-
-    The engine's loader yields each logical batch as its physical chunks (a framework would count
-    each chunk as a step); this wrapper reads how many chunks each logical batch has from the
-    loader's batch sampler (``PhysicalBatchSampler.chunk_counts``, kept in the main process, so
-    worker processes and prefetching do not matter) and yields them together. ``len()`` counts
-    logical batches, as the engine's loader does.
-
-    Attributes:
-        loader: the engine's physical-batch loader.
-        dataset: its dataset (the Trainer reads ``len(loader.dataset)`` for its reports).
-    """
-
-    def __init__(self, loader: torch.utils.data.DataLoader):
-        if not isinstance(loader.batch_sampler, PhysicalBatchSampler):
-            raise ConfigurationError("LogicalBatchLoader wraps engine.data_loader(..., max_physical_batch_size=K); "
-                                     "this loader yields no physical chunks.")
-        self.loader = loader
-        self.dataset = loader.dataset
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        sampler = self.loader.batch_sampler
-        assert isinstance(sampler, PhysicalBatchSampler)  # checked in __init__
-        chunks = iter(self.loader)
-        for first in chunks:
-            # The sampler drew this logical batch (and counted its chunks) before it yielded the first one.
-            count = sampler.chunk_counts.popleft()
-            batch = LogicalBatch([first])
-            batch.extend(next(chunks) for _ in range(count - 1))
-            yield batch
 
 
 class PrivacyCallback(TrainerCallback):
@@ -402,6 +358,8 @@ class DPTrainer(Trainer):
         if workers > 0:
             loader_kwargs.update(persistent_workers=self.args.dataloader_persistent_workers,
                                  worker_init_fn=functools.partial(seed_worker, num_workers=workers, rank=0))
+        if self.engine.dp and self.engine.micro_batch_size > 1:
+            collate = order_checked(collate)  # the engine's check at the model input cannot see the collator's order
         loader = self.engine.data_loader(dataset, self._expected_batch(len(dataset)),  # type: ignore[arg-type]
                                          collate_fn=collate, collate_keeps_order=keeps_order,
                                          max_physical_batch_size=self.args.per_device_train_batch_size,
