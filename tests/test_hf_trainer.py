@@ -349,6 +349,19 @@ def test_data_loader_workers_keep_the_logical_batches(tmp_path):
     assert update_difference(model, twin, start) < 1e-10
 
 
+def test_evaluation_during_training_changes_nothing(tmp_path):
+    """eval_strategy="steps": forward passes under no_grad are no training step and draw no batch."""
+    model = gpt2()
+    twin, start = copy.deepcopy(model), copy.deepcopy(model)
+    trainer = run_trainer(model, text_rows(False), tmp_path, DP_SETTINGS, eval_dataset=text_rows(False),
+                          args=training_args(tmp_path, per_device_train_batch_size=3, eval_strategy="steps",
+                                             eval_steps=1, per_device_eval_batch_size=16))
+    run_loop(twin, text_rows(False), DP_SETTINGS, causal_lm_per_example_loss)
+    assert len([entry for entry in trainer.state.log_history if "eval_loss" in entry]) == STEPS
+    assert trainer.state.global_step == STEPS
+    assert update_difference(model, twin, start) < 1e-10
+
+
 def test_the_models_labels_loss_is_refused_in_dp_mode_with_the_fix(tmp_path):
     with pytest.raises(PrivacyError, match="per_example_loss='auto'"):
         run_trainer(gpt2(), text_rows(False), tmp_path, DP_SETTINGS, per_example_loss=None)
