@@ -111,14 +111,21 @@ def reorder_problem(samples: list, batch) -> str | None:
     return None
 
 
-def order_checked(collate: Callable) -> Callable:
-    """``collate`` that raises :class:`~dp_microclip.errors.PrivacyError` when it reorders the rows of a batch."""
+class order_checked:  # noqa: N801  (used like a function: order_checked(collate))
+    """``collate`` that raises :class:`~dp_microclip.errors.PrivacyError` when it reorders the rows of a batch.
 
-    def collate_in_order(samples):
-        batch = collate(samples)
+    A class rather than a closure so that DataLoader workers started with ``spawn`` can pickle it.
+
+    Attributes:
+        collate: the wrapped collate function.
+    """
+
+    def __init__(self, collate: Callable):
+        self.collate = collate
+
+    def __call__(self, samples):
+        batch = self.collate(samples)
         problem = reorder_problem(list(samples), batch)
         if problem is not None:
             raise PrivacyError(problem)
         return batch
-
-    return collate_in_order
