@@ -229,7 +229,7 @@ class PhysicalBatchSampler(Sampler[list[int]]):
 
     ``chunk_counts`` (main process, this iteration) holds how many chunks each logical batch drawn and
     not yet regrouped has, in order: a wrapper that hands a framework one logical batch per item
-    (``integrations.hf_trainer.LogicalBatchLoader``) pops one count per logical batch.
+    (``integrations.logical_batches.LogicalBatchLoader``) pops one count per logical batch.
     """
 
     def __init__(self, inner: Sampler, sampled: SampledBatches):
