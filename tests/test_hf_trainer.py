@@ -362,6 +362,35 @@ def test_evaluation_during_training_changes_nothing(tmp_path):
     assert update_difference(model, twin, start) < 1e-10
 
 
+def test_user_level_dp_equals_the_plain_loop(tmp_path):
+    """DP(privacy_unit="user"): 8 users of 4 records each, at most k = 2 per sampled user, chunks of 4 rows."""
+    users = [i % 8 for i in range(N)]
+    settings = dict(micro_batch_size=2, max_grad_norm=0.5, seed=7, grad_mode="bookkeeping",
+                    privacy=dp_microclip.DP(noise_multiplier=1.0, sample_rate=0.5, delta=1e-3, accountant="rdp",
+                                            privacy_unit="user", max_examples_per_user=2))
+    model = gpt2()
+    twin, start = copy.deepcopy(model), copy.deepcopy(model)
+    trainer = run_trainer(model, text_rows(False), tmp_path, settings, user_ids=users,
+                          args=training_args(tmp_path, per_device_train_batch_size=4))
+    optimizer = torch.optim.SGD(twin.parameters(), lr=LR)
+    engine = dp_microclip.attach(twin, optimizer, **settings)
+    loader = engine.data_loader(text_rows(False), user_ids=users, collate_fn=default_data_collator,
+                                collate_keeps_order=True)
+    while engine.steps_taken < STEPS:                 # an epoch is round(1/q) = 2 steps: 3 steps cross into the next
+        for batch in loader:
+            if engine.steps_taken == STEPS:
+                break
+            optimizer.zero_grad()
+            labels = batch.pop("labels")
+            causal_lm_per_example_loss(twin(**batch).logits, labels).mean().backward()
+            optimizer.step()
+    assert trainer.state.global_step == trainer.engine.steps_taken == engine.steps_taken == STEPS
+    assert update_difference(model, twin, start) < 1e-10
+    assert trainer.engine.epsilon() == engine.epsilon()
+    with pytest.raises(ConfigurationError, match="Leave logical_batch_size out"):
+        run_trainer(gpt2(), text_rows(False), tmp_path, settings, user_ids=users, logical_batch_size=8)
+
+
 def test_the_models_labels_loss_is_refused_in_dp_mode_with_the_fix(tmp_path):
     with pytest.raises(PrivacyError, match="per_example_loss='auto'"):
         run_trainer(gpt2(), text_rows(False), tmp_path, DP_SETTINGS, per_example_loss=None)

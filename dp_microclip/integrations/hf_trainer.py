@@ -196,16 +196,21 @@ class DPTrainer(Trainer):
         logical_batch_size: the expected examples of one step's Poisson batch. Noise-free: default
             ``per_device_train_batch_size``. DP mode: ``q N`` from ``DP(sample_rate=q)``; if given, it must
             agree with it (it cannot change ``q``: epsilon is computed for ``q``).
+        user_ids: with ``DP(privacy_unit="user", max_examples_per_user=k)``, one user id per train example
+            (a list, a 1-D tensor, or a column name): users are Poisson-sampled, each sampled user's at most
+            ``k`` examples form one micro-batch (``engine.data_loader(..., user_ids=...)``, docs/user-level.md).
         **kwargs: ``Trainer``'s keyword arguments.
 
     Attributes:
         engine: the attached :class:`dp_microclip.Engine` (None until training builds the optimizer).
         privacy_callback: the :class:`PrivacyCallback` this trainer added.
         logical_batch_size: as passed (None: derived as above when training starts).
+        user_ids: as passed.
     """
 
     def __init__(self, *args, attach_kwargs: Mapping[str, Any], per_example_loss: str | PerExampleLoss | None = "auto",
-                 collate_keeps_order: bool | None = None, logical_batch_size: int | None = None, **kwargs):
+                 collate_keeps_order: bool | None = None, logical_batch_size: int | None = None, user_ids=None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         if not isinstance(attach_kwargs, Mapping) or {"model", "optimizer"} & set(attach_kwargs):
             raise ConfigurationError(
@@ -227,6 +232,7 @@ class DPTrainer(Trainer):
         self.attach_kwargs: dict[str, Any] = dict(attach_kwargs)
         self.collate_keeps_order: bool | None = collate_keeps_order
         self.logical_batch_size: int | None = logical_batch_size
+        self.user_ids = user_ids
         self.per_example_loss: PerExampleLoss | None
         if isinstance(per_example_loss, str):
             if per_example_loss != "auto":
@@ -321,6 +327,11 @@ class DPTrainer(Trainer):
         q, wanted = self.engine.sample_rate, self.logical_batch_size
         if q is None:
             return wanted if wanted is not None else self.args.per_device_train_batch_size
+        if wanted is not None and self.user_ids is not None:
+            raise ConfigurationError(
+                f"logical_batch_size={wanted} with user_ids: a step samples users (q U of them on average), so its "
+                "batch is set by DP(sample_rate=q) alone. Leave logical_batch_size out."
+            )
         if wanted is not None and abs(wanted - q * dataset_size) > 0.5:
             raise ConfigurationError(
                 f"logical_batch_size={wanted} disagrees with the engine's sample_rate={q} x len(train_dataset)="
@@ -342,6 +353,9 @@ class DPTrainer(Trainer):
         assert self.engine is not None
         self._check_dp_step_setup(self.engine)
         dataset = self.train_dataset
+        user_ids = self.user_ids
+        if isinstance(user_ids, str):  # a column name: read it before unused columns are removed
+            user_ids = dataset[user_ids]  # type: ignore[index]
         with contextlib.suppress(ImportError):
             import datasets  # noqa: PLC0415  (optional, as in Trainer)
 
@@ -361,15 +375,15 @@ class DPTrainer(Trainer):
         if self.engine.dp and self.engine.micro_batch_size > 1:
             collate = order_checked(collate)  # the engine's check at the model input cannot see the collator's order
         loader = self.engine.data_loader(dataset, self._expected_batch(len(dataset)),  # type: ignore[arg-type]
-                                         collate_fn=collate, collate_keeps_order=keeps_order,
+                                         user_ids=user_ids, collate_fn=collate, collate_keeps_order=keeps_order,
                                          max_physical_batch_size=self.args.per_device_train_batch_size,
                                          **loader_kwargs)
         return LogicalBatchLoader(loader)
 
     def get_total_train_batch_size(self, args) -> int:
         """Expected examples per optimizer step (the logical batch times the accumulation steps), for reports."""
-        if self.engine is None or self.engine.sample_rate is None or self.train_dataset is None:
-            return super().get_total_train_batch_size(args)
+        if self.engine is None or self.engine.sample_rate is None or self.train_dataset is None or self.user_ids:
+            return super().get_total_train_batch_size(args)  # user-level: q U users, a number of examples unknown
         logical = self.engine.sample_rate * len(self.train_dataset)  # type: ignore[arg-type]
         return max(1, round(logical)) * args.gradient_accumulation_steps
 
