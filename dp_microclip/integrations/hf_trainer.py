@@ -232,7 +232,7 @@ class DPTrainer(Trainer):
         self.attach_kwargs: dict[str, Any] = dict(attach_kwargs)
         self.collate_keeps_order: bool | None = collate_keeps_order
         self.logical_batch_size: int | None = logical_batch_size
-        self.user_ids = user_ids
+        self.user_ids: Any = user_ids
         self.per_example_loss: PerExampleLoss | None
         if isinstance(per_example_loss, str):
             if per_example_loss != "auto":
@@ -355,7 +355,7 @@ class DPTrainer(Trainer):
         dataset = self.train_dataset
         user_ids = self.user_ids
         if isinstance(user_ids, str):  # a column name: read it before unused columns are removed
-            user_ids = dataset[user_ids]  # type: ignore[index]
+            user_ids = dataset[user_ids]
         with contextlib.suppress(ImportError):
             import datasets  # noqa: PLC0415  (optional, as in Trainer)
 
