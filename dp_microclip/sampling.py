@@ -225,16 +225,24 @@ class SampledBatches:
 
 class PhysicalBatchSampler(Sampler[list[int]]):
     """Yields the physical chunks of every logical batch ``inner`` draws (``engine.data_loader(...,
-    max_physical_batch_size=...)``); ``len()`` counts logical batches, i.e. optimizer updates."""
+    max_physical_batch_size=...)``); ``len()`` counts logical batches, i.e. optimizer updates.
+
+    ``chunk_counts`` (main process, this iteration) holds how many chunks each logical batch drawn and
+    not yet regrouped has, in order: a wrapper that hands a framework one logical batch per item
+    (``integrations.logical_batches.LogicalBatchLoader``) pops one count per logical batch.
+    """
 
     def __init__(self, inner: Sampler, sampled: SampledBatches):
         self.inner, self.sampled = inner, sampled
+        self.chunk_counts: collections.deque[int] = collections.deque()
 
     def __len__(self) -> int:
         return len(self.inner)  # type: ignore[arg-type]  # a batch sampler has a length
 
     def __iter__(self):
+        self.chunk_counts.clear()
         for _ in self.inner:  # the inner sampler reported the logical batch to sampled.on_batch first
+            self.chunk_counts.append(len(self.sampled.chunk_lists))
             while self.sampled.chunk_lists:
                 yield self.sampled.chunk_lists.popleft()
 

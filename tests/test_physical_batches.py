@@ -214,3 +214,29 @@ def test_contiguous_chunks_must_hold_whole_micro_batches():
                                  grouping="contiguous")
     with pytest.raises(ConfigurationError, match="not a multiple of micro_batch_size=4"):
         engine.data_loader(dataset(), round(Q * N), max_physical_batch_size=6)
+
+
+def test_logical_batch_loader_yields_each_sampled_batch_as_its_chunks():
+    """integrations.logical_batches: one item per logical batch (for loops that count items as steps); the chunks
+    of each item, backpropagated one after the other before ONE optimizer.step(), equal the one-shot step."""
+    from dp_microclip.integrations.logical_batches import LogicalBatch, LogicalBatchLoader
+
+    m1, m2 = model(), model()
+    e1, e2 = attach(m1, 1), attach(m2, 1)
+    one_shot = e1.data_loader(dataset())
+    logical = LogicalBatchLoader(e2.data_loader(dataset(), max_physical_batch_size=7))
+    assert len(logical) == len(one_shot)
+    for step, ((x, y), chunks) in enumerate(zip(one_shot, logical)):
+        if step == 3:
+            break
+        assert isinstance(chunks, LogicalBatch) and all(len(cx) <= 7 for cx, _ in chunks)
+        assert torch.equal(torch.cat([cx for cx, _ in chunks]), x)      # b = 1: the chunks are slices, in order
+        for m, e, pieces in ((m1, e1, [(x, y)]), (m2, e2, chunks)):
+            e.optimizer.zero_grad()
+            for cx, cy in pieces:
+                F.cross_entropy(m(cx), cy).backward()
+            e.optimizer.step()
+    assert e1.steps_taken == e2.steps_taken == 3
+    assert max_diff(m1, m2) < 1e-10
+    with pytest.raises(ConfigurationError, match="yields no physical chunks"):
+        LogicalBatchLoader(e1.data_loader(dataset()))

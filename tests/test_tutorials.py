@@ -20,7 +20,7 @@ from tutorials import render  # noqa: E402
 
 CELL_TIMEOUT = 240
 #: Tutorials of about 20 s or more on 2 CPU cores (kernel start-up included); CI runs them all.
-SLOW = {"02_dp_training", "03_sweep", "05_huggingface", "06_torchrun"}
+SLOW = {"02_dp_training", "03_sweep", "05_huggingface", "06_torchrun", "08_trainer"}
 NOTEBOOKS = render.notebook_sources()
 
 

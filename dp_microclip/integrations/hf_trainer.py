@@ -1,16 +1,19 @@
 """dp_microclip under an unchanged ``transformers.Trainer``: ``DPTrainer`` and ``PrivacyCallback``.
 
-``DPTrainer`` is a ``Trainer`` with four overrides and no copy of its loop:
+``DPTrainer`` is a ``Trainer`` with a few overrides and no copy of its loop:
 
 * ``create_optimizer``: the Trainer builds its optimizer as usual (or takes yours), then
   ``dp_microclip.attach(model, optimizer, **attach_kwargs)`` attaches the engine to it;
 * ``get_train_dataloader``: the train set is sampled by ``engine.data_loader`` (Poisson: each record
-  joins each step independently with probability ``q``; batches vary in size and may be empty),
-  collated by the Trainer's collator (unused columns removed as the Trainer does);
+  joins each step independently with probability ``q``; batches vary in size and may be empty), in
+  physical chunks of at most ``per_device_train_batch_size`` examples, collated by the Trainer's
+  collator (unused columns removed as the Trainer does); the Trainer gets ONE item per sampled
+  logical batch (:class:`LogicalBatch`, the list of its chunks), so its ``global_step``, learning-rate
+  schedule, logging, ``max_steps`` and epochs count logical steps;
+* ``training_step``: forward and backward on every chunk of the logical batch; the Trainer's one
+  ``optimizer.step()`` that follows makes the engine's one update (one noise draw, one ledger step);
 * ``compute_loss``: ``labels`` are taken out of the batch, the model runs without them, and the loss
-  is the mean of **per-example** losses (``dp_microclip.losses``), never HF's batch-wide token mean;
-* ``training_step``: one optimizer step is one logical batch in one forward and one backward pass
-  (the marked place where physical batches will go).
+  is the mean of **per-example** losses (``dp_microclip.losses``), never HF's batch-wide token mean.
 
 ``PrivacyCallback`` (added first, so loggers see its keys) writes ``epsilon`` into every log the
 Trainer makes in DP mode, drops the Trainer's ``grad_norm`` (the Trainer reads ``p.grad`` before the
@@ -39,6 +42,7 @@ import dp_microclip
 from ..engine import Engine
 from ..errors import ConfigurationError, PrivacyError
 from ..losses import causal_lm_per_example_loss, per_example_mean_loss, sequence_classification_per_example_loss
+from .logical_batches import LogicalBatch, LogicalBatchLoader, order_checked
 
 __all__ = ["DPTrainer", "PrivacyCallback", "auto_per_example_loss"]
 
@@ -153,28 +157,32 @@ class DPTrainer(Trainer):
     Usage (the whole guide: docs/trainer.md):
 
     ```python
-    trainer = DPTrainer(model=model, args=TrainingArguments(...), train_dataset=train_set,
-                        data_collator=collator,
+    trainer = DPTrainer(model=model, train_dataset=train_set, data_collator=collator,
+                        args=TrainingArguments(..., per_device_train_batch_size=16),  # physical chunk
                         attach_kwargs=dict(micro_batch_size=1, max_grad_norm=1.0,
                                            privacy=dp_microclip.DP(noise_multiplier=1.0, sample_rate=q,
                                                                    delta=1e-5)))
-    trainer.train()   # epsilon in every log; the privacy statement at the end
+    trainer.train()   # one step per sampled batch of q N examples; epsilon in every log; the statement at the end
     ```
 
     What differs from a plain ``Trainer`` run:
 
-    * batches are Poisson samples of the train set drawn by ``engine.data_loader``: with a DP sample
-      rate ``q`` each step's batch has ``q N`` examples on average; noise-free without one, the expected
-      batch is ``per_device_train_batch_size``. ``train_sampling_strategy`` must stay ``"random"``;
+    * each optimizer step is ONE Poisson sample of the train set drawn by ``engine.data_loader`` (the
+      logical batch: ``q N`` examples on average in DP mode, ``logical_batch_size`` noise-free),
+      processed in physical chunks of at most ``per_device_train_batch_size`` examples; ``global_step``,
+      the learning-rate schedule, logging, ``max_steps`` and epochs count logical steps, one epoch is
+      ``round(1/q)`` of them. ``train_sampling_strategy`` must stay ``"random"``;
     * the loss is a mean of per-example losses (``per_example_loss``), not the model's ``labels=`` loss;
     * the Trainer's own clipping (``max_grad_norm``, default 1.0) is turned off: the engine clips (its
       ``max_grad_norm`` in ``attach_kwargs``) and writes ``p.grad`` in the optimizer's step pre-hook,
       after the Trainer's ``clip_grad_norm_`` ran, so that call could only clip a gradient the engine
       then replaces (or none at all) and would report a norm that is not the step's;
+    * ``gradient_accumulation_steps = k > 1``: noise-free, each step averages ``k`` sampled logical
+      batches; DP mode refuses it (a DP step is one sampled batch: raise the logical batch instead);
     * refused, each with the reason: ``fp16`` (the loss scaler multiplies the loss before backward, so
       every micro-batch norm would be scaled; use ``bf16`` or float32), more than one process or GPU,
-      DeepSpeed and FSDP, ``model_init``, an iterable dataset, and in DP mode
-      ``gradient_accumulation_steps > 1`` (one sampled batch per step).
+      DeepSpeed and FSDP, ``model_init``, ``auto_find_batch_size``, ``resume_from_checkpoint``, an
+      iterable dataset, a custom ``_get_train_sampler``.
 
     Args:
         *args: ``Trainer``'s positional arguments.
@@ -185,15 +193,24 @@ class DPTrainer(Trainer):
             HF averages token losses over the whole batch, which couples examples).
         collate_keeps_order: your collator keeps rows in the order of its samples (needed in DP mode with
             ``micro_batch_size > 1``); None: True for transformers' own collators.
+        logical_batch_size: the expected examples of one step's Poisson batch. Noise-free: default
+            ``per_device_train_batch_size``. DP mode: ``q N`` from ``DP(sample_rate=q)``; if given, it must
+            agree with it (it cannot change ``q``: epsilon is computed for ``q``).
+        user_ids: with ``DP(privacy_unit="user", max_examples_per_user=k)``, one user id per train example
+            (a list, a 1-D tensor, or a column name): users are Poisson-sampled, each sampled user's at most
+            ``k`` examples form one micro-batch (``engine.data_loader(..., user_ids=...)``, docs/user-level.md).
         **kwargs: ``Trainer``'s keyword arguments.
 
     Attributes:
         engine: the attached :class:`dp_microclip.Engine` (None until training builds the optimizer).
         privacy_callback: the :class:`PrivacyCallback` this trainer added.
+        logical_batch_size: as passed (None: derived as above when training starts).
+        user_ids: as passed.
     """
 
     def __init__(self, *args, attach_kwargs: Mapping[str, Any], per_example_loss: str | PerExampleLoss | None = "auto",
-                 collate_keeps_order: bool | None = None, **kwargs):
+                 collate_keeps_order: bool | None = None, logical_batch_size: int | None = None, user_ids=None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         if not isinstance(attach_kwargs, Mapping) or {"model", "optimizer"} & set(attach_kwargs):
             raise ConfigurationError(
@@ -208,8 +225,14 @@ class DPTrainer(Trainer):
                 "compute_loss_func returns one number for the batch, and DPTrainer needs one loss per example. Pass "
                 "per_example_loss=fn with fn(outputs, labels) -> (B,) instead of compute_loss_func."
             )
+        if logical_batch_size is not None and (isinstance(logical_batch_size, bool)
+                                               or not isinstance(logical_batch_size, int) or logical_batch_size < 1):
+            raise ConfigurationError(f"logical_batch_size must be an int >= 1 (expected examples per optimizer step), "
+                                     f"or None. Found {logical_batch_size!r}.")
         self.attach_kwargs: dict[str, Any] = dict(attach_kwargs)
         self.collate_keeps_order: bool | None = collate_keeps_order
+        self.logical_batch_size: int | None = logical_batch_size
+        self.user_ids: Any = user_ids
         self.per_example_loss: PerExampleLoss | None
         if isinstance(per_example_loss, str):
             if per_example_loss != "auto":
@@ -219,8 +242,8 @@ class DPTrainer(Trainer):
         else:
             self.per_example_loss = per_example_loss
         self.engine: Engine | None = None
-        # compute_loss returns each pass's plain mean loss: the engine averages over the passes of a step, and
-        # dividing by the accumulation steps before backward would scale every micro-batch norm.
+        # compute_loss returns each chunk's plain mean loss: the engine combines the chunks and the logical
+        # batches of a step, and dividing by the accumulation steps before backward would scale every norm.
         self.loss_is_scaled_for_ga = True
         if self.args.max_grad_norm and self.args.max_grad_norm > 0:
             logger.info("DPTrainer: TrainingArguments.max_grad_norm=%s turned off; the engine clips (attach_kwargs' "
@@ -251,15 +274,38 @@ class DPTrainer(Trainer):
                 f"DPTrainer samples the train set itself (Poisson, engine.data_loader), so "
                 f"train_sampling_strategy={args.train_sampling_strategy!r} would be ignored. Set it to 'random'."
             )
+        if args.auto_find_batch_size:
+            raise ConfigurationError(
+                "DPTrainer refuses auto_find_batch_size=True: its retry after an out-of-memory error would restart "
+                "training on an engine that already took steps. per_device_train_batch_size is only the physical "
+                "chunk (the logical batch is separate): lower it until a chunk fits."
+            )
+        if type(self)._get_train_sampler is not Trainer._get_train_sampler:
+            raise ConfigurationError(
+                "A custom _get_train_sampler would be ignored: DPTrainer's batches are Poisson samples drawn by "
+                "engine.data_loader (the sampling epsilon is computed for). Remove the override."
+            )
 
     def _check_dp_step_setup(self, engine: Engine) -> None:
         if engine.dp and self.args.gradient_accumulation_steps > 1:
             raise PrivacyError(
                 f"gradient_accumulation_steps={self.args.gradient_accumulation_steps} in DP mode: a DP step is ONE "
-                "Poisson-sampled batch in one forward and one backward pass. Set gradient_accumulation_steps=1 and "
-                "raise DP(sample_rate=...) for a larger batch (splitting one sampled batch into physical chunks of "
-                "per_device_train_batch_size is not available yet)."
+                "Poisson-sampled batch (noise and the ledger count it once), so the Trainer's accumulation of "
+                "several batches per step cannot map onto it. Set gradient_accumulation_steps=1; for a larger batch "
+                "raise DP(sample_rate=...): DPTrainer already splits each sampled batch into physical chunks of "
+                "per_device_train_batch_size examples."
             )
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """``Trainer.train``; refuses ``resume_from_checkpoint`` (the engine's ledger and the Poisson loader's
+        position are not in the Trainer's checkpoints yet, so a resumed epsilon would miss the earlier steps)."""
+        if resume_from_checkpoint:
+            raise ConfigurationError(
+                "DPTrainer.train(resume_from_checkpoint=...) is not supported: Trainer checkpoints hold neither the "
+                "engine's privacy ledger nor its sampler's position, so epsilon would restart at the resume point. "
+                "Train in one run, or drive the engine in your own loop with engine.state_dict()/load_state_dict()."
+            )
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ------------------------------------------------------------------ optimizer and engine
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
@@ -275,8 +321,28 @@ class DPTrainer(Trainer):
                                      "optimizer for the whole run (self.optimizer).")
         return optimizer
 
-    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
-        """The engine's Poisson loader over the train set, collated by the Trainer's collator."""
+    def _expected_batch(self, dataset_size: int) -> int | None:
+        """The ``batch_size`` for ``engine.data_loader``: None when the engine has a sample rate (DP mode)."""
+        assert self.engine is not None
+        q, wanted = self.engine.sample_rate, self.logical_batch_size
+        if q is None:
+            return wanted if wanted is not None else self.args.per_device_train_batch_size
+        if wanted is not None and self.user_ids is not None:
+            raise ConfigurationError(
+                f"logical_batch_size={wanted} with user_ids: a step samples users (q U of them on average), so its "
+                "batch is set by DP(sample_rate=q) alone. Leave logical_batch_size out."
+            )
+        if wanted is not None and abs(wanted - q * dataset_size) > 0.5:
+            raise ConfigurationError(
+                f"logical_batch_size={wanted} disagrees with the engine's sample_rate={q} x len(train_dataset)="
+                f"{dataset_size} = {q * dataset_size:.1f} examples per step. The sample rate fixes the logical "
+                f"batch (and epsilon): pass logical_batch_size={round(q * dataset_size)} or leave it out, or change "
+                "DP(sample_rate=...)."
+            )
+        return None
+
+    def get_train_dataloader(self) -> LogicalBatchLoader:  # type: ignore[override]
+        """The engine's Poisson loader over the train set in physical chunks, one :class:`LogicalBatch` per item."""
         if self.train_dataset is None:
             raise ValueError("Trainer: training requires a train_dataset.")
         if isinstance(self.train_dataset, IterableDataset):
@@ -287,6 +353,9 @@ class DPTrainer(Trainer):
         assert self.engine is not None
         self._check_dp_step_setup(self.engine)
         dataset = self.train_dataset
+        user_ids = self.user_ids
+        if isinstance(user_ids, str):  # a column name: read it before unused columns are removed
+            user_ids = dataset[user_ids]
         with contextlib.suppress(ImportError):
             import datasets  # noqa: PLC0415  (optional, as in Trainer)
 
@@ -303,33 +372,58 @@ class DPTrainer(Trainer):
         if workers > 0:
             loader_kwargs.update(persistent_workers=self.args.dataloader_persistent_workers,
                                  worker_init_fn=functools.partial(seed_worker, num_workers=workers, rank=0))
-        # PHYSICAL BATCHES (issue 25, part 1, built on another branch): once engine.data_loader takes
-        # max_physical_batch_size=K, pass K = per_device_train_batch_size here in DP mode (the loader then
-        # yields each logical batch as a list of chunks of at most K), and see training_step.
-        batch_size = None if self.engine.sample_rate is not None else self.args.per_device_train_batch_size
-        return self.engine.data_loader(dataset, batch_size, collate_fn=collate, collate_keeps_order=keeps_order,
-                                       **loader_kwargs)
+        if self.engine.dp and self.engine.micro_batch_size > 1:
+            collate = order_checked(collate)  # the engine's check at the model input cannot see the collator's order
+        loader = self.engine.data_loader(dataset, self._expected_batch(len(dataset)),  # type: ignore[arg-type]
+                                         user_ids=user_ids, collate_fn=collate, collate_keeps_order=keeps_order,
+                                         max_physical_batch_size=self.args.per_device_train_batch_size,
+                                         **loader_kwargs)
+        return LogicalBatchLoader(loader)
+
+    def get_total_train_batch_size(self, args) -> int:
+        """Expected examples per optimizer step (the logical batch times the accumulation steps), for reports."""
+        if self.engine is None or self.engine.sample_rate is None or self.train_dataset is None or self.user_ids:
+            return super().get_total_train_batch_size(args)  # user-level: q U users, a number of examples unknown
+        logical = self.engine.sample_rate * len(self.train_dataset)  # type: ignore[arg-type]
+        return max(1, round(logical)) * args.gradient_accumulation_steps
+
+    def floating_point_ops(self, inputs) -> int:
+        """The Trainer's estimate, summed over the chunks of a logical batch."""
+        if isinstance(inputs, LogicalBatch):
+            return sum(super(DPTrainer, self).floating_point_ops(chunk) for chunk in inputs)
+        return super().floating_point_ops(inputs)
 
     # ------------------------------------------------------------------ one step
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        """One logical batch's forward and backward (its optimizer step follows in the Trainer's loop).
+        """Forward and backward on every chunk of one logical batch (the Trainer's optimizer step follows).
 
-        Returns the loss for the Trainer's reports: the pass's mean per-example loss over the
-        accumulation steps (the backward itself uses the plain mean, see ``loss_is_scaled_for_ga``).
+        Each chunk backpropagates its own plain mean loss (the engine sums the clipped contributions of
+        the chunks and draws the noise once, at the step). Returns the logical batch's mean per-example
+        loss for the Trainer's reports, divided by the accumulation steps as the Trainer expects.
         """
-        # PHYSICAL BATCHES (issue 25, part 1): a logical batch will arrive as a list of chunks of at most
-        # per_device_train_batch_size examples (their number varies with the Poisson draw, which the Trainer's
-        # fixed gradient_accumulation_steps cannot follow, so one Trainer batch stays one logical batch):
-        # run super().training_step on each chunk here, each with the chunk's mean loss; the engine sums the
-        # clipped contributions and draws the noise once at the optimizer step. Until then a logical batch is
-        # one forward and one backward pass, and DP mode refuses gradient_accumulation_steps > 1.
-        if self.engine is not None and _batch_size(inputs) == 0:
-            # An empty Poisson batch (HF models cannot run on zero rows): no forward, no backward; the
-            # optimizer step that follows adds the noise alone in DP mode, and does nothing noise-free.
-            self.engine.take_empty_batch()
-            return torch.zeros((), device=self.args.device)
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        return loss / self.current_gradient_accumulation_steps
+        assert self.engine is not None  # get_train_dataloader attached it
+        if not isinstance(inputs, LogicalBatch):
+            if self.engine.dp:
+                raise PrivacyError(
+                    "DPTrainer.training_step got a batch that is not a LogicalBatch of its own train loader: in DP "
+                    "mode every step must be one Poisson-sampled batch of engine.data_loader (DPTrainer."
+                    "get_train_dataloader). Do not override get_train_dataloader or feed batches of another loader."
+                )
+            inputs = LogicalBatch([inputs])
+        total = torch.zeros((), device=self.args.device)
+        rows = 0
+        sums = self.engine.settings.clip.loss_reduction == "sum"
+        for chunk in inputs:
+            size = _batch_size(chunk)
+            if size == 0:
+                # An empty Poisson batch (HF models cannot run on zero rows): no forward, no backward; the
+                # optimizer step that follows adds the noise alone in DP mode, and does nothing noise-free.
+                self.engine.take_empty_batch()
+                continue
+            loss = super().training_step(model, chunk, None)
+            total = total + (loss if sums or size is None else loss * size)
+            rows += size or 1
+        return total / max(rows, 1) / self.current_gradient_accumulation_steps
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The mean of per-example losses; ``labels`` are taken out of the batch, so the model computes no loss."""
