@@ -205,7 +205,7 @@ def test_fsdp_dp_one_noise_draw_std_epsilon_and_memory(tmp_path):
         rows = torch.chunk(g, 2, dim=0)
         for rank, r in enumerate((r0, r1)):
             shard = r["local"][n][1]
-            assert torch.equal(shard, rows[rank])  # this rank's slice of the one global draw
+            close({n: shard}, {n: rows[rank]})  # this rank's slice of the one global draw (sums round apart)
             if shard.numel() >= 1000:  # the std of the noise on each shard: z C / M (~2% sampling error)
                 assert float(shard.std()) == pytest.approx(want_std, rel=0.08), n
         if g.dim() == 2:  # no repeated draw: the shards' noise is not the same numbers
