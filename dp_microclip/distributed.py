@@ -17,7 +17,8 @@ reducer this module plugs into the engine at construction
   *same* noise (generators seeded identically from one seed drawn on rank 0), so
   the update has exactly one draw of ``N(0, (z C)^2) / M``, as on one process.
 
-Launch with ``torchrun --nproc-per-node 2 train.py``; see docs/distributed.md.
+FSDP2 (``fully_shard``) models work the same way; ``fsdp.py`` turns the one full gradient into
+each rank's shard. Launch with ``torchrun --nproc-per-node 2 train.py``; see docs/distributed.md.
 
 Example (every rank runs this)::
 
@@ -84,7 +85,8 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *, group=None, pe
        all-reduces the clipped means at each step, before noise is added.
 
     Args:
-        model: the unwrapped model (not ``DistributedDataParallel``: see the module docstring).
+        model: the unwrapped model (not ``DistributedDataParallel``: see the module docstring), or one
+            sharded with FSDP2's ``fully_shard`` (``fsdp.py``: each rank writes its shard of one full gradient).
         optimizer: the optimizer over the model's parameters (its state is not broadcast:
             attach before training).
         group: the process group (default: the world).

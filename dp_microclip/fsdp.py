@@ -37,8 +37,7 @@ Refused (the error says why): meshes with more than one dimension (HSDP,
 FSDP with tensor parallelism), placements other than ``Shard(0)``, a
 ``MixedPrecisionPolicy`` that changes the parameters' dtype, CPU offload (the
 unsharded parameter on another device), modules with sharded parameters whose
-rule is not verified under FSDP2 (:data:`SUPPORTED`), and a model that is not
-resharded at attach.
+rule is not verified under FSDP2 (:data:`SUPPORTED`). See docs/distributed.md, "FSDP2".
 """
 
 from __future__ import annotations
@@ -53,7 +52,8 @@ __all__ = ["ShardedGrads", "SUPPORTED", "is_sharded", "is_sharded_tensor"]
 #: Module types whose rules read only activations, output gradients and the weight's shape and dtype (never
 #: its values, which FSDP has resharded by the time the engine clips), tested under FSDP2 in
 #: tests/test_fsdp.py. Any other module that owns a sharded parameter is refused.
-SUPPORTED: tuple[type[nn.Module], ...] = (nn.Linear, nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.Embedding)
+SUPPORTED: tuple[type[nn.Module], ...] = (nn.Linear, nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.Embedding,
+                                          nn.Conv1d, nn.Conv2d)
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -129,10 +129,10 @@ class ShardedGrads:
     def to_grad(self, p: nn.Parameter, full: torch.Tensor) -> torch.Tensor:
         """This rank's rows of the full-shape gradient, as a ``DTensor`` with ``p``'s placement (a copy: the
         full tensor is freed after the step)."""
-        if not is_sharded_tensor(p):
-            return full
         from torch.distributed.tensor import DTensor
 
+        if not isinstance(p, DTensor):
+            return full
         mesh = p.device_mesh
         rows = torch.chunk(full, mesh.size(), dim=0)  # FSDP2's and DTensor's Shard(0) split
         rank = mesh.get_local_rank()

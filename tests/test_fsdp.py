@@ -29,6 +29,7 @@ CASES = {  # name: (clipping, b, optimizer, reshard_after_forward)
     "adaptive-b2": ("adaptive", 2, "sgd", True),
     "normalize-b1-adam": ("normalize", 1, "adam", True),
     "fixed-b2-no-reshard": ("fixed", 2, "sgd", False),
+    "fixed-b2-reshard-int": ("fixed", 2, "sgd", 1),  # reshard to world size 1 after forward
 }
 
 
@@ -84,6 +85,42 @@ def step_batches(rank=None):
     return out
 
 
+class Mixed(nn.Module):
+    """Every other supported rule under FSDP2: Embedding, RMSNorm, Conv1d, GroupNorm (uneven shards)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.rms = nn.Embedding(11, 8), nn.RMSNorm(8)
+        self.conv, self.gn, self.head = nn.Conv1d(8, 6, 3, padding=1), nn.GroupNorm(2, 6), nn.Linear(6, 3)
+
+    def forward(self, idx):
+        h = self.rms(self.emb(idx)).transpose(1, 2)  # (B, 8, T)
+        return self.head(torch.tanh(self.gn(self.conv(h))).mean(-1))
+
+
+def mixed_model():
+    from torch.distributed.fsdp import fully_shard
+
+    m = Mixed().double()
+    if torch.distributed.is_initialized():
+        for sub in (m.emb, m.conv, m.head, m):
+            fully_shard(sub)
+    return m
+
+
+def mixed_batches(rank=None):
+    out = []
+    for s in range(STEPS):
+        g = torch.Generator().manual_seed(s)
+        x, y = torch.randint(0, 11, (12, 5), generator=g), torch.randint(0, 3, (12,), generator=g)
+        if rank is not None:
+            rows = slice(0, SPLIT) if rank == 0 else slice(SPLIT, None)
+            x, y = x[rows], y[rows]
+        out.append((x, y))
+    return out
+
+
 class DirectRead(nn.Module):
     """Reads ``ln.weight`` outside ``ln``'s call: the first-step check must catch it on the unsharded weight."""
 
@@ -108,6 +145,11 @@ def noise_free_task(rank, world):
         engine = train(mcd.attach, m, opt, step_batches(rank), micro_batch_size=b, clipping=mode, max_grad_norm=0.3)
         res[name] = full_params(m)
         res[f"{name}-grad-types"] = {type(p.grad).__name__ for p in m.parameters()}
+        engine.detach()
+    for b in (1, 2):
+        m = mixed_model()
+        engine = train(mcd.attach, m, optimizer("sgd", m), mixed_batches(rank), micro_batch_size=b, max_grad_norm=0.3)
+        res[f"mixed-b{b}"] = full_params(m)
         engine.detach()
     # The first-step check sees the unsharded parameters' real gradients (it is not vacuous under FSDP).
     m = DirectRead().double()
@@ -146,6 +188,12 @@ def test_fsdp_two_ranks_equal_one_process_noise_free(tmp_path):
         close(r0[name], want)  # 3 steps on 2 ranks = 3 steps of one process on the union of the shares
         close(r1[name], want)
         assert r0[f"{name}-grad-types"] == {"DTensor"}  # p.grad is this rank's shard
+    for b in (1, 2):
+        m = mixed_model()
+        train(dp_microclip.attach, m, optimizer("sgd", m), mixed_batches(), micro_batch_size=b, max_grad_norm=0.3)
+        want = {n: p.detach() for n, p in m.named_parameters()}
+        close(r0[f"mixed-b{b}"], want)
+        close(r1[f"mixed-b{b}"], want)
     assert r0["refusals_done"] and r1["refusals_done"] and r0["dtensor"]
 
 
@@ -164,24 +212,27 @@ def dp_run(attach, m, steps):
     engine = attach(m, opt, micro_batch_size=B, max_grad_norm=C, seed=11,
                     privacy=DP(noise_multiplier=Z, sample_rate=Q, delta=1e-5, accountant="rdp"))
     it = iter(engine.data_loader(dp_dataset()))
+    raw_hidden = None
     for i in range(steps + 1):
         if i == steps:
             opt.param_groups[0]["lr"] = 0.0
         x, y = next(it)
         opt.zero_grad()
         F.cross_entropy(m(x), y).backward()
+        if i == 0:  # the checked step: autograd's raw gradient never reaches p.grad (FSDP reduce-scatters none)
+            raw_hidden = all(p.grad is None for p in m.parameters())
         opt.step()
-    return engine
+    return engine, raw_hidden
 
 
 def dp_task(rank, world):
     m = shard_model(big_model())
-    engine = dp_run(mcd.attach, m, 2)
+    engine, raw_hidden = dp_run(mcd.attach, m, 2)
     local = {n: (p.to_local().detach().clone(), p.grad.to_local().clone()) for n, p in m.named_parameters()}
     full = sum(p.numel() * p.element_size() for p in m.parameters())
     held = sum(t.untyped_storage().nbytes() for p in m.parameters() for t in (p.to_local(), p.grad.to_local()))
     gathered = {n: p.grad.full_tensor() for n, p in m.named_parameters()}
-    return {"local": local, "grads": gathered, "params": full_params(m), "eps": engine.epsilon(),
+    return {"raw_hidden": raw_hidden, "local": local, "grads": gathered, "params": full_params(m), "eps": engine.epsilon(),
             "memory_ratio": held / (2 * full), "sharded_after": all(type(p).__name__ == "DTensor"
                                                                     for p in m.parameters())}
 
@@ -189,7 +240,8 @@ def dp_task(rank, world):
 def test_fsdp_dp_one_noise_draw_std_epsilon_and_memory(tmp_path):
     r0, r1 = run_ranks(tmp_path, "dp_task", module=__name__)
     m = big_model()
-    engine = dp_run(dp_microclip.attach, m, 2)
+    engine, raw_hidden = dp_run(dp_microclip.attach, m, 2)
+    assert raw_hidden and r0["raw_hidden"] and r1["raw_hidden"]
     want_params = {n: p.detach() for n, p in m.named_parameters()}
     want_grads = {n: p.grad for n, p in m.named_parameters()}
     for r in (r0, r1):
