@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader
 from .attach import attach as _attach
 from .rank_agreement import check_same_settings as _check_same_settings
 from .engine import Engine, ProcessParts
-from .fsdp import ShardedGrads, is_sharded, is_sharded_tensor
+from .fsdp import ShardedGrads, is_sharded, is_sharded_tensor, reshard_all
 from .errors import BatchError, ConfigurationError, user_stacklevel
 from .privacy import check_distributed_sampling
 from .layers.traits import MIXES_EXAMPLES
@@ -128,6 +128,7 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *, group=None, pe
         )
     device = _collective_device(group)
     src = _first_rank(group)
+    reshard_all(model)  # FSDP2: the sharded parameters are the ones to check, broadcast-skip and manage
     _check_same_settings(model, optimizer, per_core, {**attach_kwargs, "broadcast_noise": bool(broadcast_noise)},
                          group)
     _broadcast_state(model, src, group)  # FSDP2's shards are each rank's own: only plain tensors travel

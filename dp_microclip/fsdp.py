@@ -47,7 +47,7 @@ from torch import nn
 
 from .errors import ConfigurationError
 
-__all__ = ["ShardedGrads", "SUPPORTED", "is_sharded", "is_sharded_tensor"]
+__all__ = ["ShardedGrads", "SUPPORTED", "is_sharded", "is_sharded_tensor", "reshard_all"]
 
 #: Module types whose rules read only activations, output gradients and the weight's shape and dtype (never
 #: its values, which FSDP has resharded by the time the engine clips), tested under FSDP2 in
@@ -66,6 +66,16 @@ def is_sharded_tensor(t) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
+
+
+def reshard_all(model: nn.Module) -> None:
+    """Shard again the parameters a forward with ``reshard_after_forward=False`` left gathered (no communication):
+    the engine must manage the sharded parameters, those the optimizer holds."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 class _Leaf:
@@ -97,7 +107,6 @@ class ShardedGrads:
     def __init__(self, model: nn.Module):
         from torch.distributed.fsdp import FSDPModule
 
-        owners = _sharded_owners(model)
         fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
         if not fsdp_modules:
             raise ConfigurationError(
@@ -105,22 +114,26 @@ class ShardedGrads:
                 "torch.distributed.fsdp.fully_shard: tensor parallelism alone is not supported. Shard with "
                 "fully_shard, or attach to a model with plain parameters."
             )
-        for m in fsdp_modules:
-            m.unshard()
+        reshard_all(model)
+        pending = {id(owner[3]): owner for owner in _sharded_owners(model)}  # id(p) -> (name, module, local, p)
         self._leaves: dict[int, _Leaf] = {}
-        try:
-            for name, module, local, p in owners:
-                unsharded = dict(module.named_parameters(recurse=False)).get(local)
-                if unsharded is None or is_sharded_tensor(unsharded):
-                    raise ConfigurationError(
-                        f"parameter {name!r} is sharded but no fully_shard-ed module above it gathers it: shard "
-                        "it with fully_shard (on its module or an ancestor), or leave it unsharded."
-                    )
-                _check_unsharded(name, p, unsharded)
-                self._leaves[id(p)] = _Leaf(unsharded)
-        finally:
-            for m in fsdp_modules:
+        for m in fsdp_modules:  # one FSDP group gathered at a time (an all-gather, in the same order on every rank)
+            m.unshard()
+            try:
+                for key, (name, module, local, p) in list(pending.items()):
+                    unsharded = dict(module.named_parameters(recurse=False)).get(local)
+                    if unsharded is not None and not is_sharded_tensor(unsharded):
+                        _check_unsharded(name, p, unsharded)
+                        self._leaves[key] = _Leaf(unsharded)
+                        del pending[key]
+            finally:
                 m.reshard()
+        if pending:
+            name = next(iter(pending.values()))[0]
+            raise ConfigurationError(
+                f"parameter {name!r} is sharded but no fully_shard-ed module above it gathers it: shard it with "
+                "fully_shard (on its module or an ancestor), or leave it unsharded."
+            )
 
     def leaf(self, p: nn.Parameter):
         """The unsharded parameter for a sharded ``p`` (whose own hooks never fire under FSDP), else ``p``."""

@@ -146,18 +146,28 @@ def noise_free_task(rank, world):
         res[name] = full_params(m)
         res[f"{name}-grad-types"] = {type(p.grad).__name__ for p in m.parameters()}
         engine.detach()
+    # An evaluation forward under no_grad with reshard_after_forward=False leaves the parameters gathered:
+    # attach reshards them first.
+    m = shard_model(small_model(), False)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    with torch.no_grad():
+        m(step_batches(rank)[0][0])
+    res["eval-first-gathered"] = not any(isinstance(p, DTensor) for p in m.parameters())
+    train(mcd.attach, m, opt, step_batches(rank), micro_batch_size=2, max_grad_norm=0.3).detach()
+    res["eval-first"] = full_params(m)
     for b in (1, 2):
         m = mixed_model()
         engine = train(mcd.attach, m, optimizer("sgd", m), mixed_batches(rank), micro_batch_size=b, max_grad_norm=0.3)
         res[f"mixed-b{b}"] = full_params(m)
         engine.detach()
     # The first-step check sees the unsharded parameters' real gradients (it is not vacuous under FSDP).
-    m = DirectRead().double()
-    for sub in (m.fc, m.head, m):
-        fully_shard(sub)
-    with pytest.raises(ConfigurationError, match="'ln.weight'.*outside its module"):
-        train(mcd.attach, m, torch.optim.SGD(m.parameters(), lr=0.1), step_batches(rank)[:1], micro_batch_size=1,
-              max_grad_norm=0.3)
+    for reshard in (True, False, 1):
+        m = DirectRead().double()
+        for sub in (m.fc, m.head, m):
+            fully_shard(sub, reshard_after_forward=reshard)
+        with pytest.raises(ConfigurationError, match="'ln.weight'.*outside its module"):
+            train(mcd.attach, m, torch.optim.SGD(m.parameters(), lr=0.1), step_batches(rank)[:1],
+                  micro_batch_size=1, max_grad_norm=0.3)
     # Refusals, on every rank alike.
     m = small_model()
     fully_shard(m, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32))
@@ -188,6 +198,8 @@ def test_fsdp_two_ranks_equal_one_process_noise_free(tmp_path):
         close(r0[name], want)  # 3 steps on 2 ranks = 3 steps of one process on the union of the shares
         close(r1[name], want)
         assert r0[f"{name}-grad-types"] == {"DTensor"}  # p.grad is this rank's shard
+    assert r0["eval-first-gathered"] and r1["eval-first-gathered"]
+    close(r0["eval-first"], r0["fixed-b2-no-reshard"])  # the same steps as without the evaluation forward
     for b in (1, 2):
         m = mixed_model()
         train(dp_microclip.attach, m, optimizer("sgd", m), mixed_batches(), micro_batch_size=b, max_grad_norm=0.3)
