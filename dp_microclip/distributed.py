@@ -17,7 +17,8 @@ reducer this module plugs into the engine at construction
   *same* noise (generators seeded identically from one seed drawn on rank 0), so
   the update has exactly one draw of ``N(0, (z C)^2) / M``, as on one process.
 
-Launch with ``torchrun --nproc-per-node 2 train.py``; see docs/distributed.md.
+FSDP2 (``fully_shard``) models work the same way; ``fsdp.py`` turns the one full gradient into
+each rank's shard. Launch with ``torchrun --nproc-per-node 2 train.py``; see docs/distributed.md.
 
 Example (every rank runs this)::
 
@@ -48,6 +49,7 @@ from torch.utils.data import DataLoader
 from .attach import attach as _attach
 from .rank_agreement import check_same_settings as _check_same_settings
 from .engine import Engine, ProcessParts
+from .fsdp import ShardedGrads, is_sharded, is_sharded_tensor, reshard_all
 from .errors import BatchError, ConfigurationError, user_stacklevel
 from .privacy import check_distributed_sampling
 from .layers.traits import MIXES_EXAMPLES
@@ -83,7 +85,8 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *, group=None, pe
        all-reduces the clipped means at each step, before noise is added.
 
     Args:
-        model: the unwrapped model (not ``DistributedDataParallel``: see the module docstring).
+        model: the unwrapped model (not ``DistributedDataParallel``: see the module docstring), or one
+            sharded with FSDP2's ``fully_shard`` (``fsdp.py``: each rank writes its shard of one full gradient).
         optimizer: the optimizer over the model's parameters (its state is not broadcast:
             attach before training).
         group: the process group (default: the world).
@@ -107,7 +110,7 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *, group=None, pe
 
     Raises:
         ConfigurationError: torch.distributed is not initialised, the model is wrapped in
-            DDP or sharded by FSDP, it holds a SyncBatchNorm, ranks disagree on settings,
+            DDP, FSDP2 settings are unsupported (fsdp.py), it holds a SyncBatchNorm, ranks disagree on settings,
             or ``per_core`` is combined with DP mode or a grouping.
     """
     dist = _dist()
@@ -125,9 +128,11 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *, group=None, pe
         )
     device = _collective_device(group)
     src = _first_rank(group)
+    reshard_all(model)  # FSDP2: the sharded parameters are the ones to check, broadcast-skip and manage
     _check_same_settings(model, optimizer, per_core, {**attach_kwargs, "broadcast_noise": bool(broadcast_noise)},
                          group)
-    _broadcast_state(model, src, group)
+    _broadcast_state(model, src, group)  # FSDP2's shards are each rank's own: only plain tensors travel
+    placement = ShardedGrads(model) if is_sharded(model) else None  # checks FSDP2's settings (fsdp.py)
     seed_is_secret = attach_kwargs.get("seed") is None
     if seed_is_secret:
         seed = torch.tensor([secrets.randbits(63) if dist.get_rank() == src else 0], dtype=torch.int64,
@@ -153,7 +158,8 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *, group=None, pe
     share = functools.partial(_share, rank=reducer.rank, world_size=reducer.world_size)
     engine = _attach(model, optimizer, **attach_kwargs,
                      process_parts=ProcessParts(reducer=reducer, wrap_noise=wrap_noise, sampler_factory=sampler,
-                                                seed_is_secret=seed_is_secret, share=share))
+                                                seed_is_secret=seed_is_secret, share=share,
+                                                placement=placement))
     _ENGINES.add(engine)
     return engine
 
@@ -202,13 +208,6 @@ def _check_model(model: nn.Module) -> None:
             "itself, so DDP would see no gradient. Pass the unwrapped module (model.module): the engine "
             "all-reduces the clipped gradients itself."
         )
-    for name, p in model.named_parameters():
-        if type(p.data).__name__ == "DTensor" or "DTensor" in type(p).__name__:
-            raise ConfigurationError(
-                f"parameter {name!r} is a DTensor (FSDP's fully_shard or tensor parallelism): the engine's rules "
-                "need each layer's full weight and write full-shape p.grad, which a sharded parameter does not "
-                "take. Attach to the unsharded model (docs/distributed.md, 'FSDP')."
-            )
     for name, m in model.named_modules():
         if isinstance(m, nn.SyncBatchNorm):
             raise ConfigurationError(
@@ -255,7 +254,7 @@ def _buckets(tensors):
 def _broadcast_state(model: nn.Module, src: int, group) -> None:
     """Copy every parameter and buffer of the first rank to the others, one broadcast per (dtype, device)."""
     dist = _dist()
-    tensors = [p.data for p in model.parameters()] + [b for b in model.buffers()]
+    tensors = [p.data for p in model.parameters() if not is_sharded_tensor(p)] + [b for b in model.buffers()]
     for items in _buckets(tensors).values():
         flat = torch.cat([t.reshape(-1) for t in items])
         dist.broadcast(flat, src, group=group)

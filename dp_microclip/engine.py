@@ -35,12 +35,12 @@ from .errors import ConfigurationError, PrivacyError
 from .grouping import Groups, GroupingPlan
 from .hooks import HookSet
 from .observers import ObserverHandle, check_observer
-from .noise import NoiseLike, NoiseSource, SecureNoiseSource
+from .noise import SECURE_STATEMENT, NoiseLike, NoiseSource, SecureNoiseSource
 from .records import Record, Unit, join_multi_output
 from .routes import Autotuner
 from .settings import ENGINE_READ_ONLY as _READ_ONLY
 from .settings import EngineSettings, check_positive_finite
-from .step import Reducer, StepAccumulator, hold_update, refuse_closure, step_bound, write_gradients
+from .step import GradPlacement, Reducer, StepAccumulator, hold_update, refuse_closure, step_bound, write_gradients
 from .units import check_optimizer_parameters, summarize
 from .users import SampledBatches, UserSampling
 from .verify import FirstStepCheck, compare_with_autograd
@@ -56,6 +56,7 @@ class ProcessParts:
         sampler_factory: builds the loader's batch sampler (each process keeps its share of one batch).
         seed_is_secret: the engine's seed was drawn from ``secrets`` and shared by the processes, not given.
         share: which rows of one global batch this process keeps, from their group keys (user-level DP).
+        placement: where p.grad and autograd's own gradient of p live (FSDP2's sharded parameters, fsdp.py).
     """
 
     reducer: Reducer | None = None
@@ -63,6 +64,7 @@ class ProcessParts:
     sampler_factory: Callable | None = None
     seed_is_secret: bool = False
     share: Callable[[torch.Tensor], torch.Tensor] | None = None
+    placement: GradPlacement | None = None
 
 
 class Engine:
@@ -116,7 +118,7 @@ class Engine:
         for unit in units:
             self._hooks.install_unit(unit)
         self._hooks.install_root(model)
-        self._check = FirstStepCheck(managed, verify_steps, lambda: self._sink.enabled, private=privacy is not None)
+        self._check = FirstStepCheck(managed, verify_steps, lambda: self._sink.enabled, self.dp, self._parts.placement)
         self._step_handles = (optimizer.register_step_pre_hook(self._before_step),
                               optimizer.register_step_post_hook(self._after_step))
 
@@ -276,9 +278,7 @@ class Engine:
                     "Attach with privacy=dp_microclip.DP(...) for DP training.")
         self._check_claim()
         text = self._privacy.statement(delta, self._dataset_size, self._plan.public_num_groups)
-        if self._settings.secure_rng:
-            text += (" Noise was drawn from the operating system's cryptographically secure generator; the "
-                     "sampling and grouping coins from generators seeded by it.")
+        text += SECURE_STATEMENT if self._settings.secure_rng else ""
         seeded = self._settings.seed is not None and not self._parts.seed_is_secret
         return text + (dp_rules.SEEDED_STATEMENT if seeded else "")
 
@@ -431,7 +431,7 @@ class Engine:
             self._parts.reducer(self._managed, acc, self.dp, global_groups)
         rho = step_bound(self.clipping, acc, self._sink.warn_once)
         write_gradients(self._managed, acc, rho=rho, noise_std=self.noise_std if self._noise_on else 0.0,
-                        noise=self._noise)
+                        noise=self._noise, placement=self._parts.placement)
         if self._privacy is not None:
             self._privacy.after_step(self._noise_on, not acc.unsampled)
         self._acc = StepAccumulator()

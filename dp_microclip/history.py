@@ -39,10 +39,16 @@ def _positions(numel: int, device) -> torch.Tensor:
     return torch.linspace(0, numel - 1, steps=k, dtype=torch.float64).round().long().to(device)
 
 
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This process's values of ``p``: its shard for a ``DTensor`` (FSDP2), else ``p`` itself."""
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
 def fingerprint(p: torch.Tensor) -> tuple:
-    """The shape of ``p`` and its values at a few fixed positions (exact, as float64)."""
+    """The shape of ``p`` and its values (this process's shard, under FSDP2) at a few fixed positions."""
     with torch.no_grad():
-        values = torch.take(p.detach(), _positions(p.numel(), p.device)).double().tolist()
+        t = _local(p.detach())
+        values = torch.take(t, _positions(t.numel(), t.device)).double().tolist()
     return (tuple(p.shape), *values)
 
 
@@ -112,7 +118,7 @@ class StepTracker:
         self._managed = managed
         self._cell = [0]
         largest = sorted((p for p in managed if p.numel()), key=lambda p: -p.numel())[:TRACKED]
-        self._tracked = [(p, _positions(p.numel(), p.device)) for p in largest]
+        self._tracked = [(p, _positions(_local(p).numel(), p.device)) for p in largest]
         self._untrained = {fingerprint(p) for p in largest}  # values at attach: not evidence of training
         self._shapes = [(tuple(p.shape), int(idx.numel())) for p, idx in self._tracked]
 
@@ -123,7 +129,7 @@ class StepTracker:
         self._cell[0] = steps
         if self._tracked:
             with torch.no_grad():
-                values = torch.cat([torch.take(p.detach(), idx).double() for p, idx in self._tracked])
+                values = torch.cat([torch.take(_local(p.detach()), idx).double() for p, idx in self._tracked])
             self._history.add_values(steps, self._shapes, values, self._untrained)
 
 

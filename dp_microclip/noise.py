@@ -30,6 +30,11 @@ from typing import Protocol
 import torch
 
 
+#: What the privacy statement adds when the noise came from :class:`SecureNoiseSource`.
+SECURE_STATEMENT = (" Noise was drawn from the operating system's cryptographically secure generator; the "
+                    "sampling and grouping coins from generators seeded by it.")
+
+
 class NoiseLike(Protocol):
     """What the step needs of a noise source: Gaussian draws shaped like a tensor, and a checkpointable state."""
 

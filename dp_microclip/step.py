@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable
+from typing import Any, Protocol
 from dataclasses import dataclass, field
 
 import torch
@@ -138,19 +139,46 @@ def hold_update(managed: list[nn.Parameter]) -> None:
 Reducer = Callable[[list, StepAccumulator, bool, bool], None]
 
 
+class GradPlacement(Protocol):
+    """Where a parameter's gradients live when it is not a plain tensor (FSDP2's sharded DTensor, ``fsdp.py``).
+
+    The engine computes every clipped sum and the noise at the parameter's full (logical) shape, as on one
+    process; the placement turns that full-shape gradient into what ``p.grad`` takes, and names the tensor
+    that stands for ``p`` in autograd's graph (the first steps' check hooks it).
+    """
+
+    def to_grad(self, p: nn.Parameter, full: torch.Tensor) -> torch.Tensor:
+        """What ``p.grad`` takes for the full-shape gradient ``full`` (already in ``p``'s dtype)."""
+
+    def leaf(self, p: nn.Parameter) -> HookTarget:
+        """The tensor whose gradient is autograd's gradient of ``p`` (``p`` itself for a plain parameter)."""
+
+
+class HookTarget(Protocol):
+    """Something that takes tensor hooks as a parameter does (a parameter, or a stand-in that forwards them)."""
+
+    def register_hook(self, hook: Callable) -> Any:
+        """As ``torch.Tensor.register_hook``; returns a handle with ``remove()``."""
+
+    def register_post_accumulate_grad_hook(self, hook: Callable) -> Any:
+        """As ``torch.Tensor.register_post_accumulate_grad_hook``; returns a handle with ``remove()``."""
+
+
 def adaptive_bound(min_norm: float) -> float:
     """rho of adaptive clipping: the smallest micro-batch norm of the step (0 when no group had a norm)."""
     return 0.0 if math.isinf(min_norm) else min_norm
 
 
 def write_gradients(managed: list[nn.Parameter], acc: StepAccumulator, *, rho: float, noise_std: float,
-                    noise: NoiseLike | None) -> None:
+                    noise: NoiseLike | None, placement: GradPlacement | None = None) -> None:
     """``p.grad = rho * mean + N(0, (noise_std / M)^2)`` for every managed parameter, in its own dtype.
 
     A parameter that no pass reached keeps ``p.grad = None`` (as in plain PyTorch) unless noise is
     added: in DP mode every parameter gets its noise, used or not. The noise is ONE draw per
     (dtype, device) into a flat buffer, added with one foreach op, instead of a draw per tensor: on a
-    GPU every launch counts (``benchmarks/launches.py``).
+    GPU every launch counts (``benchmarks/launches.py``). Sums and noise are full-shape; a ``placement``
+    (FSDP2) makes each ``p.grad`` from its full-shape gradient: every process holds the same full
+    gradient (one noise draw), and each keeps its own shard of it.
     """
     std = noise_std / acc.groups_seen if noise_std > 0.0 else 0.0
     totals: list[tuple[nn.Parameter, torch.Tensor]] = []
@@ -159,7 +187,8 @@ def write_gradients(managed: list[nn.Parameter], acc: StepAccumulator, *, rho: f
         if entry is None and std == 0.0:
             p.grad = None
             continue
-        totals.append((p, torch.zeros_like(p, dtype=accumulation_dtype(p.dtype)) if entry is None else entry[1]))
+        zeros = torch.zeros(p.shape, dtype=accumulation_dtype(p.dtype), device=p.device)  # full shape (FSDP too)
+        totals.append((p, zeros if entry is None else entry[1]))
     if rho != 1.0 and totals:
         torch._foreach_mul_([t for _, t in totals], rho)
     if std > 0.0 and totals:
@@ -172,7 +201,8 @@ def write_gradients(managed: list[nn.Parameter], acc: StepAccumulator, *, rho: f
             parts = [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
             torch._foreach_add_(tensors, parts)
     for p, total in totals:
-        p.grad = total if total.dtype == p.dtype else total.to(p.dtype)
+        grad = total if total.dtype == p.dtype else total.to(p.dtype)
+        p.grad = grad if placement is None else placement.to_grad(p, grad)
 
 
 def refuse_closure(args, kwargs) -> None:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .aggregate import unclipped_sums
+from .step import GradPlacement
 from .tensors import LOW_PRECISION as _LOW
 
 
@@ -72,7 +73,8 @@ class FirstStepCheck:
     see no raw gradient on the first steps either.
     """
 
-    def __init__(self, managed: list[nn.Parameter], steps: int, is_enabled, private: bool = False):
+    def __init__(self, managed: list[nn.Parameter], steps: int, is_enabled, private: bool = False,
+                 placement: GradPlacement | None = None):
         self._managed = managed
         self.steps_left = int(steps)
         self._is_enabled = is_enabled
@@ -82,9 +84,10 @@ class FirstStepCheck:
         self._handles: list = []
         if self.steps_left > 0:
             for p in managed:
-                self._handles.append(p.register_hook(self._hook(p)))
+                leaf = p if placement is None else placement.leaf(p)  # FSDP2: the unsharded parameter
+                self._handles.append(leaf.register_hook(self._hook(p)))
                 if private:
-                    self._handles.append(p.register_post_accumulate_grad_hook(self._restore))
+                    self._handles.append(leaf.register_post_accumulate_grad_hook(self._restore(p)))
         else:
             self.finish()
 
@@ -108,10 +111,17 @@ class FirstStepCheck:
 
         return hook
 
-    def _restore(self, p: nn.Parameter) -> None:
-        if id(p) in self._had_no_grad:
-            self._had_no_grad.discard(id(p))
-            p.grad = None
+    def _restore(self, p: nn.Parameter):
+        pid = id(p)
+
+        def restore(leaf: torch.Tensor) -> None:
+            # ``leaf`` is p itself, or the tensor that stands for it in the graph (FSDP2: with no gradient
+            # there, FSDP reduce-scatters nothing into p.grad).
+            if pid in self._had_no_grad:
+                self._had_no_grad.discard(pid)
+                leaf.grad = None
+
+        return restore
 
     def take(self) -> dict[int, torch.Tensor]:
         """Autograd's gradients of the pass that just ended, cleared."""

@@ -50,7 +50,8 @@ def embedding_weighted_sum(layer: nn.Embedding, inputs, out_grad, row_weight) ->
     """The row-weighted sum of per-example table gradients: one scatter-add."""
     idx, g = _rows(layer, inputs[0], out_grad)
     gw = (g * row_weight["weight"].to(g.dtype)[:, None, None]).reshape(-1, g.shape[-1])
-    return {"weight": torch.zeros_like(layer.weight).index_add_(0, idx.reshape(-1), gw)}
+    table = torch.zeros(layer.weight.shape, dtype=layer.weight.dtype, device=g.device)  # (V, d); plain under FSDP2
+    return {"weight": table.index_add_(0, idx.reshape(-1), gw)}
 
 
 def embedding_group_grad_elements(layer: nn.Embedding, inputs, out_grad, groups: Groups) -> int:
