@@ -172,9 +172,9 @@ def coupling_problem(loss_fn: Callable, args: tuple, kwargs: dict, units: torch.
                     f"engine.loss checks in DP mode that each example's loss depends on its own example only, by "
                     f"evaluating loss_fn again (under torch.no_grad()) on subsets of the batch, each tensor argument "
                     f"with {batch_size} rows cut along dimension 0. loss_fn failed on a subset of {len(rows)} rows: "
-                    f"{type(err).__name__}: {err}. Pass batched tensors with the batch in dimension 0, and anything "
-                    "that is not batched (class weights of size B, a similarity matrix) inside loss_fn (a closure "
-                    "or functools.partial)."
+                    f"{type(err).__name__}: {err}. Pass batched tensors with the batch in dimension 0 (a sequence-"
+                    "first output (T, B, ...): out.transpose(0, 1)), and anything that is not batched (class weights "
+                    "of size B, a similarity matrix) inside loss_fn (a closure or functools.partial)."
                 ) from err
             if not (torch.is_tensor(out) and out.shape == rows.shape):
                 raise ConfigurationError(
