@@ -83,7 +83,7 @@ def _structure(obj, batch_size: int) -> tuple:
     """The signature of ``loss_fn``'s arguments: nesting, and each tensor's dtype and shape, the batch size
     left out (Poisson batches change it every step); simple values by value, other objects by type."""
     leaves, spec = torch.utils._pytree.tree_flatten(obj)
-    described = []
+    described: list = []
     for leaf in leaves:
         if torch.is_tensor(leaf):
             batched = leaf.dim() > 0 and leaf.shape[0] == batch_size
