@@ -433,3 +433,21 @@ def test_user_level_dp_keeps_users_whole_in_the_check():
     x, y, users = next(iter(loader))
     with pytest.raises(PrivacyError, match="each user's loss depends on that user only"):
         engine.loss(lambda o, t, u: contrastive(o, t), m(x), y, users)
+
+
+# ------------------------------------------------------------------ DPTrainer routes its loss through engine.loss
+@pytest.mark.slow
+def test_dptrainer_losses_are_verified_and_a_coupled_per_example_loss_is_refused(tmp_path):
+    pytest.importorskip("transformers")
+    from tests.test_hf_trainer import DP_SETTINGS, gpt2, run_trainer, text_rows
+
+    trainer = run_trainer(gpt2(), text_rows(False), tmp_path, DP_SETTINGS)
+    assert trainer.engine is not None
+    assert "Every step's loss went through engine.loss" in trainer.engine.privacy_statement()
+
+    def batch_token_mean(outputs, labels):  # HF's token mean over the whole batch, written per example
+        token = F.cross_entropy(outputs.logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none")
+        return token.sum(1) / (labels[:, 1:] != -100).sum() * len(labels)
+
+    with pytest.raises(PrivacyError, match="depends on that example only"):
+        run_trainer(gpt2(), text_rows(False), tmp_path / "coupled", DP_SETTINGS, per_example_loss=batch_token_mean)
