@@ -202,6 +202,28 @@ def test_the_check_runs_once_per_signature_with_2_log2_b_subsets():
     assert sizes == [len(y)]
 
 
+def test_a_batch_of_one_example_is_compared_with_itself_doubled_and_checked_again_later():
+    m = mlp()
+    engine = dp_attach(m, sampling="poisson", expected_batch_size=8, sample_rate=0.08)
+    x, y = flat_data(9)[:]
+    with pytest.raises(PrivacyError, match="a copy of the batch joins it"):
+        engine.loss(contrastive, m(x[:1]), y[:1])
+    engine.optimizer.zero_grad()
+    sizes: list[int] = []
+
+    def counted(out, y):
+        sizes.append(len(y))
+        return per_example_ce(out, y)
+
+    engine.loss(counted, m(x[1:2]), y[1:2]).backward()
+    engine.optimizer.step()
+    assert sizes == [1, 1, 2]  # the graded loss, the reference, the batch doubled
+    sizes.clear()
+    engine.loss(counted, m(x[1:]), y[1:]).backward()  # the first batch of 2+: the full check
+    engine.optimizer.step()
+    assert sizes == [8, 8] + [4] * 6
+
+
 def test_random_draws_and_dropout_in_the_loss_are_not_coupling_and_the_callers_rng_is_kept():
     m = mlp()
     engine = dp_attach(m)
