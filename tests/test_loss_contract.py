@@ -473,3 +473,51 @@ def test_dptrainer_losses_are_verified_and_a_coupled_per_example_loss_is_refused
 
     with pytest.raises(PrivacyError, match="depends on that example only"):
         run_trainer(gpt2(), text_rows(False), tmp_path / "coupled", DP_SETTINGS, per_example_loss=batch_token_mean)
+
+
+# ------------------------------------------------------------------ several processes: each rank checks its rows
+def _distributed_rank(rank: int, world: int, out_dir: str) -> None:
+    import datetime
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    import dp_microclip.distributed as mcd
+
+    torch.set_num_threads(1)
+    out = Path(out_dir)
+    dist.init_process_group("gloo", init_method=f"file://{out / 'store'}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = mlp()
+            engine = mcd.attach(m, torch.optim.SGD(m.parameters(), lr=0.1), micro_batch_size=1, max_grad_norm=C,
+                                privacy=DP(noise_multiplier=1.0, sample_rate=0.3, delta=1e-5, accountant="rdp"))
+            batches = iter(engine.data_loader(flat_data()))
+            x, y = next(batches)
+            engine.loss(per_example_ce, m(x), y).backward()
+            engine.optimizer.step()
+            x, y = next(batches)
+            try:
+                engine.loss(contrastive, m(x), y)
+                refused = ""
+            except PrivacyError as err:
+                refused = str(err)
+            result = {"statement": engine.privacy_statement(), "refused": refused,
+                      "params": [p.detach().clone() for p in m.parameters()]}
+        torch.save(result, out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_each_rank_checks_its_own_rows_under_distributed_dp(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_distributed_rank, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for r in results:
+        assert "Every step's loss went through engine.loss" in r["statement"]
+        assert "depends on that example only" in r["refused"]
+    assert all(torch.equal(a, b) for a, b in zip(results[0]["params"], results[1]["params"]))  # one shared step
