@@ -249,9 +249,11 @@ class LossContract:
                 f"{type(loss_fn).__name__}. Write loss = engine.loss(F.cross_entropy, logits, y, reduction='none') "
                 "or engine.loss(my_per_example_loss, outputs, labels): loss_fn must return one loss per example."
             )
-        per_example = _check_vector(loss_fn(*args, **kwargs), batch_size, "loss_fn")
+        per_example = loss_fn(*args, **kwargs)
+        training = torch.is_tensor(per_example) and per_example.requires_grad and torch.is_grad_enabled()
+        per_example = _check_vector(per_example, batch_size if training else None, "loss_fn")  # eval: any batch
         loss = per_example.sum() if self.reduction == "sum" or len(per_example) == 0 else per_example.mean()
-        if not (self.dp and torch.is_grad_enabled() and loss.requires_grad):
+        if not (self.dp and training):
             return loss  # noise-free mode, or an evaluation: nothing to verify
         if batch_size is None:
             raise ConfigurationError(

@@ -354,6 +354,12 @@ def test_engine_loss_outside_a_step_is_refused_in_dp_mode_and_allowed_for_evalua
     with torch.no_grad():
         value = engine.loss(per_example_ce, m(x), y)  # evaluation: reduced, nothing checked
     assert value.dim() == 0
+    x, y = sampled(engine)
+    out = m(x)
+    with torch.no_grad():  # a validation batch of another size between the forward and the step
+        engine.loss(per_example_ce, m(x[:3]), y[:3])
+    engine.loss(per_example_ce, out, y).backward()
+    engine.optimizer.step()
 
 
 def test_noise_free_then_dp_the_dp_engine_checks_again():
