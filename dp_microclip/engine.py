@@ -297,6 +297,7 @@ class Engine:
         if self._watch is not None:
             self._watch.remove()
         self._check.remove()
+        self._loss.dp = False  # the model trains as before: engine.loss only reduces
         for p in self._model.parameters():
             if id(p) in self._original_requires_grad:
                 p.requires_grad_(self._original_requires_grad[id(p)])

@@ -376,6 +376,15 @@ def test_noise_free_then_dp_the_dp_engine_checks_again():
         engine.loss(contrastive, fresh(xb), yb)
 
 
+def test_after_detach_engine_loss_only_reduces():
+    m = mlp()
+    engine = dp_attach(m)
+    engine.detach()
+    x, y = flat_data(8)[:]
+    loss = engine.loss(contrastive, m(x), y)  # plain training now: nothing to verify, no step to refuse
+    assert torch.allclose(loss, contrastive(m(x), y).mean())
+
+
 def test_dp_with_noise_off_still_checks():
     m = mlp()
     engine = dp_attach(m)
