@@ -10,6 +10,9 @@ calibration of the noise, the autotuner's first steps) is part of the result:
 * ``engine``: ``dp_microclip.attach(..., privacy=DP(target_epsilon=8, ...))`` with
   ``micro_batch_size`` b (``--b``, default 1 and 8) and batches from
   ``engine.data_loader`` (Poisson sampling);
+* ``engine_loss`` (only when named in ``--methods``): the same, with the loss computed as
+  ``engine.loss(F.cross_entropy, model(x), y, reduction="none")`` (the verified per-example
+  loss: its check runs on the first step only);
 * ``plain``: the same model trained without clipping or noise on the SAME
   Poisson batches (the loader of a noise-free engine with the same seed, which is
   then detached: the model trains as plain PyTorch);
@@ -42,6 +45,7 @@ DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT_TAG = "DPLOOP_RESULT "
 METHODS = ("engine", "plain", "opacus_hooks", "opacus_ghost")
+OPTIONAL_METHODS = ("engine_loss",)  # run only when named in --methods
 
 
 def log(msg: str) -> None:
@@ -77,7 +81,7 @@ def run_child(cfg: dict) -> dict:
     method = cfg["method"]
     engine = None
     criterion = F.cross_entropy
-    if method == "engine":
+    if method in ("engine", "engine_loss"):
         engine = dp_microclip.attach(
             model, optimizer, micro_batch_size=cfg["b"], max_grad_norm=cfg["max_grad_norm"],
             privacy=DP(target_epsilon=cfg["target_epsilon"], delta=cfg["delta"], epochs=cfg["epochs"], sample_rate=q),
@@ -128,7 +132,10 @@ def run_child(cfg: dict) -> dict:
             if method == "plain" and len(y) == 0:
                 pass  # an empty Poisson batch: plain training has nothing to do
             else:
-                loss = criterion(model(x), y)
+                if method == "engine_loss":
+                    loss = engine.loss(F.cross_entropy, model(x), y, reduction="none")
+                else:
+                    loss = criterion(model(x), y)
                 loss.backward()
                 optimizer.step()
             sync()
@@ -163,8 +170,8 @@ def configs(args) -> list[dict]:
             "threads": args.threads, "device": args.device}
     out = []
     for method in args.methods:
-        if method == "engine":
-            out += [dict(base, method="engine", b=b) for b in args.b]
+        if method in ("engine", "engine_loss"):
+            out += [dict(base, method=method, b=b) for b in args.b]
         else:
             out.append(dict(base, method=method, b=1 if method.startswith("opacus") else None))
     return out
@@ -172,8 +179,8 @@ def configs(args) -> list[dict]:
 
 def label(cfg: dict) -> str:
     m = cfg["method"]
-    if m == "engine":
-        return f"dp_microclip b={cfg['b']}"
+    if m in ("engine", "engine_loss"):
+        return f"dp_microclip b={cfg['b']}" + (", engine.loss" if m == "engine_loss" else "")
     if m == "plain":
         return "plain PyTorch (same Poisson batches, no clipping, no noise)"
     return f"Opacus {m.split('_', 1)[1]} (b=1)"
@@ -236,7 +243,7 @@ def _f(x, fmt):
 
 def render_markdown(summaries, env, args, seconds) -> str:
     plain = next((s for s in summaries if s["method"] == "plain" and s.get("wall_s")), None)
-    engine_sums = {s["checksums"][0] for s in summaries if s["method"] in ("engine", "plain")
+    engine_sums = {s["checksums"][0] for s in summaries if s["method"] in ("engine", "engine_loss", "plain")
                    and s.get("checksums") and len(s["checksums"]) == 1}
     lines = [
         "# dp-microclip: the DP tutorial's whole run, one fresh process per run",
@@ -272,7 +279,7 @@ def render_markdown(summaries, env, args, seconds) -> str:
         notes = []
         if s["errors"]:
             notes.append(f"{s['runs'] - s['ok_runs']} run(s) failed: " + "; ".join(s["errors"])[:200])
-        if s["method"] in ("engine", "plain"):
+        if s["method"] in ("engine", "engine_loss", "plain"):
             same = len(s["checksums"]) == 1 and len(engine_sums) == 1
             notes.append("same batches as the other engine/plain runs" if same else "batches DIFFER between runs")
         if s.get("strategies"):
@@ -328,9 +335,9 @@ def parse_args(argv):
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in args.methods if m not in METHODS]
+    bad = [m for m in args.methods if m not in METHODS + OPTIONAL_METHODS]
     if bad:
-        p.error(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+        p.error(f"unknown method(s) {bad}; choose from {', '.join(METHODS + OPTIONAL_METHODS)}")
     args.b = [int(x) for x in args.b.split(",") if x.strip()]
     if args.epochs is None:
         args.epochs = 1 if args.quick else 5

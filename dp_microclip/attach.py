@@ -119,6 +119,9 @@ def attach(
     sampling, adjacency, accountant, enforce_budget = p.sampling, p.adjacency, p.accountant, p.enforce_budget
     secure_rng, collate_keeps_order = p.secure_rng, p.collate_keeps_order
     unit = dict(privacy_unit=p.privacy_unit, max_examples_per_user=p.max_examples_per_user)
+    if not isinstance(p.require_verified_loss, bool):
+        raise ConfigurationError(f"DP(require_verified_loss=...) takes True or False. Found "
+                                 f"{p.require_verified_loss!r}.")
     if not isinstance(model, nn.Module):
         raise ConfigurationError(f"attach(model, ...) needs a torch.nn.Module. Found {type(model).__name__}.")
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -160,6 +163,7 @@ def attach(
             noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, delta=delta,
             sample_rate=sample_rate, expected_batch_size=expected_batch_size, steps=steps, epochs=epochs,
             sampling=sampling, adjacency=adjacency, accountant=accountant, enforce_budget=enforce_budget, **unit,
+            require_verified_loss=p.require_verified_loss,
         )
         if not (process_parts is not None and process_parts.seed_is_secret):
             warn_seeded(seed, bool(secure_rng))  # a seed drawn from secrets and shared by processes is no user seed
@@ -206,7 +210,7 @@ def attach(
 
 def _dp_setup(*, micro_batch_size, clipping, grouping, noise_multiplier, target_epsilon, delta, sample_rate,
               expected_batch_size, steps, epochs, sampling, adjacency, accountant, enforce_budget,
-              privacy_unit="example", max_examples_per_user=None):
+              privacy_unit="example", max_examples_per_user=None, require_verified_loss=False):
     """Validate a DP configuration; return (PrivacyState, z, grouping, public M or None)."""
     from accounting.epochs import steps_for_epochs
 
@@ -268,7 +272,7 @@ def _dp_setup(*, micro_batch_size, clipping, grouping, noise_multiplier, target_
         micro_batch_size=micro_batch_size, clipping=clipping, grouping=grouping, sample_rate=float(sample_rate),
         noise_multiplier=float(noise_multiplier), delta=delta, target_epsilon=target_epsilon,
         planned_steps=steps, sampling=sampling, adjacency=adjacency, accountant=accountant,
-        enforce_budget=enforce_budget, calibrated=calibrated, **unit,
+        enforce_budget=enforce_budget, calibrated=calibrated, require_verified_loss=require_verified_loss, **unit,
     )
     return PrivacyState(settings), float(noise_multiplier), grouping, public
 

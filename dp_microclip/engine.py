@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -40,31 +39,11 @@ from .records import Record, Unit, join_multi_output
 from .routes import Autotuner
 from .settings import ENGINE_READ_ONLY as _READ_ONLY
 from .settings import EngineSettings, check_positive_finite
-from .step import GradPlacement, Reducer, StepAccumulator, hold_update, refuse_closure, step_bound, write_gradients
+from .loss_contract import LossContract
+from .step import ProcessParts, StepAccumulator, hold_update, refuse_closure, step_bound, write_gradients
 from .units import check_optimizer_parameters, summarize
 from .users import SampledBatches, UserSampling
 from .verify import FirstStepCheck, compare_with_autograd
-
-
-@dataclass(frozen=True)
-class ProcessParts:
-    """What several processes plug into an engine (``dp_microclip.distributed``); None: one process.
-
-    Attributes:
-        reducer: combines every process's step accumulator before noise (``step.Reducer``).
-        wrap_noise: wraps the engine's noise source (one draw broadcast to every process).
-        sampler_factory: builds the loader's batch sampler (each process keeps its share of one batch).
-        seed_is_secret: the engine's seed was drawn from ``secrets`` and shared by the processes, not given.
-        share: which rows of one global batch this process keeps, from their group keys (user-level DP).
-        placement: where p.grad and autograd's own gradient of p live (FSDP2's sharded parameters, fsdp.py).
-    """
-
-    reducer: Reducer | None = None
-    wrap_noise: Callable[[NoiseLike], NoiseLike] | None = None
-    sampler_factory: Callable | None = None
-    seed_is_secret: bool = False
-    share: Callable[[torch.Tensor], torch.Tensor] | None = None
-    placement: GradPlacement | None = None
 
 
 class Engine:
@@ -119,6 +98,7 @@ class Engine:
             self._hooks.install_unit(unit)
         self._hooks.install_root(model)
         self._check = FirstStepCheck(managed, verify_steps, lambda: self._sink.enabled, self.dp, self._parts.placement)
+        self._loss = LossContract.for_engine(settings.clip, privacy.settings if privacy else None, self._sink.warn_once)
         self._step_handles = (optimizer.register_step_pre_hook(self._before_step),
                               optimizer.register_step_post_hook(self._after_step))
 
@@ -189,6 +169,15 @@ class Engine:
             self._privacy.unnoised_observed = True
         self._observers.append(observer)
         return ObserverHandle(self._observers, observer)
+
+    def loss(self, loss_fn: Callable, *args, **kwargs) -> torch.Tensor:
+        """``loss_fn(*args, **kwargs)``, one loss per example ``(B,)``, reduced by ``loss_reduction``: the scalar
+        to call ``.backward()`` on. The reduction cannot mismatch, and DP mode checks on the first batch of each
+        signature that each example's loss depends on that example only (``loss_contract.py``, docs/privacy.md).
+
+        Example: ``engine.loss(F.cross_entropy, model(x), y, reduction="none").backward()``.
+        """
+        return self._loss.reduce(loss_fn, args, kwargs, self._acc.last_batch_size, self._sink.last_groups)
 
     @contextlib.contextmanager
     def silenced(self) -> Iterator[None]:
@@ -306,6 +295,7 @@ class Engine:
         if self._watch is not None:
             self._watch.remove()
         self._check.remove()
+        self._loss.dp = False  # the model trains as before: engine.loss only reduces
         for p in self._model.parameters():
             if id(p) in self._original_requires_grad:
                 p.requires_grad_(self._original_requires_grad[id(p)])
@@ -419,6 +409,7 @@ class Engine:
         if self._privacy is not None and self._watch is not None:
             self._watch.check_params("since the last engine step")
             dp_rules.check_dp_step(acc.passes, len(acc.contexts), self._plan.public_num_groups, **acc.chunk_facts())
+            loss_verified = self._loss.step_verified(acc.passes)
             self._privacy.before_step(self._noise_on, not acc.unsampled)
             if empty_batch:
                 assert self._plan.public_num_groups is not None  # check_dp_step refuses a step without it
@@ -433,7 +424,7 @@ class Engine:
         write_gradients(self._managed, acc, rho=rho, noise_std=self.noise_std if self._noise_on else 0.0,
                         noise=self._noise, placement=self._parts.placement)
         if self._privacy is not None:
-            self._privacy.after_step(self._noise_on, not acc.unsampled)
+            self._privacy.after_step(self._noise_on, not acc.unsampled, loss_verified)
         self._acc = StepAccumulator()
         self._steps_taken += 1
         for observer in list(self._observers):

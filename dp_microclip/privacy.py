@@ -22,6 +22,7 @@ from accounting.calibrate import max_steps_within
 from .errors import ConfigurationError, PrivacyError, user_stacklevel
 from .grouping import missing_public_groups
 from .history import HISTORY
+from .loss_contract import loss_statement
 
 #: Parameters that took DP steps under an engine in this process, by object and by value (history.py): a new
 #: engine on a model holding them refuses epsilon until the old ledger is loaded (see ``check_history``).
@@ -48,6 +49,7 @@ class PrivacySettings:
     calibrated: bool = False  # noise_multiplier came from calibrate() for exactly planned_steps and this accountant
     privacy_unit: str = "example"  # "user": neighbours differ by one user (grouping "user", docs/user-level.md)
     max_examples_per_user: int | None = None  # k, the public contribution bound of a user per step
+    require_verified_loss: bool = False  # refuse a step whose loss did not go through engine.loss
 
 
 def _refusal_to_error(err: Exception) -> PrivacyError:
@@ -66,6 +68,7 @@ class PrivacyState:
         self.ledger = accounting.Ledger()
         self.unverified_steps = 0  # steps whose batch did not come from engine.data_loader
         self.unnoised_observed = False  # an observer opted in to un-noised statistics (add_observer)
+        self.unverified_loss_steps = 0  # steps whose loss did not go through engine.loss (loss_contract.py)
         self._allowed: dict = {}  # mechanism -> total steps verified to stay within the target
         self.check_mechanism()
 
@@ -169,10 +172,11 @@ class PrivacyState:
         planned = self.mechanism(noise_on=True)
         return all(e.mechanism == planned for e in entries)
 
-    def after_step(self, noise_on: bool, sampled_by_engine: bool) -> None:
-        """Record one step on the ledger (noting a batch the engine did not sample)."""
+    def after_step(self, noise_on: bool, sampled_by_engine: bool, loss_verified: bool = True) -> None:
+        """Record one step on the ledger (noting a batch the engine did not sample, a loss it did not verify)."""
         if not sampled_by_engine and self.settings.sampling == "engine":
             self.unverified_steps += 1
+        self.unverified_loss_steps += not loss_verified
         self.ledger.record(self.mechanism(noise_on))
 
     def epsilon(self, delta: float | None = None, accountant: str | None = None) -> float:
@@ -200,6 +204,7 @@ class PrivacyState:
             )
         except ValueError as err:
             raise _refusal_to_error(err) from err
+        text += loss_statement(self.unverified_loss_steps, self.ledger.steps)
         if self.unnoised_observed:
             text += (" Un-noised statistics of the private batches (batch sizes, micro-batch gradient norms) were "
                      "observed (engine.add_observer(..., release_unnoised=True)); epsilon does not cover anything "
@@ -240,7 +245,7 @@ class PrivacyState:
     def state_dict(self) -> dict:
         """The ledger and the count of unverified steps (plain data)."""
         return {"ledger": self.ledger.state_dict(), "unverified_steps": self.unverified_steps,
-                "unnoised_observed": self.unnoised_observed}
+                "unnoised_observed": self.unnoised_observed, "unverified_loss_steps": self.unverified_loss_steps}
 
     def load_state_dict(self, state: dict, known_steps: int = 0) -> None:
         """Restore what :meth:`state_dict` saved; refuse a ledger shorter than ``known_steps`` or this one."""
@@ -248,6 +253,7 @@ class PrivacyState:
         self.ledger.load_state_dict(state["ledger"])
         self.unverified_steps = int(state["unverified_steps"])
         self.unnoised_observed = self.unnoised_observed or bool(state.get("unnoised_observed", False))
+        self.unverified_loss_steps = int(state.get("unverified_loss_steps", self.ledger.steps))  # older: unknown
         self._allowed.clear()
 
 

@@ -164,6 +164,27 @@ class HookTarget(Protocol):
         """As ``torch.Tensor.register_post_accumulate_grad_hook``; returns a handle with ``remove()``."""
 
 
+@dataclass(frozen=True)
+class ProcessParts:
+    """What several processes plug into an engine (``dp_microclip.distributed``); None: one process.
+
+    Attributes:
+        reducer: combines every process's step accumulator before noise (``step.Reducer``).
+        wrap_noise: wraps the engine's noise source (one draw broadcast to every process).
+        sampler_factory: builds the loader's batch sampler (each process keeps its share of one batch).
+        seed_is_secret: the engine's seed was drawn from ``secrets`` and shared by the processes, not given.
+        share: which rows of one global batch this process keeps, from their group keys (user-level DP).
+        placement: where p.grad and autograd's own gradient of p live (FSDP2's sharded parameters, fsdp.py).
+    """
+
+    reducer: Reducer | None = None
+    wrap_noise: Callable[[NoiseLike], NoiseLike] | None = None
+    sampler_factory: Callable | None = None
+    seed_is_secret: bool = False
+    share: Callable[[torch.Tensor], torch.Tensor] | None = None
+    placement: GradPlacement | None = None
+
+
 def adaptive_bound(min_norm: float) -> float:
     """rho of adaptive clipping: the smallest micro-batch norm of the step (0 when no group had a norm)."""
     return 0.0 if math.isinf(min_norm) else min_norm

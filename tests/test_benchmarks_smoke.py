@@ -71,13 +71,13 @@ def test_interleaved_user_timing_never_frees_outside_the_clock():
 def test_dp_loop_quick_runs_each_method_in_a_fresh_process(tmp_path):
     from benchmarks import dp_loop
 
-    code = dp_loop.main(["--quick", "--methods", "engine,plain,opacus_ghost", "--b", "1", "--out", str(tmp_path),
-                         "--machine", "smoke"])
+    code = dp_loop.main(["--quick", "--methods", "engine,engine_loss,plain,opacus_ghost", "--b", "1",
+                         "--out", str(tmp_path), "--machine", "smoke"])
     assert code == 0
     md = (tmp_path / "quick" / "smoke-dp-loop.md").read_text()
     data = json.loads((tmp_path / "quick" / "smoke-dp-loop.json").read_text())
     by_method = {s["method"]: s for s in data["summaries"]}
-    assert set(by_method) == {"engine", "plain", "opacus_ghost"}
+    assert set(by_method) == {"engine", "engine_loss", "plain", "opacus_ghost"}
     for s in by_method.values():
         assert s["ok_runs"] == 1, (s["label"], s["errors"])
         assert s["wall_s"] > s["startup_s"] > 0 and s["steps"] >= 1
@@ -85,6 +85,7 @@ def test_dp_loop_quick_runs_each_method_in_a_fresh_process(tmp_path):
     # the engine spends (about) its target; plain trains on exactly the engine's Poisson batches
     assert 7.0 < by_method["engine"]["epsilon"] <= 8.0 + 1e-6
     assert by_method["engine"]["checksums"] == by_method["plain"]["checksums"]
+    assert by_method["engine_loss"]["checksums"] == by_method["engine"]["checksums"]
     assert "same batches" in md and "DIFFER" not in md and "| failed |" not in md
 
 

@@ -62,10 +62,12 @@ def accuracy(model) -> float:
         return (model(x).argmax(1) == y).float().mean().item()
 
 
-def step(model, optimizer, x, y) -> None:
-    optimizer.zero_grad()
-    F.cross_entropy(model(x), y).backward()   # the mean of per-example losses
-    optimizer.step()                           # clip per micro-batch, add noise, update
+def step(engine, x, y) -> None:
+    engine.optimizer.zero_grad()
+    # engine.loss: one loss per example in (reduction="none"), their mean out; in DP mode it checks on the
+    # first batch that each example's loss depends on that example only (what epsilon assumes)
+    engine.loss(F.cross_entropy, engine.model(x), y, reduction="none").backward()
+    engine.optimizer.step()                    # clip per micro-batch, add noise, update
 
 
 # %% [markdown]
@@ -87,7 +89,7 @@ start = time.perf_counter()
 for epoch in range(EPOCHS):
     for x, y in loader:
         sizes.append(len(y))
-        step(model, optimizer, x, y)
+        step(engine, x, y)
 print(f"trained in {time.perf_counter() - start:.1f} s; batch sizes of the first 12 steps: {sizes[:12]} "
       f"(expected {EXPECTED_BATCH})")
 print(f"test accuracy: {accuracy(model):.4f}")
@@ -101,7 +103,7 @@ print(engine.privacy_statement())
 # %%
 x, y = next(iter(loader))
 try:
-    step(model, optimizer, x, y)
+    step(engine, x, y)
 except dp_microclip.PrivacyError as err:
     print(f"PrivacyError: {err}")
 engine.detach()
@@ -121,7 +123,7 @@ engine = dp_microclip.attach(model, optimizer, micro_batch_size=1, max_grad_norm
                              privacy=dp_microclip.DP(noise_multiplier=1.5, delta=DELTA, sample_rate=Q))
 for i, (x, y) in enumerate(engine.data_loader(train_set)):
     engine.noise = i != 2                  # step 3 without noise
-    step(model, optimizer, x, y)
+    step(engine, x, y)
 print("epsilon after a noise-free step:", engine.epsilon())
 print("\n".join(line for line in engine.privacy_statement().splitlines() if "noise" in line.lower()))
 engine.detach()
@@ -164,14 +166,14 @@ optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.5)
 engine = attach(model, optimizer)
 stream = batches(engine.data_loader(train_set))
 for _ in range(10):                        # 10 steps: the middle of the second epoch (6 steps per epoch)
-    step(model, optimizer, *next(stream))
+    step(engine, *next(stream))
 
 buffer = io.BytesIO()                      # a file in real life, stored as carefully as the data
 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "engine": engine.state_dict(include_rng_state=True)}, buffer)
 
 for _ in range(10):                        # the uninterrupted run continues
-    step(model, optimizer, *next(stream))
+    step(engine, *next(stream))
 uninterrupted = [p.detach().clone() for p in model.parameters()]
 eps_uninterrupted = engine.epsilon()
 engine.detach()
@@ -187,7 +189,7 @@ engine = attach(model, optimizer)          # the same arguments as before
 engine.load_state_dict(checkpoint["engine"])
 stream = batches(engine.data_loader(train_set))   # continues the epoch where it stopped
 for _ in range(10):
-    step(model, optimizer, *next(stream))
+    step(engine, *next(stream))
 difference = max((p - q).abs().max().item() for p, q in zip(model.parameters(), uninterrupted))
 print(f"uninterrupted 20 steps: epsilon {eps_uninterrupted:.4f}")
 print(f"10 + checkpoint + 10:   epsilon {engine.epsilon():.4f}, max parameter difference {difference:.1e}")
@@ -218,7 +220,7 @@ def dp_run(b: int, init_seed: int, report_epsilon: bool) -> tuple[float, float, 
     loader = engine.data_loader(train_set)
     for _ in range(EPOCHS):
         for x, y in loader:
-            step(model, optimizer, x, y)
+            step(engine, x, y)
     out = z, accuracy(model), engine.epsilon() if report_epsilon else None
     engine.detach()
     return out

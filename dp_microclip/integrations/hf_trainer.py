@@ -447,6 +447,9 @@ class DPTrainer(Trainer):
                 )
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         outputs = model(**inputs)
+        if self.engine is not None and training:  # engine.loss reduces; DP mode checks the loss is per example
+            loss = self.engine.loss(self.per_example_loss, outputs, labels)
+            return (loss, outputs) if return_outputs else loss
         per_example = self.per_example_loss(outputs, labels)
         if per_example.shape != labels.shape[:1]:
             raise ConfigurationError(
