@@ -76,8 +76,8 @@ def fine_tune(model, opt, engine, epochs):
             opt.zero_grad()
             logits = model(input_ids=ids, attention_mask=mask).logits          # (B, T, V)
             labels = ids.masked_fill(mask == 0, -100)                           # padding does not count
-            loss = causal_lm_per_example_loss(logits, labels).mean()            # mean of per-example losses
-            loss.backward()
+            loss = engine.loss(causal_lm_per_example_loss, logits, labels)      # mean of per-example losses,
+            loss.backward()                                                     # checked per example in DP mode
             opt.step()
             train_curve.append(loss.item())
         held_curve.append(eval_loss(model))

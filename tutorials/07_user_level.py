@@ -64,7 +64,7 @@ steps = 0
 while steps < STEPS:
     for xb, yb in engine.data_loader(train_set, user_ids=user_ids):
         optimizer.zero_grad()
-        F.cross_entropy(model(xb), yb).backward()
+        engine.loss(F.cross_entropy, model(xb), yb, reduction="none").backward()   # per-example losses, checked
         optimizer.step()
         steps += 1
         if steps == STEPS:

@@ -64,7 +64,7 @@ def main(argv=None) -> None:
     for _ in progress(range(args.epochs), desc="DP training"):
         for x, y in loader:
             optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
+            engine.loss(F.cross_entropy, model(x), y, reduction="none").backward()  # per-example losses, checked
             optimizer.step()
     print(f"\ntest accuracy: {accuracy(model, test_set):.4f}")
     print(f"epsilon = {engine.epsilon():.3f} at delta = {args.delta}\n")
