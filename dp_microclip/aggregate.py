@@ -30,8 +30,9 @@ import torch
 from . import clipping as clip
 from .records import ForwardContext, Record
 from .layers.generic import generic_group_grads
+from .planner import BudgetResolver, lean_rows, record_shape
 from .settings import ClipSettings
-from .routes import Autotuner, choose_strategy
+from .routes import Autotuner, PassBudget, choose_strategy
 from .tensors import LOW_PRECISION
 
 
@@ -73,40 +74,55 @@ def merge_means(acc: dict, acc_count: float, new: dict, new_count: float) -> tup
 
 def clip_and_sum(
     records: list[Record], settings: ClipSettings, replay_guard, divisor_of: Callable[[ForwardContext], float],
-    tuner: Autotuner | None = None,
+    tuner: Autotuner | None = None, release: bool = False,
 ) -> PassResult:
-    """Clipped, averaged gradients of one backward pass; ``divisor_of(ctx)`` is the M of a batch."""
+    """Clipped, averaged gradients of one backward pass; ``divisor_of(ctx)`` is the M of a batch.
+
+    ``release``: the caller hands the records over (``records`` is emptied), so that each record's captured
+    tensors are freed as soon as its last use is done instead of at the end of the pass.
+    """
     result = PassResult()
     by_context: dict[int, list[Record]] = {}
     for record in records:
         by_context.setdefault(record.ctx.id, []).append(record)
-    for ctx_records in by_context.values():
+    if release:
+        records.clear()
+        del record
+    tuner = tuner or Autotuner()
+    for key in list(by_context):
+        ctx_records = by_context.pop(key) if release else by_context[key]
         _one_context(ctx_records, settings, replay_guard, result, float(divisor_of(ctx_records[0].ctx)),
-                     tuner or Autotuner())
+                     tuner, release)
     return result
 
 
-def _numel(inputs) -> int:
-    return sum(x.numel() for x in inputs if torch.is_tensor(x))
+def _nbytes(inputs) -> int:
+    return sum(x.numel() * x.element_size() for x in inputs if torch.is_tensor(x))
 
 
 def _one_context(
-    records: list[Record], settings: ClipSettings, replay_guard, result: PassResult, divisor: float, tuner: Autotuner
+    given: list[Record], settings: ClipSettings, replay_guard, result: PassResult, divisor: float, tuner: Autotuner,
+    release: bool = False,
 ) -> None:
-    ctx = records[0].ctx
+    ctx = given[0].ctx
     if ctx.batch_size == 0:  # an empty Poisson batch: no gradient, but its groups still count in M
         result.sums, result.num_groups = merge_means(result.sums, result.num_groups, {}, divisor)
         return
-    device = _grad_tensors(records[0])[0].device
+    device = _grad_tensors(given[0])[0].device
     groups = ctx.groups.to(device)
-    records = [_in_float32(r) for r in records]  # bf16/fp16 (autocast): norms and factors in float32
+    records: list = [_in_float32(r) for r in given]  # bf16/fp16 (autocast): norms and factors in float32
+    if release:
+        given.clear()  # from here on this function holds the only references: each record is dropped after use
     uses = Counter(id(p) for r in records for p in r.params.values())
     params = {id(p): p for r in records for p in r.params.values()}
 
     sq_norms: dict[int, torch.Tensor] = {}
     materialised: dict[int, torch.Tensor] = {}
     ghost_index: list[int] = []  # records whose sum is a weighted product over rows
-    budget = [sum(_numel(r.inputs) + _numel(_grad_tensors(r)) for r in records)]
+    captured = sum(_nbytes(r.inputs) + _nbytes(_grad_tensors(r)) for r in records)
+    memory = settings.memory
+    limit, hard = BudgetResolver(memory, tuner.free_memory).budget(device, captured)
+    budget = PassBudget(limit, hard, memory)
     for position, record in enumerate(records):
         strategy = choose_strategy(record, groups, settings, uses, budget, tuner)
         result.strategies[record.name] = strategy
@@ -136,6 +152,11 @@ def _one_context(
         for name, p in record.params.items():
             g = grads[name]
             materialised[id(p)] = g if id(p) not in materialised else materialised[id(p)] + g
+        del grads
+        if release:
+            records[position] = None  # its group gradients are all this pass still needs of it
+    if records:
+        del record
     for pid, g in materialised.items():
         sq_norms[pid] = torch.linalg.vector_norm(g.flatten(1), dim=1).square()  # (M,), one pass
 
@@ -196,19 +217,45 @@ def _one_context(
         else:
             sums[pid] = (params[pid], value)
 
-    for pid, g in materialised.items():
+    for pid in list(materialised):
+        g = materialised.pop(pid) if release else materialised[pid]
         add(pid, torch.einsum("m,m...->...", weights[pid].to(g.dtype), g))
+        del g
     shared_rows = None if settings.mode == "per_layer" else groups.rows(group_weight)  # (B,), once per batch
-    for record in (records[i] for i in ghost_index):
+    for i in ghost_index:
+        record = records[i]
+        if release:
+            records[i] = None
         row_weight = {name: shared_rows if shared_rows is not None else groups.rows(weights[id(p)])
                       for name, p in record.params.items()}
-        rule = record.rule
-        assert rule is not None and rule.weighted_sum is not None  # ghost routes need has_ghost
-        assert isinstance(record.out_grad, torch.Tensor)  # rule records have one output tensor
-        weighted = rule.weighted_sum(record.layer, record.inputs, record.out_grad, row_weight)
-        for name, p in record.params.items():
-            add(id(p), weighted[name])
+        rows = lean_rows(record_shape(record, groups, ())) if memory.lean else None
+        for name, value in _weighted_sum(record, row_weight, rows).items():
+            add(id(record.params[name]), value)
+        del record
     result.sums, result.num_groups = merge_means(result.sums, result.num_groups, sums, divisor)
+
+
+def _weighted_sum(record: Record, row_weight: dict, rows: int | None) -> dict:
+    """The rule's row-weighted sum, in chunks of ``rows`` examples when given (lean mode: the scaled copy of
+    the output gradient stays small). A weighted sum is a sum over examples, so the chunks add up to it."""
+    rule = record.rule
+    assert rule is not None and rule.weighted_sum is not None  # ghost routes need has_ghost
+    assert isinstance(record.out_grad, torch.Tensor)  # rule records have one output tensor
+    batch = record.out_grad.shape[0]
+    if rows is None or rows >= batch:
+        return rule.weighted_sum(record.layer, record.inputs, record.out_grad, row_weight)
+
+    def rows_of(x, start: int):
+        return x[start:start + rows] if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == batch else x
+
+    total: dict = {}
+    for start in range(0, batch, rows):
+        part = rule.weighted_sum(record.layer, tuple(rows_of(x, start) for x in record.inputs),
+                                 record.out_grad[start:start + rows],
+                                 {name: w[start:start + rows] for name, w in row_weight.items()})
+        for name, value in part.items():
+            total[name] = value if name not in total else total[name].add_(value)
+    return total
 
 
 def _in_float32(record: Record) -> Record:
@@ -245,7 +292,8 @@ def _drop_groups(records, materialised, sq_norms, bad, groups):
         mask = keep.reshape(-1, *([1] * (x.dim() - 1))).to(x.device)
         return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
-    records = [replace(r, inputs=tuple(clean(x) for x in r.inputs),
+    records = [None if r is None else  # None: a record already released (its group gradients are kept)
+               replace(r, inputs=tuple(clean(x) for x in r.inputs),
                        out_grad=tuple(clean(g) for g in r.out_grad) if isinstance(r.out_grad, tuple)
                        else clean(r.out_grad)) for r in records]
     materialised = {pid: torch.where(bad.reshape(-1, *([1] * (g.dim() - 1))), torch.zeros((), dtype=g.dtype), g)

@@ -382,8 +382,8 @@ class Engine:
         if self._check.running:
             for problem in compare_with_autograd(records, autograd_grads, self._names, self._sink.replay):
                 self._sink.report(problem)
-        result = clip_and_sum(records, self._settings.clip, self._sink.replay,
-                              lambda ctx: self._plan.divisor(ctx.groups), self._tuner)
+        result = clip_and_sum(records, self._settings.clip, self._sink.replay,  # observers read the records
+                              lambda ctx: self._plan.divisor(ctx.groups), self._tuner, not self._observers)
         self._acc.add(result, chunk=drawn and self._acc.batch_chunks > 0, fixed_divisor=self._plan.fixed_divisor)
         self.nonfinite_groups += result.nonfinite_groups
         if result.group_norms:
