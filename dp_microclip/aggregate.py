@@ -30,9 +30,9 @@ import torch
 from . import clipping as clip
 from .records import ForwardContext, Record
 from .layers.generic import generic_group_grads
-from .planner import BudgetResolver, lean_rows, record_shape
+from .planner import BudgetResolver, lean_rows, record_shape, reserves
 from .settings import ClipSettings
-from .routes import Autotuner, PassBudget, choose_strategy
+from .routes import Autotuner, PassBudget, available_routes, choose_strategy, leanest_peaks
 from .tensors import LOW_PRECISION
 
 
@@ -96,6 +96,44 @@ def clip_and_sum(
     return result
 
 
+class EarlyReduction:
+    """Lean mode: a record whose only exact route is materialised group gradients is reduced to them as soon
+    as its output gradient arrives, when they are smaller than what it captured.
+
+    Its inputs and output gradient are then freed during the backward pass instead of at its end, so the
+    engine's memory does not grow with every such layer (LayerNorm, convolutions) while autograd still holds
+    the rest of the graph. Nothing changes in the numbers: the same group gradients, computed earlier.
+    Records stay whole while the first-step check or an observer needs their tensors (``allowed()``).
+    """
+
+    def __init__(self, settings: ClipSettings, tuner: Autotuner, allowed: Callable[[], bool]):
+        self.settings = settings
+        self.tuner = tuner
+        self.allowed = allowed
+
+    def __call__(self, record: Record) -> Record:
+        """The record, or the same record holding only its group gradients."""
+        if not self.settings.memory.lean or record.call or record.rule is None or record.ctx.batch_size == 0:
+            return record
+        if not torch.is_tensor(record.out_grad) or not self.allowed():
+            return record
+        # Materialisation is forced whatever the other records are (no ghost norms, a parametrization).
+        forced = record.unit.parametrized or not record.rule.has_ghost or self.settings.grad_mode == "materialize"
+        if not forced or available_routes(record, self.settings, Counter()) != ("materialize",):
+            return record
+        groups = record.ctx.groups.to(record.out_grad.device)
+        params = sum(p.numel() for p in record.params.values())
+        if groups.num_groups * params >= _numel(record.inputs) + record.out_grad.numel():
+            return record  # the group gradients would take more than the record holds
+        full = _in_float32(record)
+        grads = chain_parametrizations(full, self.tuner.group_grads(full, groups))
+        return replace(record, inputs=(), kwargs={}, out_grad=record.out_grad.new_empty((0,)), group_grads=grads)
+
+
+def _numel(inputs) -> int:
+    return sum(x.numel() for x in inputs if torch.is_tensor(x))
+
+
 def _nbytes(inputs) -> int:
     return sum(x.numel() * x.element_size() for x in inputs if torch.is_tensor(x))
 
@@ -123,8 +161,18 @@ def _one_context(
     memory = settings.memory
     limit, hard = BudgetResolver(memory, tuner.free_memory).budget(device, captured)
     budget = PassBudget(limit, hard, memory)
+    budget.left -= sum(_nbytes(list(r.group_grads.values())) for r in records if r.group_grads is not None)
+    later = reserves(leanest_peaks(records, groups, settings, uses, memory.lean))
     for position, record in enumerate(records):
-        strategy = choose_strategy(record, groups, settings, uses, budget, tuner)
+        if record.group_grads is not None:  # reduced as it arrived (lean mode, EarlyReduction): already held
+            result.strategies[record.name] = "materialize"
+            for name, p in record.params.items():
+                g = record.group_grads[name]
+                materialised[id(p)] = g if id(p) not in materialised else materialised[id(p)] + g
+            if release:
+                records[position] = None
+            continue
+        strategy = choose_strategy(record, groups, settings, uses, budget, tuner, later[position])
         result.strategies[record.name] = strategy
         if strategy in ("ghost", "norms_then_sum"):
             if strategy == "ghost":

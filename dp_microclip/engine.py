@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import privacy as dp_rules
-from .aggregate import clip_and_sum
+from .aggregate import EarlyReduction, clip_and_sum
 from .capture import CaptureSink
 from .errors import ConfigurationError, PrivacyError
 from .grouping import Groups, GroupingPlan
@@ -96,11 +96,12 @@ class Engine:
         self._names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
         # DP mode: version counters of the model's tensors (privacy.StateWatch) and the parameters' history.
         self._watch = dp_rules.StateWatch(model, managed, self._names, optimizer) if privacy is not None else None
-        self._sink = CaptureSink(self._make_groups, self._finish_pass, self._watch)
+        self._tuner = Autotuner()  # lean mode reduces some records as they arrive: while nothing reads them later
+        self._sink = CaptureSink(self._make_groups, self._finish_pass, self._watch, EarlyReduction(
+            settings.clip, self._tuner, lambda: not (self._check.running or self._observers)))
         self._observers: list = []
         self._acc = StepAccumulator()
-        self._steps_taken = 0
-        self.nonfinite_groups = 0
+        self._steps_taken = self.nonfinite_groups = 0
         self._last_norms: list[torch.Tensor] = []
         self.last_strategies: dict[str, str] = {}
         self._inherited_steps = dp_rules.DP_HISTORY.steps_of(model.parameters()) if privacy is not None else 0
@@ -108,7 +109,6 @@ class Engine:
 
         self._units, self._managed = units, managed
         self._managed_ids = {id(p) for p in managed}
-        self._tuner = Autotuner()
         check_optimizer_parameters(optimizer, self._managed_ids, self._names)
 
         self._original_requires_grad = {id(p): p.requires_grad for p in model.parameters()}

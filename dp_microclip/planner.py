@@ -124,13 +124,27 @@ class Planned:
 
 
 def plan_call(shape: LayerShape, left: int, num_groups: int, max_group_size: int, contiguous: bool,
-              weighted_sum_rows: int | None = None) -> Planned:
-    """Which of ``shape.routes`` fit ``left`` bytes (what the pass's budget has left), from shapes only."""
+              weighted_sum_rows: int | None = None, reserve: int = 0) -> Planned:
+    """Which of ``shape.routes`` fit ``left`` bytes (what the pass's budget has left), from shapes only.
+
+    ``reserve``: bytes the calls after this one need at least (the largest of their leanest peaks); a route
+    that would hold so much that they could no longer fit does not fit either.
+    """
     fps = {route: footprint(shape, route, num_groups, max_group_size, contiguous, weighted_sum_rows)
            for route in shape.routes}
     order = {route: i for i, route in enumerate(MEMORY_ORDER)}
-    fits = tuple(sorted((r for r, fp in fps.items() if fp.peak <= left), key=lambda r: order.get(r, len(order))))
+    fits = tuple(sorted((r for r, fp in fps.items() if fp.peak <= left and fp.held + reserve <= left),
+                        key=lambda r: order.get(r, len(order))))
     return Planned(shape.name, fits, leanest(fps), fps)
+
+
+def reserves(leanest_peaks: Sequence[int]) -> list[int]:
+    """For each call, the largest leanest peak of the calls after it (what it must leave room for)."""
+    out, running = [0] * len(leanest_peaks), 0
+    for i in range(len(leanest_peaks) - 1, -1, -1):
+        out[i] = running
+        running = max(running, leanest_peaks[i])
+    return out
 
 
 def plan_pass(shapes: Sequence[LayerShape], budget: int, num_groups: int, max_group_size: int,
@@ -140,13 +154,16 @@ def plan_pass(shapes: Sequence[LayerShape], budget: int, num_groups: int, max_gr
     The choice the engine makes before any timing: ``lean`` takes each call's leanest route; otherwise
     ``prefer(name, fits)`` picks among the routes that fit (the engine's autotuner; default: the one that
     holds most, i.e. the fastest in the usual case). Routes that hold memory (materialised group gradients)
-    use up the budget for the calls after them.
+    use up the budget for the calls after them, but never so much that a later call's leanest route no
+    longer fits (:func:`reserves`).
     """
     out: dict[str, tuple[str, Planned]] = {}
     held = 0
-    for shape in shapes:
-        plan = plan_call(shape, budget - held, num_groups, max_group_size, contiguous,
-                         lean_rows(shape) if lean else None)
+    rows = [lean_rows(shape) if lean else None for shape in shapes]
+    alone = [plan_call(shape, 0, num_groups, max_group_size, contiguous, r) for shape, r in zip(shapes, rows)]
+    later = reserves([plan.footprints[plan.leanest].peak for plan in alone])
+    for shape, r, reserve in zip(shapes, rows, later):
+        plan = plan_call(shape, budget - held, num_groups, max_group_size, contiguous, r, reserve)
         if lean or plan.over_budget:
             route = plan.leanest
         else:

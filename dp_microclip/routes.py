@@ -93,8 +93,24 @@ def available_routes(record: Record, settings: ClipSettings, uses: Counter) -> t
     return MEMORY_ORDER
 
 
+def leanest_peaks(records: list, groups, settings: ClipSettings, uses: Counter, lean: bool) -> list[int]:
+    """The planned peak of each record's leanest route (0 for records already reduced or on the func path)."""
+    peaks = []
+    m, r, contiguous = groups.num_groups, groups.max_size(), groups.equal_size is not None
+    for record in records:
+        routes = ("func",) if record.group_grads is not None else available_routes(record, settings, uses)
+        if routes == ("func",):
+            peaks.append(0)
+            continue
+        shape = record_shape(record, groups, routes)
+        plan = plan_call(shape, 0, m, r, contiguous, lean_rows(shape) if lean else None)
+        peaks.append(plan.footprints[plan.leanest].peak)
+    return peaks
+
+
 def choose_strategy(
-    record: Record, groups, settings: ClipSettings, uses: Counter, budget: PassBudget, tuner: "Autotuner"
+    record: Record, groups, settings: ClipSettings, uses: Counter, budget: PassBudget, tuner: "Autotuner",
+    reserve: int = 0,
 ) -> str:
     """The route for one record: "ghost", "materialize", "norms_then_sum" or "func".
 
@@ -107,14 +123,15 @@ def choose_strategy(
     and GPUs), so the routes that fit are timed once per layer and shape class
     (:class:`Autotuner`) and the fastest is kept. In lean mode the leanest route
     is taken without timing. When no route fits, the leanest is taken and the
-    excess reported (:func:`report_over_budget`).
+    excess reported (:func:`report_over_budget`). ``reserve``: what the records after this one need at
+    least (``planner.reserves``): a route that holds memory may not eat into it.
     """
     routes = available_routes(record, settings, uses)
     if routes == ("func",):
         return "func"  # the generic path: torch.func per group, no alternative to plan
     shape = record_shape(record, groups, routes)
     plan = plan_call(shape, budget.left, groups.num_groups, groups.max_size(), groups.equal_size is not None,
-                     lean_rows(shape) if budget.lean else None)
+                     lean_rows(shape) if budget.lean else None, reserve)
     if plan.over_budget:
         choice = plan.leanest
         report_over_budget(plan, choice, budget, tuner)
@@ -126,6 +143,13 @@ def choose_strategy(
     return choice
 
 
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
 def report_over_budget(plan: Planned, choice: str, budget: PassBudget, tuner: "Autotuner") -> None:
     """No exact route of a layer fits: warn once per layer and route, or raise with ``strict=True``."""
     peak = plan.footprints[choice].peak
@@ -133,9 +157,8 @@ def report_over_budget(plan: Planned, choice: str, budget: PassBudget, tuner: "A
         return  # the default budget (the captured size) is a preference, not a limit the user set
     message = (
         f"dp_microclip: no exact clipping route of layer {plan.name!r} fits the memory budget "
-        f"({max(budget.left, 0) / 2**20:.1f} MiB left for it); the leanest, {choice!r}, plans "
-        f"{peak / 2**20:.1f} MiB. Use smaller physical batches (engine.data_loader(dataset, "
-        "max_physical_batch_size=...)), or a larger memory_budget."
+        f"({_size(max(budget.left, 0))} left for it); the leanest, {choice!r}, plans {_size(peak)}. Use smaller "
+        "physical batches (engine.data_loader(dataset, max_physical_batch_size=...)), or a larger memory_budget."
     )
     if budget.memory.strict:
         raise ConfigurationError(message)
