@@ -160,9 +160,9 @@ def _one_context(
     captured = sum(_nbytes(r.inputs) + _nbytes(_grad_tensors(r)) for r in records)
     memory = settings.memory
     limit, hard = BudgetResolver(memory, tuner.free_memory).budget(device, captured)
-    budget = PassBudget(limit, hard, memory)
+    budget = PassBudget(limit, hard, memory, groups.max_size())
     budget.left -= sum(_nbytes(list(r.group_grads.values())) for r in records if r.group_grads is not None)
-    later = reserves(leanest_peaks(records, groups, settings, uses, memory.lean))
+    later = reserves(leanest_peaks(records, groups, settings, uses, budget))
     for position, record in enumerate(records):
         if record.group_grads is not None:  # reduced as it arrived (lean mode, EarlyReduction): already held
             result.strategies[record.name] = "materialize"

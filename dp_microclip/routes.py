@@ -57,11 +57,13 @@ class PassBudget:
 
     ``left`` shrinks by what each chosen route holds until the pass ends (materialised group gradients);
     ``hard`` is the limit whose excess is reported (None: never). ``lean`` takes each layer's leanest route.
+    ``max_group_size``: R of the pass's groups, read once (for ragged groups it is a device read).
     """
 
     left: int
     hard: int | None
     memory: MemoryBudget
+    max_group_size: int
 
     @property
     def lean(self) -> bool:
@@ -93,10 +95,11 @@ def available_routes(record: Record, settings: ClipSettings, uses: Counter) -> t
     return MEMORY_ORDER
 
 
-def leanest_peaks(records: list, groups, settings: ClipSettings, uses: Counter, lean: bool) -> list[int]:
+def leanest_peaks(records: list, groups, settings: ClipSettings, uses: Counter, budget: PassBudget) -> list[int]:
     """The planned peak of each record's leanest route (0 for records already reduced or on the func path)."""
     peaks = []
-    m, r, contiguous = groups.num_groups, groups.max_size(), groups.equal_size is not None
+    m, r, contiguous = groups.num_groups, budget.max_group_size, groups.equal_size is not None
+    lean = budget.lean
     for record in records:
         routes = ("func",) if record.group_grads is not None else available_routes(record, settings, uses)
         if routes == ("func",):
@@ -130,7 +133,7 @@ def choose_strategy(
     if routes == ("func",):
         return "func"  # the generic path: torch.func per group, no alternative to plan
     shape = record_shape(record, groups, routes)
-    plan = plan_call(shape, budget.left, groups.num_groups, groups.max_size(), groups.equal_size is not None,
+    plan = plan_call(shape, budget.left, groups.num_groups, budget.max_group_size, groups.equal_size is not None,
                      lean_rows(shape) if budget.lean else None, reserve)
     if plan.over_budget:
         choice = plan.leanest
