@@ -87,7 +87,8 @@ def clip_and_sum(
         by_context.setdefault(record.ctx.id, []).append(record)
     if release:
         records.clear()
-        del record
+        if by_context:
+            del record  # the loop variable: no reference may outlive the record's last use
     tuner = tuner or Autotuner()
     for key in list(by_context):
         ctx_records = by_context.pop(key) if release else by_context[key]
@@ -335,8 +336,8 @@ def _drop_groups(records, materialised, sq_norms, bad, groups):
     keep = (~row_bad)
 
     def clean(x):
-        if not torch.is_tensor(x) or not x.is_floating_point():
-            return x
+        if not torch.is_tensor(x) or not x.is_floating_point() or x.dim() == 0 or x.shape[0] != keep.shape[0]:
+            return x  # not per row (a reduced record's empty placeholder)
         mask = keep.reshape(-1, *([1] * (x.dim() - 1))).to(x.device)
         return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, user_stacklevel
 from .layers.traits import NOT_REPLAYABLE
 from .planner import MEMORY_ORDER, Planned, lean_rows, plan_call, record_shape
 from .records import Record
@@ -168,7 +168,7 @@ def report_over_budget(plan: Planned, choice: str, budget: PassBudget, tuner: "A
     key = ("over budget", plan.name, choice)
     if key not in tuner.warned:
         tuner.warned.add(key)
-        warnings.warn(message, UserWarning, stacklevel=2)
+        warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
 
 
 class Autotuner:

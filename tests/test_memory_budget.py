@@ -252,3 +252,27 @@ def test_planner_counts_padding_of_ragged_groups():
     equal = plan_call(shape, 10**9, 4, 2, contiguous=True).footprints["ghost"]
     ragged = plan_call(shape, 10**9, 4, 3, contiguous=False).footprints["ghost"]
     assert ragged.transient > equal.transient
+
+
+def test_lean_skips_a_non_finite_group_after_records_were_reduced_early():
+    """A NaN example with lean mode's early-reduced records (LayerNorm): its group contributes zero, the rest
+    equals the naive loop over the finite examples (divided by all M groups)."""
+    from dp_microclip.reference import naive_microbatch_grads
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.arange(8) % 3
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    engine = dp_microclip.attach(model, opt, micro_batch_size=1, max_grad_norm=0.5, memory_budget="lean",
+                                 verify_steps=0)
+    bad = x.clone()
+    bad[3] = float("nan")
+    loss_fn(model(bad), y).backward()
+    opt.step()
+    got = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    assert engine.nonfinite_groups == 1 and engine.last_strategies["1"] == "materialize"
+    engine.detach()
+    keep = torch.tensor([i for i in range(8) if i != 3])
+    want = naive_microbatch_grads(model, loss_fn, x[keep], y[keep], micro_batch_size=1, max_grad_norm=0.5)
+    for name, value in want.items():  # the naive loop divides by 7 groups, the engine by all 8
+        assert torch.allclose(got[name], value * 7 / 8, rtol=1e-9, atol=1e-12), name
