@@ -6,14 +6,14 @@
 from . import layers  # noqa: F401  (registers the built-in layer rules)
 from .attach import attach
 from .engine import Engine
-from .settings import DP
+from .settings import DP, MemoryBudget
 from .errors import BatchError, ConfigurationError, MicroclipError, PrivacyError, UnsupportedModuleError
 from .layers.registry import (
     LayerRule, register_lazy_rule, register_rule, registered_lazy_names, registered_types, rule_for,
 )
 
 __all__ = [
-    "attach", "DP", "Engine", "LayerRule", "register_rule", "register_lazy_rule", "registered_types",
+    "attach", "DP", "MemoryBudget", "Engine", "LayerRule", "register_rule", "register_lazy_rule", "registered_types",
     "registered_lazy_names", "rule_for",
     "MicroclipError", "ConfigurationError", "UnsupportedModuleError", "BatchError", "PrivacyError",
 ]

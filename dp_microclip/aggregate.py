@@ -30,8 +30,9 @@ import torch
 from . import clipping as clip
 from .records import ForwardContext, Record
 from .layers.generic import generic_group_grads
+from .planner import BudgetResolver, lean_rows, record_shape, reserves
 from .settings import ClipSettings
-from .routes import Autotuner, choose_strategy
+from .routes import Autotuner, PassBudget, available_routes, choose_strategy, leanest_peaks
 from .tensors import LOW_PRECISION
 
 
@@ -73,42 +74,106 @@ def merge_means(acc: dict, acc_count: float, new: dict, new_count: float) -> tup
 
 def clip_and_sum(
     records: list[Record], settings: ClipSettings, replay_guard, divisor_of: Callable[[ForwardContext], float],
-    tuner: Autotuner | None = None,
+    tuner: Autotuner | None = None, release: bool = False,
 ) -> PassResult:
-    """Clipped, averaged gradients of one backward pass; ``divisor_of(ctx)`` is the M of a batch."""
+    """Clipped, averaged gradients of one backward pass; ``divisor_of(ctx)`` is the M of a batch.
+
+    ``release``: the caller hands the records over (``records`` is emptied), so that each record's captured
+    tensors are freed as soon as its last use is done instead of at the end of the pass.
+    """
     result = PassResult()
     by_context: dict[int, list[Record]] = {}
     for record in records:
         by_context.setdefault(record.ctx.id, []).append(record)
-    for ctx_records in by_context.values():
+    if release:
+        records.clear()
+        if by_context:
+            del record  # the loop variable: no reference may outlive the record's last use
+    tuner = tuner or Autotuner()
+    for key in list(by_context):
+        ctx_records = by_context.pop(key) if release else by_context[key]
         _one_context(ctx_records, settings, replay_guard, result, float(divisor_of(ctx_records[0].ctx)),
-                     tuner or Autotuner())
+                     tuner, release)
     return result
+
+
+class EarlyReduction:
+    """Lean mode: a record whose only exact route is materialised group gradients is reduced to them as soon
+    as its output gradient arrives, when they are smaller than what it captured.
+
+    Its inputs and output gradient are then freed during the backward pass instead of at its end, so the
+    engine's memory does not grow with every such layer (LayerNorm, convolutions) while autograd still holds
+    the rest of the graph. Nothing changes in the numbers: the same group gradients, computed earlier.
+    Records stay whole while the first-step check or an observer needs their tensors (``allowed()``).
+    """
+
+    def __init__(self, settings: ClipSettings, tuner: Autotuner, allowed: Callable[[], bool]):
+        self.settings = settings
+        self.tuner = tuner
+        self.allowed = allowed
+
+    def __call__(self, record: Record) -> Record:
+        """The record, or the same record holding only its group gradients."""
+        if not self.settings.memory.lean or record.call or record.rule is None or record.ctx.batch_size == 0:
+            return record
+        if not torch.is_tensor(record.out_grad) or not self.allowed():
+            return record
+        # Materialisation is forced whatever the other records are (no ghost norms, a parametrization).
+        forced = record.unit.parametrized or not record.rule.has_ghost or self.settings.grad_mode == "materialize"
+        if not forced or available_routes(record, self.settings, Counter()) != ("materialize",):
+            return record
+        groups = record.ctx.groups.to(record.out_grad.device)
+        params = sum(p.numel() for p in record.params.values())
+        if groups.num_groups * params >= _numel(record.inputs) + record.out_grad.numel():
+            return record  # the group gradients would take more than the record holds
+        full = _in_float32(record)
+        grads = chain_parametrizations(full, self.tuner.group_grads(full, groups))
+        return replace(record, inputs=(), kwargs={}, out_grad=record.out_grad.new_empty((0,)), group_grads=grads)
 
 
 def _numel(inputs) -> int:
     return sum(x.numel() for x in inputs if torch.is_tensor(x))
 
 
+def _nbytes(inputs) -> int:
+    return sum(x.numel() * x.element_size() for x in inputs if torch.is_tensor(x))
+
+
 def _one_context(
-    records: list[Record], settings: ClipSettings, replay_guard, result: PassResult, divisor: float, tuner: Autotuner
+    given: list[Record], settings: ClipSettings, replay_guard, result: PassResult, divisor: float, tuner: Autotuner,
+    release: bool = False,
 ) -> None:
-    ctx = records[0].ctx
+    ctx = given[0].ctx
     if ctx.batch_size == 0:  # an empty Poisson batch: no gradient, but its groups still count in M
         result.sums, result.num_groups = merge_means(result.sums, result.num_groups, {}, divisor)
         return
-    device = _grad_tensors(records[0])[0].device
+    device = _grad_tensors(given[0])[0].device
     groups = ctx.groups.to(device)
-    records = [_in_float32(r) for r in records]  # bf16/fp16 (autocast): norms and factors in float32
+    records: list = [_in_float32(r) for r in given]  # bf16/fp16 (autocast): norms and factors in float32
+    if release:
+        given.clear()  # from here on this function holds the only references: each record is dropped after use
     uses = Counter(id(p) for r in records for p in r.params.values())
     params = {id(p): p for r in records for p in r.params.values()}
 
     sq_norms: dict[int, torch.Tensor] = {}
     materialised: dict[int, torch.Tensor] = {}
     ghost_index: list[int] = []  # records whose sum is a weighted product over rows
-    budget = [sum(_numel(r.inputs) + _numel(_grad_tensors(r)) for r in records)]
+    captured = sum(_nbytes(r.inputs) + _nbytes(_grad_tensors(r)) for r in records)
+    memory = settings.memory
+    limit, hard = BudgetResolver(memory, tuner.free_memory).budget(device, captured)
+    budget = PassBudget(limit, hard, memory, groups.max_size())
+    budget.left -= sum(_nbytes(list(r.group_grads.values())) for r in records if r.group_grads is not None)
+    later = reserves(leanest_peaks(records, groups, settings, uses, budget))
     for position, record in enumerate(records):
-        strategy = choose_strategy(record, groups, settings, uses, budget, tuner)
+        if record.group_grads is not None:  # reduced as it arrived (lean mode, EarlyReduction): already held
+            result.strategies[record.name] = "materialize"
+            for name, p in record.params.items():
+                g = record.group_grads[name]
+                materialised[id(p)] = g if id(p) not in materialised else materialised[id(p)] + g
+            if release:
+                records[position] = None
+            continue
+        strategy = choose_strategy(record, groups, settings, uses, budget, tuner, later[position])
         result.strategies[record.name] = strategy
         if strategy in ("ghost", "norms_then_sum"):
             if strategy == "ghost":
@@ -136,6 +201,11 @@ def _one_context(
         for name, p in record.params.items():
             g = grads[name]
             materialised[id(p)] = g if id(p) not in materialised else materialised[id(p)] + g
+        del grads
+        if release:
+            records[position] = None  # its group gradients are all this pass still needs of it
+    if records:
+        del record
     for pid, g in materialised.items():
         sq_norms[pid] = torch.linalg.vector_norm(g.flatten(1), dim=1).square()  # (M,), one pass
 
@@ -196,19 +266,45 @@ def _one_context(
         else:
             sums[pid] = (params[pid], value)
 
-    for pid, g in materialised.items():
+    for pid in list(materialised):
+        g = materialised.pop(pid) if release else materialised[pid]
         add(pid, torch.einsum("m,m...->...", weights[pid].to(g.dtype), g))
+        del g
     shared_rows = None if settings.mode == "per_layer" else groups.rows(group_weight)  # (B,), once per batch
-    for record in (records[i] for i in ghost_index):
+    for i in ghost_index:
+        record = records[i]
+        if release:
+            records[i] = None
         row_weight = {name: shared_rows if shared_rows is not None else groups.rows(weights[id(p)])
                       for name, p in record.params.items()}
-        rule = record.rule
-        assert rule is not None and rule.weighted_sum is not None  # ghost routes need has_ghost
-        assert isinstance(record.out_grad, torch.Tensor)  # rule records have one output tensor
-        weighted = rule.weighted_sum(record.layer, record.inputs, record.out_grad, row_weight)
-        for name, p in record.params.items():
-            add(id(p), weighted[name])
+        rows = lean_rows(record_shape(record, groups, ())) if memory.lean else None
+        for name, value in _weighted_sum(record, row_weight, rows).items():
+            add(id(record.params[name]), value)
+        del record
     result.sums, result.num_groups = merge_means(result.sums, result.num_groups, sums, divisor)
+
+
+def _weighted_sum(record: Record, row_weight: dict, rows: int | None) -> dict:
+    """The rule's row-weighted sum, in chunks of ``rows`` examples when given (lean mode: the scaled copy of
+    the output gradient stays small). A weighted sum is a sum over examples, so the chunks add up to it."""
+    rule = record.rule
+    assert rule is not None and rule.weighted_sum is not None  # ghost routes need has_ghost
+    assert isinstance(record.out_grad, torch.Tensor)  # rule records have one output tensor
+    batch = record.out_grad.shape[0]
+    if rows is None or rows >= batch:
+        return rule.weighted_sum(record.layer, record.inputs, record.out_grad, row_weight)
+
+    def rows_of(x, start: int):
+        return x[start:start + rows] if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == batch else x
+
+    total: dict = {}
+    for start in range(0, batch, rows):
+        part = rule.weighted_sum(record.layer, tuple(rows_of(x, start) for x in record.inputs),
+                                 record.out_grad[start:start + rows],
+                                 {name: w[start:start + rows] for name, w in row_weight.items()})
+        for name, value in part.items():
+            total[name] = value if name not in total else total[name].add_(value)
+    return total
 
 
 def _in_float32(record: Record) -> Record:
@@ -240,12 +336,13 @@ def _drop_groups(records, materialised, sq_norms, bad, groups):
     keep = (~row_bad)
 
     def clean(x):
-        if not torch.is_tensor(x) or not x.is_floating_point():
-            return x
+        if not torch.is_tensor(x) or not x.is_floating_point() or x.dim() == 0 or x.shape[0] != keep.shape[0]:
+            return x  # not per row (a reduced record's empty placeholder)
         mask = keep.reshape(-1, *([1] * (x.dim() - 1))).to(x.device)
         return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
-    records = [replace(r, inputs=tuple(clean(x) for x in r.inputs),
+    records = [None if r is None else  # None: a record already released (its group gradients are kept)
+               replace(r, inputs=tuple(clean(x) for x in r.inputs),
                        out_grad=tuple(clean(g) for g in r.out_grad) if isinstance(r.out_grad, tuple)
                        else clean(r.out_grad)) for r in records]
     materialised = {pid: torch.where(bad.reshape(-1, *([1] * (g.dim() - 1))), torch.zeros((), dtype=g.dtype), g)

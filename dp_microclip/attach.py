@@ -23,8 +23,9 @@ from .grouping import public_groups, resolve_grouping
 from .layout import declared_batch_first
 from .settings import (
     DP, SAMPLINGS, CLIPPING_MODES, FALLBACKS, GRAD_MODES, GROUPINGS, LOSS_REDUCTIONS, NONFINITE_POLICIES, ClipSettings,
-    EngineSettings, check_choice, check_int, check_positive_finite, is_real, total_bound,
+    EngineSettings, MemoryBudget, check_choice, check_int, check_positive_finite, is_real, total_bound,
 )
+from .settings import memory_budget as memory_budget_of
 from .units import find_units, managed_parameters
 from accounting.mechanism import ADJACENCIES
 
@@ -49,6 +50,7 @@ def attach(
     seed: int | None = None,
     on_nonfinite: str = "skip",
     verify_steps: int = 1,
+    memory_budget: MemoryBudget | int | float | str | None = None,
     process_parts: ProcessParts | None = None,
 ) -> Engine:
     """Attach micro-batch clipping to an unchanged model and optimizer.
@@ -103,6 +105,11 @@ def attach(
             ordinary gradient and the engine checks its own per-example sums against it;
             a difference (a parameter read outside its module, a penalty term in the
             loss) raises instead of being silently dropped. 0 turns the check off.
+        memory_budget: what the engine's own per-group tensors may take in one backward pass, respected
+            before any route is timed (:class:`dp_microclip.MemoryBudget`): an int (bytes), a float in
+            (0, 1] (a fraction of the device's free memory), ``"lean"`` (the leanest exact route everywhere,
+            for models that barely fit) or a ``MemoryBudget(...)``. Default: the size of what the pass
+            captured, capped at half the free memory. Only speed and memory change: every route is exact.
         process_parts: what several processes plug in (a reducer, a noise wrapper, a batch
             sampler); set by :func:`dp_microclip.distributed.attach`, leave it None otherwise.
 
@@ -153,6 +160,7 @@ def attach(
     if num_groups is not None:
         check_int("num_groups", num_groups)
     check_int("verify_steps", verify_steps, minimum=0)
+    memory = memory_budget_of(memory_budget)
     _choice("sampling", sampling, SAMPLINGS)
     _choice("adjacency", adjacency, ADJACENCIES)
     privacy_state = None
@@ -196,6 +204,7 @@ def attach(
     clip = ClipSettings(
         micro_batch_size=micro_batch_size, mode=clipping, max_grad_norm=scalar_c, per_param_bound=per_param,
         gamma=normalize_gamma, loss_reduction=loss_reduction, grad_mode=grad_mode, on_nonfinite=on_nonfinite,
+        memory=memory,
     )
     settings = EngineSettings(
         clip=clip, raw_max_grad_norm=raw_bound, grouping=grouping, num_groups=num_groups, fallback=fallback,

@@ -41,9 +41,12 @@ class CaptureSink:
         make_groups: the groups of a new batch (the engine's grouping plan and sampled-batch queue).
         on_pass_end: called at the end of every backward pass that captured records, with those records.
         watch: DP mode's ``privacy.StateWatch``: no captured forward may change the model's state.
+        reduce: applied to each record as it arrives (lean mode's ``aggregate.EarlyReduction``); default: kept as is.
     """
 
-    def __init__(self, make_groups: GroupMaker, on_pass_end: Callable[[list[Record]], None], watch=None):
+    def __init__(self, make_groups: GroupMaker, on_pass_end: Callable[[list[Record]], None], watch=None,
+                 reduce: Callable[[Record], Record] | None = None):
+        self._reduce = reduce
         self._make_groups = make_groups
         self._watch = watch  # DP mode: privacy.StateWatch, told when each captured forward starts and ends
         self._on_pass_end = on_pass_end
@@ -95,7 +98,7 @@ class CaptureSink:
 
     def emit(self, record: Record) -> None:
         """One layer call's output gradient arrived; the first of a pass queues the end-of-backward callback."""
-        self._records.append(record)
+        self._records.append(record if self._reduce is None else self._reduce(record))
         if not self._callback_queued:
             self._callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_pass)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import privacy as dp_rules
-from .aggregate import clip_and_sum
+from .aggregate import EarlyReduction, clip_and_sum
 from .capture import CaptureSink
 from .errors import ConfigurationError, PrivacyError
 from .grouping import Groups, GroupingPlan
@@ -77,11 +77,12 @@ class Engine:
         self._names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
         # DP mode: version counters of the model's tensors (privacy.StateWatch) and the parameters' history.
         self._watch = dp_rules.StateWatch(model, managed, self._names, optimizer) if privacy is not None else None
-        self._sink = CaptureSink(self._make_groups, self._finish_pass, self._watch)
+        self._tuner = Autotuner()  # lean mode reduces some records as they arrive: while nothing reads them later
+        self._sink = CaptureSink(self._make_groups, self._finish_pass, self._watch, EarlyReduction(
+            settings.clip, self._tuner, lambda: not (self._check.running or self._observers)))
         self._observers: list = []
         self._acc = StepAccumulator()
-        self._steps_taken = 0
-        self.nonfinite_groups = 0
+        self._steps_taken = self.nonfinite_groups = 0
         self._last_norms: list[torch.Tensor] = []
         self.last_strategies: dict[str, str] = {}
         self._inherited_steps = dp_rules.DP_HISTORY.steps_of(model.parameters()) if privacy is not None else 0
@@ -89,7 +90,6 @@ class Engine:
 
         self._units, self._managed = units, managed
         self._managed_ids = {id(p) for p in managed}
-        self._tuner = Autotuner()
         check_optimizer_parameters(optimizer, self._managed_ids, self._names)
 
         self._original_requires_grad = {id(p): p.requires_grad for p in model.parameters()}
@@ -372,8 +372,8 @@ class Engine:
         if self._check.running:
             for problem in compare_with_autograd(records, autograd_grads, self._names, self._sink.replay):
                 self._sink.report(problem)
-        result = clip_and_sum(records, self._settings.clip, self._sink.replay,
-                              lambda ctx: self._plan.divisor(ctx.groups), self._tuner)
+        result = clip_and_sum(records, self._settings.clip, self._sink.replay,  # observers read the records
+                              lambda ctx: self._plan.divisor(ctx.groups), self._tuner, not self._observers)
         self._acc.add(result, chunk=drawn and self._acc.batch_chunks > 0, fixed_divisor=self._plan.fixed_divisor)
         self.nonfinite_groups += result.nonfinite_groups
         if result.group_norms:

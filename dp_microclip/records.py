@@ -79,6 +79,7 @@ class Record:
     slot: int = 0  # which output tensor this record's out_grad belongs to (multi-output calls)
     out_shapes: tuple = ()  # batch-first shapes of every output tensor (multi-output calls), for missing ones
     kw_names: tuple = ()  # the last len(kw_names) inputs are these tensor keyword arguments (generic path)
+    group_grads: dict | None = None  # lean mode: the group gradients, computed as the record arrived (no tensors kept)
 
 
 def join_multi_output(records: list[Record]) -> list[Record]:

@@ -1,5 +1,8 @@
 """Which route each layer's record takes, within a memory budget, timed once: the autotuner and its cache.
 
+The budget comes first: :mod:`dp_microclip.planner` plans every route's peak from
+shapes, and only the routes that fit what the pass has left are timed.
+
 Every route is exact; the choice is about speed and memory only. The
 :class:`Autotuner` holds the engine's ONE timing cache: which route is fastest
 per (layer, shape class), and which variant of a rule (the conv layouts) is
@@ -14,14 +17,18 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
 
 import torch
 
+from .errors import ConfigurationError, user_stacklevel
 from .layers.traits import NOT_REPLAYABLE
+from .planner import MEMORY_ORDER, Planned, lean_rows, plan_call, record_shape
 from .records import Record
-from .settings import ClipSettings
+from .settings import ClipSettings, MemoryBudget
 
 
 def _sync(device: torch.device) -> None:
@@ -44,51 +51,124 @@ def best_times(candidates: Mapping[str, Callable[[], object]], device: torch.dev
     return best
 
 
-def choose_strategy(
-    record: Record, groups, settings: ClipSettings, uses: Counter, budget: list, tuner: "Autotuner"
-) -> str:
-    """The route for one record: "ghost", "materialize", "norms_then_sum" or "func".
+@dataclass
+class PassBudget:
+    """What one backward pass may still build, in bytes (see :class:`dp_microclip.MemoryBudget`).
+
+    ``left`` shrinks by what each chosen route holds until the pass ends (materialised group gradients);
+    ``hard`` is the limit whose excess is reported (None: never). ``lean`` takes each layer's leanest route.
+    ``max_group_size``: R of the pass's groups, read once (for ragged groups it is a device read).
+    """
+
+    left: int
+    hard: int | None
+    memory: MemoryBudget
+    max_group_size: int
+
+    @property
+    def lean(self) -> bool:
+        """Whether the pass takes the leanest route everywhere (``MemoryBudget(lean=True)``)."""
+        return self.memory.lean
+
+
+def available_routes(record: Record, settings: ClipSettings, uses: Counter) -> tuple[str, ...]:
+    """The exact routes this record can take: ("func",), ("materialize",), ("ghost",) or all three rule routes.
 
     * ghost: Gram norms, then one weighted product over all rows for the sum.
     * materialize: per-group gradients kept until the clip factors are known, the
       sum an einsum over them.
     * norms_then_sum: per-group gradients for the norms only, freed at once, the
       sum a weighted product (no M x params memory held).
-
-    ``grad_mode="auto"``: every route is exact, so the choice is only about speed
-    and memory. Flop counts mislead here (a batched product of many small
-    matrices runs several times slower per flop than one large product, and
-    that ratio differs between CPUs and GPUs), so the routes whose kept memory
-    fits ``budget`` are timed once per layer and shape class (:class:`Autotuner`)
-    and the fastest is kept. The budget, in elements, is the size of everything
-    the pass captured: the engine at most doubles what it holds, never B x params.
     """
     if record.unit.parametrized:
-        return "materialize"  # the group gradients of the computed weight are chained to its originals
+        return ("materialize",)  # the group gradients of the computed weight are chained to its originals
     replayable = not isinstance(record.unit.module, NOT_REPLAYABLE)  # e.g. BatchNorm's in-place statistics
     captured = record.unit.kind in ("attention", "rnn")  # their records are Linear parts, not the module
     if record.rule is None or (settings.grad_mode == "func" and not captured and replayable):
-        return "func"
+        return ("func",)
     assert isinstance(record.out_grad, torch.Tensor)  # rule records have one output tensor
     shared = any(uses[id(p)] > 1 for p in record.params.values())
     if shared or not record.rule.has_ghost or settings.grad_mode == "materialize":
-        return "materialize"
+        return ("materialize",)
     if settings.grad_mode == "bookkeeping" or record.rule.group_grad_elements is None:
-        return "ghost"
-    elements = record.rule.group_grad_elements(record.layer, record.inputs, record.out_grad, groups)
-    candidates = ["ghost"]
-    if elements <= budget[0]:
-        # Both other routes build every group gradient of the layer at once (norms_then_sum frees them right
-        # after the norms, materialize keeps them for the sum): only where that fits the memory budget, so the
-        # engine's peak never grows like B x params, not even while the autotuner times them.
-        candidates += ["norms_then_sum", "materialize"]
-    choice = tuner.choose(record, groups, candidates)
-    if choice == "materialize":
-        budget[0] -= elements
+        return ("ghost",)
+    return MEMORY_ORDER
+
+
+def leanest_peaks(records: list, groups, settings: ClipSettings, uses: Counter, budget: PassBudget) -> list[int]:
+    """The planned peak of each record's leanest route (0 for records already reduced or on the func path)."""
+    peaks = []
+    m, r, contiguous = groups.num_groups, budget.max_group_size, groups.equal_size is not None
+    lean = budget.lean
+    for record in records:
+        routes = ("func",) if record.group_grads is not None else available_routes(record, settings, uses)
+        if routes == ("func",):
+            peaks.append(0)
+            continue
+        shape = record_shape(record, groups, routes)
+        plan = plan_call(shape, 0, m, r, contiguous, lean_rows(shape) if lean else None)
+        peaks.append(plan.footprints[plan.leanest].peak)
+    return peaks
+
+
+def choose_strategy(
+    record: Record, groups, settings: ClipSettings, uses: Counter, budget: PassBudget, tuner: "Autotuner",
+    reserve: int = 0,
+) -> str:
+    """The route for one record: "ghost", "materialize", "norms_then_sum" or "func".
+
+    ``grad_mode="auto"``: every route is exact, so the choice is only about speed
+    and memory. First memory: each route's peak is planned from the shapes
+    (:mod:`dp_microclip.planner`), and a route that would exceed what the pass's
+    budget has left is never built, not even to be timed. Then speed: flop counts
+    mislead here (a batched product of many small matrices runs several times
+    slower per flop than one large product, and that ratio differs between CPUs
+    and GPUs), so the routes that fit are timed once per layer and shape class
+    (:class:`Autotuner`) and the fastest is kept. In lean mode the leanest route
+    is taken without timing. When no route fits, the leanest is taken and the
+    excess reported (:func:`report_over_budget`). ``reserve``: what the records after this one need at
+    least (``planner.reserves``): a route that holds memory may not eat into it.
+    """
+    routes = available_routes(record, settings, uses)
+    if routes == ("func",):
+        return "func"  # the generic path: torch.func per group, no alternative to plan
+    shape = record_shape(record, groups, routes)
+    plan = plan_call(shape, budget.left, groups.num_groups, budget.max_group_size, groups.equal_size is not None,
+                     lean_rows(shape) if budget.lean else None, reserve)
+    if plan.over_budget:
+        choice = plan.leanest
+        report_over_budget(plan, choice, budget, tuner)
+    elif budget.lean or len(plan.fits) == 1:
+        choice = plan.leanest if budget.lean else plan.fits[0]
+    else:
+        choice = tuner.choose(record, groups, list(plan.fits))
+    budget.left -= plan.footprints[choice].held
     return choice
 
 
-MEMORY_ORDER = ("ghost", "norms_then_sum", "materialize")  # least memory held first
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+def report_over_budget(plan: Planned, choice: str, budget: PassBudget, tuner: "Autotuner") -> None:
+    """No exact route of a layer fits: warn once per layer and route, or raise with ``strict=True``."""
+    peak = plan.footprints[choice].peak
+    if not budget.memory.explicit and (budget.hard is None or peak <= budget.hard):
+        return  # the default budget (the captured size) is a preference, not a limit the user set
+    message = (
+        f"dp_microclip: no exact clipping route of layer {plan.name!r} fits the memory budget "
+        f"({_size(max(budget.left, 0))} left for it); the leanest, {choice!r}, plans {_size(peak)}. Use smaller "
+        "physical batches (engine.data_loader(dataset, max_physical_batch_size=...)), or a larger memory_budget."
+    )
+    if budget.memory.strict:
+        raise ConfigurationError(message)
+    key = ("over budget", plan.name, choice)
+    if key not in tuner.warned:
+        tuner.warned.add(key)
+        warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
 
 
 class Autotuner:
@@ -104,6 +184,8 @@ class Autotuner:
 
     def __init__(self):
         self.choices: dict = {}  # the one timing cache: (kind, key) -> the fastest candidate
+        self.free_memory: dict = {}  # device name -> free bytes, read once (the memory budget's fractions)
+        self.warned: set = set()  # (reason, layer, route) already warned about
 
     def fastest(self, key: Hashable, candidates: Mapping[str, Callable[[], object]], device: torch.device,
                 repeats: int) -> str:
@@ -145,7 +227,7 @@ class Autotuner:
             near = [c for c in MEMORY_ORDER if c in timings and timings[c] <= fastest * (1 + self.TIE)]
             self.choices[key] = near[0]
         choice = self.choices[key]
-        return choice if choice in candidates else "ghost"
+        return choice if choice in candidates else candidates[0]  # candidates: least memory first
 
     REPEATS = 3
 

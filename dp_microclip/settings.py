@@ -30,6 +30,98 @@ PRIVACY_UNITS = ("example", "user")
 NONFINITE_POLICIES = ("skip", "raise")
 
 
+#: Share of the device's free memory the engine's own per-group tensors may take when no budget is given.
+DEFAULT_FREE_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """How much memory the engine's own per-group tensors may hold in one backward pass (``attach(memory_budget=)``).
+
+    The engine computes each layer's clipped gradient by one of several exact routes (``routes.py``); they
+    differ only in speed and in what they build: per-group gradients ``(M, *param.shape)``, Gram matrices
+    ``(M, N, N)`` of the ghost norms, scaled copies of the output gradients. Before it times anything, the
+    engine plans each route's peak from the tensors' shapes (``planner.py``) and never builds one that
+    would exceed the budget. When no route of a layer fits, it takes the leanest exact one and warns (or
+    raises with ``strict=True``); the fix is a smaller physical batch,
+    ``engine.data_loader(..., max_physical_batch_size=...)``.
+
+    Give at most one of ``max_bytes`` and ``fraction_of_free``. With neither (the default) the budget is the
+    size of everything the pass captured (the engine at most doubles what it holds), capped at half of the
+    device's free memory.
+
+    Attributes:
+        max_bytes: an absolute budget in bytes (an int >= 1).
+        fraction_of_free: a share in (0, 1] of the device's free memory, read at the first backward pass
+            on each device (CUDA: ``torch.cuda.mem_get_info``; CPU: ``MemAvailable`` of ``/proc/meminfo``).
+        lean: hold as little as possible: per layer the route with the smallest planned peak, no timing, the
+            captured tensors released as soon as they are used, and the weighted sums done in row chunks.
+            Slower on layers where materialised group gradients would be faster; for models that barely fit.
+        strict: raise :class:`dp_microclip.errors.ConfigurationError` instead of warning when even the
+            leanest exact route of a layer exceeds the budget.
+
+    Example:
+        >>> MemoryBudget(max_bytes=2 * 2**30).max_bytes
+        2147483648
+    """
+
+    max_bytes: int | None = None
+    fraction_of_free: float | None = None
+    lean: bool = False
+    strict: bool = False
+
+    def __post_init__(self):
+        if self.max_bytes is not None and self.fraction_of_free is not None:
+            raise ConfigurationError(
+                "MemoryBudget: give max_bytes or fraction_of_free, not both (the budget is one number)."
+            )
+        if self.max_bytes is not None:
+            if isinstance(self.max_bytes, bool) or not isinstance(self.max_bytes, numbers.Integral) \
+                    or self.max_bytes < 1:
+                raise ConfigurationError(
+                    f"MemoryBudget(max_bytes=...) must be a whole number of bytes >= 1. Found {self.max_bytes!r}; "
+                    "e.g. max_bytes=4 * 2**30 for 4 GiB, or fraction_of_free=0.25."
+                )
+        if self.fraction_of_free is not None:
+            f = self.fraction_of_free
+            if not is_real(f) or not math.isfinite(float(f)) or not 0 < float(f) <= 1:
+                raise ConfigurationError(
+                    f"MemoryBudget(fraction_of_free=...) must be a number in (0, 1]. Found {f!r}; e.g. 0.25 for a "
+                    "quarter of the device's free memory, or max_bytes=... for an absolute budget."
+                )
+        for name in ("lean", "strict"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigurationError(f"MemoryBudget({name}=...) must be True or False. "
+                                         f"Found {getattr(self, name)!r}.")
+
+    @property
+    def explicit(self) -> bool:
+        """Whether the user set a limit (otherwise the captured size, capped by half the free memory)."""
+        return self.max_bytes is not None or self.fraction_of_free is not None
+
+
+def memory_budget(value) -> MemoryBudget:
+    """``attach(memory_budget=...)`` as a :class:`MemoryBudget`: None (the default), a MemoryBudget, ``"lean"``,
+    an int (bytes) or a float in (0, 1] (a fraction of free device memory); anything else raises, naming the forms."""
+    if value is None:
+        return MemoryBudget()
+    if isinstance(value, MemoryBudget):
+        return value
+    if isinstance(value, str):
+        if value == "lean":
+            return MemoryBudget(lean=True)
+        raise ConfigurationError(f"memory_budget={value!r} is not understood. Use \"lean\", a number of bytes "
+                                 "(an int), a fraction of free device memory (a float in (0, 1]) or MemoryBudget(...).")
+    if isinstance(value, bool) or not is_real(value):
+        raise ConfigurationError(
+            f"memory_budget must be None, \"lean\", an int (bytes), a float in (0, 1] (a fraction of free device "
+            f"memory) or a dp_microclip.MemoryBudget(...). Found {value!r}."
+        )
+    if isinstance(value, numbers.Integral):
+        return MemoryBudget(max_bytes=int(value))
+    return MemoryBudget(fraction_of_free=float(value))
+
+
 def check_choice(name: str, value, allowed) -> None:
     """Raise a ConfigurationError naming the allowed values when ``value`` is not one of them."""
     if value not in allowed:
@@ -87,6 +179,7 @@ class ClipSettings:
         loss_reduction: ``"mean"`` or ``"sum"`` of per-example losses.
         grad_mode: ``"auto"``, ``"bookkeeping"``, ``"materialize"`` or ``"func"``.
         on_nonfinite: ``"skip"`` (a group with a NaN/inf gradient contributes zero, counted) or ``"raise"``.
+        memory: the :class:`MemoryBudget` the route choice keeps to.
     """
 
     micro_batch_size: int
@@ -97,6 +190,7 @@ class ClipSettings:
     loss_reduction: str
     grad_mode: str
     on_nonfinite: str = "skip"
+    memory: MemoryBudget = MemoryBudget()
 
 
 @dataclass(frozen=True)

@@ -120,3 +120,15 @@ def test_gpu_sh_is_valid_bash_and_documents_its_usage():
     assert subprocess.run(["bash", "-n", script]).returncode == 0
     out = subprocess.run(["bash", script, "--help"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and "--device cpu --quick" in out.stdout
+
+
+def test_memory_benchmark_writes_its_table_with_every_method(tmp_path):
+    from benchmarks.memory import main as memory_main
+
+    memory_main(["--models", "mlp", "--no-rss", "--out", str(tmp_path)])
+    text = (tmp_path / "cpu-memory.md").read_text()
+    for method in ("plain PyTorch", "engine default", "engine lean", "Opacus ghost"):
+        assert f"| mlp | {method} |" in text, method
+    assert "python -m benchmarks.memory --models mlp" in text  # the command that made it
+    rows = json.loads((tmp_path / "cpu-memory.json").read_text())["rows"]
+    assert all(r["allocated_mb"] is not None for r in rows), rows

@@ -271,7 +271,7 @@ def test_transformer_summary_names_every_path():
 
 def test_auto_never_times_or_builds_group_gradients_that_exceed_the_memory_budget(monkeypatch):
     # b = 1 on a 256x256 Linear with B = 64: the group gradients (64 x 65k elements) are far larger than
-    # everything captured (64 x 512): only the ghost route may even be timed.
+    # everything captured (64 x 512): only the ghost route may even be timed (alone, it needs no timing).
     from dp_microclip.routes import Autotuner
 
     timed = []
@@ -287,5 +287,5 @@ def test_auto_never_times_or_builds_group_gradients_that_exceed_the_memory_budge
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     engine = dp_microclip.attach(m, opt, micro_batch_size=1, max_grad_norm=1.0, grad_mode="auto")
     m(torch.randn(64, 256)).square().mean().backward()
-    assert timed and set(timed) == {"ghost"}
+    assert set(timed) <= {"ghost"}
     assert set(engine.last_strategies.values()) == {"ghost"}
