@@ -70,15 +70,29 @@ def linear_group_sq_norms(a, g, groups: Groups, with_bias: bool) -> dict:
     return out
 
 
+def _rows_of(x3: torch.Tensor, y3: torch.Tensor) -> tuple:
+    """Both ``(B, T, .)`` tensors as ``(B*T, .)`` rows in one order, as free views where their memory allows:
+    rows in T-major order when both are transposed views of ``(T, B, .)`` (attention inside torch's function),
+    which ``flatten(0, 1)`` would copy. The order of the rows does not change a sum over them."""
+    if x3.shape[1] > 1 and not (x3.is_contiguous() and y3.is_contiguous()) \
+            and x3.transpose(0, 1).is_contiguous() and y3.transpose(0, 1).is_contiguous():
+        return x3.transpose(0, 1).flatten(0, 1), y3.transpose(0, 1).flatten(0, 1)
+    return x3.flatten(0, 1), y3.flatten(0, 1)
+
+
 def linear_weighted_sum(a, g, row_weight: dict, with_bias: bool) -> dict:
     """The row-weighted weight and bias gradients: one matmul over all rows."""
     a3, g3 = _as_rows(a, g)
     out = {}
     if "weight" in row_weight:
         gw = g3 * row_weight["weight"].to(g3.dtype)[:, None, None]  # (B, T, p)
-        out["weight"] = gw.flatten(0, 1).t() @ a3.flatten(0, 1)  # (p, d)
+        g_rows, a_rows = _rows_of(gw, a3)
+        out["weight"] = g_rows.t() @ a_rows  # (p, d)
     if with_bias and "bias" in row_weight:
         rows = row_weight["bias"].to(g3.dtype)
+        if "weight" in row_weight and rows is row_weight["weight"].to(g3.dtype) and g3.shape[1] > 1:
+            out["bias"] = gw.sum((0, 1))  # the same row weights: one reduction of the weighted rows  (p,)
+            return out
         out["bias"] = torch.mv(g3.sum(1).t(), rows) if g3.shape[1] > 1 else torch.mv(g3[:, 0].t(), rows)  # (p,)
     return out
 
