@@ -124,7 +124,7 @@ def _one_context(
                 rule = record.rule
                 assert rule is not None and rule.group_sq_norms is not None  # choose_strategy: ghost needs has_ghost
                 assert isinstance(record.out_grad, torch.Tensor)  # rule records have one output tensor
-                record_norms = rule.group_sq_norms(record.layer, record.inputs, record.out_grad, groups)
+                record_norms: dict = rule.group_sq_norms(record.layer, record.inputs, record.out_grad, groups)
             else:
                 grads = tuner.group_grads(record, groups)
                 record_norms = {n: Unsquared(torch.linalg.vector_norm(g.flatten(1), dim=1)) for n, g in grads.items()}
