@@ -183,7 +183,9 @@ def _one_context(
                 bad, 0.0)
     else:
         group_weight = clip.group_weights(settings.mode, total_norm, settings.max_grad_norm, settings.gamma,
-                                          to_average).masked_fill_(bad, 0.0)  # (M,)
+                                          to_average)  # (M,)
+        if settings.mode != "fixed":  # fixed: finite for a NaN norm, and the group's rows are zero anyway
+            group_weight.masked_fill_(bad, 0.0)
         result.group_weights.append((group_weight.detach(), to_average))
         weights = {pid: group_weight for pid in norms}
 

@@ -49,11 +49,13 @@ def group_weights(mode: str, norms: torch.Tensor, max_norm: float, gamma: float,
                   scale: "float | torch.Tensor") -> torch.Tensor:
     """``group_factors(mode, norms, ...) * scale`` in as few kernels as possible (the engine's hot path).
 
-    Fixed clipping as ``scale C / max(C, n + 1e-6)`` (equal to ``min(1, C / (n + 1e-6)) * scale``): four
-    kernels instead of six. On a GPU each launch counts (``benchmarks/launches.py``).
+    Fixed clipping as ``scale C / fmax(C, n + 1e-6)`` (equal to ``min(1, C / (n + 1e-6)) * scale``): four
+    kernels instead of six. On a GPU each launch counts (``benchmarks/launches.py``). A NaN norm gets the
+    finite weight ``scale`` here (``fmax`` ignores NaN), an inf norm 0: the caller zeroes such a group's rows.
     """
     if mode == "fixed":
-        return (norms + NORM_EPS).clamp_(min=max_norm).reciprocal_().mul_(scale * max_norm)
+        bound = torch.tensor(max_norm, dtype=norms.dtype)  # a CPU scalar: no kernel
+        return torch.fmax(norms + NORM_EPS, bound).reciprocal_().mul_(scale * max_norm)
     if mode == "normalize":
         return (norms + gamma).reciprocal_().mul_(scale * max_norm)
     return group_factors(mode, norms, max_norm, gamma) * scale
