@@ -127,7 +127,7 @@ def _one_context(
                 record_norms: dict = rule.group_sq_norms(record.layer, record.inputs, record.out_grad, groups)
             else:
                 grads = tuner.group_grads(record, groups)
-                record_norms = {n: Unsquared(torch.linalg.vector_norm(g.flatten(1), dim=1)) for n, g in grads.items()}
+                record_norms = {n: Unsquared(_group_norms(g)) for n, g in grads.items()}
                 del grads
             for name, p in record.params.items():
                 norms[id(p)] = record_norms[name]
@@ -146,7 +146,7 @@ def _one_context(
             g = grads[name]
             materialised[id(p)] = g if id(p) not in materialised else materialised[id(p)] + g
     for pid, g in materialised.items():
-        norms[pid] = Unsquared(torch.linalg.vector_norm(g.flatten(1), dim=1))  # (M,), one pass
+        norms[pid] = Unsquared(_group_norms(g))  # (M,), one pass
 
     scale = float(ctx.batch_size) if settings.loss_reduction == "mean" else 1.0
     if groups.equal_size is not None:
@@ -237,6 +237,11 @@ def _grad_tensors(record: Record) -> list:
     if isinstance(record.out_grad, tuple):
         return [g for g in record.out_grad if g is not None]
     return [record.out_grad]
+
+
+def _group_norms(g: torch.Tensor) -> torch.Tensor:
+    """The norm of each group gradient ``(M, ...) -> (M,)``: one reduction, no copy of a strided ``g``."""
+    return torch.linalg.vector_norm(g, dim=tuple(range(1, g.dim()))) if g.dim() > 1 else g.abs()
 
 
 def _norm_of(value) -> torch.Tensor:
