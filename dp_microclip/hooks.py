@@ -46,17 +46,15 @@ def in_backward() -> bool:
 class RequireGrad(torch.autograd.Function):
     """``y = x`` that requires grad, so a tensor hook on ``y`` receives dL/dy.
 
-    Returns ``x.detach()``, not ``x`` itself: an input returned as-is becomes a view
-    that a later in-place op (``ReLU(inplace=True)``) may not modify, while a detached
-    alias is a new output sharing ``x``'s memory, with no copy and no kernel. That is
-    safe because it is only used where ``x`` needs no gradient, so no autograd node
-    saved ``x`` (an in-place op on the output cannot invalidate a saved tensor), and
-    the hook hands the alias on in ``x``'s place. Nothing flows further back.
+    Returns a copy, not ``x`` itself: an input returned as-is becomes a view that a
+    later in-place op (``ReLU(inplace=True)``) may not modify. The copy costs one
+    pass over the output, far less than the input-gradient product that making the
+    layer's input require grad would cost. Nothing flows further back.
     """
 
     @staticmethod
     def forward(ctx, anchor, x):
-        return x.detach()
+        return x.clone()
 
     @staticmethod
     def backward(ctx, grad):
