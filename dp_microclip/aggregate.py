@@ -269,22 +269,28 @@ def _zero_rows(records, ghost_index, materialised, bad, groups):
     """Zero the rows of non-finite groups where the sums read them: the ghost records' captured tensors (rows
     of examples) and the materialised group gradients (rows of groups). One ``masked_fill`` per tensor (a
     tensor two records share is filled once), on the device: no host read."""
-    bad_rows = groups.rows(bad)  # (B,): no kernel when b = 1
+    size = groups.equal_size
+    # Contiguous groups: fill through a (M, b, ...) view of the rows with the (M,) mask (no spread kernel).
+    bad_rows = bad if size is not None else groups.rows(bad)  # keyed: (B,)
     done: dict[int, torch.Tensor] = {}
 
-    def clean(x, mask):
+    def clean(x, mask, by_rows=False):
         if not torch.is_tensor(x) or not x.is_floating_point():
             return x
         if id(x) not in done:
-            done[id(x)] = x.masked_fill(mask.reshape(-1, *([1] * (x.dim() - 1))), 0.0)
+            if by_rows and size is not None and size > 1:
+                rows = x.reshape(groups.num_groups, size, *x.shape[1:])
+                done[id(x)] = rows.masked_fill(mask.reshape(-1, *([1] * (rows.dim() - 1))), 0.0).reshape(x.shape)
+            else:
+                done[id(x)] = x.masked_fill(mask.reshape(-1, *([1] * (x.dim() - 1))), 0.0)
         return done[id(x)]
 
     records = list(records)
     for i in ghost_index:
         r = records[i]
-        records[i] = replace(r, inputs=tuple(clean(x, bad_rows) for x in r.inputs),
-                             out_grad=tuple(clean(g, bad_rows) for g in r.out_grad) if isinstance(r.out_grad, tuple)
-                             else clean(r.out_grad, bad_rows))
+        records[i] = replace(r, inputs=tuple(clean(x, bad_rows, True) for x in r.inputs),
+                             out_grad=tuple(clean(g, bad_rows, True) for g in r.out_grad)
+                             if isinstance(r.out_grad, tuple) else clean(r.out_grad, bad_rows, True))
     materialised = {pid: clean(g, bad) for pid, g in materialised.items()}
     return records, materialised
 
