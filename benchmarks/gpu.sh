@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # The GPU run of dp-microclip, for a machine that has a copy of this repository and no internet.
 #
-#   bash benchmarks/gpu.sh [--out DIR] [--device cuda|cpu] [--quick] [-- ARGS for python -m benchmarks.gpu]
+#   bash benchmarks/gpu.sh [--out DIR] [--device cuda|cpu] [--quick] [--realsize-only] [-- ARGS for python -m benchmarks.gpu]
 #
 # 1. finds a python whose torch imports (and sees CUDA for --device cuda; $PYTHON overrides), says
 #    clearly what is missing, installs wheels carried in .whl/ (or $WHEELS) that do not import yet
 #    (pip --no-index --no-deps, into a private folder), and uses this checkout through PYTHONPATH
 #    (nothing is installed into the system);
 # 2. runs `python -m benchmarks.gpu` section by section, each under a hard `timeout`
-#    (env 45 s, correctness 150 s, bench 270 s: under 8 minutes in all), so one hung case cannot eat
+#    (env 45 s, correctness 150 s, bench 270 s, realsize 230 s), so one hung case cannot eat
 #    the rest; a section that fails or times out is reported and the next one still runs;
+#    realsize (`python -m benchmarks.realsize`: GPT-2 small 124M and a LLaMA-style 162M, B=16, T=512,
+#    bf16, AdamW; plain, engine b=1/b=8 noise-free and DP, Opacus ghost) writes realsize.md/.json;
+#    --realsize-only runs just it (under 4 minutes on one H100/H200); --quick makes it the tiny CPU smoke;
 # 3. writes everything to DIR (default $OUT, else benchmarks/results/gpu): gpu-env.json,
 #    gpu-correctness.md/.json, gpu-bench.md/.json, gpu-summary.md and gpu.log (7 files), and prints a summary.
 #
@@ -20,6 +23,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 2
 DEVICE=cuda
 QUICK=()
+REALSIZE_ONLY=0
 OUT_DIR="${OUT:-}"
 EXTRA=()
 while [ $# -gt 0 ]; do
@@ -27,8 +31,9 @@ while [ $# -gt 0 ]; do
     --out) OUT_DIR="$2"; shift 2 ;;
     --device) DEVICE="$2"; shift 2 ;;
     --quick) QUICK=(--quick); shift ;;
+    --realsize-only) REALSIZE_ONLY=1; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "gpu.sh: unknown argument $1 (see --help)"; exit 2 ;;
   esac
 done
@@ -40,6 +45,7 @@ exec > >(tee -a "$LOG") 2>&1
 T_ENV=${T_ENV:-45}
 T_CORRECTNESS=${T_CORRECTNESS:-150}
 T_BENCH=${T_BENCH:-270}
+T_REALSIZE=${T_REALSIZE:-230}
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 START=$(date +%s)
 echo "== dp-microclip gpu.sh: $(date -Is) device=$DEVICE quick=${QUICK[*]:-no} out=$OUT_DIR repo=$REPO"
@@ -134,9 +140,36 @@ run_section() {  # name, seconds
   esac
   return 0
 }
-run_section env "$T_ENV"
-run_section correctness "$T_CORRECTNESS"
-run_section bench "$T_BENCH"
+run_realsize() {  # seconds: GPT-2 small and LLaMA-160M (tiny with --quick), its own script and timeout
+  local secs=$1 rc t0 tiny=()
+  t0=$(date +%s)
+  [ ${#QUICK[@]} -gt 0 ] && tiny=(--tiny)
+  echo "== section realsize (limit ${secs} s)"
+  if [ ${#TIMEOUT[@]} -gt 0 ]; then
+    "${TIMEOUT[@]}" "$secs" "$PY" -m benchmarks.realsize --device "$DEVICE" --out "$OUT_DIR" \
+      --budget-s $(( secs * 3 / 4 )) "${tiny[@]}"
+  else
+    "$PY" -m benchmarks.realsize --device "$DEVICE" --out "$OUT_DIR" --budget-s $(( secs * 3 / 4 )) "${tiny[@]}"
+  fi
+  rc=$?
+  case $rc in
+    0) echo "== section realsize done in $(( $(date +%s) - t0 )) s"
+       { echo; cat "$OUT_DIR/realsize.md"; echo; } >>"$OUT_DIR/gpu-summary.md" ;;
+    124|137) echo "== section realsize TIMED OUT after ${secs} s (realsize.md holds the methods it finished)"
+             printf '## section realsize TIMED OUT after %s s\n\n' "$secs" >>"$OUT_DIR/gpu-summary.md" ;;
+    *) echo "== section realsize FAILED (exit $rc)"
+       printf '## section realsize FAILED (exit %s)\n\n' "$rc" >>"$OUT_DIR/gpu-summary.md" ;;
+  esac
+  return 0
+}
+if [ "$REALSIZE_ONLY" = 1 ]; then
+  run_realsize "$T_REALSIZE"
+else
+  run_section env "$T_ENV"
+  run_section correctness "$T_CORRECTNESS"
+  run_section bench "$T_BENCH"
+  run_realsize "$T_REALSIZE"
+fi
 
 echo
 echo "== summary ($(( $(date +%s) - START )) s in all); files in $OUT_DIR:"

@@ -30,6 +30,7 @@ import torch
 from . import clipping as clip
 from .records import ForwardContext, Record
 from .layers.generic import generic_group_grads
+from .layers.registry import Unsquared
 from .planner import BudgetResolver, lean_rows, record_shape, reserves
 from .settings import ClipSettings
 from .routes import Autotuner, PassBudget, available_routes, choose_strategy, leanest_peaks
@@ -49,8 +50,16 @@ class PassResult:
     group_norms: list = field(default_factory=list)  # one (M,) tensor per context
     min_norm: float = float("inf")  # smallest norm over non-empty groups (adaptive)
     strategies: dict = field(default_factory=dict)  # record name -> strategy used
-    nonfinite_groups: int = 0  # groups whose gradient had a NaN/inf: they contributed zero
-    group_factors: list = field(default_factory=list)  # one (M,) tensor of clip factors per context (None: per_layer)
+    #: Groups whose gradient had a NaN/inf (they contributed zero): a 0-d tensor on the device, so that no
+    #: step waits for the host to read it (an int 0 before any context).
+    nonfinite_groups: "int | torch.Tensor" = 0
+    #: One ``(weights (M,), to_average)`` per context, the weights being ``factors * to_average`` (None: per_layer).
+    group_weights: list = field(default_factory=list)
+
+    @property
+    def group_factors(self) -> list:
+        """One ``(M,)`` tensor of clip factors per context (None: per_layer), computed on access only."""
+        return [None if w is None else w[0] / w[1] for w in self.group_weights]
 
 
 def merge_means(acc: dict, acc_count: float, new: dict, new_count: float) -> tuple[dict, float]:
@@ -155,7 +164,7 @@ def _one_context(
     uses = Counter(id(p) for r in records for p in r.params.values())
     params = {id(p): p for r in records for p in r.params.values()}
 
-    sq_norms: dict[int, torch.Tensor] = {}
+    norms: dict[int, "torch.Tensor | Unsquared"] = {}  # squared, or Unsquared (the rule's choice)
     materialised: dict[int, torch.Tensor] = {}
     ghost_index: list[int] = []  # records whose sum is a weighted product over rows
     captured = sum(_nbytes(r.inputs) + _nbytes(_grad_tensors(r)) for r in records)
@@ -180,13 +189,13 @@ def _one_context(
                 rule = record.rule
                 assert rule is not None and rule.group_sq_norms is not None  # choose_strategy: ghost needs has_ghost
                 assert isinstance(record.out_grad, torch.Tensor)  # rule records have one output tensor
-                norms = rule.group_sq_norms(record.layer, record.inputs, record.out_grad, groups)
+                record_norms: dict = rule.group_sq_norms(record.layer, record.inputs, record.out_grad, groups)
             else:
                 grads = tuner.group_grads(record, groups)
-                norms = {n: torch.linalg.vector_norm(g.flatten(1), dim=1).square() for n, g in grads.items()}
+                record_norms = {n: Unsquared(_group_norms(g)) for n, g in grads.items()}
                 del grads
             for name, p in record.params.items():
-                sq_norms[id(p)] = norms[name]
+                norms[id(p)] = record_norms[name]
             ghost_index.append(position)
             continue
         if strategy == "func":
@@ -207,56 +216,52 @@ def _one_context(
     if records:
         del record
     for pid, g in materialised.items():
-        sq_norms[pid] = torch.linalg.vector_norm(g.flatten(1), dim=1).square()  # (M,), one pass
+        norms[pid] = Unsquared(_group_norms(g))  # (M,), one pass
 
-    dtype = next(iter(sq_norms.values())).dtype
     scale = float(ctx.batch_size) if settings.loss_reduction == "mean" else 1.0
     if groups.equal_size is not None:
         # Contiguous groups all hold b examples: the group mean is a constant (no kernel launched for it).
         to_mean: torch.Tensor | float = scale / groups.equal_size
         nonempty = None
     else:
-        sizes = groups.sizes.to(device=device, dtype=dtype)
+        sizes = groups.sizes.to(device=device, dtype=_norm_of(next(iter(norms.values()))).dtype)
         nonempty = sizes > 0
         # g_j = to_mean_j * S_j; empty groups (keyed grouping) contribute nothing.
         to_mean = torch.where(nonempty, scale / sizes.clamp(min=1.0), torch.zeros_like(sizes))  # (M,)
 
-    total_norm = (torch.stack(list(sq_norms.values())).sum(0).clamp(min=0).sqrt()) * to_mean  # (M,)
-    # One host read per pass: the sum of the norms is finite iff every norm is (norms are >= 0, NaN propagates).
-    if not math.isfinite(float(total_norm.sum())):
-        finite = torch.isfinite(total_norm)
-        # A NaN/inf anywhere in a group's gradient: the group contributes zero (a bounded contribution, so the
-        # sensitivity holds) and its rows are zeroed so that 0 * NaN cannot reach the other groups' sums.
-        bad = ~finite
-        result.nonfinite_groups += int(bad.sum())
-        if settings.on_nonfinite == "raise":
-            raise FloatingPointError(
-                f"{int(bad.sum())} micro-batch gradient(s) had a NaN or inf norm. Check the inputs and the loss, or "
-                'attach with on_nonfinite="skip" to let such micro-batches contribute zero.'
-            )
-        records, materialised, sq_norms = _drop_groups(records, materialised, sq_norms, bad, groups)
-        total_norm = torch.where(finite, total_norm, torch.zeros_like(total_norm))
-        nonempty = finite if nonempty is None else nonempty & finite
-        to_mean = torch.where(finite, to_mean, torch.zeros_like(total_norm))
-
+    total_norm = _combined_norm(list(norms.values())) * to_mean  # (M,)
+    # Non-finite groups are handled on the device, with no host read: a NaN/inf anywhere in a group's gradient
+    # gives it weight zero (a bounded contribution, so the sensitivity holds), and its rows are zeroed in what
+    # the sums read so that 0 * NaN cannot reach the other groups' sums.
+    bad = total_norm.lt(math.inf).logical_not_()  # NaN or inf: two kernels (torch.isfinite launches four)
+    bad_count = bad.sum()
+    result.nonfinite_groups = bad_count if isinstance(result.nonfinite_groups, int) \
+        else result.nonfinite_groups + bad_count
+    if settings.on_nonfinite == "raise" and int(bad_count):  # opt-in: reading the count waits for the device
+        raise FloatingPointError(
+            f"{int(bad_count)} micro-batch gradient(s) had a NaN or inf norm. Check the inputs and the loss, or "
+            'attach with on_nonfinite="skip" to let such micro-batches contribute zero.'
+        )
+    records, materialised = _zero_rows(records, ghost_index, materialised, bad, groups)
     weights: dict[int, torch.Tensor] = {}
     to_average = to_mean / divisor  # folds the final 1/M into the per-group weights
     if settings.mode == "per_layer":
-        result.group_factors.append(None)
-        for pid, sq in sq_norms.items():
-            norm_p = sq.clamp(min=0).sqrt() * to_mean
-            weights[pid] = clip.fixed_factors(norm_p, settings.per_param_bound[pid]) * to_average
+        result.group_weights.append(None)
+        for pid, value in norms.items():
+            norm_p = _norm_of(value) * to_mean
+            weights[pid] = (clip.fixed_factors(norm_p, settings.per_param_bound[pid]) * to_average).masked_fill_(
+                bad, 0.0)
     else:
-        factors = clip.group_factors(settings.mode, total_norm, settings.max_grad_norm, settings.gamma)
-        result.group_factors.append(factors.detach())
-        group_weight = factors * to_average  # (M,)
-        weights = {pid: group_weight for pid in sq_norms}
+        group_weight = clip.group_weights(settings.mode, total_norm, settings.max_grad_norm, settings.gamma,
+                                          to_average)  # (M,)
+        if settings.mode != "fixed":  # fixed: finite for a NaN norm, and the group's rows are zero anyway
+            group_weight.masked_fill_(bad, 0.0)
+        result.group_weights.append((group_weight.detach(), to_average))
+        weights = {pid: group_weight for pid in norms}
 
-    if settings.mode == "adaptive":
-        if nonempty is None:
-            result.min_norm = min(result.min_norm, float(total_norm.min()))
-        elif bool(nonempty.any()):
-            result.min_norm = min(result.min_norm, float(total_norm[nonempty].min()))
+    if settings.mode == "adaptive":  # rho needs the host (acc.min_norm): adaptive clipping reads one value a pass
+        usable = ~bad if nonempty is None else nonempty & ~bad
+        result.min_norm = min(result.min_norm, float(torch.where(usable, total_norm, math.inf).min()))
     result.group_norms.append(total_norm.detach())
     sums: dict = {}
 
@@ -330,25 +335,60 @@ def _grad_tensors(record: Record) -> list:
     return [record.out_grad]
 
 
-def _drop_groups(records, materialised, sq_norms, bad, groups):
-    """Zero every row of the groups flagged ``bad`` (non-finite), in records and materialised gradients."""
-    row_bad = bad[groups.index]  # (B,)
-    keep = (~row_bad)
+def _group_norms(g: torch.Tensor) -> torch.Tensor:
+    """The norm of each group gradient ``(M, ...) -> (M,)``: one reduction, no copy of a strided ``g``."""
+    return torch.linalg.vector_norm(g, dim=tuple(range(1, g.dim()))) if g.dim() > 1 else g.abs()
 
-    def clean(x):
-        if not torch.is_tensor(x) or not x.is_floating_point() or x.dim() == 0 or x.shape[0] != keep.shape[0]:
-            return x  # not per row (a reduced record's empty placeholder)
-        mask = keep.reshape(-1, *([1] * (x.dim() - 1))).to(x.device)
-        return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
-    records = [None if r is None else  # None: a record already released (its group gradients are kept)
-               replace(r, inputs=tuple(clean(x) for x in r.inputs),
-                       out_grad=tuple(clean(g) for g in r.out_grad) if isinstance(r.out_grad, tuple)
-                       else clean(r.out_grad)) for r in records]
-    materialised = {pid: torch.where(bad.reshape(-1, *([1] * (g.dim() - 1))), torch.zeros((), dtype=g.dtype), g)
-                    for pid, g in materialised.items()}
-    sq_norms = {pid: torch.where(bad, torch.zeros_like(sq), sq) for pid, sq in sq_norms.items()}
-    return records, materialised, sq_norms
+def _norm_of(value) -> torch.Tensor:
+    """A ``group_sq_norms`` value as the norm itself (``(M,)``)."""
+    return value.norm if isinstance(value, Unsquared) else value.clamp(min=0).sqrt()
+
+
+def _combined_norm(values: list) -> torch.Tensor:
+    """``sqrt(sum of squares)`` of the parameters' group norms, ``(M,)``, in few kernels.
+
+    Unsquared norms join with one ``vector_norm`` over their stack; squared ones (Gram sums, which rounding
+    can leave slightly below zero) are summed, clamped at 0 and join as one more norm.
+    """
+    roots = [v.norm for v in values if isinstance(v, Unsquared)]
+    squares = [v for v in values if not isinstance(v, Unsquared)]
+    if squares:
+        total_sq = squares[0] if len(squares) == 1 else torch.stack(squares).sum(0)
+        roots.append(total_sq.clamp(min=0).sqrt())
+    if len(roots) == 1:
+        return roots[0]
+    return torch.linalg.vector_norm(torch.stack(roots), dim=0)
+
+
+def _zero_rows(records, ghost_index, materialised, bad, groups):
+    """Zero the rows of non-finite groups where the sums read them: the ghost records' captured tensors (rows
+    of examples) and the materialised group gradients (rows of groups). One ``masked_fill`` per tensor (a
+    tensor two records share is filled once), on the device: no host read."""
+    size = groups.equal_size
+    # Contiguous groups: fill through a (M, b, ...) view of the rows with the (M,) mask (no spread kernel).
+    bad_rows = bad if size is not None else groups.rows(bad)  # keyed: (B,)
+    done: dict[int, torch.Tensor] = {}
+
+    def clean(x, mask, by_rows=False):
+        if not torch.is_tensor(x) or not x.is_floating_point():
+            return x
+        if id(x) not in done:
+            if by_rows and size is not None and size > 1:
+                rows = x.reshape(groups.num_groups, size, *x.shape[1:])
+                done[id(x)] = rows.masked_fill(mask.reshape(-1, *([1] * (rows.dim() - 1))), 0.0).reshape(x.shape)
+            else:
+                done[id(x)] = x.masked_fill(mask.reshape(-1, *([1] * (x.dim() - 1))), 0.0)
+        return done[id(x)]
+
+    records = list(records)
+    for i in ghost_index:
+        r = records[i]
+        records[i] = replace(r, inputs=tuple(clean(x, bad_rows, True) for x in r.inputs),
+                             out_grad=tuple(clean(g, bad_rows, True) for g in r.out_grad)
+                             if isinstance(r.out_grad, tuple) else clean(r.out_grad, bad_rows, True))
+    materialised = {pid: clean(g, bad) for pid, g in materialised.items()}
+    return records, materialised
 
 
 def unclipped_sums(records: list[Record], replay_guard) -> dict[int, torch.Tensor]:

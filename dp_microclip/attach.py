@@ -100,7 +100,8 @@ def attach(
             random seed from the OS; torch's global RNG is never used). For DP runs
             leave it unset: anyone who knows the seed can regenerate the noise.
         on_nonfinite: ``"skip"`` (default: a micro-batch whose gradient has a NaN or inf
-            contributes zero, counted in ``engine.nonfinite_groups``) or ``"raise"``.
+            contributes zero, counted in ``engine.nonfinite_groups``, a 0-d tensor on the device, so
+            that no step waits for the host) or ``"raise"`` (reads the count each pass: a host sync).
         verify_steps: for this many first steps autograd also computes each parameter's
             ordinary gradient and the engine checks its own per-example sums against it;
             a difference (a parameter read outside its module, a penalty term in the

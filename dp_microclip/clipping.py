@@ -45,6 +45,22 @@ def unit_factors(norms: torch.Tensor) -> torch.Tensor:
     return torch.where(norms > 0, 1.0 / safe, torch.zeros_like(norms))
 
 
+def group_weights(mode: str, norms: torch.Tensor, max_norm: float, gamma: float,
+                  scale: "float | torch.Tensor") -> torch.Tensor:
+    """``group_factors(mode, norms, ...) * scale`` in as few kernels as possible (the engine's hot path).
+
+    Fixed clipping as ``scale C / fmax(C, n + 1e-6)`` (equal to ``min(1, C / (n + 1e-6)) * scale``): four
+    kernels instead of six. On a GPU each launch counts (``benchmarks/launches.py``). A NaN norm gets the
+    finite weight ``scale`` here (``fmax`` ignores NaN), an inf norm 0: the caller zeroes such a group's rows.
+    """
+    if mode == "fixed":
+        bound = torch.tensor(max_norm, dtype=norms.dtype)  # a CPU scalar: no kernel
+        return torch.fmax(norms + NORM_EPS, bound).reciprocal_().mul_(scale * max_norm)
+    if mode == "normalize":
+        return (norms + gamma).reciprocal_().mul_(scale * max_norm)
+    return group_factors(mode, norms, max_norm, gamma) * scale
+
+
 #: The modes whose factors scale each group's whole gradient (per_layer clips each parameter instead).
 WHOLE_GRADIENT_MODES = ("fixed", "normalize", "adaptive")
 

@@ -82,7 +82,8 @@ class Engine:
             settings.clip, self._tuner, lambda: not (self._check.running or self._observers)))
         self._observers: list = []
         self._acc = StepAccumulator()
-        self._steps_taken = self.nonfinite_groups = 0
+        self._steps_taken = 0
+        self.nonfinite_groups: int | torch.Tensor = 0  # a device tensor once a pass ran: no host read per step
         self._last_norms: list[torch.Tensor] = []
         self.last_strategies: dict[str, str] = {}
         self._inherited_steps = dp_rules.DP_HISTORY.steps_of(model.parameters()) if privacy is not None else 0

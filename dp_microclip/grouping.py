@@ -95,7 +95,9 @@ class Groups:
         return values[self.index.to(values.device)]
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum rows ``(B, ...)`` per group into ``(M, ...)``."""
+        """Sum rows ``(B, ...)`` per group into ``(M, ...)``: no kernel at all when ``b = 1``."""
+        if self.equal_size == 1:
+            return x
         if self.equal_size is not None:
             return x.reshape(self.num_groups, self.equal_size, *x.shape[1:]).sum(1)
         out = x.new_zeros((self.num_groups, *x.shape[1:]))

@@ -129,7 +129,8 @@ class StepTracker:
         self._cell[0] = steps
         if self._tracked:
             with torch.no_grad():
-                values = torch.cat([torch.take(_local(p.detach()), idx).double() for p, idx in self._tracked])
+                # One cast after the cat (it promotes mixed float dtypes exactly): 1 + n launches, not 1 + 2n.
+                values = torch.cat([torch.take(_local(p.detach()), idx) for p, idx in self._tracked]).double()
             self._history.add_values(steps, self._shapes, values, self._untrained)
 
 

@@ -132,3 +132,18 @@ def test_memory_benchmark_writes_its_table_with_every_method(tmp_path):
     assert "python -m benchmarks.memory --models mlp" in text  # the command that made it
     rows = json.loads((tmp_path / "cpu-memory.json").read_text())["rows"]
     assert all(r["allocated_mb"] is not None for r in rows), rows
+
+
+def test_realsize_tiny_cpu_smoke_writes_its_table(tmp_path):
+    """benchmarks/realsize.py (GPT-2 small / LLaMA-160M on a GPU) in its tiny CPU configuration: every method
+    asked for runs and lands in the table with a ratio to plain."""
+    from benchmarks import realsize
+
+    code = realsize.main(["--tiny", "--device", "cpu", "--out", str(tmp_path), "--json", "--models", "gpt2-124m",
+                          "--methods", "plain", "engine b=1", "engine b=8", "DP b=8"])
+    assert code == 0
+    text = (tmp_path / "realsize.md").read_text()
+    assert "| gpt2-124m |" in text and "| engine b=8 |" in text
+    rows = json.loads((tmp_path / "realsize.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["plain", "engine b=1", "engine b=8", "DP b=8"]
+    assert all("error" not in r and r["ratio"] > 0 for r in rows), rows

@@ -30,7 +30,7 @@ from torch import nn
 
 from dp_microclip import grouping
 from dp_microclip.layers import registry
-from dp_microclip.layers.registry import LayerRule, register_lazy_rule, register_rule, rule_for, rule_for_type
+from dp_microclip.layers.registry import LayerRule, register_lazy_rule, register_rule, rule_for, rule_for_type, squared_norm
 from dp_microclip.layers.third_party import HF_RMS_FAMILIES, TIMM_NORM_RULES, hf_module_path
 
 from .helpers import compare_with_naive
@@ -289,7 +289,7 @@ def test_rule_functions_match_autograd_keyed_groups(source, case):
         if rule.group_sq_norms is not None:
             sq = rule.group_sq_norms(layer, args, out_grad, groups)
             for n in params:
-                torch.testing.assert_close(sq[n], got[n].flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12)
+                torch.testing.assert_close(squared_norm(sq[n]), got[n].flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12)
         if rule.weighted_sum is not None:
             w = torch.rand(B, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
             ws = rule.weighted_sum(layer, args, out_grad, {n: w for n in params})

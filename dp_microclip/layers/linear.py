@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..grouping import Groups
-from .registry import LayerRule, register_rule
+from .registry import LayerRule, Unsquared, register_rule
 
 
 def _as_rows(a: torch.Tensor, g: torch.Tensor):
@@ -32,24 +32,33 @@ def linear_group_grads(a, g, groups: Groups, with_bias: bool) -> dict:
     pg = groups.pad(g3).flatten(1, 2)  # (M, N, p)
     out = {"weight": torch.bmm(pg.transpose(1, 2), pa)}  # (M, p, d)
     if with_bias:
-        out["bias"] = groups.sum(g3.sum(1))  # (M, p)
+        out["bias"] = groups.sum(_rows_per_example(g3))  # (M, p)
     return out
 
 
-def _sq_row_norms(x: torch.Tensor) -> torch.Tensor:
-    # One reduction pass, no (B, d) temporary (pow + sum would make one).
-    return torch.linalg.vector_norm(x, dim=-1).square()
+def _row_norms(x: torch.Tensor) -> torch.Tensor:
+    # One reduction kernel; the engine combines unsquared norms without squaring each one.
+    return torch.linalg.vector_norm(x, dim=-1)
+
+
+def _rows_per_example(x3: torch.Tensor) -> torch.Tensor:
+    # (B, T, p) -> (B, p): a free view when T = 1 (an MLP), else a sum over positions.
+    return x3[:, 0] if x3.shape[1] == 1 else x3.sum(1)
 
 
 def linear_group_sq_norms(a, g, groups: Groups, with_bias: bool) -> dict:
-    """Squared group-gradient norms ``(M,)`` from Gram matrices (ghost norms), no group gradient built."""
+    """Group-gradient norms ``(M,)`` from Gram matrices (ghost norms), no group gradient built.
+
+    The weight's is squared, or :class:`~dp_microclip.layers.registry.Unsquared` for one row per group
+    (``||g a^T|| = ||a|| ||g||``); the bias's is always unsquared (one reduction kernel).
+    """
     a3, g3 = _as_rows(a, g)
     if a3.shape[1] == 1 and groups.equal_size == 1:
-        # One row per group: ||g a^T||^2 = ||a||^2 ||g||^2, and the bias norm is ||g||^2.
-        g_sq = _sq_row_norms(g3[:, 0])  # (B,)
-        out = {"weight": _sq_row_norms(a3[:, 0]) * g_sq}
+        # One row per group: ||g a^T|| = ||a|| ||g||, and the bias norm is ||g||.
+        g_norm = _row_norms(g3[:, 0])  # (B,)
+        out: dict = {"weight": Unsquared(_row_norms(a3[:, 0]) * g_norm)}
         if with_bias:
-            out["bias"] = g_sq
+            out["bias"] = Unsquared(g_norm)
         return out
     pa = groups.pad(a3).flatten(1, 2)  # (M, N, d)
     pg = groups.pad(g3).flatten(1, 2)  # (M, N, p)
@@ -57,8 +66,18 @@ def linear_group_sq_norms(a, g, groups: Groups, with_bias: bool) -> dict:
     gram_g = torch.bmm(pg, pg.transpose(1, 2))  # (M, N, N)
     out = {"weight": (gram_a * gram_g).sum((1, 2))}  # (M,)
     if with_bias:
-        out["bias"] = _sq_row_norms(groups.sum(g3.sum(1)))  # (M,)
+        out["bias"] = Unsquared(_row_norms(groups.sum(_rows_per_example(g3))))  # (M,)
     return out
+
+
+def _rows_of(x3: torch.Tensor, y3: torch.Tensor) -> tuple:
+    """Both ``(B, T, .)`` tensors as ``(B*T, .)`` rows in one order, as free views where their memory allows:
+    rows in T-major order when both are transposed views of ``(T, B, .)`` (attention inside torch's function),
+    which ``flatten(0, 1)`` would copy. The order of the rows does not change a sum over them."""
+    if x3.shape[1] > 1 and not (x3.is_contiguous() and y3.is_contiguous()) \
+            and x3.transpose(0, 1).is_contiguous() and y3.transpose(0, 1).is_contiguous():
+        return x3.transpose(0, 1).flatten(0, 1), y3.transpose(0, 1).flatten(0, 1)
+    return x3.flatten(0, 1), y3.flatten(0, 1)
 
 
 def linear_weighted_sum(a, g, row_weight: dict, with_bias: bool) -> dict:
@@ -67,9 +86,13 @@ def linear_weighted_sum(a, g, row_weight: dict, with_bias: bool) -> dict:
     out = {}
     if "weight" in row_weight:
         gw = g3 * row_weight["weight"].to(g3.dtype)[:, None, None]  # (B, T, p)
-        out["weight"] = gw.flatten(0, 1).t() @ a3.flatten(0, 1)  # (p, d)
+        g_rows, a_rows = _rows_of(gw, a3)
+        out["weight"] = g_rows.t() @ a_rows  # (p, d)
     if with_bias and "bias" in row_weight:
         rows = row_weight["bias"].to(g3.dtype)
+        if "weight" in row_weight and rows is row_weight["weight"].to(g3.dtype) and g3.shape[1] > 1:
+            out["bias"] = gw.sum((0, 1))  # the same row weights: one reduction of the weighted rows  (p,)
+            return out
         out["bias"] = torch.mv(g3.sum(1).t(), rows) if g3.shape[1] > 1 else torch.mv(g3[:, 0].t(), rows)  # (p,)
     return out
 

@@ -12,7 +12,9 @@ to subclass):
 * ``group_grads(layer, inputs, out_grad, groups) -> {name: (M, *param.shape)}``:
   materialised group gradients. Always exact; memory ``M x params``.
 * ``group_sq_norms(layer, inputs, out_grad, groups) -> {name: (M,)}``: squared
-  norms without materialising group gradients (book-keeping / ghost norms).
+  norms without materialising group gradients (book-keeping / ghost norms). A
+  value may instead be :class:`Unsquared` (the norm itself) where the rule gets
+  the norm with fewer kernels than its square (a row norm, a product of them).
 * ``weighted_sum(layer, inputs, out_grad, row_weight) -> {name: param-shaped}``:
   ``sum_i w_i * grad_i`` with one weight per example (``row_weight[name]``, ``(B,)``),
   i.e. the clipped sum as one weighted matmul.
@@ -59,6 +61,26 @@ from torch import nn
 from ..grouping import Groups
 
 GradDict = dict[str, torch.Tensor]
+
+
+class Unsquared(NamedTuple):
+    """A group-gradient norm ``(M,)`` itself, not squared, in the dict ``group_sq_norms`` returns.
+
+    Why: on a GPU every kernel counts. ``linalg.vector_norm`` gives a norm in one kernel and its square in
+    two; the engine combines unsquared norms with one more ``vector_norm``, so a rule that has the norm
+    itself (a bias gradient's norm, ``||a|| ||g||`` of a one-row Linear group) saves a kernel per parameter.
+    """
+
+    norm: torch.Tensor
+
+    def squared(self) -> torch.Tensor:
+        """The squared norm (for code that wants squares)."""
+        return self.norm.square()
+
+
+def squared_norm(value: "torch.Tensor | Unsquared") -> torch.Tensor:
+    """A ``group_sq_norms`` value as a squared norm, whichever form the rule returned."""
+    return value.squared() if isinstance(value, Unsquared) else value
 
 
 class LayerRule(NamedTuple):
