@@ -36,6 +36,7 @@ from .layers.registry import rule_for_type
 from .layout import BROADCAST, CallLayout, LayoutLearner, shrink_batch
 from .records import ForwardContext, Record, Shared, Unit
 from .tensors import first_tensor, output_tensors
+from .usage import UsageCapture
 
 
 def in_backward() -> bool:
@@ -149,6 +150,10 @@ class HookSet:
             self._install_attention(unit)
         elif unit.kind == "rnn":
             self._install_rnn(unit)
+        elif unit.kind == "functional":  # usage.py; the generic capture takes the calls it cannot
+            usage = UsageCapture(unit, self.sink, self.layouts, lambda out: RequireGrad.apply(self.anchor, out))
+            self.handles.extend(usage.install())
+            self._install_layer(unit, usage.generic_takes_call)
         else:
             self._install_layer(unit)
 
@@ -226,7 +231,7 @@ class HookSet:
         return replacement
 
     # ------------------------------------------------------------------ layers
-    def _install_layer(self, unit: Unit) -> None:
+    def _install_layer(self, unit: Unit, takes_call=None) -> None:
         def post(module, args, kwargs, output):
             if self.layouts.probing is not None:
                 kw_names = tuple(sorted(k for k, v in kwargs.items() if torch.is_tensor(v)))
@@ -235,6 +240,9 @@ class HookSet:
             self._note_checkpointing(unit)
             ctx = self._capturing()
             if ctx is None:
+                return None
+            if takes_call is not None and not takes_call():
+                ctx.next_call(unit.path)  # the usage route took it; call indices still match the probe's
                 return None
             if not torch.is_tensor(output) and unit.kind == "rule":
                 raise UnsupportedModuleError(
