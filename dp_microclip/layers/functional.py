@@ -82,7 +82,7 @@ def pull_back(chain: Chain, grads: torch.Tensor, batched: bool) -> torch.Tensor:
     if not chain.steps:
         return grads.reshape(grads.shape[:1] + chain.param.shape) if batched else grads.reshape(chain.param.shape)
     point = chain.param.detach().to(grads.dtype)
-    _, pullback = vjp(lambda v: replay(chain, v), point)
+    pullback = vjp(lambda v: replay(chain, v), point)[1]
     if batched:
         return vmap(pullback)(grads)[0]
     return pullback(grads)[0]
@@ -137,22 +137,27 @@ class EmbeddingUse(NamedTuple):
         return int(self.weight.shape[0])
 
 
+def _as_layer(use: EmbeddingUse) -> Any:
+    """The use, where the Embedding rule's functions expect an ``nn.Embedding`` (they read the same fields)."""
+    return use
+
+
 def _embedding_group_grads(use: EmbeddingUse, inputs, out_grad, groups: Groups) -> dict:
-    grads = embedding_group_grads(use, inputs, out_grad, groups)["weight"]
+    grads = embedding_group_grads(_as_layer(use), inputs, out_grad, groups)["weight"]
     return {use.chain.name: pull_back(use.chain, grads, True)}
 
 
 def _embedding_group_sq_norms(use: EmbeddingUse, inputs, out_grad, groups: Groups) -> dict:
-    return {use.chain.name: embedding_group_sq_norms(use, inputs, out_grad, groups)["weight"]}
+    return {use.chain.name: embedding_group_sq_norms(_as_layer(use), inputs, out_grad, groups)["weight"]}
 
 
 def _embedding_weighted_sum(use: EmbeddingUse, inputs, out_grad, row_weight: dict) -> dict:
-    sums = embedding_weighted_sum(use, inputs, out_grad, {"weight": row_weight[use.chain.name]})["weight"]
+    sums = embedding_weighted_sum(_as_layer(use), inputs, out_grad, {"weight": row_weight[use.chain.name]})["weight"]
     return {use.chain.name: pull_back(use.chain, sums.to(out_grad.dtype), False)}
 
 
 def _embedding_elements(use: EmbeddingUse, inputs, out_grad, groups: Groups) -> int:
-    return embedding_group_grad_elements(use, inputs, out_grad, groups)
+    return embedding_group_grad_elements(_as_layer(use), inputs, out_grad, groups)
 
 
 # --------------------------------------------------------------------------------------- broadcast

@@ -350,4 +350,4 @@ def chains_of(layer) -> list[Chain]:
     """The chains (parameters) one recognised use's layer reads."""
     if isinstance(layer, LinearUse):
         return [c for c in (layer.weight, layer.bias) if c is not None]
-    return [layer.chain]  # type: ignore[attr-defined]
+    return [layer.chain]
