@@ -223,6 +223,12 @@ def test_usage_route_matches_naive_loop(name, b, T):
     _check(CASES[name], b, T)
 
 
+@pytest.mark.parametrize("name, b, T", zoo_params({"falcon_linear": None}))
+def test_hf_falcon_linear_takes_the_usage_route(name, b, T):
+    falcon = pytest.importorskip("transformers.models.falcon.modeling_falcon")
+    _check(_text(lambda: TextModel(nn.Embedding(VOCAB, D), falcon.FalconLinear(D, D))), b, T)
+
+
 # ------------------------------------------------------------------------------------------ timm
 def _timm_cases():
     from .timm_stub import import_timm
