@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import dp_microclip
+
 from .data import CLASSES, VOCAB, lm_batch, seq_cls_batch
 from .harness import B, TOL, ZooCase, build_model, engine, errors_by_param, naive, zoo_params
 
@@ -256,3 +258,72 @@ def _timm_cases():
 @pytest.mark.parametrize("name, b, T", zoo_params({"timm_vit": None, "timm_convnext": None}))
 def test_timm_families_take_the_usage_route(name, b, T):
     _check(_timm_cases()[name], b, T)
+
+
+# ------------------------------------------------------------------- what stays on the generic path
+class ScaleAndExp(nn.Module):
+    """One recognised use (a scale) and one that is not (``exp``) of the same parameter."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.w = nn.Parameter(0.1 * torch.randn(d))
+
+    def forward(self, x):
+        return x * self.w + self.w.exp()
+
+
+class ReturnsTable(nn.Module):
+    """Returns a slice of its table: the tensor leaves the forward, so its uses are not seen."""
+
+    def __init__(self, n, d):
+        super().__init__()
+        self.weight = nn.Parameter(0.1 * torch.randn(n, d))
+
+    def forward(self, x):
+        return self.weight[: x.shape[1]]
+
+
+class AddTable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = ReturnsTable(8, D)
+
+    def forward(self, h):
+        return h + self.table(h)
+
+
+def test_a_table_returned_by_the_forward_is_not_taken_by_the_usage_route():
+    # Its uses happen outside the module, unseen: the generic capture takes the call and, as before, refuses a
+    # parameter whose output has no batch dimension.
+    case = _text(lambda: TextModel(nn.Embedding(VOCAB, D), AddTable()))
+    model = build_model(case, 5, torch.float64)
+    inputs, targets = case.batch(B, 5, torch.float64, torch.Generator().manual_seed(1))
+    with pytest.raises(dp_microclip.BatchError, match=r"block.table \(ReturnsTable\).*no batch dimension"):
+        engine(case, model, inputs, targets, b=2)
+
+
+def test_an_unrecognised_use_keeps_the_generic_path():
+    module = "block"
+    case = _text(lambda: TextModel(nn.Embedding(VOCAB, D), ScaleAndExp(D)))
+    model = build_model(case, 5, torch.float64)
+    pristine = copy.deepcopy(model)
+    inputs, targets = case.batch(B, 5, torch.float64, torch.Generator().manual_seed(1))
+    with pytest.warns(UserWarning, match=r"usage route cannot take it.*generic torch.func"):
+        got, eng = engine_warned(case, model, inputs, targets, b=2)
+    assert eng.last_strategies[module] == "func"
+    assert not any(name.startswith(f"{module}[") for name in eng.last_strategies)  # its usage records dropped
+    want = naive(case, pristine, inputs, targets, b=2)
+    errors = errors_by_param(got, want)
+    assert max(errors.values()) < TOL, errors
+
+
+def engine_warned(case, model, inputs, targets, *, b):
+    """``harness.engine`` without its warning filter, so the generic-path warning reaches the test."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    eng = dp_microclip.attach(model, opt, micro_batch_size=b, max_grad_norm=case.C)
+    try:
+        case.loss(case.forward(model, inputs), targets).backward()
+        opt.step()
+        return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}, eng
+    finally:
+        eng.detach()
