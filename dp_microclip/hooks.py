@@ -36,30 +36,13 @@ from .layers.registry import rule_for_type
 from .layout import BROADCAST, CallLayout, LayoutLearner, shrink_batch
 from .records import ForwardContext, Record, Shared, Unit
 from .shared_outputs import SharedOutput, SharedOutputTracker, no_batch_error
-from .tensors import expand_at, first_tensor, output_tensors
+from .tensors import RequireGrad, expand_at, first_tensor, output_tensors
+from .usage import UsageCapture
 
 
 def in_backward() -> bool:
     """True while autograd runs a backward pass on this thread (e.g. checkpoint recomputation)."""
     return torch._C._current_graph_task_id() != -1
-
-
-class RequireGrad(torch.autograd.Function):
-    """``y = x`` that requires grad, so a tensor hook on ``y`` receives dL/dy.
-
-    Returns a copy, not ``x`` itself: an input returned as-is becomes a view that a
-    later in-place op (``ReLU(inplace=True)``) may not modify. The copy costs one
-    pass over the output, far less than the input-gradient product that making the
-    layer's input require grad would cost. Nothing flows further back.
-    """
-
-    @staticmethod
-    def forward(ctx, anchor, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None, None
 
 
 class HookSet:
@@ -156,6 +139,10 @@ class HookSet:
             self._install_attention(unit)
         elif unit.kind == "rnn":
             self._install_rnn(unit)
+        elif unit.kind == "functional":  # usage.py; the generic capture takes the calls it cannot
+            usage = UsageCapture(unit, self.sink, self.layouts, lambda out: RequireGrad.apply(self.anchor, out))
+            self.handles.extend(usage.install())
+            self._install_layer(unit, usage.generic_takes_call)
         else:
             self._install_layer(unit)
 
@@ -233,7 +220,7 @@ class HookSet:
         return replacement
 
     # ------------------------------------------------------------------ layers
-    def _install_layer(self, unit: Unit) -> None:
+    def _install_layer(self, unit: Unit, takes_call=None) -> None:
         def post(module, args, kwargs, output):
             if self.layouts.probing is not None:
                 kw_names = tuple(sorted(k for k, v in kwargs.items() if torch.is_tensor(v)))
@@ -242,6 +229,9 @@ class HookSet:
             self._note_checkpointing(unit)
             ctx = self._capturing()
             if ctx is None:
+                return None
+            if takes_call is not None and not takes_call():
+                ctx.next_call(unit.path)  # the usage route took it; call indices still match the probe's
                 return None
             if not torch.is_tensor(output) and unit.kind == "rule":
                 raise UnsupportedModuleError(

@@ -53,11 +53,12 @@ class Unit:
 
     path: str
     module: nn.Module
-    kind: str  # "rule" | "attention" | "generic"
+    kind: str  # "rule" | "attention" | "rnn" | "functional" (usage.py, else generic) | "generic"
     rule: LayerRule | None
     params: dict[str, nn.Parameter]
     batch_dim: int  # the dimension the module works in (its convention, a declared layout, or the model's)
     parametrized: dict = field(default_factory=dict)  # tensor name -> its ParametrizationList (weight norm, ...)
+    generic_allowed: bool = True  # "functional": whether a call the usage route cannot take may go generic
 
 
 @dataclass

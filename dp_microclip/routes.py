@@ -83,7 +83,7 @@ def available_routes(record: Record, settings: ClipSettings, uses: Counter) -> t
     if record.unit.parametrized:
         return ("materialize",)  # the group gradients of the computed weight are chained to its originals
     replayable = not isinstance(record.unit.module, NOT_REPLAYABLE)  # e.g. BatchNorm's in-place statistics
-    captured = record.unit.kind in ("attention", "rnn")  # their records are Linear parts, not the module
+    captured = record.unit.kind in ("attention", "rnn", "functional")  # records of parts (a generic one has no rule)
     if record.rule is None or (settings.grad_mode == "func" and not captured and replayable):
         return ("func",)
     assert isinstance(record.out_grad, torch.Tensor)  # rule records have one output tensor

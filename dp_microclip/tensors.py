@@ -45,3 +45,21 @@ def first_tensor(obj) -> torch.Tensor | None:
 def expand_at(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     """``x`` (size 1 at ``dim``) expanded to ``size`` there without copying: one value shared by the batch."""
     return x.expand(*[size if d == dim else -1 for d in range(x.dim())])
+
+
+class RequireGrad(torch.autograd.Function):
+    """``y = x`` that requires grad, so a tensor hook on ``y`` receives dL/dy.
+
+    Returns a copy, not ``x`` itself: an input returned as-is becomes a view that a
+    later in-place op (``ReLU(inplace=True)``) may not modify. The copy costs one
+    pass over the output, far less than the input-gradient product that making the
+    layer's input require grad would cost. Nothing flows further back.
+    """
+
+    @staticmethod
+    def forward(ctx, anchor, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None

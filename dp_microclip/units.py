@@ -125,7 +125,13 @@ def find_units(
             continue
         # Modules known to treat examples independently (RNNs) may take the exact generic path in DP mode too.
         independent = isinstance(module, INDEPENDENT_WITHOUT_RULE)
-        if fallback == "error" or (dp and fallback != "generic" and not independent):
+        generic_allowed = not (fallback == "error" or (dp and fallback != "generic" and not independent))
+        if not parametrized and not independent:
+            # The usage route (usage.py): parameters used through recognised functions get rule maths, whatever
+            # the module's class; a forward where that is not so goes generic, or is refused by name, then.
+            units.append(Unit(path, module, "functional", None, own, batch_dim, generic_allowed=generic_allowed))
+            continue
+        if not generic_allowed:
             reason = " In DP mode the generic path must be allowed explicitly." if dp else ""
             problems.append(
                 f"{where} ({type(module).__name__}) has trainable parameters {sorted(own)} and no dp_microclip "
@@ -179,7 +185,7 @@ def check_optimizer_parameters(optimizer, managed_ids: set[int], names: dict[int
 def summarize(units: list[Unit], header: str) -> str:
     """``engine.summary()``: one line per hooked unit (path, type, route, parameters), then the generic ones."""
     route = {"rule": "rule", "attention": "attention capture + Linear rule", "rnn": "RNN capture + Linear rule",
-             "generic": "generic torch.func"}
+             "functional": "usage route (rules by function; else generic torch.func)", "generic": "generic torch.func"}
     lines = [header]
     for unit in units:
         lines.append(f"  {unit.path or '<root>'}: {type(unit.module).__name__} -> {route[unit.kind]} "

@@ -17,14 +17,15 @@ class MeanOver(nn.Module):
 
 
 class Scale(nn.Module):
-    """A module with no rule: exercises the generic torch.func path."""
+    """A module with no rule whose parameter goes through ``exp``, which the usage route does not recognise:
+    exercises the generic torch.func path."""
 
     def __init__(self, n: int):
         super().__init__()
         self.w = nn.Parameter(torch.linspace(0.5, 1.5, n))
 
     def forward(self, x):
-        return torch.tanh(x * self.w)
+        return torch.tanh(x * self.w.exp())
 
 
 class SelfAttentionBlock(nn.Module):

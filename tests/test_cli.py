@@ -351,25 +351,27 @@ def test_audit_without_noise_json_has_numbers_or_null(capsys):
 
 
 class _NoRule(torch.nn.Module):
-    """A module with a parameter and no layer rule: attach() warns that it takes the generic path."""
+    """A module with a parameter, no layer rule and a use the usage route does not take (``exp``): its first
+    forward warns that it takes the generic path."""
 
     def __init__(self):
         super().__init__()
-        self.scale = torch.nn.Parameter(torch.ones(3))
+        self.scale = torch.nn.Parameter(torch.zeros(3))
 
     def forward(self, x):
-        return x * self.scale
+        return x * self.scale.exp()
 
 
-def test_attach_warnings_point_at_the_users_line():
+def test_engine_warnings_point_at_the_users_line():
     import dp_microclip
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), _NoRule())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = dp_microclip.attach(model, optimizer, micro_batch_size=1, max_grad_norm=1.0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         line = sys._getframe().f_lineno + 1
-        engine = dp_microclip.attach(model, optimizer, micro_batch_size=1, max_grad_norm=1.0)
+        model(torch.randn(2, 3))
     engine.detach()
     generic = [w for w in caught if "generic" in str(w.message)]
     assert generic, [str(w.message) for w in caught]

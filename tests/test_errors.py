@@ -65,16 +65,24 @@ def test_per_layer_bounds_must_cover_every_parameter():
 
 
 def test_module_without_rule_with_fallback_error_names_the_module():
+    # Whether the usage route can take a module without a rule is known at its first forward: the refusal
+    # names the module, the use it cannot take (Scale's w.exp()) and the fixes.
     model = nn.Sequential(nn.Linear(3, 3), Scale(3))
-    with pytest.raises(UnsupportedModuleError, match=r"1 \(Scale\).*register_rule.*fallback=\"generic\""):
-        _attach(model, fallback="error")
+    _attach(model, fallback="error")
+    with pytest.raises(UnsupportedModuleError, match=r"1 \(Scale\).*exp.*register_rule.*fallback=\"generic\""):
+        model(torch.randn(4, 3))
 
 
 def test_generic_fallback_warns_once_naming_the_module():
     model = nn.Sequential(nn.Linear(3, 3), Scale(3))
-    with pytest.warns(UserWarning, match=r"1 \(Scale\) has no rule"):
-        engine = _attach(model)
-    assert "generic torch.func path" in engine.summary()
+    engine = _attach(model)
+    with pytest.warns(UserWarning, match=r"1 \(Scale\) has no rule.*exp.*generic torch.func path"):
+        model(torch.randn(4, 3)).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        model(torch.randn(4, 3)).sum().backward()
+    assert "generic torch.func" in engine.summary()
+    assert engine.last_strategies["1"] == "func"
 
 
 def test_sparse_embedding_refused():

@@ -1,0 +1,353 @@
+"""Which functions a module's own parameters flow into during its forward: the usage route's observer.
+
+``UsageMode`` is a ``TorchFunctionMode`` the engine enters only while one
+module without a rule runs its forward. It follows the module's DIRECT
+parameters through every torch function they reach:
+
+* inspection (``.shape``, ``.dtype``, ``.size()``) passes through;
+* shape-only transforms (``.T``, ``transpose``, ``permute``, ``reshape``,
+  ``view``, ``unsqueeze``, ``squeeze``, ``flatten``, ``contiguous``, basic
+  slicing, dtype casts, a product with a number) and broadcasts (``expand``)
+  give a tracked tensor with its ``Chain`` (``functional.py``);
+* the recognised uses (a linear map, an embedding lookup, a broadcast
+  element-wise product, sum or difference with another tensor, a
+  concatenation) are handed to ``on_use``, which returns the call's output
+  (the engine hooks it to capture the output gradient) or raises
+  :class:`NotRecognised`;
+* anything else (another function, a tracked tensor in an unexpected
+  argument, a use with gradients disabled inside the forward) is recorded in
+  ``problem``, and the engine keeps the generic ``torch.func`` path for the
+  module. Nothing is guessed.
+
+The mode only reads: every function runs as the module wrote it.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .functional import BroadcastUse, Chain, EmbeddingUse, LinearUse, Step
+
+T = torch.Tensor
+
+
+def _funcs(*names: str, owner=T) -> list:
+    found = []
+    for name in names:
+        attr = getattr(owner, name, None)
+        if attr is None:
+            continue
+        found.append(attr.__get__ if hasattr(attr, "__get__") and not callable(attr) else attr)
+    return found
+
+
+def _getters(*names: str) -> list:
+    return [getattr(T, n).__get__ for n in names if hasattr(T, n)]
+
+
+_INSPECT = set(_getters("shape", "dtype", "device", "ndim", "requires_grad", "is_cuda", "layout", "is_leaf",
+                        "grad_fn", "is_sparse", "is_quantized", "is_meta", "names")) | set(
+    _funcs("size", "dim", "numel", "nelement", "is_floating_point", "is_complex", "element_size",
+           "is_contiguous", "stride", "storage_offset", "get_device", "__len__", "data_ptr", "__format__",
+           "__repr__", "__hash__"))
+_ISOMETRIC = set(_getters("T", "mT")) | set(_funcs("t", "transpose", "permute", "reshape", "view", "unsqueeze",
+                                                   "squeeze", "flatten", "contiguous", "view_as", "reshape_as",
+                                                   "swapaxes", "movedim")) | {
+    torch.t, torch.transpose, torch.permute, torch.reshape, torch.unsqueeze, torch.squeeze, torch.flatten,
+    torch.swapaxes, torch.movedim}
+_CASTS = set(_funcs("to", "float", "double", "half", "bfloat16", "type_as"))
+_EXPAND = set(_funcs("expand", "expand_as", "broadcast_to")) | {torch.broadcast_to}
+_GETITEM = set(_funcs("__getitem__"))
+_LINEAR = {F.linear}
+_MATMUL = set(_funcs("matmul", "__matmul__", "mm")) | {torch.matmul, torch.mm}
+_ADDMM = set(_funcs("addmm")) | {torch.addmm}
+_EMBEDDING = {F.embedding}
+_MUL = set(_funcs("mul", "__mul__", "__rmul__", "multiply")) | {torch.mul, torch.multiply}
+_MUL_INPLACE = set(_funcs("mul_", "__imul__"))
+_ADD = set(_funcs("add", "__add__", "__radd__")) | {torch.add}
+_ADD_INPLACE = set(_funcs("add_", "__iadd__"))
+_SUB = set(_funcs("sub", "__sub__", "subtract")) | {torch.sub, torch.subtract}
+_SUB_INPLACE = set(_funcs("sub_", "__isub__"))
+_RSUB = set(_funcs("__rsub__"))
+_DIV = set(_funcs("div", "__truediv__")) | {torch.div}
+_CAT = {torch.cat, torch.concat, torch.concatenate}
+
+
+class NotRecognised(Exception):
+    """A call the usage route cannot take exactly (the reason is the message); the module goes generic."""
+
+
+class Use(NamedTuple):
+    """One recognised call, handed to ``on_use``.
+
+    ``layer`` is the rule's ``LinearUse`` / ``EmbeddingUse`` / ``BroadcastUse`` (its ``aligned`` shape is filled
+    in by the engine once the output's batch dimension is known: here it holds the transformed tensor right-
+    aligned to the output in the module's own layout); ``activations`` the tensors whose batch dimension the
+    layout must find (the linear input, the ids); ``coefficient`` the other operand of a product;
+    ``select`` ``(dim, start, length)`` of a concatenation's slice; ``inplace``: the output is the activation
+    modified in place.
+    """
+
+    kind: str  # "linear" | "embedding" | "broadcast"
+    layer: object
+    activations: tuple
+    coefficient: torch.Tensor | None = None
+    select: tuple | None = None
+    inplace: bool = False
+
+
+class Tracked(NamedTuple):
+    """A tensor derived from a parameter: its chain, and whether it was broadcast (``expand``) after it."""
+
+    chain: Chain
+    value: torch.Tensor  # the chain's result before any broadcast
+    expanded: bool = False
+
+
+def _basic_index(index) -> bool:
+    items = index if isinstance(index, tuple) else (index,)
+    return all(i is None or i is Ellipsis or isinstance(i, (int, slice)) and not isinstance(i, bool)
+               for i in items)
+
+
+class UsageMode(TorchFunctionMode):
+    """Follows ``params`` (local name -> parameter) through one forward of their module (module docstring).
+
+    Args:
+        params: the module's own trainable parameters.
+        on_use: ``(Use, output) -> output``: the engine's capture of one recognised call.
+        probing: the engine's layout probe (a forward without gradients) is running: record, do not refuse.
+    """
+
+    def __init__(self, params: dict, on_use: Callable[[Use, torch.Tensor], torch.Tensor], probing: bool = False):
+        super().__init__()
+        self.on_use = on_use
+        self.probing = probing
+        self.tracked: dict[int, Tracked] = {id(p): Tracked(Chain(n, p), p) for n, p in params.items()}
+        self._keep: list = []  # derived tensors stay alive while tracked (their ids must not be reused)
+        self.used: set[str] = set()  # parameters with at least one recognised use
+        self.problem: str | None = None
+
+    def is_tracked(self, x) -> bool:
+        """Whether ``x`` is one of the parameters or a tensor derived from one."""
+        return torch.is_tensor(x) and id(x) in self.tracked
+
+    def _track(self, out, chain: Chain, expanded: bool = False, value=None):
+        if torch.is_tensor(out):
+            self.tracked[id(out)] = Tracked(chain, out if value is None else value, expanded)
+            self._keep.append(out)
+        return out
+
+    def _hits(self, args, kwargs) -> list:
+        hits = []
+        for x in (*args, *kwargs.values()):
+            if torch.is_tensor(x):
+                if id(x) in self.tracked:
+                    hits.append(x)
+            elif isinstance(x, (list, tuple)):
+                hits.extend(y for y in x if torch.is_tensor(y) and id(y) in self.tracked)
+        return hits
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.problem is not None or not self._hits(args, kwargs) or func in _INSPECT:
+            return func(*args, **kwargs)
+        name = getattr(func, "__name__", repr(func))
+        try:
+            if not torch.is_grad_enabled() and not self.probing:
+                raise NotRecognised("with gradients disabled inside the forward (a custom autograd Function?)")
+            return self._dispatch(func, args, kwargs)
+        except NotRecognised as why:
+            self.problem = f"{name}: {why}" if str(why) else f"{name}, which the usage route does not recognise"
+            return func(*args, **kwargs)
+
+    # -------------------------------------------------------------------------------- dispatch
+    def _dispatch(self, func, args, kwargs):
+        if func in _ISOMETRIC or func in _CASTS or func in _GETITEM and len(args) == 2 and _basic_index(args[1]):
+            return self._transform(func, args, kwargs)
+        if func in _EXPAND:
+            return self._expand(func, args, kwargs)
+        if func in _GETITEM:
+            return self._lookup(func, args, kwargs)
+        if func in _LINEAR:
+            return self._linear(func, args, kwargs)
+        if func in _MATMUL or func in _ADDMM:
+            return self._matmul(func, args, kwargs)
+        if func in _EMBEDDING:
+            return self._embedding(func, args, kwargs)
+        if func in _MUL or func in _DIV:
+            if func in _MUL and self._scalar_other(args, kwargs):
+                return self._transform(func, args, kwargs, isometric=False)
+            if func in _DIV and self._scalar_other(args, kwargs) and self.is_tracked(args[0]):
+                return self._transform(func, args, kwargs, isometric=False)
+            if func in _MUL:
+                return self._elementwise(func, args, kwargs, product=True)
+        if func in _MUL_INPLACE:
+            return self._elementwise(func, args, kwargs, product=True, inplace=True)
+        if func in _ADD or func in _SUB or func in _RSUB:
+            sign = -1.0 if func in _RSUB else 1.0
+            return self._elementwise(func, args, kwargs, product=False, first_sign=sign,
+                                     second_sign=-1.0 if func in _SUB else 1.0)
+        if func in _ADD_INPLACE or func in _SUB_INPLACE:
+            return self._elementwise(func, args, kwargs, product=False, inplace=True,
+                                     second_sign=-1.0 if func in _SUB_INPLACE else 1.0)
+        if func in _CAT:
+            return self._cat(func, args, kwargs)
+        raise NotRecognised("")
+
+    def _only(self, x) -> Tracked:
+        """The tracked entry of ``x``, which must not have been broadcast."""
+        entry = self.tracked[id(x)]
+        if entry.expanded:
+            raise NotRecognised("a broadcast (expanded) parameter used other than in an element-wise op or a cat")
+        return entry
+
+    def _transform(self, func, args, kwargs, isometric: bool = True):
+        if not args or not self.is_tracked(args[0]) or len(self._hits(args, kwargs)) != 1:
+            raise NotRecognised("a parameter in a transform's other argument")
+        if any(torch.is_tensor(a) for a in (*args[1:], *kwargs.values())) and func not in _CASTS:
+            raise NotRecognised("a transform with tensor arguments")
+        entry = self._only(args[0])
+        cast = func in _CASTS
+        if cast and func is T.type_as:
+            args = (args[0], args[1].dtype)
+            func = T.to
+        if cast and any(torch.is_tensor(a) for a in (*args[1:], *kwargs.values())):
+            raise NotRecognised("a cast to another tensor's type with tensor arguments")
+        out = func(*args, **kwargs)
+        step = Step(func, (None, *args[1:]), dict(kwargs), 0, cast)
+        return self._track(out, entry.chain.then(step, isometric))
+
+    def _scalar_other(self, args, kwargs) -> bool:
+        return len(args) == 2 and not kwargs and isinstance(args[1], numbers.Number) and self.is_tracked(args[0])
+
+    def _expand(self, func, args, kwargs):
+        if not self.is_tracked(args[0]) or len(self._hits(args, kwargs)) != 1:
+            raise NotRecognised("a parameter as the target shape of a broadcast")
+        entry = self._only(args[0])
+        return self._track(func(*args, **kwargs), entry.chain, expanded=True, value=entry.value)
+
+    # ---------------------------------------------------------------------------- linear maps
+    def _linear(self, func, args, kwargs):
+        bound = dict(zip(("input", "weight", "bias"), args), **kwargs)
+        x, w, b = bound.get("input"), bound.get("weight"), bound.get("bias")
+        if self.is_tracked(x) or not (self.is_tracked(w) or self.is_tracked(b)):
+            raise NotRecognised("a parameter as the input of a linear map")
+        use = LinearUse(self._only(w).chain if self.is_tracked(w) else None,
+                        self._only(b).chain if self.is_tracked(b) else None)
+        return self._use(Use("linear", use, (x,)), func(*args, **kwargs))
+
+    def _matmul(self, func, args, kwargs):
+        if kwargs:
+            raise NotRecognised("keyword arguments")
+        bias = None
+        if func in _ADDMM:
+            if len(args) != 3:
+                raise NotRecognised("scaled addmm")
+            bias, x, w = args
+        else:
+            x, w = args
+        if self.is_tracked(x) or not torch.is_tensor(w) or w.dim() != 2 or x.dim() < 2:
+            raise NotRecognised("a parameter as the left factor (only x @ W with a 2-D W is a linear map)")
+        if not self.is_tracked(w) and not self.is_tracked(bias):
+            raise NotRecognised("")
+        weight = None
+        if self.is_tracked(w):
+            entry = self._only(w)
+            weight = entry.chain.then(Step(T.t, (None,), {}, 0), True)  # x @ W is the linear map of W^T
+        use = LinearUse(weight, self._only(bias).chain if self.is_tracked(bias) else None)
+        if bias is not None and (bias.dim() != 1 or bias.shape[0] != w.shape[1]):
+            raise NotRecognised("an addmm bias that is not one row")
+        return self._use(Use("linear", use, (x,)), func(*args, **kwargs))
+
+    # ------------------------------------------------------------------------------ lookups
+    def _embedding(self, func, args, kwargs):
+        names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+        bound = dict(zip(names, args), **kwargs)
+        ids, w = bound.get("input"), bound.get("weight")
+        if self.is_tracked(ids) or not self.is_tracked(w) or w.dim() != 2:
+            raise NotRecognised("a parameter in an embedding's ids")
+        if bound.get("max_norm") is not None or bound.get("scale_grad_by_freq") or bound.get("sparse"):
+            raise NotRecognised("max_norm, scale_grad_by_freq or sparse (they change the gradient)")
+        padding = bound.get("padding_idx")
+        if padding is not None and padding < 0:
+            padding += w.shape[0]
+        entry = self._only(w)
+        use = EmbeddingUse(entry.chain, entry.value.detach(), padding)
+        return self._use(Use("embedding", use, (ids,)), func(*args, **kwargs))
+
+    def _lookup(self, func, args, kwargs):
+        table, index = args[0], args[1] if len(args) > 1 else None
+        if not (self.is_tracked(table) and torch.is_tensor(index) and not self.is_tracked(index)
+                and index.dtype in (torch.int64, torch.int32) and table.dim() == 2 and not kwargs):
+            raise NotRecognised("indexing that is neither basic slicing nor a row lookup by one integer tensor")
+        entry = self._only(table)
+        use = EmbeddingUse(entry.chain, entry.value.detach(), None)
+        return self._use(Use("embedding", use, (index,)), func(*args, **kwargs))
+
+    # ------------------------------------------------------------------------ broadcast ops
+    def _elementwise(self, func, args, kwargs, product: bool, inplace: bool = False,
+                     first_sign: float = 1.0, second_sign: float = 1.0):
+        if kwargs or len(args) != 2 or not all(torch.is_tensor(a) for a in args):
+            raise NotRecognised("an element-wise op with a number, alpha or out=")
+        first, second = args
+        if self.is_tracked(first) and self.is_tracked(second):
+            raise NotRecognised("two parameters combined with each other")
+        if inplace and self.is_tracked(first):
+            raise NotRecognised("a parameter modified in place")
+        if self.is_tracked(first):
+            param, other, sign = first, second, first_sign
+        else:
+            param, other, sign = second, first, second_sign
+        entry = self.tracked[id(param)]
+        if inplace:
+            if other._base is not None:
+                raise NotRecognised("an in-place op on a view")
+            coefficient = other.detach().clone() if product else None
+        else:
+            coefficient = other if product else None
+        use = BroadcastUse(entry.chain, tuple(entry.value.shape), tuple(entry.value.shape), sign)
+        out = func(*args, **kwargs)
+        return self._use(Use("broadcast", use, (), coefficient, None, inplace), out)
+
+    def _cat(self, func, args, kwargs):
+        tensors = args[0] if args else kwargs.get("tensors")
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
+            raise NotRecognised("")
+        out = func(*args, **kwargs)
+        dim = dim % out.dim()
+        start = 0
+        for t in tensors:
+            length = t.shape[dim] if t.dim() else 0
+            if self.is_tracked(t):
+                entry = self.tracked[id(t)]
+                use = BroadcastUse(entry.chain, tuple(entry.value.shape), tuple(entry.value.shape))
+                out = self._use(Use("broadcast", use, (), None, (dim, start, length)), out)
+            start += length
+        return out
+
+    def _use(self, use: Use, out):
+        """Hand one recognised call to the engine; the call has run, so a refusal now keeps its output."""
+        try:
+            if not torch.is_tensor(out):
+                raise NotRecognised("an output that is not one tensor")
+            replaced = self.on_use(use, out)
+        except NotRecognised as why:
+            self.problem = str(why)
+            return out
+        for chain in chains_of(use.layer):
+            self.used.add(chain.name)
+        return replaced
+
+
+def chains_of(layer) -> list[Chain]:
+    """The chains (parameters) one recognised use's layer reads."""
+    if isinstance(layer, LinearUse):
+        return [c for c in (layer.weight, layer.bias) if c is not None]
+    return [layer.chain]

@@ -1,0 +1,232 @@
+"""The usage route's hooks: records for parameters used through recognised functions, whatever their module.
+
+A module with trainable parameters and no rule is a unit of kind
+``"functional"``. While it runs its forward (and only then) the engine enters a
+``layers.usage_mode.UsageMode`` that follows the module's own parameters. Each
+recognised call (a linear map, an embedding lookup, a broadcast element-wise
+op, a concatenation) is captured here like a rule layer's call: its batch
+dimension comes from the layout machinery (``layout.LayoutLearner``: the probe
+records each call's shapes under a name of its own, ``path[kind:params]``), the
+activation is kept batch-first, and a tensor hook on the call's output emits a
+``Record`` whose rule is one of ``layers/functional.py``'s when the gradient
+arrives. A parameter used by several calls gives several records; the engine
+then sums their group gradients before the norm, as for tied weights.
+
+When the forward ends, the module keeps the usage route only if every one of
+its parameters had at least one recognised use, no use went unrecognised, and
+no tensor derived from a parameter left the forward. Otherwise every record of
+that forward is disarmed and the module's generic capture (``hooks.py``) takes
+the call: the generic ``torch.func`` path, with a warning, or a refusal naming
+the use where the generic path is not allowed (``fallback="error"``, or DP mode
+without ``fallback="generic"``).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .capture import CaptureSink
+from .errors import BatchError, UnsupportedModuleError
+from .layers.functional import rule_of
+from .layers.usage_mode import NotRecognised, Use, UsageMode, chains_of
+from .layout import BROADCAST, LayoutLearner
+from .records import Record, Unit
+from .tensors import output_tensors
+
+
+def _expand_at(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    return x.expand(*[size if d == dim else -1 for d in range(x.dim())])
+
+
+def _aligned(value_shape: tuple, target: list, bd: int) -> tuple:
+    """``value_shape`` right-aligned to ``target`` (broadcasting), batch dimension first; refused unless the
+    value broadcasts along the batch."""
+    if len(value_shape) > len(target):
+        raise NotRecognised("a parameter with more dimensions than the activation it is combined with")
+    aligned = [1] * (len(target) - len(value_shape)) + list(value_shape)
+    if aligned[bd] != 1 or any(a not in (1, t) for a, t in zip(aligned, target)):
+        raise NotRecognised("a parameter that does not broadcast along the batch")
+    return (1, *aligned[:bd], *aligned[bd + 1:])
+
+
+class UsageCapture:
+    """The usage route of one unit (module docstring).
+
+    Args:
+        unit: the module without a rule and its trainable parameters.
+        sink: the engine's capture sink.
+        layouts: the engine's layout learner (the probe and learned layouts).
+        require_grad: ``output -> output`` that requires grad (``tensors.RequireGrad`` tied to the engine's anchor).
+    """
+
+    def __init__(self, unit: Unit, sink: CaptureSink, layouts: LayoutLearner,
+                 require_grad: Callable[[torch.Tensor], torch.Tensor]):
+        self.unit = unit
+        self.sink = sink
+        self.layouts = layouts
+        self.require_grad = require_grad
+        self._calls: list = []  # one entry per forward in progress: (mode, arms, probing) or None
+        self._decisions: list[bool] = []  # per finished forward: True when the generic capture takes it
+
+    # ------------------------------------------------------------------ hooks
+    def install(self) -> list:
+        """The forward pre-hook and forward hook of the unit's module (registered before the generic capture's)."""
+        module = self.unit.module
+        return [module.register_forward_pre_hook(self._pre, with_kwargs=True),
+                module.register_forward_hook(self._post, with_kwargs=True, always_call=True)]
+
+    def generic_takes_call(self) -> bool:
+        """For the generic capture's forward hook (runs right after ours): whether it captures this call."""
+        return self._decisions.pop() if self._decisions else True
+
+    def _capturing(self):
+        if not self.sink.active or not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
+            return None
+        return self.sink.context
+
+    def _pre(self, module, args, kwargs):
+        if self.layouts.probing is not None:
+            mode = UsageMode(self.unit.params, self._probe_use, probing=True)
+            entry: tuple | None = (mode, [], True)
+        else:
+            ctx = self._capturing()
+            if ctx is None:
+                entry = None
+            else:
+                arms: list = []
+                mode = UsageMode(self.unit.params, lambda use, out: self._on_use(ctx, arms, use, out))
+                entry = (mode, arms, False)
+        self._calls.append(entry)
+        if entry is not None:
+            entry[0].__enter__()
+        return None
+
+    def _post(self, module, args, kwargs, output):
+        entry = self._calls.pop() if self._calls else None
+        if entry is None:
+            return None
+        mode, arms, probing = entry
+        mode.__exit__(None, None, None)
+        if probing:
+            return None
+        problem = mode.problem
+        unused = sorted(set(self.unit.params) - mode.used)
+        if problem is None and unused:
+            problem = (f"parameter(s) {unused} reached no recognised function in this forward (unused, or used "
+                       "where the capture cannot see)")
+        if problem is None and any(mode.is_tracked(t) for t in output_tensors(output)):
+            problem = "a tensor derived from a parameter is returned by the forward, so its uses are not seen"
+        self._decisions.append(problem is not None)
+        if problem is None:
+            return None
+        for arm in arms:
+            arm[0] = False
+        self._fall_back(module, problem)
+        return None
+
+    def _fall_back(self, module: nn.Module, problem: str) -> None:
+        unit = self.unit
+        where = f"{unit.path or '<root module>'} ({type(module).__name__})"
+        if not unit.generic_allowed:
+            raise UnsupportedModuleError(
+                f"{where} has trainable parameters {sorted(unit.params)} and no dp_microclip rule, and the usage "
+                f"route cannot take it: {problem}. The generic torch.func path is not allowed here "
+                '(fallback="error", or DP mode, where it must be allowed explicitly). Register a rule with '
+                'dp_microclip.register_rule(...), or pass fallback="generic" to use torch.func per micro-batch '
+                "(exact only if the module treats examples independently)."
+            )
+        self.sink.warn_once(
+            f"generic:{unit.path}",
+            f"{where} has no rule and the usage route cannot take it ({problem}): its parameters "
+            f"{sorted(unit.params)} use the generic torch.func path (slower; exact only if the module treats "
+            "examples independently).",
+        )
+
+    # ------------------------------------------------------------------ one recognised call
+    def _op_path(self, use: Use) -> str:
+        return f"{self.unit.path}[{use.kind}:{'+'.join(c.name for c in chains_of(use.layer))}]"
+
+    def _probe_use(self, use: Use, out: torch.Tensor) -> torch.Tensor:
+        self.layouts.record_probe_call(self._op_path(use), use.activations, out)
+        return out
+
+    def _on_use(self, ctx, arms: list, use: Use, out: torch.Tensor) -> torch.Tensor:
+        unit, batch = self.unit, ctx.batch_size
+        path = self._op_path(use)
+        index = ctx.next_call(path)
+        where = SimpleNamespace(path=path, module=unit.module, batch_dim=unit.batch_dim)
+        try:
+            layout = self.layouts.layout(where, ctx, index, use.activations, out)
+        except BatchError as err:
+            raise NotRecognised(f"no batch dimension found ({err})") from err
+        bd = layout.output
+        assert isinstance(bd, (int, str))  # one output tensor
+        inputs = []
+        for a, d in zip(use.activations, layout.inputs):
+            if d is None:
+                raise NotRecognised("an activation without a batch dimension")
+            if d == BROADCAST:
+                a, d = _expand_at(a.detach(), unit.batch_dim, batch), unit.batch_dim
+            inputs.append(a.detach().movedim(d, 0))
+        shape_before = list(out.shape)
+        if bd == BROADCAST:
+            if use.inplace:
+                raise NotRecognised("an in-place op on a tensor shared by the batch")
+            out, bd = _expand_at(out, unit.batch_dim, batch), unit.batch_dim
+        assert isinstance(bd, int)
+        layer = use.layer
+        if use.kind == "broadcast":
+            target = list(shape_before)
+            if use.select is not None:
+                dim, _, length = use.select
+                if dim == bd:
+                    raise NotRecognised("a concatenation along the batch dimension")
+                target[dim] = length
+            layer = layer._replace(aligned=_aligned(layer.shape, target, bd))  # type: ignore[attr-defined]
+            if use.coefficient is not None:
+                coefficient = torch.broadcast_to(use.coefficient.detach(), tuple(shape_before))
+                if coefficient.shape[bd] != batch:
+                    coefficient = _expand_at(coefficient, bd, batch)
+                inputs.append(coefficient.movedim(bd, 0))
+        watched = [(t, t._version) for t in inputs if not use.inplace]
+        if not out.requires_grad:
+            if use.inplace:
+                raise NotRecognised("an in-place op whose output needs no gradient")
+            out = self.require_grad(out)
+        target_tensor = out
+        base = out._base
+        if base is not None:
+            plain = base.numel() == out.numel() and base.is_contiguous() and out.is_contiguous()
+            if plain:
+                target_tensor = base
+            elif use.inplace:
+                raise NotRecognised("an in-place op on a view")
+            else:
+                out = target_tensor = out.clone()
+        arm = [True]
+        arms.append(arm)
+        params = {c.name: unit.params[c.name] for c in chains_of(use.layer)}
+        rule, shape, select, sink = rule_of(layer), out.shape, use.select, self.sink
+        name = f"{path}#{index}"
+
+        def on_grad(grad: torch.Tensor):
+            if not arm[0] or not sink.active:
+                return None
+            g = grad.reshape(shape)
+            if select is not None:
+                g = g.narrow(select[0], select[1], select[2])
+            g = (g.movedim(bd, 0) if bd != 0 else g).detach()
+            if any(t._version != v for t, v in watched):
+                sink.report(f"{where.path}: an activation it multiplied a parameter with was modified in place "
+                            "later in the forward, so its captured value is stale. Avoid the in-place op "
+                            "(e.g. ReLU(inplace=True)) after this use, or give this module a rule.")
+                return None
+            sink.emit(Record(unit, name, rule, layer, params, tuple(inputs), {}, g, ctx, bd))
+            return None
+
+        target_tensor.register_hook(on_grad)
+        return out
