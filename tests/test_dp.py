@@ -73,11 +73,11 @@ def test_batchnorm_is_refused_in_dp_mode():
 def test_generic_path_needs_explicit_permission_in_dp_mode():
     # Known at the first forward (the usage route takes what it recognises; Scale's w.exp() it does not).
     m = nn.Sequential(nn.Linear(6, 3), Scale(3))
-    dp_attach(m)
+    dp_attach(m, expected_batch_size=8)  # the public number of groups, as engine.data_loader would give it
     with pytest.raises(UnsupportedModuleError, match='exp.*DP mode.*explicitly.*fallback="generic"'):
         m(torch.randn(8, 6))
     m = nn.Sequential(nn.Linear(6, 3), Scale(3))
-    dp_attach(m, fallback="generic")
+    dp_attach(m, fallback="generic", expected_batch_size=8)
     with pytest.warns(UserWarning, match="generic torch.func"):
         m(torch.randn(8, 6))
 
