@@ -3,7 +3,7 @@
     python -m experiments.fmnist table1 [--rows linear cnn scatcnn] [--methods engine opacus]
                                         [--seeds 0 1 2 3 4] [--epochs 40]
     python -m experiments.fmnist report          # results/fmnist/*.json -> results/fmnist-table1.{md,json}
-    python -m experiments.fmnist claim [--seeds 10] [--tune-seeds 2] [--train 10000] [--epochs 10]
+    python -m experiments.fmnist claim [--seeds 10] [--tune-seeds 2] [--train 5000] [--epochs 6]
     python -m experiments.fmnist dpcurve [--seeds 5] [--b 1 4 16 64]
     python -m experiments.fmnist features        # compute and cache the ScatterNet features
     python -m experiments.fmnist smoke           # seconds: every code path on a few hundred images
@@ -379,14 +379,14 @@ def main(argv=None) -> None:
     sub.add_parser("report", help="summarise results/fmnist/*.json")
     sub.add_parser("features", help="compute and cache the ScatterNet features")
     c = sub.add_parser("claim", help="Part 2: noise-free clipping vs tuned plain SGD with flipped labels")
-    c.add_argument("--train", type=int, default=10000, help="training subset drawn per seed from the 60,000")
-    c.add_argument("--val", type=int, default=2000, help="validation split drawn per seed (as noisy as training)")
-    c.add_argument("--epochs", type=int, default=10)
+    c.add_argument("--train", type=int, default=5000, help="training subset drawn per seed from the 60,000")
+    c.add_argument("--val", type=int, default=1000, help="validation split drawn per seed (as noisy as training)")
+    c.add_argument("--epochs", type=int, default=6)
     c.add_argument("--seeds", type=int, default=10, help="paired reporting seeds 0..n-1")
     c.add_argument("--tune-seeds", type=int, default=2, help="tuning seeds 1000, 1001, ... (never reported)")
     c.add_argument("--noise", nargs="+", type=float, default=[0.0, 0.2, 0.4])
     c.add_argument("--b", nargs="+", type=int, default=list(CLAIM_B))
-    c.add_argument("--batch-size", type=int, default=128)
+    c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--out", default=str(RESULTS))
     d = sub.add_parser("dpcurve", help="DP utility against b at epsilon 3 (all 60,000 training images)")
     d.add_argument("--seeds", type=int, default=5)
