@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fmnist_claim import CLAIM_B, run_claim, run_dpcurve
+from .fmnist_claim import CLAIM_B, normalized_cache, run_claim, run_dpcurve
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = RESULTS / "fmnist"
@@ -387,6 +387,9 @@ def main(argv=None) -> None:
     c.add_argument("--noise", nargs="+", type=float, default=[0.0, 0.2, 0.4])
     c.add_argument("--b", nargs="+", type=int, default=list(CLAIM_B))
     c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--methods", nargs="+", choices=["plain", "fixed", "adaptive"], default=None,
+                   help="train only these methods' runs into the stores (to share the work between processes); "
+                        "the summary needs a call without it")
     c.add_argument("--out", default=str(RESULTS))
     d = sub.add_parser("dpcurve", help="DP utility against b at epsilon 3 (all 60,000 training images)")
     d.add_argument("--seeds", type=int, default=5)
@@ -427,7 +430,8 @@ def main(argv=None) -> None:
         print(report())
     elif args.cmd in ("claim", "dpcurve"):
         x_tr, y_tr, x_te, y_te = load_fmnist(args.data)
-        f_tr, f_te = scatter_features(x_tr, x_te)
+        f_tr, f_te = normalized_cache(lambda: scatter_features(x_tr, x_te), len(x_tr), len(x_te), CACHE)
+        del x_tr, x_te
         run = run_claim if args.cmd == "claim" else run_dpcurve
         print(run(f_tr, y_tr, (f_te, y_te), args, Path(args.out)))
     elif args.cmd == "smoke":

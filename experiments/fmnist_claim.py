@@ -60,6 +60,25 @@ def normalized_features(features: torch.Tensor, groups: int = 27, chunk: int = 5
         return torch.cat([norm(features[i:i + chunk]).flatten(1) for i in range(0, len(features), chunk)])
 
 
+def normalized_cache(features, n_train: int, n_test: int, cache: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`normalized_features` of train and test, saved once under ``cache`` and memory-mapped after that.
+
+    ``features()`` returns the ``(train, test)`` ScatterNet features; it is called only when the cache
+    is missing. Why a cache: the flattened features are 1.1 GB; memory-mapped, several runs at once share one copy.
+    """
+    f = None if cache is None else Path(cache) / f"fmnist-scatter-norm-{n_train}-{n_test}.pt"
+    if f is not None and f.exists():
+        d = torch.load(f, mmap=True)
+        return d["train"], d["test"]
+    f_tr, f_te = features()
+    tr, te = normalized_features(f_tr), normalized_features(f_te)
+    del f_tr, f_te
+    if f is not None:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"train": tr, "test": te}, f)
+    return tr, te
+
+
 def flat_linear(dim: int = 81 * 49, classes: int = 10) -> nn.Module:
     """The trained part of ScatterNet + linear on :func:`normalized_features`: one linear layer."""
     return nn.Linear(dim, classes)
@@ -130,18 +149,33 @@ def summary_table(results: dict) -> tuple[str, int, dict]:
     return "\n".join(lines) + "\n", len(family), chosen
 
 
-def run_claim(features: torch.Tensor, labels: torch.Tensor, test, args, out: Path = RESULTS) -> str:
-    """Part 2 over ``args.noise``: one resumable sweep per noise rate, then the summary (md + json) in ``out``."""
+def run_claim(x: torch.Tensor, labels: torch.Tensor, test, args, out: Path = RESULTS) -> str:
+    """Part 2 over ``args.noise``: one resumable sweep per noise rate, then the summary (md + json) in ``out``.
+
+    ``x`` and ``test[0]`` are :func:`normalized_features`. With ``args.methods`` a part of the three
+    methods, only those runs are trained into the stores (so that several processes can share the work)
+    and no summary is written: a later call with all three reads every run back.
+    """
+    from dataclasses import replace
+
+    from dp_microclip.tools.sweep import sweep
+
     from .common import run_sweep, write_summary
 
     out = Path(out)
-    x = normalized_features(features)
-    test = (normalized_features(test[0]), test[1])
     start = time.perf_counter()
+    methods = tuple(getattr(args, "methods", None) or ("plain", "fixed", "adaptive"))
     results, text, blob = {}, [], {"noise": {}}
     for noise in args.noise:
         settings = claim_settings(noise, args.seeds, args.tune_seeds, args.epochs, args.train, args.batch_size,
                                   args.b)
+        if set(methods) != {"plain", "fixed", "adaptive"}:
+            # plain's grid is refined against fixed's whatever the subset: keep fixed in the settings' grid reference
+            part = replace(settings, methods=methods, learning_rates={**CLAIM_LRS, "plain": settings.lrs("plain")},
+                           match_plain_grid=False)
+            sweep(flat_linear, lambda s, noise=noise: claim_splits(x, labels, test, noise, s, args.train, args.val),
+                  None, None, part, store=out / f"fmnist-claim-noise{noise:g}.runs.jsonl", progress=False)
+            continue
         result, seconds = run_sweep(
             flat_linear, lambda s, noise=noise: claim_splits(x, labels, test, noise, s, args.train, args.val),
             None, None, settings, out, f"fmnist-claim-noise{noise:g}", progress=False, plots=True)
@@ -149,6 +183,8 @@ def run_claim(features: torch.Tensor, labels: torch.Tensor, test, args, out: Pat
         text.append(f"## Label noise {noise:.0%} ({seconds:.0f} s)\n\n{result.to_markdown()}\n\n"
                     f"![](fmnist-claim-noise{noise:g}-vs-b.png)\n")
         blob["noise"][str(noise)] = {"table": result.table(), "best": result.best(), "seconds": seconds}
+    if not results:
+        return f"trained {methods} into the stores; run without --methods for the summary"
     summary, blob["comparisons"], blob["chosen"] = summary_table(results)
     total = time.perf_counter() - start
     s = next(iter(results.values())).settings
@@ -169,8 +205,12 @@ def run_claim(features: torch.Tensor, labels: torch.Tensor, test, args, out: Pat
 
 # ------------------------------------------------------------------------------------------- DP curve
 def dp_run(b: int, seed: int, train, test, epochs: int, batch_size: int = 2048, lr: float = 4.0,
-           C: float = 0.1, epsilon: float = 3.0, delta: float = 1e-5) -> dict:
-    """One DP-SGD run at micro-batch size ``b``, noise calibrated by the engine to ``(epsilon, delta)``."""
+           C: float = 0.1, epsilon: float = 3.0, delta: float = 1e-5, noise_multiplier: float | None = None) -> dict:
+    """One DP-SGD run at micro-batch size ``b``, noise calibrated by the engine to ``(epsilon, delta)``.
+
+    ``noise_multiplier``: the z an earlier run of the same b was calibrated to (calibration takes
+    minutes on a loaded machine; the run's own epsilon is still read from its ledger).
+    """
     import dp_microclip
     from dp_microclip.tools.sweep import accuracy
 
@@ -181,7 +221,9 @@ def dp_run(b: int, seed: int, train, test, epochs: int, batch_size: int = 2048, 
     start = time.perf_counter()
     engine = dp_microclip.attach(
         model, opt, micro_batch_size=b, max_grad_norm=C, seed=seed, grad_mode="bookkeeping",
-        privacy=dp_microclip.DP(target_epsilon=epsilon, delta=delta, sample_rate=batch_size / n, epochs=epochs))
+        privacy=dp_microclip.DP(target_epsilon=epsilon, delta=delta, sample_rate=batch_size / n, epochs=epochs)
+        if noise_multiplier is None else
+        dp_microclip.DP(noise_multiplier=noise_multiplier, delta=delta, sample_rate=batch_size / n))
     loader = engine.data_loader(torch.utils.data.TensorDataset(*train))
     for _ in range(epochs):
         for xb, yb in loader:
@@ -195,7 +237,7 @@ def dp_run(b: int, seed: int, train, test, epochs: int, batch_size: int = 2048, 
     return row
 
 
-def run_dpcurve(features, labels, test, args, out: Path = RESULTS) -> str:
+def run_dpcurve(x, labels, test, args, out: Path = RESULTS) -> str:
     """DP utility against b at epsilon 3 (resumable: runs in ``fmnist-dpcurve.runs.jsonl`` are read back)."""
     import json
 
@@ -212,14 +254,14 @@ def run_dpcurve(features, labels, test, args, out: Path = RESULTS) -> str:
             if line.strip():
                 r = json.loads(line)
                 done[(r["b"], r["seed"], r["epochs"], r["batch_size"], r["lr"])] = r
-    train = (normalized_features(features), labels)
-    test = (normalized_features(test[0]), test[1])
+    train = (x, labels)
     rows: dict[int, list] = {}
     for b in args.b:
         for seed in range(args.seeds):
             key = (b, seed, args.epochs, args.batch_size, args.lr)
             if key not in done:
-                done[key] = dp_run(b, seed, train, test, args.epochs, args.batch_size, args.lr)
+                z = rows[b][0]["noise_multiplier"] if rows.get(b) else None    # calibrated once per b
+                done[key] = dp_run(b, seed, train, test, args.epochs, args.batch_size, args.lr, noise_multiplier=z)
                 with open(store, "a") as f:
                     f.write(json.dumps(done[key]) + "\n")
             rows.setdefault(b, []).append(done[key])

@@ -155,6 +155,21 @@ def test_normalized_features_train_like_the_papers_model():
     torch.testing.assert_close(lin(flat), full(feats))
 
 
+def test_normalized_cache_is_written_once_and_read_back(tmp_path):
+    calls = []
+
+    def features():
+        calls.append(1)
+        torch.manual_seed(0)
+        return torch.randn(5, 81, 7, 7), torch.randn(3, 81, 7, 7)
+
+    tr, te = fmnist_claim.normalized_cache(features, 5, 3, tmp_path)
+    tr2, te2 = fmnist_claim.normalized_cache(features, 5, 3, tmp_path)   # memory-mapped, features not recomputed
+    assert calls == [1] and tr.shape == (5, 3969) and te.shape == (3, 3969)
+    assert torch.equal(tr, tr2) and torch.equal(te, te2)
+    torch.testing.assert_close(tr, fmnist_claim.normalized_features(features()[0]))
+
+
 def test_claim_splits_are_paired_within_a_seed_and_drawn_per_seed():
     x = torch.arange(1000, dtype=torch.float32).unsqueeze(1)
     y = torch.arange(1000) % 10
@@ -186,11 +201,19 @@ def test_claim_runs_end_to_end_on_random_features(tmp_path, monkeypatch):
     monkeypatch.setattr(fmnist_claim, "CLAIM_LRS", {"plain": (0.001, 0.01), "fixed": (0.01,), "adaptive": (0.01,)})
     monkeypatch.setattr(fmnist_claim, "CLAIM_C", (1.0, 10.0))
     torch.manual_seed(0)
-    feats, labels = torch.randn(80, 81, 7, 7), torch.arange(80) % 10
-    test = (torch.randn(20, 81, 7, 7), torch.arange(20) % 10)
+    feats, labels = fmnist_claim.normalized_features(torch.randn(80, 81, 7, 7)), torch.arange(80) % 10
+    test = (fmnist_claim.normalized_features(torch.randn(20, 81, 7, 7)), torch.arange(20) % 10)
     args = argparse.Namespace(noise=[0.0, 0.4], seeds=2, tune_seeds=1, epochs=1, train=40, val=16, batch_size=8,
-                              b=[1, 8])
+                              b=[1, 8], methods=["adaptive"])
+    # the work split between processes: adaptive alone, then plain and fixed; no summary until all three ran
+    assert "without --methods" in fmnist_claim.run_claim(feats, labels, test, args, tmp_path)
+    fmnist_claim.run_claim(feats, labels, test, argparse.Namespace(**{**vars(args), "methods": ["plain", "fixed"]}),
+                           tmp_path)
+    stored = (tmp_path / "fmnist-claim-noise0.4.runs.jsonl").read_text()
+    assert not (tmp_path / "fmnist-claim.md").exists()
+    args.methods = None
     text = fmnist_claim.run_claim(feats, labels, test, args, tmp_path)
+    assert (tmp_path / "fmnist-claim-noise0.4.runs.jsonl").read_text() == stored   # every run read back
     # 4 clipping cells x 2 noise levels compared with plain; Holm over all 8
     assert "Holm-adjusted over all 8 comparisons" in text and "chosen on validation" in text
     assert "| 40% |" in text and "fixed b=8" in text and "adaptive b=1" in text
@@ -206,14 +229,15 @@ def test_claim_runs_end_to_end_on_random_features(tmp_path, monkeypatch):
     assert (tmp_path / "fmnist-claim.md").exists() and (tmp_path / "fmnist-claim-noise0.4-vs-b.png").exists()
 
 
+@pytest.mark.slow
 def test_dp_curve_calibrates_each_b_to_the_target(tmp_path):
     """The DP curve: every b spends epsilon 3 (the engine's calibration); b > 1 needs about twice the noise."""
     import argparse
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    feats, labels = torch.randn(60, 81, 7, 7), torch.arange(60) % 10
-    test = (torch.randn(10, 81, 7, 7), torch.arange(10) % 10)
+    feats, labels = fmnist_claim.normalized_features(torch.randn(60, 81, 7, 7)), torch.arange(60) % 10
+    test = (fmnist_claim.normalized_features(torch.randn(10, 81, 7, 7)), torch.arange(10) % 10)
     args = argparse.Namespace(seeds=2, b=[1, 4], epochs=2, batch_size=12, lr=1.0)
     text = fmnist_claim.run_dpcurve(feats, labels, test, args, tmp_path)
     blob = json.loads((tmp_path / "fmnist-dpcurve.json").read_text())
