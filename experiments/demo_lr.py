@@ -2,9 +2,10 @@
 
     python -m experiments.demo_lr [--seeds 4] [--test-seeds 5] [--epochs 30]
 
-The demo (``python -m tutorials.demo_digits``) compares plain SGD with fixed
-clipping (b=8, C=1) at one shared learning rate, which measures the learning
-rate rather than the method. Here each of the two gets its own learning rate,
+The demo (``python -m tutorials.demo_digits``) and tutorial 01 compare plain SGD
+with fixed clipping (b=8, C=1). They once did so at one shared learning rate,
+which measures the learning rate rather than the method. Here each of the two
+gets its own learning rate (the demo's and tutorial 01's defaults since),
 chosen on a validation split carved out of the demo's (noisy) training set,
 with the demo's exact model, optimizer, batch size, epochs and noise. The
 chosen rates are then run through the demo's own ``train`` function on the

@@ -3,7 +3,8 @@
     python -m experiments.fmnist table1 [--rows linear cnn scatcnn] [--methods engine opacus]
                                         [--seeds 0 1 2 3 4] [--epochs 40]
     python -m experiments.fmnist report          # results/fmnist/*.json -> results/fmnist-table1.{md,json}
-    python -m experiments.fmnist claim [--subset 6000] [--epochs 5] [--noise 0 0.2 0.4]
+    python -m experiments.fmnist claim [--seeds 10] [--tune-seeds 2] [--train 5000] [--epochs 6]
+    python -m experiments.fmnist dpcurve [--seeds 5] [--b 1 4 16 64]
     python -m experiments.fmnist features        # compute and cache the ScatterNet features
     python -m experiments.fmnist smoke           # seconds: every code path on a few hundred images
 
@@ -34,10 +35,8 @@ number would be), epsilon and wall time. Differences from the paper's code: Pois
 instead of shuffled fixed-size batches; epsilon from a PRV accountant instead of RDP with the
 old conversion (the paper's z was calibrated so that RDP reaches 3 after 40 epochs).
 
-``claim`` is a SMALL-SCALE version of the issue's Part 2: noise-free micro-batch clipping (fixed,
-adaptive) against plain SGD on a subset of Fashion-MNIST ScatterNet features with 0/20/40% of
-training labels flipped, learning rate (and C) tuned per (method, b) on a validation split, via
-:func:`dp_microclip.tools.sweep.sweep`.
+``claim`` (issue 27 Part 2: noise-free clipping against tuned plain SGD with flipped labels) and
+``dpcurve`` (DP utility against b at epsilon 3) live in :mod:`experiments.fmnist_claim`.
 """
 
 from __future__ import annotations
@@ -55,6 +54,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .fmnist_claim import CLAIM_B, normalized_cache, run_claim, run_dpcurve
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = RESULTS / "fmnist"
@@ -362,45 +363,9 @@ def report(out: Path = RUNS, dest: Path = RESULTS) -> str:
     return text
 
 
-# ------------------------------------------------------------------------------------------- Part 2
-def flip_labels(y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flip ``fraction`` of the labels to a different class drawn uniformly; returns (labels, flipped mask)."""
-    g = torch.Generator().manual_seed(seed)
-    y = y.clone()
-    mask = torch.zeros(len(y), dtype=torch.bool)
-    idx = torch.randperm(len(y), generator=g)[:int(round(fraction * len(y)))]
-    mask[idx] = True
-    y[idx] = (y[idx] + torch.randint(1, 10, (len(idx),), generator=g)) % 10
-    return y, mask
-
-
-def claim(features, labels, test, noise: float, args, out: Path = RESULTS):
-    """SMALL-SCALE Part 2 for one label-noise rate: plain vs fixed/adaptive clipping, tuned on validation.
-
-    A subset of ``args.subset`` training examples (and a validation split a fifth of that, as noisy),
-    the ScatterNet + linear model, :func:`dp_microclip.tools.sweep.sweep` over ``args.b`` and ``args.lrs``.
-    Limits: the flipped labels are drawn once (not per seed), and the tuning seeds' runs are reused
-    as reporting runs (the sweep's design). Returns ``(SweepResult, file prefix)``.
-    """
-    from dp_microclip.tools.sweep import SweepSettings, sweep
-
-    g = torch.Generator().manual_seed(1234)
-    perm = torch.randperm(len(features), generator=g)[:args.subset + args.subset // 5]
-    tr, va = perm[:args.subset], perm[args.subset:]
-    y_tr, _ = flip_labels(labels[tr], noise, seed=0)
-    y_va, _ = flip_labels(labels[va], noise, seed=1)  # validation as noisy as training; test stays clean
-    settings = SweepSettings(
-        methods=("plain", "fixed", "adaptive"), micro_batch_sizes=tuple(args.b), seeds=tuple(range(args.seeds)),
-        tune_seeds=min(2, args.seeds), learning_rates=tuple(args.lrs), max_grad_norms=(0.1, 1.0), batch_size=args.batch_size,
-        epochs=args.epochs, name=f"fmnist-claim-{noise}-{args.subset}-{args.epochs}")
-    prefix = f"fmnist-claim-noise{noise}"
-    return sweep(scatter_linear, (features[tr], y_tr), (features[va], y_va), test, settings,
-                 store=Path(out) / f"{prefix}.runs.jsonl", progress=False), prefix
-
-
 # ------------------------------------------------------------------------------------------- CLI
 def main(argv=None) -> None:
-    """Command line: ``table1``, ``report``, ``claim``, ``features``, ``smoke`` (see the module docstring)."""
+    """Command line: ``table1``, ``report``, ``claim``, ``dpcurve``, ``features``, ``smoke`` (module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared: 1)")
     p.add_argument("--data", default=None, help="folder of the IDX .gz files (default $FMNIST_DIR or Debian's)")
@@ -413,15 +378,26 @@ def main(argv=None) -> None:
     t.add_argument("--out", default=str(RUNS))
     sub.add_parser("report", help="summarise results/fmnist/*.json")
     sub.add_parser("features", help="compute and cache the ScatterNet features")
-    c = sub.add_parser("claim", help="small-scale Part 2 (noise-free clipping vs plain SGD, flipped labels)")
-    c.add_argument("--subset", type=int, default=6000)
-    c.add_argument("--epochs", type=int, default=5)
-    c.add_argument("--seeds", type=int, default=5, help="paired seeds (the first 2 also tune)")
+    c = sub.add_parser("claim", help="Part 2: noise-free clipping vs tuned plain SGD with flipped labels")
+    c.add_argument("--train", type=int, default=5000, help="training subset drawn per seed from the 60,000")
+    c.add_argument("--val", type=int, default=1000, help="validation split drawn per seed (as noisy as training)")
+    c.add_argument("--epochs", type=int, default=6)
+    c.add_argument("--seeds", type=int, default=10, help="paired reporting seeds 0..n-1")
+    c.add_argument("--tune-seeds", type=int, default=2, help="tuning seeds 1000, 1001, ... (never reported)")
     c.add_argument("--noise", nargs="+", type=float, default=[0.0, 0.2, 0.4])
-    c.add_argument("--b", nargs="+", type=int, default=[1, 4, 16, 64])
+    c.add_argument("--b", nargs="+", type=int, default=list(CLAIM_B))
     c.add_argument("--batch-size", type=int, default=64)
-    c.add_argument("--lrs", nargs="+", type=float, default=[0.03, 0.1, 0.3, 1.0])
+    c.add_argument("--methods", nargs="+", choices=["plain", "fixed", "adaptive"], default=None,
+                   help="train only these methods' runs into the stores (to share the work between processes); "
+                        "the summary needs a call without it")
     c.add_argument("--out", default=str(RESULTS))
+    d = sub.add_parser("dpcurve", help="DP utility against b at epsilon 3 (all 60,000 training images)")
+    d.add_argument("--seeds", type=int, default=5)
+    d.add_argument("--b", nargs="+", type=int, default=[1, 4, 16, 64])
+    d.add_argument("--epochs", type=int, default=10)
+    d.add_argument("--batch-size", type=int, default=2048)
+    d.add_argument("--lr", type=float, default=4.0)
+    d.add_argument("--out", default=str(RESULTS))
     sub.add_parser("smoke", help="every code path on a few hundred images (seconds)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -452,13 +428,12 @@ def main(argv=None) -> None:
         print(report(out, RESULTS if out.resolve() == RUNS.resolve() else out))
     elif args.cmd == "report":
         print(report())
-    elif args.cmd == "claim":
+    elif args.cmd in ("claim", "dpcurve"):
         x_tr, y_tr, x_te, y_te = load_fmnist(args.data)
-        f_tr, f_te = scatter_features(x_tr, x_te)
-        for noise in args.noise:
-            result, prefix = claim(f_tr, y_tr, (f_te, y_te), noise, args, Path(args.out))
-            result.save(Path(args.out), prefix, plots=False)
-            print(f"## label noise {noise}\n{result.to_markdown()}")
+        f_tr, f_te = normalized_cache(lambda: scatter_features(x_tr, x_te), len(x_tr), len(x_te), CACHE)
+        del x_tr, x_te
+        run = run_claim if args.cmd == "claim" else run_dpcurve
+        print(run(f_tr, y_tr, (f_te, y_te), args, Path(args.out)))
     elif args.cmd == "smoke":
         x_tr, y_tr, x_te, y_te = load_fmnist(args.data)
         small = (x_tr[:512], y_tr[:512], x_te[:256], y_te[:256])

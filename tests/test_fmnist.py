@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from experiments import fmnist
+from experiments import fmnist, fmnist_claim
 
 
 def write_idx(path, array: np.ndarray) -> None:
@@ -88,13 +88,6 @@ def test_models_have_the_papers_shapes():
     assert fmnist.scatter_cnn()(torch.zeros(2, 81, 7, 7)).shape == (2, 10)
 
 
-def test_flip_labels_flips_exactly_the_fraction():
-    y = torch.arange(1000) % 10
-    noisy, mask = fmnist.flip_labels(y, 0.2, seed=0)
-    assert int(mask.sum()) == 200
-    assert torch.all(noisy[mask] != y[mask]) and torch.equal(noisy[~mask], y[~mask])
-
-
 @pytest.mark.parametrize("method", ["engine", "opacus", "opacus_ghost"])
 def test_tiny_dp_run(fixture_dir, tmp_path, method):
     """A few seconds of the Table 1 training loop on the fixture: it records what ran and an epsilon."""
@@ -150,21 +143,114 @@ def test_scatter_features_if_kymatio_is_installed():
     assert f.shape == (3, 81, 7, 7)
 
 
-def test_claim_code_path_on_random_features(tmp_path):
-    """Part 2's small-scale sweep runs end to end (random features: checks the plumbing, not the science)."""
+def test_normalized_features_train_like_the_papers_model():
+    """GroupNorm applied once + a linear layer is the paper's ScatterNet + linear, output for output."""
+    torch.manual_seed(0)
+    feats = 3 * torch.randn(6, 81, 7, 7) + 1
+    full = fmnist.scatter_linear()
+    lin = fmnist_claim.flat_linear()
+    lin.load_state_dict(full[2].state_dict())
+    flat = fmnist_claim.normalized_features(feats, chunk=4)      # chunked like the real 60,000
+    assert flat.shape == (6, 3969)
+    torch.testing.assert_close(lin(flat), full(feats))
+
+
+def test_normalized_cache_is_written_once_and_read_back(tmp_path):
+    calls = []
+
+    def features():
+        calls.append(1)
+        torch.manual_seed(0)
+        return torch.randn(5, 81, 7, 7), torch.randn(3, 81, 7, 7)
+
+    tr, te = fmnist_claim.normalized_cache(features, 5, 3, tmp_path)
+    tr2, te2 = fmnist_claim.normalized_cache(features, 5, 3, tmp_path)   # memory-mapped, features not recomputed
+    assert calls == [1] and tr.shape == (5, 3969) and te.shape == (3, 3969)
+    assert torch.equal(tr, tr2) and torch.equal(te, te2)
+    torch.testing.assert_close(tr, fmnist_claim.normalized_features(features()[0]))
+
+
+def test_claim_splits_are_paired_within_a_seed_and_drawn_per_seed():
+    x = torch.arange(1000, dtype=torch.float32).unsqueeze(1)
+    y = torch.arange(1000) % 10
+    test = (x[:5], y[:5])
+    a = fmnist_claim.claim_splits(x, y, test, 0.4, seed=3, n_train=600, n_val=200)
+    b = fmnist_claim.claim_splits(x, y, test, 0.4, seed=3, n_train=600, n_val=200)
+    c = fmnist_claim.claim_splits(x, y, test, 0.4, seed=4, n_train=600, n_val=200)
+    for part in (0, 1):                                          # same seed: the same data for every method
+        assert torch.equal(a[part][0], b[part][0]) and torch.equal(a[part][1], b[part][1])
+    assert not torch.equal(a[0][0], c[0][0])                    # another seed: another subset
+    (xtr, ytr), (xva, yva), t = a
+    assert t is test and len(xtr) == 600 and len(xva) == 200
+    assert not set(xtr[:, 0].tolist()) & set(xva[:, 0].tolist())   # train and validation disjoint
+    clean_tr, clean_va = y[xtr[:, 0].long()], y[xva[:, 0].long()]
+    flipped = (ytr != clean_tr).float().mean().item()
+    assert 0.33 < flipped < 0.47                                 # about 40% flipped, never to the same class
+    assert 0.3 < (yva != clean_va).float().mean().item() < 0.5
+    clean = fmnist_claim.claim_splits(x, y, test, 0.0, seed=3, n_train=600, n_val=200)
+    assert torch.equal(clean[0][1], y[clean[0][0][:, 0].long()])
+    with pytest.raises(ValueError, match="examples available"):
+        fmnist_claim.claim_splits(x, y, test, 0.0, seed=0, n_train=900, n_val=200)
+
+
+def test_claim_runs_end_to_end_on_random_features(tmp_path, monkeypatch):
+    """Part 2's sweeps and summary on random features: the plumbing, not the science."""
     import argparse
 
+    torch.set_num_threads(1)
+    monkeypatch.setattr(fmnist_claim, "CLAIM_LRS", {"plain": (0.001, 0.01), "fixed": (0.01,), "adaptive": (0.01,)})
+    monkeypatch.setattr(fmnist_claim, "CLAIM_C", (1.0, 10.0))
     torch.manual_seed(0)
-    feats = torch.randn(150, 81, 7, 7)
-    labels = torch.arange(150) % 10
-    test = (torch.randn(20, 81, 7, 7), torch.arange(20) % 10)
-    args = argparse.Namespace(subset=100, epochs=1, seeds=1, b=[1, 4], batch_size=20, lrs=[0.1])
-    result, prefix = fmnist.claim(feats, labels, test, 0.2, args, tmp_path)
-    assert prefix == "fmnist-claim-noise0.2"
-    table = result.to_markdown()
-    for method in ("plain", "fixed", "adaptive"):
-        assert method in table
-    assert (tmp_path / "fmnist-claim-noise0.2.runs.jsonl").exists()
+    feats, labels = fmnist_claim.normalized_features(torch.randn(80, 81, 7, 7)), torch.arange(80) % 10
+    test = (fmnist_claim.normalized_features(torch.randn(20, 81, 7, 7)), torch.arange(20) % 10)
+    args = argparse.Namespace(noise=[0.0, 0.4], seeds=2, tune_seeds=1, epochs=1, train=40, val=16, batch_size=8,
+                              b=[1, 8], methods=["adaptive"])
+    # the work split between processes: adaptive alone, then plain and fixed; no summary until all three ran
+    assert "without --methods" in fmnist_claim.run_claim(feats, labels, test, args, tmp_path)
+    fmnist_claim.run_claim(feats, labels, test, argparse.Namespace(**{**vars(args), "methods": ["plain", "fixed"]}),
+                           tmp_path)
+    stored = (tmp_path / "fmnist-claim-noise0.4.runs.jsonl").read_text()
+    assert not (tmp_path / "fmnist-claim.md").exists()
+    args.methods = None
+    text = fmnist_claim.run_claim(feats, labels, test, args, tmp_path)
+    assert (tmp_path / "fmnist-claim-noise0.4.runs.jsonl").read_text() == stored   # every run read back
+    # 4 clipping cells x 2 noise levels compared with plain; Holm over all 8
+    assert "Holm-adjusted over all 8 comparisons" in text and "chosen on validation" in text
+    assert "| 40% |" in text and "fixed b=8" in text and "adaptive b=1" in text
+    blob = json.loads((tmp_path / "fmnist-claim.json").read_text())
+    assert blob["comparisons"] == 8 and set(blob["chosen"]) == {"0.0", "0.4"}
+    runs = [json.loads(line) for line in (tmp_path / "fmnist-claim-noise0.4.runs.jsonl").read_text().splitlines()]
+    assert {r["seed"] for r in runs} == {0, 1, 1000}             # tuning seed apart from the reporting seeds
+    assert sum(r["method"] == "plain" and r["seed"] == 1000 for r in runs) == 2  # plain's grid as fine as fixed's
+    # adaptive at b = B is plain SGD: at plain's learning rate it is the same run (the built-in null)
+    same = [r for r in runs if r["seed"] == 1000 and r["lr"] == 0.01 and r["method"] in ("plain", "adaptive")
+            and r["micro_batch_size"] in (None, 8)]
+    assert len(same) == 2 and same[0]["val"] == same[1]["val"]
+    assert (tmp_path / "fmnist-claim.md").exists() and (tmp_path / "fmnist-claim-noise0.4-vs-b.png").exists()
+
+
+@pytest.mark.slow
+def test_dp_curve_calibrates_each_b_to_the_target(tmp_path):
+    """The DP curve: every b spends epsilon 3 (the engine's calibration); b > 1 needs about twice the noise."""
+    import argparse
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    feats, labels = fmnist_claim.normalized_features(torch.randn(60, 81, 7, 7)), torch.arange(60) % 10
+    test = (fmnist_claim.normalized_features(torch.randn(10, 81, 7, 7)), torch.arange(10) % 10)
+    args = argparse.Namespace(seeds=2, b=[1, 4], epochs=2, batch_size=12, lr=1.0)
+    text = fmnist_claim.run_dpcurve(feats, labels, test, args, tmp_path)
+    blob = json.loads((tmp_path / "fmnist-dpcurve.json").read_text())
+    z = {b: blob[b]["runs"][0]["noise_multiplier"] for b in ("1", "4")}
+    for b in ("1", "4"):
+        for r in blob[b]["runs"]:
+            assert r["epsilon"] == pytest.approx(3.0, abs=0.05)
+    assert z["4"] > 1.5 * z["1"]
+    assert "vs b=1" in text and blob["4"]["diff_vs_first"]["n"] == 2
+    lines = (tmp_path / "fmnist-dpcurve.runs.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+    fmnist_claim.run_dpcurve(feats, labels, test, args, tmp_path)   # resumable: nothing rerun
+    assert (tmp_path / "fmnist-dpcurve.runs.jsonl").read_text().splitlines() == lines
 
 
 def test_command_line_names_the_package_when_data_is_missing(tmp_path, capsys):
