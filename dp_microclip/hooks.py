@@ -410,8 +410,8 @@ class HookSet:
 
             return AttentionCapture(mha, unit.path, on_linear, on_cross)
 
-        self._install_capture(unit.path, mha, start, modes, f"{unit.path}: nn.MultiheadAttention ran without the expected "
-                              "projection call (a fast path or a changed torch version?)")
+        self._install_capture(unit.path, mha, start, modes, f"{unit.path}: nn.MultiheadAttention ran without the "
+                              "expected projection call (a fast path or a changed torch version?)")
 
     # --------------------------------------------------------------------- RNNs
     def _install_rnn(self, unit: Unit) -> None:
@@ -449,8 +449,8 @@ class HookSet:
 
             return RNNCapture(module, unit.path, on_part)
 
-        self._install_capture(unit.path, unit.module, start, modes, f"{unit.path}: {type(unit.module).__name__} ran without "
-                              "the expected fused RNN call (a changed torch version?)")
+        self._install_capture(unit.path, unit.module, start, modes, f"{unit.path}: {type(unit.module).__name__} "
+                              "ran without the expected fused RNN call (a changed torch version?)")
 
     def _install_capture(self, path: str, module: nn.Module, start, modes: list, missing: str) -> None:
         """Hook a module whose parameters a function mode captures: ``start(module, args, ctx)`` makes the mode,

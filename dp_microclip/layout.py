@@ -41,10 +41,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .contract import NoDropout
-from .errors import BatchError
+from .contract import NoDropout, mixing_error
+from .errors import BatchError, PrivacyError
 from .layers.traits import CHANNELS_FIRST
-from .rows import BROADCAST, Fold, RowsProblem, TensorPrint, analyse, fingerprint, probe_order
+from .rows import BROADCAST, Fold, RowsProblem, TensorPrint, analyse, check_sizes, fingerprint, probe_order, refusal
 from .tensors import output_tensors
 
 __all__ = ["BROADCAST", "Fold", "LayoutLearner", "declared_batch_dim"]  # re-exported for the hooks
@@ -165,8 +165,9 @@ def _structure(leaves) -> tuple:
 
 def _shapes_key(leaves, dims: tuple, batch: int) -> tuple:
     # B = 1 gets its own probe: with one example, a row map cannot be told from an example's own rows.
-    return (batch == 1,) + tuple((n, tuple(-1 if d == dim else s for d, s in enumerate(t.shape)), t.dtype, t.device.type)
-                 for (n, t), dim in zip(leaves, dims))
+    return (batch == 1,) + tuple(
+        (n, tuple(-1 if d == dim else s for d, s in enumerate(t.shape)), t.dtype, t.device.type)
+        for (n, t), dim in zip(leaves, dims))
 
 
 def _describe(leaves, dims) -> str:
@@ -205,8 +206,9 @@ class LayoutLearner:
         index = self._probe_calls.get(path, 0)
         self._probe_calls[path] = index + 1
         inputs = tuple(fingerprint(a) if torch.is_tensor(a) else None for a in args)
+        out: tuple | TensorPrint | None = None
         if output is None:
-            out = None
+            pass
         elif torch.is_tensor(output):
             out = fingerprint(output)
         else:
@@ -324,11 +326,13 @@ class LayoutLearner:
                     break
                 chosen[i] = passing[0]
             if failed is None:
-                score, why, records, outputs = attempt(tuple(chosen))
+                score, why, records, outputs, follows = attempt(tuple(chosen))
                 if score > 0:
                     return Signature(probe, full=full[0], probe=records, input_dims=tuple(chosen),
                                      output_dims=outputs, full_batch=batch)
                 failed = why
+                if follows and d0 == 0 and len(firsts) > 1:
+                    self._contradiction(why, follows)  # batch-first output, a module declaring otherwise
             reasons.append(f"batch along dimension {d0} of the first input ({_describe(leaves, chosen)}): {failed}")
         declared = "" if self.root_batch_dim is None else f" (declared: dimension {self.root_batch_dim})"
         raise BatchError(
@@ -340,7 +344,8 @@ class LayoutLearner:
         )
 
     def _attempt(self, root, args, kwargs, dims: tuple, batch: int, probe: int, full, state) -> tuple:
-        """Run the B' pass with the inputs cut along ``dims``: (score, why not, records, output dims).
+        """Run the B' pass with the inputs cut along ``dims``: (score, why not, records, output dims, how
+        the output follows the batch regardless of declared layouts).
 
         Score 2: the model's output follows the batch and its rows equal the whole batch's; 1: it follows
         the batch in shape only (the model mixes examples); 0: this layout does not fit (``why``).
@@ -349,7 +354,8 @@ class LayoutLearner:
         try:
             records, outputs = self._pass(root, p_args, p_kwargs, state)
         except Exception as err:  # noqa: BLE001 - the user's forward on B' examples
-            return 0, f"the forward failed ({type(err).__name__}: {str(err)[:200]})", {}, ()
+            return 0, f"the forward failed ({type(err).__name__}: {str(err)[:200]})", {}, (), 0
+        conflict = ""
         for path, dim in self.declared.items():
             for key, rec in full[0].items():
                 if key[0] != path or key not in records or not rec.inputs or rec.inputs[0] is None:
@@ -358,12 +364,12 @@ class LayoutLearner:
                 if probed is None:
                     continue
                 moved = [d for d in range(len(real)) if len(probed.shape) == len(real) and real[d] != probed.shape[d]]
-                if moved != [dim]:
-                    return 0, (f"{path} declares its batch along dimension {dim}, but its input {real} changed "
-                               f"along {moved or 'no dimension'} (to {probed.shape})"), {}, ()
+                if moved != [dim] and not conflict:
+                    conflict = (f"{path} declares its batch along dimension {dim}, but its input {real} changed "
+                                f"along {moved or 'no dimension'} (to {probed.shape})")
         score, out_dims = 0, []
         if len(outputs) != len(full[1]):
-            return 0, "the model returned another number of tensors", {}, ()
+            return 0, "the model returned another number of tensors", {}, (), 0
         for i, (f, p) in enumerate(zip(full[1], outputs)):
             try:
                 found = analyse(f, p, batch, 0, f"output {i}")
@@ -377,10 +383,24 @@ class LayoutLearner:
                 out_dims.append(None if isinstance(found, Fold) else found)
             else:
                 out_dims.append(None)
+        if conflict:
+            return 0, conflict, {}, (), score
         if score == 0:
             return 0, f"the model's output {[f.shape for f in full[1]]} does not follow the batch (it was " \
-                      f"{[p.shape for p in outputs]} on {probe} examples)", {}, ()
-        return score, "", records, tuple(out_dims)
+                      f"{[p.shape for p in outputs]} on {probe} examples)", {}, (), 0
+        return score, "", records, tuple(out_dims), score
+
+    def _contradiction(self, conflict: str, follows: int) -> None:
+        """The output follows dimension 0 but a module declares another batch dimension: a batch_first
+        mistake (attention across the batch) or a sequence-first model. Refused: which is not for us to guess."""
+        if follows == 1 and self.dp:
+            raise PrivacyError(mixing_error(f"with the batch along dimension 0, {conflict}, and the output's rows "
+                                            "change when the other examples change"))
+        raise BatchError(
+            f"With the batch along dimension 0 of the model's input, {conflict}. Either the input is batch-first "
+            "and that module runs across the batch (pass batch_first=True to it), or the model is sequence-first "
+            "(declare it: attach(..., batch_first=False)). dp_microclip refuses rather than guess which."
+        )
 
     # ------------------------------------------------------------------ per layer call
     def layout(self, unit, ctx, index: int, args: tuple, output) -> CallLayout:
@@ -389,6 +409,10 @@ class LayoutLearner:
         key = (unit.path, index)
         where = f"{unit.path or '<root module>'} ({type(unit.module).__name__})"
         learned = signature.learned.get(key)
+        if signature.probe_batch is None:  # an empty batch: nothing to learn from, nothing to split
+            dims = tuple(unit.batch_dim if torch.is_tensor(a) and a.dim() > unit.batch_dim else None for a in args)
+            return CallLayout(dims, unit.batch_dim if torch.is_tensor(output)
+                              else tuple(unit.batch_dim for _ in output_tensors(output)))
         if learned is None:
             full, part = signature.full.get(key), signature.probe.get(key)
             if full is None or part is None:
@@ -399,7 +423,7 @@ class LayoutLearner:
                     "examples. Run every layer with trainable parameters on every batch, or freeze it."
                 )
             learned = signature.learned[key] = self._learn_call(unit, signature, full, part, where)
-        _check_sizes(learned, args, output, ctx.batch_size, where)
+        check_sizes(learned, args, output, ctx.batch_size, where)
         return learned
 
     def _learn_call(self, unit, signature: Signature, full: ProbeRecord, part: ProbeRecord, where: str) -> CallLayout:
@@ -416,7 +440,7 @@ class LayoutLearner:
                     return found.dim  # noise-free: a model that mixes examples trains along its batch dimension
                 if not required:
                     return None
-                raise BatchError(_refusal(found, self.dp))
+                raise BatchError(refusal(found))
             return found
 
         inputs = tuple(spec(f, part.inputs[i] if i < len(part.inputs) else None, f"input {i}", True)
@@ -450,36 +474,6 @@ def _candidates(t: torch.Tensor, batch: int, d0: int) -> list:
     if not dims:
         return [None]
     return sorted(dims, key=lambda d: (d != d0, d))
-
-
-def _refusal(problem: RowsProblem, dp: bool) -> str:
-    if problem.kind == "mixed":
-        return (f"{problem.text}. DP mode needs each example's rows to depend on that example only: compute "
-                "statistics per example (nn.LayerNorm, nn.GroupNorm) instead of over the batch.")
-    return (f"{problem.text}. dp_microclip cannot tell which example each of those rows belongs to, and refuses "
-            "rather than guess. Keep the batch as its own dimension in this layer's input (a dense "
-            "mixture-of-experts: every expert on (B, T, d) weighted by its gate), or freeze the layer "
-            "(requires_grad=False) before attach().")
-
-
-def _check_sizes(layout: CallLayout, args: tuple, output, batch: int, where: str) -> None:
-    """The learned layout still fits this call: every batched tensor has the batch (or k rows per example)."""
-    tensors = [(a, d) for a, d in zip(args, layout.inputs) if torch.is_tensor(a)]
-    if torch.is_tensor(output):
-        tensors.append((output, layout.output))
-    for t, d in tensors:
-        if isinstance(d, Fold):
-            ok = t.dim() > d.dim and t.shape[d.dim] % batch == 0
-        elif isinstance(d, int) and not isinstance(d, bool):
-            ok = t.dim() > d and t.shape[d] == batch
-        else:
-            continue
-        if not ok:
-            raise BatchError(
-                f"{where}: a tensor of shape {tuple(t.shape)} does not have the batch ({batch} examples) where the "
-                f"layout probe found it ({d}): the layout changed with the data. Keep one batch dimension, with the "
-                "same place in every batch, in this layer's inputs."
-            )
 
 
 def _restore(root: nn.Module, saved: dict) -> None:

@@ -233,3 +233,35 @@ def analyse(full: TensorPrint, part: TensorPrint, batch: int, declared: int, whe
     return RowsProblem("mixed", (
         f"{where}: along dimension {d} its rows {shown} change when the other examples of the batch change "
         "(batch statistics or another computation across examples upstream)"), d if k == 1 else None)
+
+
+def refusal(problem: RowsProblem) -> str:
+    """The refusal of rows that cannot be given to examples: the cause and the fix."""
+    if problem.kind == "mixed":
+        return (f"{problem.text}. DP mode needs each example's rows to depend on that example only: compute "
+                "statistics per example (nn.LayerNorm, nn.GroupNorm) instead of over the batch.")
+    return (f"{problem.text}. dp_microclip cannot tell which example each of those rows belongs to, and refuses "
+            "rather than guess. Keep the batch as its own dimension in this layer's input (a dense "
+            "mixture-of-experts: every expert on (B, T, d) weighted by its gate), or freeze the layer "
+            "(requires_grad=False) before attach().")
+
+
+def check_sizes(layout, args: tuple, output, batch: int, where: str) -> None:
+    """A learned ``CallLayout`` (``layout.py``) still fits this call: each batched tensor has the batch
+    (or ``k`` rows per example) where the probe found it."""
+    tensors = [(a, d) for a, d in zip(args, layout.inputs) if torch.is_tensor(a)]
+    if torch.is_tensor(output):
+        tensors.append((output, layout.output))
+    for t, d in tensors:
+        if isinstance(d, Fold):
+            ok = t.dim() > d.dim and t.shape[d.dim] % batch == 0
+        elif isinstance(d, int) and not isinstance(d, bool):
+            ok = t.dim() > d and t.shape[d] == batch
+        else:
+            continue
+        if not ok:
+            raise BatchError(
+                f"{where}: a tensor of shape {tuple(t.shape)} does not have the batch ({batch} examples) where the "
+                f"layout probe found it ({d}): the layout changed with the data. Keep one batch dimension, with the "
+                "same place in every batch, in this layer's inputs."
+            )
