@@ -169,7 +169,7 @@ class ExpertChoiceMoE(nn.Module):
         x = self.embed(ids)
         b, t, d = x.shape
         rows = x.reshape(b * t, d)
-        gates = torch.softmax(self.router(rows), dim=-1)  # (B*T, E)
+        gates = torch.softmax(self.router(x), dim=-1).reshape(b * t, -1)  # (B*T, E)
         out = rows.clone()
         for e, expert in enumerate(self.experts):
             score, idx = gates[:, e].topk(b)  # capacity B
