@@ -35,6 +35,7 @@ engine never trains on a guess.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -44,7 +45,8 @@ from torch import nn
 from .contract import NoDropout, mixing_error
 from .errors import BatchError, PrivacyError
 from .layers.traits import CHANNELS_FIRST
-from .rows import BROADCAST, Fold, RowsProblem, TensorPrint, analyse, check_sizes, fingerprint, probe_order, refusal
+from .rows import (BROADCAST, Fold, RowsProblem, TensorPrint, analyse, check_sizes, deviation, fingerprint,
+                   probe_order, refusal)
 from .tensors import output_tensors
 
 __all__ = ["BROADCAST", "Fold", "LayoutLearner", "declared_batch_dim"]  # re-exported for the hooks
@@ -304,29 +306,30 @@ class LayoutLearner:
                 return tried[dims]
 
             preferred = tuple(o[0] for o in options)
-            chosen = list(preferred)
-            failed = None
-            for i, opts in enumerate(options):
-                if len(opts) < 2:
-                    continue
-                scores = [(attempt(tuple(preferred[:i]) + (o,) + tuple(preferred[i + 1:]))[0], o) for o in opts]
-                best = max(s for s, _ in scores)
-                passing = [o for s, o in scores if s == best and s > 0]
-                if len(passing) > 1:
-                    raise BatchError(
-                        f"The model's input {leaves[i][0]} of shape {tuple(leaves[i][1].shape)} has the batch size "
-                        f"{batch} along dimensions {passing}, and the model runs and follows the batch whichever of "
-                        "them is cut, so its batch dimension cannot be learned. Give that input a layout in which "
-                        "only its batch dimension has the batch size (for example the batch first, the sequence "
-                        "length second, padded to a length other than the batch size), or pass it positionally in "
-                        "the layout of the first input."
-                    )
-                if not passing:
-                    failed = attempt(tuple(preferred[:i]) + (opts[0],) + tuple(preferred[i + 1:]))[1]
-                    break
-                chosen[i] = passing[0]
+            chosen, failed = list(preferred), None
+            if any(len(o) > 1 for o in options):
+                combos = list(itertools.product(*options))[:_MAX_COMBINATIONS]  # each: one forward, once
+                runs = [(attempt(c), c) for c in combos]
+                # Best: every moving output follows the batch right, the most outputs move, the rows agree best.
+                ranked = sorted(((r[0], r[6], -r[5]), c) for r, c in runs if r[0] > 0)
+                ranked.reverse()
+                if not ranked:
+                    failed = attempt(preferred)[1]
+                else:
+                    top, runner = ranked[0], ranked[1] if len(ranked) > 1 else None
+                    if runner is not None and runner[0][:2] == top[0][:2] and \
+                            -runner[0][2] <= max(10 * -top[0][2], 1e-9):
+                        differ = [leaves[i][0] for i in range(len(leaves)) if top[1][i] != runner[1][i]]
+                        raise BatchError(
+                            f"The model's input(s) {differ} have the batch size {batch} along several dimensions "
+                            f"({_describe(leaves, top[1])} or {_describe(leaves, runner[1])}), and the model runs "
+                            "and follows the batch either way, so their batch dimension cannot be learned. Give each "
+                            "input a layout in which only its batch dimension has the batch size (for example a "
+                            "sequence length other than the batch size), or pass them in the first input's layout."
+                        )
+                    chosen = list(top[1])
             if failed is None:
-                score, why, records, outputs, follows = attempt(tuple(chosen))
+                score, why, records, outputs, follows, _, _ = attempt(tuple(chosen))
                 if score > 0:
                     return Signature(probe, full=full[0], probe=records, input_dims=tuple(chosen),
                                      output_dims=outputs, full_batch=batch)
@@ -354,7 +357,7 @@ class LayoutLearner:
         try:
             records, outputs = self._pass(root, p_args, p_kwargs, state)
         except Exception as err:  # noqa: BLE001 - the user's forward on B' examples
-            return 0, f"the forward failed ({type(err).__name__}: {str(err)[:200]})", {}, (), 0
+            return 0, f"the forward failed ({type(err).__name__}: {str(err)[:200]})", {}, (), 0, 0.0, 0
         conflict = ""
         for path, dim in self.declared.items():
             for key, rec in full[0].items():
@@ -369,26 +372,31 @@ class LayoutLearner:
                                 f"along {moved or 'no dimension'} (to {probed.shape})")
         score, out_dims = 0, []
         if len(outputs) != len(full[1]):
-            return 0, "the model returned another number of tensors", {}, (), 0
+            return 0, "the model returned another number of tensors", {}, (), 0, 0.0, 0
+        statuses, error = [], 0.0  # per output that moves with the batch: 2 rows equal, 1 rows mixed, 0 neither
         for i, (f, p) in enumerate(zip(full[1], outputs)):
             try:
                 found = analyse(f, p, batch, 0, f"output {i}")
             except BatchError:
-                found = None
+                found = RowsProblem("routed", "")
             if isinstance(found, RowsProblem):
-                score = max(score, 1 if found.kind == "mixed" and found.dim is not None else 0)
+                statuses.append(1 if found.kind == "mixed" and found.dim is not None else 0)
                 out_dims.append(found.dim if found.kind == "mixed" else None)
             elif isinstance(found, Fold) or (isinstance(found, int) and f.shape != p.shape):
-                score = 2
+                statuses.append(2)
                 out_dims.append(None if isinstance(found, Fold) else found)
             else:
                 out_dims.append(None)
+                continue
+            if out_dims[-1] is not None:
+                error = max(error, deviation(f, p, batch, out_dims[-1]))
+        score = min(statuses) if statuses else 0  # every output that follows the batch must follow it right
         if conflict:
-            return 0, conflict, {}, (), score
+            return 0, conflict, {}, (), score, error, len(statuses)
         if score == 0:
             return 0, f"the model's output {[f.shape for f in full[1]]} does not follow the batch (it was " \
-                      f"{[p.shape for p in outputs]} on {probe} examples)", {}, (), 0
-        return score, "", records, tuple(out_dims), score
+                      f"{[p.shape for p in outputs]} on {probe} examples)", {}, (), 0, error, 0
+        return score, "", records, tuple(out_dims), score, error, len(statuses)
 
     def _contradiction(self, conflict: str, follows: int) -> None:
         """The output follows dimension 0 but a module declares another batch dimension: a batch_first
@@ -468,12 +476,16 @@ class LayoutLearner:
         return CallLayout(inputs, out)
 
 
+_MAX_COMBINATIONS = 32  # layouts of the inputs tried at most (inputs with the batch size along several dimensions)
+
+
 def _candidates(t: torch.Tensor, batch: int, d0: int) -> list:
     """The dimensions of a model input that may hold the batch, the first input's first; None when none can."""
     dims = [d for d in range(t.dim()) if t.shape[d] == batch]
     if not dims:
         return [None]
-    return sorted(dims, key=lambda d: (d != d0, d))
+    # Several dimensions of the batch size ((T, T) causal masks, (B, T) masks with T = B): maybe none is the batch.
+    return sorted(dims, key=lambda d: (d != d0, d)) + ([None] if len(dims) > 1 else [])
 
 
 def _restore(root: nn.Module, saved: dict) -> None:
