@@ -17,8 +17,9 @@ the activations). What is learned:
   output that must follow the batch); a declaration is checked, never trusted.
   Every other input is cut along ITS OWN batch dimension: the one with the batch
   size, and where several have it (a ``(B, T)`` padding mask next to a ``(T, B,
-  D)`` input with T = B) the one with which the model runs and its output
-  follows the batch. Still ambiguous: refused;
+  D)`` input with T = B, a ``(T, T)`` causal mask) each combination is tried and
+  the one under which the model runs and its outputs follow the batch, row for
+  row, wins. Still ambiguous: refused;
 * **each layer call's batch rows** (``rows.analyse``): the dimension whose size
   moved with the batch AND whose rows equal the same examples' rows of the whole
   batch, where the reordering moved them; ``B * k`` rows flattened with another axis get a row map
@@ -311,8 +312,8 @@ class LayoutLearner:
                 combos = list(itertools.product(*options))[:_MAX_COMBINATIONS]  # each: one forward, once
                 runs = [(attempt(c), c) for c in combos]
                 # Best: every moving output follows the batch right, the most outputs move, the rows agree best.
-                ranked = sorted(((r[0], r[6], -r[5]), c) for r, c in runs if r[0] > 0)
-                ranked.reverse()
+                ranked = sorted((((r[0], r[6], -r[5]), c) for r, c in runs if r[0] > 0), key=lambda x: x[0],
+                                reverse=True)
                 if not ranked:
                     failed = attempt(preferred)[1]
                 else:

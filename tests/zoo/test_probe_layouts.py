@@ -261,3 +261,23 @@ def test_a_model_that_cannot_run_on_another_batch_size_is_refused_in_noise_free_
     with pytest.raises(BatchError, match="the forward failed"):
         model(torch.randn(8, 3))
     engine.detach()
+
+
+def test_an_input_whose_batch_dimension_cannot_be_learned_is_refused():
+    """A (B, B) input the model ignores: cut along 0, along 1 or not at all, the model runs the same."""
+    import dp_microclip
+
+    class Ignores(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3, 2)
+
+        def forward(self, x, extra):
+            return self.linear(x)
+
+    model = Ignores()
+    engine = dp_microclip.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=1,
+                                 max_grad_norm=1.0)
+    with pytest.raises(BatchError, match=r"args.1.*cannot be learned"):
+        model(torch.randn(4, 3), torch.randn(4, 4))
+    engine.detach()
