@@ -93,9 +93,11 @@ def attach(
             per micro-batch, with a warning) or ``"error"``. Default: generic when
             noise-free, error in DP mode.
         normalize_gamma: the ``gamma`` of ``clipping="normalize"``.
-        batch_first: force the batch dimension (0 if True, 1 if False) of the model
-            input and of modules that do not declare one. Default: dimension 0,
-            or what a module declares (``batch_first`` of MHA / transformer layers).
+        batch_first: declare the batch dimension (0 if True, 1 if False) of the model's
+            first input; the layout probe checks it and refuses a contradiction. Default:
+            what the root module declares (``batch_first`` of MHA / transformer layers),
+            else learned (dimension 0, or 1 when the probe shows a sequence-first model).
+            Each layer's own batch dimension is always learned by the probe.
         seed: seeds the engine's own noise and grouping generators (default: a
             random seed from the OS; torch's global RNG is never used). For DP runs
             leave it unset: anyone who knows the seed can regenerate the noise.
@@ -187,13 +189,14 @@ def attach(
     if batch_first is not None and not isinstance(batch_first, bool):
         raise ConfigurationError(f"batch_first must be True, False or None. Found {batch_first!r}.")
     declared = declared_batch_first(model)
+    # None: nothing declares it; the probe learns it (dimension 0, else 1) and checks any declaration.
     root_batch_dim = (0 if batch_first else 1) if batch_first is not None else (
-        1 if declared is False else 0)
+        None if declared is None else (0 if declared else 1))
 
     def warn(key: str, message: str) -> None:
         warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
 
-    units = find_units(model, dp=dp, fallback=fallback, root_batch_dim=root_batch_dim, warn=warn)
+    units = find_units(model, dp=dp, fallback=fallback, root_batch_dim=root_batch_dim or 0, warn=warn)
     managed = managed_parameters(units)
     names = {id(p): n for n, p in model.named_parameters()}
     managed_ids = {id(p) for p in managed}

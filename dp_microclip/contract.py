@@ -72,7 +72,7 @@ def _mixed_rows(full: torch.Tensor, part: torch.Tensor, kept: int) -> list[int]:
     return bad.nonzero().flatten().tolist()
 
 
-def rows_mixed(root: torch.nn.Module, args, kwargs, batch_dim: int, batch_size: int, shrink) -> str | None:
+def rows_mixed(root: torch.nn.Module, args, kwargs, batch_dims: tuple, batch_size: int, shrink) -> str | None:
     """Whether the model's outputs for the first ``k`` examples change when the other examples are removed.
 
     Runs the model twice without gradients (the whole batch, then its first ``k = max(2, B // 2)``
@@ -80,13 +80,14 @@ def rows_mixed(root: torch.nn.Module, args, kwargs, batch_dim: int, batch_size: 
     The caller makes sure the engine's hooks capture nothing meanwhile.
 
     Args:
-        shrink: ``layout.shrink_batch`` (cuts the inputs to ``k`` examples).
+        batch_dims: per output tensor, its batch dimension (None: not compared), as the layout probe found it.
+        shrink: ``k -> (args, kwargs)`` with ``k`` examples, each input cut along its own batch dimension.
 
     Returns:
         None when every kept row agrees; else a description of the first output that differs.
     """
     kept = max(2, batch_size // 2)
-    p_args, p_kwargs = shrink(args, batch_dim, batch_size, kept), shrink(kwargs, batch_dim, batch_size, kept)
+    p_args, p_kwargs = shrink(kept)
     saved = {name: b.clone() for name, b in root.named_buffers()}
     devices = sorted({t.device.index for t in list(saved.values()) + list(root.parameters())
                       if t.device.type == "cuda"})
@@ -102,8 +103,8 @@ def rows_mixed(root: torch.nn.Module, args, kwargs, batch_dim: int, batch_size: 
             part = output_tensors(root(*p_args, **p_kwargs))
     finally:
         _restore_buffers(root, saved)
-    for i, (f, p) in enumerate(zip(full, part)):
-        if not (f.is_floating_point() and f.dim() > batch_dim and p.dim() == f.dim()):
+    for i, (f, p, batch_dim) in enumerate(zip(full, part, batch_dims)):
+        if batch_dim is None or not (f.is_floating_point() and f.dim() > batch_dim and p.dim() == f.dim()):
             continue
         if f.shape[batch_dim] != batch_size or p.shape[batch_dim] != kept:
             continue

@@ -57,7 +57,7 @@ class Engine:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, settings: EngineSettings,
-                 units: list[Unit], managed: list[nn.Parameter], root_batch_dim: int,
+                 units: list[Unit], managed: list[nn.Parameter], root_batch_dim: int | None,
                  privacy: dp_rules.PrivacyState | None = None, sample_rate: float | None = None,
                  public_num_groups: int | None = None, verify_steps: int = 1, parts: ProcessParts | None = None):
         self._model, self._optimizer, self._settings, self._privacy = model, optimizer, settings, privacy

@@ -33,7 +33,9 @@ from .errors import BatchError, PrivacyError, UnsupportedModuleError
 from .layers.attention import AttentionCapture, LinearParts
 from .layers.rnn import RNNCapture
 from .layers.registry import rule_for_type
-from .layout import BROADCAST, CallLayout, LayoutLearner, shrink_batch
+from .layout import BROADCAST, CallLayout, LayoutLearner
+from .layers.traits import CHANNELS_FIRST
+from .rows import Fold, batch_first
 from .records import ForwardContext, Record, Shared, Unit
 from .shared_outputs import SharedOutput, SharedOutputTracker, no_batch_error
 from .tensors import RequireGrad, expand_at, first_tensor, output_tensors
@@ -50,16 +52,17 @@ class HookSet:
 
     Args:
         sink: the engine's :class:`~dp_microclip.capture.CaptureSink` (the hooks' only seam).
-        root_batch_dim: the batch dimension of the model's own input.
+        root_batch_dim: the declared batch dimension of the model's first input (None: learned by the probe);
+            ``self.root_batch_dim`` is the one of the forward in progress.
         probe_failure_is_error: DP mode: a failed layout probe raises (see ``layout.LayoutLearner``), and
             the per-example contract is verified (``contract.py``).
     """
 
-    def __init__(self, sink: CaptureSink, root_batch_dim: int, probe_failure_is_error: bool):
+    def __init__(self, sink: CaptureSink, root_batch_dim: int | None, probe_failure_is_error: bool):
         self.sink = sink
         self.dp = probe_failure_is_error
         self.handles: list = []
-        self.root_batch_dim = root_batch_dim
+        self.root_batch_dim = root_batch_dim if root_batch_dim is not None else 0
         self.anchor = torch.zeros((), requires_grad=True)  # makes RequireGrad's output need a gradient
         self.layouts = LayoutLearner(root_batch_dim, probe_failure_is_error, sink.warn_once)
         self.no_grad_in_forward: set[str] = set()  # units seen under no_grad inside a forward (checkpointing)
@@ -70,32 +73,25 @@ class HookSet:
     # ------------------------------------------------------------------ install
     def install_root(self, root: nn.Module) -> None:
         """Hook the attached model itself: its pre-hook finds B, probes new signatures and opens the pass's context."""
-        batch_dim = self.root_batch_dim
-
         def pre(module, args, kwargs):
             if self.layouts.probing is not None or not self.sink.active:
                 return None
             if not torch.is_grad_enabled() or in_backward():
                 return None  # evaluation passes take no micro-batch and no sampled batch
-            x = first_tensor((args, kwargs))
-            if x is None:
-                raise BatchError("The model was called without a tensor argument: cannot find the batch size.")
-            if x.dim() <= batch_dim:
-                raise BatchError(
-                    f"The model's first input has shape {tuple(x.shape)}, with no batch dimension {batch_dim}. "
-                    "Pass batched inputs, or set attach(..., batch_first=...) to name the batch dimension."
-                )
-            batch_size = int(x.shape[batch_dim])
-            signature = self.layouts.signature(root, args, kwargs, batch_size)
+            signature, batch_size = self.layouts.signature(root, args, kwargs)
+            self.root_batch_dim = signature.input_dims[0]  # the sampled-rows check reads the first input's
             if self.dp and batch_size >= 3 and signature.probe_batch is not None and not signature.rows_checked:
                 signature.rows_checked = True  # once per input signature, on its first batch of 3 or more
                 with self.sink.replay():
-                    mixed = contract.rows_mixed(root, args, kwargs, batch_dim, batch_size, shrink_batch)
+                    mixed = contract.rows_mixed(root, args, kwargs, signature.output_dims, batch_size,
+                                                lambda kept: signature.shrink(args, kwargs, kept))
                 if mixed is not None:
                     signature.rows_checked = False
                     raise PrivacyError(contract.mixing_error(mixed))
+            x = first_tensor((args, kwargs))
+            assert x is not None  # signature() refuses a call without a tensor
             self.sink.open_context(batch_size, x.device, signature, (args, kwargs))
-            if batch_dim == 0 and id(signature) not in self.unshared:  # a batch-first model (shared_outputs.py)
+            if self.root_batch_dim == 0 and id(signature) not in self.unshared:  # batch-first (shared_outputs.py)
                 self.tracker = SharedOutputTracker(batch_size, id(signature))
                 self.tracker.__enter__()
             return None
@@ -135,6 +131,8 @@ class HookSet:
 
     def install_unit(self, unit: Unit) -> None:
         """Hook one unit: its forward hook captures inputs and watches the output's gradient."""
+        if unit.kind in ("attention", "rnn") or isinstance(unit.module, CHANNELS_FIRST):
+            self.layouts.declared[unit.path] = unit.batch_dim  # the probe checks it against what it finds
         if unit.kind == "attention":
             self._install_attention(unit)
         elif unit.kind == "rnn":
@@ -210,8 +208,7 @@ class HookSet:
 
         def on_grad(grad: torch.Tensor):
             if sink.active:
-                g = grad.reshape(shape)
-                g = (g.movedim(bd, 0) if bd != 0 else g).detach()
+                g = batch_first(grad.reshape(shape), bd, ctx.batch_size).detach()
                 sink.emit(Record(unit, name, rule, layer, params, inputs, kwargs, g, ctx, bd, input_dims,
                                     kw_names=kw_names))
             return None
@@ -275,8 +272,14 @@ class HookSet:
                     inputs.append(Shared(a.detach()))
                 elif dim == BROADCAST:
                     inputs.append(expand_at(a.detach(), unit.batch_dim, batch).movedim(unit.batch_dim, 0))
+                elif isinstance(dim, Fold) and unit.kind != "rule":
+                    raise UnsupportedModuleError(
+                        f"{unit.path} ({type(module).__name__}) has no rule, and input {i} of shape {tuple(a.shape)} "
+                        "holds several rows per example flattened together; the generic path replays modules on "
+                        "batch-first inputs only. Keep the batch as its own dimension, or register a rule."
+                    )
                 else:
-                    inputs.append(a.detach().movedim(dim, 0) if dim != 0 else a.detach())
+                    inputs.append(batch_first(a.detach(), dim, batch))
             input_dims = tuple(
                 None if d is None else (unit.batch_dim if d == BROADCAST else d) for d in layout.inputs
             )
@@ -285,6 +288,9 @@ class HookSet:
                                            input_dims, (ctx.id, unit.path, index), kw_names)
             replaced = None
             out_dim = layout.output
+            if isinstance(out_dim, Fold) and unit.kind != "rule":
+                raise UnsupportedModuleError(f"{unit.path} ({type(module).__name__}) has no rule, and its output "
+                                             "holds several rows per example flattened together. Register a rule.")
             if out_dim == BROADCAST:
                 # One value shared by the batch (position embeddings of (1, T) ids): expanded to the batch so
                 # that each example's output gradient, and so its share of the weight gradient, exists.
@@ -421,8 +427,8 @@ class HookSet:
 
             return AttentionCapture(mha, unit.path, on_linear, on_cross)
 
-        self._install_capture(mha, start, modes, f"{unit.path}: nn.MultiheadAttention ran without the expected "
-                              "projection call (a fast path or a changed torch version?)")
+        self._install_capture(unit.path, mha, start, modes, f"{unit.path}: nn.MultiheadAttention ran without the "
+                              "expected projection call (a fast path or a changed torch version?)")
 
     # --------------------------------------------------------------------- RNNs
     def _install_rnn(self, unit: Unit) -> None:
@@ -454,16 +460,17 @@ class HookSet:
 
             return RNNCapture(module, unit.path, on_part, None if packed is None else packed.unsorted_indices)
 
-        self._install_capture(unit.module, start, modes, f"{unit.path}: {type(unit.module).__name__} ran without "
-                              "the expected fused RNN call (a changed torch version?)")
+        self._install_capture(unit.path, unit.module, start, modes, f"{unit.path}: {type(unit.module).__name__} "
+                              "ran without the expected fused RNN call (a changed torch version?)")
 
-    def _install_capture(self, module: nn.Module, start, modes: list, missing: str) -> None:
+    def _install_capture(self, path: str, module: nn.Module, start, modes: list, missing: str) -> None:
         """Hook a module whose parameters a function mode captures: ``start(module, args, ctx)`` makes the mode,
         entered for the module's forward while the engine captures; the forward hook leaves it and refuses a
         forward in which the mode saw no call (its parameters would be missed)."""
 
         def pre(module, args, kwargs):
             if self.layouts.probing is not None:
+                self.layouts.record_probe_call(path, tuple(args), None)  # its layout is checked against its declaration
                 return None
             ctx = self._capturing()
             if ctx is None:

@@ -1,44 +1,56 @@
-"""Where the batch is in every hooked layer's input and output: learned, never guessed from a size.
+"""Where the batch is in the model's inputs and in every hooked layer call: learned, never guessed.
 
 Guessing the batch dimension as "the dimension whose size equals B" is wrong
-whenever a sequence length, a bucket count or a weight dimension happens to
+whenever a sequence length, a bucket count or a routed-token count happens to
 equal B, and Poisson batches make that happen. Instead, the first time the
 model sees an input signature (its inputs' shapes with the batch dimension left
-out), the engine runs a *probe*: one forward pass without gradients on the same
-batch with one example fewer (or one duplicated, when B = 1), recording the
-shapes each hooked layer sees. In the real forward, a layer input's batch
-dimension is then the one dimension whose size moved from B to B' between the
-two passes. A tensor whose shape did not move is shared by the whole batch:
+out), the engine runs a *probe*: the model without gradients, dropout off and
+torch's RNG forked to one state, once on the whole batch and once on its
+examples reversed with the last one repeated (``rows.probe_order``), keeping a print of every tensor
+each hooked layer sees (``rows.py``: shapes and one number per row, nothing of
+the activations). What is learned:
 
-* with size 1 at the layer's declared batch dimension (HuggingFace position ids
-  ``(1, T)``) it is *broadcast*: the engine expands the layer's output to the
-  batch, so that every example gets its own output gradient and its exact share
-  of the parameter gradient;
-* otherwise (T5's ``(q, k)`` relative-position buckets, a parametrization's
-  weight) it has no batch dimension and the engine refuses that layer by name.
+* **the model input's batch dimension, per input tensor**: the first input's is
+  declared (``attach(batch_first=...)``, the root module's ``batch_first``) or
+  else dimension 0, falling back to 1 when the probe contradicts 0 (a
+  sequence-first model, seen from the layers that declare a layout and from the
+  output that must follow the batch); a declaration is checked, never trusted.
+  Every other input is cut along ITS OWN batch dimension: the one with the batch
+  size, and where several have it (a ``(B, T)`` padding mask next to a ``(T, B,
+  D)`` input with T = B, a ``(T, T)`` causal mask) each combination is tried and
+  the one under which the model runs and its outputs follow the batch, row for
+  row, wins. Still ambiguous: refused;
+* **each layer call's batch rows** (``rows.analyse``): the dimension whose size
+  moved with the batch AND whose rows equal the same examples' rows of the whole
+  batch, where the reordering moved them; ``B * k`` rows flattened with another axis get a row map
+  (:class:`~dp_microclip.rows.Fold`); a shape that did not move is shared by the
+  batch (broadcast when it has size 1 at the layer's declared batch dimension,
+  e.g. HuggingFace position ids ``(1, T)``); rows chosen by the data are refused.
 
-The probe runs under ``torch.no_grad()``, restores torch's RNG state and every
-buffer it changed (BatchNorm running statistics), and costs one forward pass per
-new signature (Poisson batches change only B, which the signature leaves out).
-Modules that declare their layout (``batch_first`` of ``nn.MultiheadAttention``,
-RNNs and transformer layers; ``(N, C, ...)`` of convolutions and channel norms)
-use it where no probe record exists.
+The probe restores every buffer it changed and costs two forwards without
+gradients per new signature (one more per input whose batch dimension it has to
+tell apart); Poisson batches change only B, which the signature leaves out.
+A model that cannot run on a smaller batch is refused in every mode: the
+engine never trains on a guess.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .errors import BatchError
+from .contract import NoDropout, mixing_error
+from .errors import BatchError, PrivacyError
 from .layers.traits import CHANNELS_FIRST
+from .rows import (BROADCAST, Fold, RowsProblem, TensorPrint, analyse, check_sizes, deviation, fingerprint,
+                   probe_order, refusal)
 from .tensors import output_tensors
 
-BROADCAST = "broadcast"  # size 1 at the declared batch dimension: one value shared by every example
-
+__all__ = ["BROADCAST", "Fold", "LayoutLearner", "declared_batch_dim"]  # re-exported for the hooks
 
 
 def declared_batch_first(module: nn.Module) -> bool | None:
@@ -72,256 +84,408 @@ class CallLayout:
     """Where the batch is in one call of one layer.
 
     Attributes:
-        inputs: per positional argument: the batch dimension (int), ``BROADCAST``, or None
-            (not a tensor, or a tensor without a batch dimension).
-        output: the output's batch dimension, or ``BROADCAST`` (expanded to the batch by the engine);
-            for a layer that returns several tensors, a tuple with one entry per tensor (None: no batch).
+        inputs: per positional argument: the batch dimension (int), a ``Fold`` (several rows per
+            example), ``BROADCAST``, or None (not a tensor, or a tensor without a batch dimension).
+        output: the output's batch dimension, a ``Fold``, or ``BROADCAST`` (expanded to the batch by the
+            engine); for a layer that returns several tensors, a tuple with one entry per tensor (None: no batch).
     """
 
     inputs: tuple
-    output: int | str | tuple
+    output: int | str | tuple | Fold
 
 
 @dataclass
 class ProbeRecord:
-    """Shapes one layer call saw during the probe: per positional argument, and of its output."""
+    """Prints of the tensors one layer call saw during a probe pass: per positional argument, and its output."""
 
     inputs: tuple
-    output: tuple | None
+    output: tuple | TensorPrint | None
 
 
 @dataclass
 class Signature:
-    """What is known about one input signature of the model: the probe's shapes and the learned layouts."""
+    """What is known about one input signature of the model: the probe's prints and the learned layouts."""
 
-    probe_batch: int | None  # B' of the probe; None when no probe ran
-    probe: dict = field(default_factory=dict)  # (path, call index) -> ProbeRecord
+    probe_batch: int | None  # B' of the probe; None when no probe ran (an empty batch)
+    full: dict = field(default_factory=dict)  # (path, call index) -> ProbeRecord of the whole-batch pass
+    probe: dict = field(default_factory=dict)  # (path, call index) -> ProbeRecord of the B' pass
     learned: dict = field(default_factory=dict)  # (path, call index) -> CallLayout
     rows_checked: bool = False  # DP mode: contract.rows_mixed ran for this signature
+    input_dims: tuple = ()  # per tensor leaf of (args, kwargs): its batch dimension, or None
+    output_dims: tuple = ()  # per tensor leaf of the model's output: its batch dimension, or None
+    full_batch: int = 0  # B of the probe's whole-batch pass
+
+    def shrink(self, args, kwargs, size: int) -> tuple:
+        """``(args, kwargs)`` with the first ``size`` examples, each input cut along its own batch dimension."""
+        return _select_all(args, kwargs, self.input_dims, list(range(size)))
 
 
-def _shape(x) -> tuple | None:
-    return tuple(x.shape) if torch.is_tensor(x) else None
+# ---------------------------------------------------------------------------------- inputs
+def tensor_leaves(args, kwargs) -> list[tuple[str, torch.Tensor]]:
+    """``(path, tensor)`` for every tensor in the model's ``(args, kwargs)``, in a fixed order."""
+    found: list[tuple[str, torch.Tensor]] = []
+    _visit(args, "args", found)
+    _visit(kwargs, "kwargs", found)
+    return found
 
 
-def probe_record(args: tuple, output) -> ProbeRecord:
-    """What the probe keeps of one layer call."""
-    outputs = output_tensors(output)
-    shape = _shape(output) if torch.is_tensor(output) else tuple(_shape(t) for t in outputs)
-    return ProbeRecord(tuple(_shape(a) for a in args), shape)
-
-
-def signature_key(args, kwargs, batch_dim: int, batch_size: int) -> tuple:
-    """The model's input signature: every tensor's shape with the batch dimension left out, and its dtype."""
-    key: list = []
-    _visit_signature(args, "args", key, batch_dim, batch_size)
-    _visit_signature(kwargs, "kwargs", key, batch_dim, batch_size)
-    return tuple(key)
-
-
-def _visit_signature(obj, name: str, key: list, batch_dim: int, batch_size: int) -> None:
+def _visit(obj, name: str, found: list) -> None:
     # A module-level function, not a closure: a recursive closure is a reference cycle that only the
     # garbage collector frees, once per forward.
     if torch.is_tensor(obj):
-        shape = list(obj.shape)
-        if obj.dim() > batch_dim and shape[batch_dim] == batch_size:
-            shape[batch_dim] = -1
-        key.append((name, tuple(shape), obj.dtype, obj.device.type))
+        found.append((name, obj))
     elif isinstance(obj, (list, tuple)):
         for i, item in enumerate(obj):
-            _visit_signature(item, f"{name}.{i}", key, batch_dim, batch_size)
+            _visit(item, f"{name}.{i}", found)
     elif isinstance(obj, dict):
         for k, v in obj.items():
-            _visit_signature(v, f"{name}.{k}", key, batch_dim, batch_size)
+            _visit(v, f"{name}.{k}", found)
 
 
-def shrink_batch(obj, batch_dim: int, batch_size: int, probe_size: int):
-    """The same inputs with ``probe_size`` examples: tensors whose ``batch_dim`` has the batch size are
-    cut (``probe_size < batch_size``) or get row 0 repeated (``probe_size > batch_size``)."""
+def _rebuild(obj, dims: dict, name: str, order: list[int]):
     if torch.is_tensor(obj):
-        if obj.dim() > batch_dim and obj.shape[batch_dim] == batch_size:
-            if probe_size < batch_size:
-                return obj.narrow(batch_dim, 0, probe_size)
-            extra = obj.narrow(batch_dim, 0, 1).expand(
-                *[probe_size - batch_size if d == batch_dim else -1 for d in range(obj.dim())])
-            return torch.cat([obj, extra], dim=batch_dim)
-        return obj
+        dim = dims.get(name)
+        return obj if dim is None else obj.index_select(dim, torch.tensor(order, device=obj.device))
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(shrink_batch(o, batch_dim, batch_size, probe_size) for o in obj))
+        return type(obj)(*(_rebuild(o, dims, f"{name}.{i}", order) for i, o in enumerate(obj)))
     if isinstance(obj, (list, tuple)):
-        return type(obj)(shrink_batch(o, batch_dim, batch_size, probe_size) for o in obj)
+        return type(obj)(_rebuild(o, dims, f"{name}.{i}", order) for i, o in enumerate(obj))
     if isinstance(obj, dict):
-        return type(obj)((k, shrink_batch(v, batch_dim, batch_size, probe_size)) for k, v in obj.items())
+        return type(obj)((k, _rebuild(v, dims, f"{name}.{k}", order)) for k, v in obj.items())
     return obj
 
 
-def probe_size_for(batch_size: int) -> int:
-    """B' of the probe: one example fewer, or two when the batch has one."""
-    return batch_size - 1 if batch_size > 1 else 2
+def _select_all(args, kwargs, input_dims: tuple, order: list[int]) -> tuple:
+    """The inputs holding the examples ``order`` (in that order), each cut along its own batch dimension."""
+    names = [n for n, _ in tensor_leaves(args, kwargs)]
+    dims = dict(zip(names, input_dims))
+    return _rebuild(args, dims, "args", order), _rebuild(kwargs, dims, "kwargs", order)
 
 
-def batch_dim_from_probe(real: tuple, probed: tuple | None, batch_size: int, probe_size: int,
-                         declared: int, where: str) -> int | str | None:
-    """The batch dimension of one tensor, from its shape in the real pass and in the probe.
-
-    Returns an int (batched along it), ``BROADCAST`` (shared, size 1 at ``declared``), or None
-    (shared, no batch dimension at all).
-
-    Raises:
-        BatchError: when the shape moves with the batch in any other way.
-    """
-    if probed is None or len(probed) != len(real):
-        raise BatchError(
-            f"{where}: its shape {real} does not follow the batch in a way dp_microclip can split per example "
-            f"(with {probe_size} examples instead of {batch_size} it was {probed}). Keep one batch dimension in "
-            "this layer's input, or register a rule for this module type."
-        )
-    moved = [d for d in range(len(real)) if real[d] != probed[d]]
-    if not moved:
-        if batch_size == 1:
-            return declared if len(real) > declared and real[declared] == 1 else None
-        return BROADCAST if len(real) > declared and real[declared] == 1 else None
-    if len(moved) == 1 and real[moved[0]] == batch_size and probed[moved[0]] == probe_size:
-        return moved[0]
-    raise BatchError(
-        f"{where}: its shape {real} changes with the batch along dimensions {moved} (with {probe_size} examples "
-        f"instead of {batch_size} it was {probed}), not along one batch dimension. Rows of several examples are "
-        "mixed or flattened together; dp_microclip cannot split this layer's gradient per example. Keep the batch "
-        "as its own dimension in this layer's input."
-    )
+def _structure(leaves) -> tuple:
+    return tuple((n, t.dim(), t.dtype, t.device.type) for n, t in leaves)
 
 
-def batch_dim_declared(real: tuple, batch_size: int, declared: int, where: str) -> int | str | None:
-    """Without a probe record: the declared dimension, checked (size B: batched; size 1: broadcast)."""
-    if len(real) > declared and real[declared] == batch_size:
-        return declared
-    if len(real) > declared and real[declared] == 1:
-        return BROADCAST
-    raise BatchError(
-        f"{where}: its shape {real} has neither the batch size {batch_size} nor 1 along its batch dimension "
-        f"{declared}. Set the layout with attach(..., batch_first=...), or keep one batch dimension in this "
-        "layer's input."
-    )
+def _shapes_key(leaves, dims: tuple, batch: int) -> tuple:
+    # B = 1 gets its own probe: with one example, a row map cannot be told from an example's own rows.
+    return (batch == 1,) + tuple(
+        (n, tuple(-1 if d == dim else s for d, s in enumerate(t.shape)), t.dtype, t.device.type)
+        for (n, t), dim in zip(leaves, dims))
 
 
+def _describe(leaves, dims) -> str:
+    return ", ".join(f"{n} {tuple(t.shape)}: {'none' if d is None else d}" for (n, t), d in zip(leaves, dims))
+
+
+# ---------------------------------------------------------------------------------- the learner
 class LayoutLearner:
-    """Learns, once per input signature, where the batch is in every hooked layer call (the probe).
+    """Learns, once per input signature, where the batch is in the inputs and every hooked layer call.
 
     The hooks ask :meth:`signature` when the attached model is called (probing a new
-    signature with one extra forward pass) and :meth:`layout` for each layer call;
-    during the probe ``probing`` is the signature being filled, and the layer hooks
-    only record shapes (:meth:`record_probe_call`).
+    signature) and :meth:`layout` for each layer call; during the probe ``probing`` is
+    set, and the layer hooks only record prints (:meth:`record_probe_call`).
 
     Args:
-        root_batch_dim: the batch dimension of the model's own input.
-        probe_failure_is_error: DP mode: a failed probe raises instead of falling back to
-            each layer's declared batch dimension.
+        root_batch_dim: the declared batch dimension of the model's first input (``attach(batch_first=...)``
+            or the root module's ``batch_first``), checked by the probe; None: learned (0, else 1).
+        dp: DP mode: rows that change when another example is removed (the model mixes examples) are
+            refused here too; noise-free mode trains such a model along the batch dimension its shapes show.
         warn: ``(key, message) -> None``, warns once per key.
     """
 
-    def __init__(self, root_batch_dim: int, probe_failure_is_error: bool, warn: Callable[[str, str], None]):
+    def __init__(self, root_batch_dim: int | None, dp: bool, warn: Callable[[str, str], None]):
         self.root_batch_dim = root_batch_dim
-        self.probe_failure_is_error = probe_failure_is_error
+        self.dp = dp
         self._warn = warn
+        self.declared: dict[str, int] = {}  # unit path -> the batch dimension its module declares (checked)
         self.signatures: dict[tuple, Signature] = {}
-        self.probing: Signature | None = None
+        self.structures: dict[tuple, tuple] = {}  # inputs' structure -> per-leaf batch dimensions
+        self.probing: dict | None = None  # the records of the probe pass in progress
         self._probe_calls: dict[str, int] = {}
 
     def record_probe_call(self, path: str, args: tuple, output) -> None:
-        """During the probe: keep the shapes one call of the unit at ``path`` saw."""
+        """During a probe pass: keep prints of the tensors one call of the unit at ``path`` saw."""
         assert self.probing is not None
         index = self._probe_calls.get(path, 0)
         self._probe_calls[path] = index + 1
-        self.probing.probe[(path, index)] = probe_record(args, output)
+        inputs = tuple(fingerprint(a) if torch.is_tensor(a) else None for a in args)
+        out: tuple | TensorPrint | None = None
+        if output is None:
+            pass
+        elif torch.is_tensor(output):
+            out = fingerprint(output)
+        else:
+            out = tuple(fingerprint(t) for t in output_tensors(output))
+        self.probing[(path, index)] = ProbeRecord(inputs, out)
 
-    def signature(self, root: nn.Module, args, kwargs, batch_size: int) -> Signature:
-        """What is known about this input signature: probed once (one extra forward pass) the first time."""
-        if batch_size == 0:
-            return Signature(None)  # an empty Poisson batch: nothing to learn from, nothing to split
-        key = signature_key(args, kwargs, self.root_batch_dim, batch_size)
-        known = self.signatures.get(key)
-        if known is None:
-            known = self.signatures[key] = self._probe(root, args, kwargs, batch_size)
-        return known
-
-    def _probe(self, root: nn.Module, args, kwargs, batch_size: int) -> Signature:
-        """One forward pass without gradients on a batch of B' examples, recording every unit call's shapes."""
-        probe_size = probe_size_for(batch_size)
-        signature = Signature(probe_size)
-        p_args = shrink_batch(args, self.root_batch_dim, batch_size, probe_size)
-        p_kwargs = shrink_batch(kwargs, self.root_batch_dim, batch_size, probe_size)
-        saved = {name: b.clone() for name, b in root.named_buffers()}  # BatchNorm statistics and the like
-        devices = sorted({t.device.index for t in saved.values() if t.device.type == "cuda"} |
-                         {p.device.index for p in root.parameters() if p.device.type == "cuda"})
-        self.probing, self._probe_calls = signature, {}
-        try:
-            with torch.no_grad(), torch.random.fork_rng(devices=devices):
-                root(*p_args, **p_kwargs)
-        except Exception as err:  # noqa: BLE001 - any failure of the user's forward on a smaller batch
-            if self.probe_failure_is_error:
-                raise BatchError(
-                    f"dp_microclip learns where the batch is in every layer by running the model once without "
-                    f"gradients on {probe_size} examples instead of {batch_size}; that forward failed "
-                    f"({type(err).__name__}: {err}). Make the model accept any batch size along dimension "
-                    f"{self.root_batch_dim} of its inputs, or set attach(..., batch_first=...) if the batch is "
-                    "elsewhere."
-                ) from err
-            self._warn(
-                "probe",
-                f"The layout probe (a forward pass on {probe_size} examples instead of {batch_size}) failed "
-                f"({type(err).__name__}: {err}); each layer's declared batch dimension is used instead.",
+    # ------------------------------------------------------------------ signatures
+    def signature(self, root: nn.Module, args, kwargs) -> tuple[Signature, int]:
+        """This input signature's layouts (probed the first time) and the batch size."""
+        leaves = tensor_leaves(args, kwargs)
+        if not leaves:
+            raise BatchError("The model was called without a tensor argument: cannot find the batch size.")
+        first = leaves[0][1]
+        structure = _structure(leaves)
+        dims = self.structures.get(structure)
+        if dims is not None:
+            batch = int(first.shape[dims[0]])
+            if batch and all(d is None or t.shape[d] == batch for (_, t), d in zip(leaves, dims)):
+                key = _shapes_key(leaves, dims, batch)
+                known = self.signatures.get(key)
+                if known is None:
+                    known = self.signatures[key] = self._learn(root, args, kwargs, leaves, [dims])
+                return known, batch
+        default = self.root_batch_dim if self.root_batch_dim is not None else 0
+        if first.dim() <= default:
+            raise BatchError(
+                f"The model's first input has shape {tuple(first.shape)}, with no batch dimension {default}. "
+                "Pass batched inputs, or set attach(..., batch_first=...) to name the batch dimension."
             )
-            signature = Signature(None)
+        if first.shape[default] == 0:
+            return Signature(None, input_dims=(default,) + (None,) * (len(leaves) - 1)), 0
+        signature = self._learn(root, args, kwargs, leaves, None)
+        self.structures[structure] = signature.input_dims
+        batch = int(first.shape[signature.input_dims[0]])
+        self.signatures[_shapes_key(leaves, signature.input_dims, batch)] = signature
+        return signature, batch
+
+    def _pass(self, root: nn.Module, args, kwargs, state) -> tuple[dict, tuple]:
+        """One forward without gradients (dropout off, RNG at ``state``): its records and output prints."""
+        self.probing, self._probe_calls = {}, {}
+        try:
+            torch.set_rng_state(state[0])
+            for d, s in state[1]:
+                torch.cuda.set_rng_state(s, d)
+            with torch.no_grad(), NoDropout():
+                output = root(*args, **kwargs)
+            return self.probing, tuple(fingerprint(t) for t in output_tensors(output))
         finally:
             self.probing = None
-            with torch.no_grad():
-                for name, b in root.named_buffers():
-                    if name in saved and b.shape == saved[name].shape:
-                        b.copy_(saved[name])
-        return signature
 
+    def _learn(self, root: nn.Module, args, kwargs, leaves, known: list | None) -> Signature:
+        """Probe: the whole batch once, then B' examples per candidate layout of the inputs."""
+        saved = {name: b.clone() for name, b in root.named_buffers()}  # BatchNorm statistics and the like
+        devices = sorted({t.device.index for t in list(saved.values()) + list(root.parameters())
+                          if t.device.type == "cuda"})
+        try:
+            with torch.random.fork_rng(devices=devices):
+                state = (torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d)) for d in devices])
+                try:
+                    full = self._pass(root, args, kwargs, state)
+                except Exception as err:  # noqa: BLE001 - the user's forward, without gradients
+                    raise BatchError(
+                        f"dp_microclip learns where the batch is by running the model without gradients; that "
+                        f"forward failed ({type(err).__name__}: {err})."
+                    ) from err
+                _restore(root, saved)
+                return self._search(root, args, kwargs, leaves, known, full, state, saved)
+        finally:
+            _restore(root, saved)
+
+    def _search(self, root, args, kwargs, leaves, known, full, state, saved) -> Signature:
+        first = leaves[0][1]
+        if known is not None:
+            firsts = [known[0][0]]
+        elif self.root_batch_dim is not None:
+            firsts = [self.root_batch_dim]
+        else:
+            firsts = [0, 1] if first.dim() > 1 else [0]
+        reasons: list[str] = []
+        for d0 in firsts:
+            batch = int(first.shape[d0])
+            probe = len(probe_order(batch))
+            if known is not None:
+                options = [[d] for d in known[0]]
+            else:
+                options = [[d0]] + [_candidates(t, batch, d0) for _, t in leaves[1:]]
+            tried: dict[tuple, tuple] = {}
+
+            def attempt(dims: tuple) -> tuple:
+                if dims not in tried:
+                    tried[dims] = self._attempt(root, args, kwargs, dims, batch, probe, full, state)
+                    _restore(root, saved)
+                return tried[dims]
+
+            preferred = tuple(o[0] for o in options)
+            chosen, failed = list(preferred), None
+            if any(len(o) > 1 for o in options):
+                combos = list(itertools.product(*options))[:_MAX_COMBINATIONS]  # each: one forward, once
+                runs = [(attempt(c), c) for c in combos]
+                # Best: every moving output follows the batch right, the most outputs move, the rows agree best.
+                ranked = sorted((((r[0], r[6], -r[5]), c) for r, c in runs if r[0] > 0), key=lambda x: x[0],
+                                reverse=True)
+                if not ranked:
+                    failed = attempt(preferred)[1]
+                else:
+                    top, runner = ranked[0], ranked[1] if len(ranked) > 1 else None
+                    if runner is not None and runner[0][:2] == top[0][:2] and \
+                            -runner[0][2] <= max(10 * -top[0][2], 1e-9):
+                        differ = [leaves[i][0] for i in range(len(leaves)) if top[1][i] != runner[1][i]]
+                        raise BatchError(
+                            f"The model's input(s) {differ} have the batch size {batch} along several dimensions "
+                            f"({_describe(leaves, top[1])} or {_describe(leaves, runner[1])}), and the model runs "
+                            "and follows the batch either way, so their batch dimension cannot be learned. Give each "
+                            "input a layout in which only its batch dimension has the batch size (for example a "
+                            "sequence length other than the batch size), or pass them in the first input's layout."
+                        )
+                    chosen = list(top[1])
+            if failed is None:
+                score, why, records, outputs, follows, _, _ = attempt(tuple(chosen))
+                if score > 0:
+                    return Signature(probe, full=full[0], probe=records, input_dims=tuple(chosen),
+                                     output_dims=outputs, full_batch=batch)
+                failed = why
+                if follows and d0 == 0 and len(firsts) > 1:
+                    self._contradiction(why, follows)  # batch-first output, a module declaring otherwise
+            reasons.append(f"batch along dimension {d0} of the first input ({_describe(leaves, chosen)}): {failed}")
+        declared = "" if self.root_batch_dim is None else f" (declared: dimension {self.root_batch_dim})"
+        raise BatchError(
+            "dp_microclip learns where the batch is by running the model without gradients on the batch and on "
+            f"its examples reordered, comparing what every layer sees; no layout of the inputs{declared} fits:\n  - "
+            + "\n  - ".join(reasons) + "\nMake the model accept any batch size along the batch dimension of its "
+            "inputs (sequence-first models: set attach(..., batch_first=False)), and keep each example's rows its "
+            "own. dp_microclip refuses rather than train on a guessed batch dimension."
+        )
+
+    def _attempt(self, root, args, kwargs, dims: tuple, batch: int, probe: int, full, state) -> tuple:
+        """Run the B' pass with the inputs cut along ``dims``: (score, why not, records, output dims, how
+        the output follows the batch regardless of declared layouts).
+
+        Score 2: the model's output follows the batch and its rows equal the whole batch's; 1: it follows
+        the batch in shape only (the model mixes examples); 0: this layout does not fit (``why``).
+        """
+        p_args, p_kwargs = _select_all(args, kwargs, dims, probe_order(batch))
+        try:
+            records, outputs = self._pass(root, p_args, p_kwargs, state)
+        except Exception as err:  # noqa: BLE001 - the user's forward on B' examples
+            return 0, f"the forward failed ({type(err).__name__}: {str(err)[:200]})", {}, (), 0, 0.0, 0
+        conflict = ""
+        for path, dim in self.declared.items():
+            for key, rec in full[0].items():
+                if key[0] != path or key not in records or not rec.inputs or rec.inputs[0] is None:
+                    continue
+                real, probed = rec.inputs[0].shape, records[key].inputs[0]
+                if probed is None:
+                    continue
+                moved = [d for d in range(len(real)) if len(probed.shape) == len(real) and real[d] != probed.shape[d]]
+                if moved != [dim] and not conflict:
+                    conflict = (f"{path} declares its batch along dimension {dim}, but its input {real} changed "
+                                f"along {moved or 'no dimension'} (to {probed.shape})")
+        score, out_dims = 0, []
+        if len(outputs) != len(full[1]):
+            return 0, "the model returned another number of tensors", {}, (), 0, 0.0, 0
+        statuses, error = [], 0.0  # per output that moves with the batch: 2 rows equal, 1 rows mixed, 0 neither
+        for i, (f, p) in enumerate(zip(full[1], outputs)):
+            try:
+                found = analyse(f, p, batch, 0, f"output {i}")
+            except BatchError:
+                found = RowsProblem("routed", "")
+            if isinstance(found, RowsProblem):
+                statuses.append(1 if found.kind == "mixed" and found.dim is not None else 0)
+                out_dims.append(found.dim if found.kind == "mixed" else None)
+            elif isinstance(found, Fold) or (isinstance(found, int) and f.shape != p.shape):
+                statuses.append(2)
+                out_dims.append(None if isinstance(found, Fold) else found)
+            else:
+                out_dims.append(None)
+                continue
+            if out_dims[-1] is not None:
+                error = max(error, deviation(f, p, batch, out_dims[-1]))
+        score = min(statuses) if statuses else 0  # every output that follows the batch must follow it right
+        if conflict:
+            return 0, conflict, {}, (), score, error, len(statuses)
+        if score == 0:
+            return 0, f"the model's output {[f.shape for f in full[1]]} does not follow the batch (it was " \
+                      f"{[p.shape for p in outputs]} on {probe} examples)", {}, (), 0, error, 0
+        return score, "", records, tuple(out_dims), score, error, len(statuses)
+
+    def _contradiction(self, conflict: str, follows: int) -> None:
+        """The output follows dimension 0 but a module declares another batch dimension: a batch_first
+        mistake (attention across the batch) or a sequence-first model. Refused: which is not for us to guess."""
+        if follows == 1 and self.dp:
+            raise PrivacyError(mixing_error(f"with the batch along dimension 0, {conflict}, and the output's rows "
+                                            "change when the other examples change"))
+        raise BatchError(
+            f"With the batch along dimension 0 of the model's input, {conflict}. Either the input is batch-first "
+            "and that module runs across the batch (pass batch_first=True to it), or the model is sequence-first "
+            "(declare it: attach(..., batch_first=False)). dp_microclip refuses rather than guess which."
+        )
+
+    # ------------------------------------------------------------------ per layer call
     def layout(self, unit, ctx, index: int, args: tuple, output) -> CallLayout:
         """Where the batch is in this call's inputs and output (learned once per signature and call)."""
         signature = ctx.signature
         key = (unit.path, index)
-        if signature is not None and key in signature.learned:
-            return signature.learned[key]
         where = f"{unit.path or '<root module>'} ({type(unit.module).__name__})"
-        record = signature.probe.get(key) if signature is not None else None
-        batch, declared = ctx.batch_size, unit.batch_dim
+        learned = signature.learned.get(key)
+        if signature.probe_batch is None:  # an empty batch: nothing to learn from, nothing to split
+            dims = tuple(unit.batch_dim if torch.is_tensor(a) and a.dim() > unit.batch_dim else None for a in args)
+            return CallLayout(dims, unit.batch_dim if torch.is_tensor(output)
+                              else tuple(unit.batch_dim for _ in output_tensors(output)))
+        if learned is None:
+            full, part = signature.full.get(key), signature.probe.get(key)
+            if full is None or part is None:
+                raise BatchError(
+                    f"{where}: call {index} of this layer did not run in both passes of the layout probe (on "
+                    f"{signature.full_batch} and on {signature.probe_batch} examples): how often it runs depends on "
+                    "the data (e.g. an expert that receives no routed token), so its rows cannot be given to "
+                    "examples. Run every layer with trainable parameters on every batch, or freeze it."
+                )
+            learned = signature.learned[key] = self._learn_call(unit, signature, full, part, where)
+        check_sizes(learned, args, output, ctx.batch_size, where)
+        return learned
 
-        def dim_of(x, probed, what):
-            if record is None:
-                return batch_dim_declared(tuple(x.shape), batch, declared, f"{where}, {what}")
-            return batch_dim_from_probe(tuple(x.shape), probed, batch, signature.probe_batch, declared,
-                                        f"{where}, {what}")
+    def _learn_call(self, unit, signature: Signature, full: ProbeRecord, part: ProbeRecord, where: str) -> CallLayout:
+        batch, declared = signature.full_batch, unit.batch_dim
 
-        inputs: list[int | str | None] = []
-        for i, a in enumerate(args):
-            if not torch.is_tensor(a):
-                inputs.append(None)
-                continue
-            probed = record.inputs[i] if record is not None and i < len(record.inputs) else None
-            inputs.append(dim_of(a, probed, f"input {i}"))
-        if not torch.is_tensor(output):
-            outputs = output_tensors(output)
-            probed = record.output if record is not None else None
-            dims: list[int | str | None] = []
-            for i, t in enumerate(outputs):
-                shape = probed[i] if probed is not None and i < len(probed) else None
+        def spec(f, p, what, required: bool):
+            if f is None:
+                return None
+            if p is None:
+                raise BatchError(f"{where}, {what}: a tensor in one probe pass and not in the other.")
+            found = analyse(f, p, batch, declared, f"{where}, {what}")
+            if isinstance(found, RowsProblem):
+                if found.kind == "mixed" and found.dim is not None and not self.dp:
+                    return found.dim  # noise-free: a model that mixes examples trains along its batch dimension
+                if not required:
+                    return None
+                raise BatchError(refusal(found))
+            return found
+
+        inputs = tuple(spec(f, part.inputs[i] if i < len(part.inputs) else None, f"input {i}", True)
+                       for i, f in enumerate(full.inputs))
+        if isinstance(full.output, tuple):
+            parts = part.output if isinstance(part.output, tuple) else ()
+            dims = []
+            for i, f in enumerate(full.output):
                 try:
-                    dims.append(dim_of(t, shape, f"output {i}"))
+                    d = spec(f, parts[i] if i < len(parts) else None, f"output {i}", False)
                 except BatchError:
-                    dims.append(None)  # no gradient may flow through it; the first-step check catches it if one does
-            out_dims = tuple(None if d == BROADCAST else d for d in dims)
-            layout = CallLayout(tuple(inputs), out_dims)
-            if signature is not None and signature.probe_batch is not None:
-                signature.learned[key] = layout
-            return layout
+                    d = None  # no gradient may flow through it; the first-step check catches it if one does
+                dims.append(None if d == BROADCAST or isinstance(d, Fold) else d)
+            return CallLayout(inputs, tuple(dims))
+        assert isinstance(full.output, TensorPrint)
+        out = spec(full.output, part.output if isinstance(part.output, TensorPrint) else None, "output", True)
         # None: the output is the same for every example (relative-position tables); shared_outputs.py
         # follows it to where it meets the batch, or the hooks refuse the layer.
-        out_dim = dim_of(output, record.output if record is not None else None, "output")
-        layout = CallLayout(tuple(inputs), out_dim)
-        if signature is not None and signature.probe_batch is not None:
-            signature.learned[key] = layout
-        return layout
+        return CallLayout(inputs, out)
+
+
+_MAX_COMBINATIONS = 32  # layouts of the inputs tried at most (inputs with the batch size along several dimensions)
+
+
+def _candidates(t: torch.Tensor, batch: int, d0: int) -> list:
+    """The dimensions of a model input that may hold the batch, the first input's first; None when none can."""
+    dims = [d for d in range(t.dim()) if t.shape[d] == batch]
+    if not dims:
+        return [None]
+    # Several dimensions of the batch size ((T, T) causal masks, (B, T) masks with T = B): maybe none is the batch.
+    return sorted(dims, key=lambda d: (d != d0, d)) + ([None] if len(dims) > 1 else [])
+
+
+def _restore(root: nn.Module, saved: dict) -> None:
+    with torch.no_grad():
+        for name, b in root.named_buffers():
+            if name in saved and b.shape == saved[name].shape:
+                b.copy_(saved[name])
+

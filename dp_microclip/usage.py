@@ -35,11 +35,7 @@ from .layers.functional import rule_of
 from .layers.usage_mode import NotRecognised, Use, UsageMode, chains_of
 from .layout import BROADCAST, LayoutLearner
 from .records import Record, Unit
-from .tensors import output_tensors
-
-
-def _expand_at(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-    return x.expand(*[size if d == dim else -1 for d in range(x.dim())])
+from .tensors import expand_at, output_tensors
 
 
 def _aligned(value_shape: tuple, target: list, bd: int) -> tuple:
@@ -170,13 +166,13 @@ class UsageCapture:
             if d is None:
                 raise NotRecognised("an activation without a batch dimension")
             if d == BROADCAST:
-                a, d = _expand_at(a.detach(), unit.batch_dim, batch), unit.batch_dim
+                a, d = expand_at(a.detach(), unit.batch_dim, batch), unit.batch_dim
             inputs.append(a.detach().movedim(d, 0))
         shape_before = list(out.shape)
         if bd == BROADCAST:
             if use.inplace:
                 raise NotRecognised("an in-place op on a tensor shared by the batch")
-            out, bd = _expand_at(out, unit.batch_dim, batch), unit.batch_dim
+            out, bd = expand_at(out, unit.batch_dim, batch), unit.batch_dim
         assert isinstance(bd, int)
         layer = use.layer
         if use.kind == "broadcast":
@@ -190,7 +186,7 @@ class UsageCapture:
             if use.coefficient is not None:
                 coefficient = torch.broadcast_to(use.coefficient.detach(), tuple(shape_before))
                 if coefficient.shape[bd] != batch:
-                    coefficient = _expand_at(coefficient, bd, batch)
+                    coefficient = expand_at(coefficient, bd, batch)
                 inputs.append(coefficient.movedim(bd, 0))
         watched = [(t, t._version) for t in inputs if not use.inplace]
         if not out.requires_grad:

@@ -35,6 +35,7 @@ class ZooCase:
     # (output, targets) -> scalar: the MEAN of per-example losses
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     batch_dim: int = 0
+    input_dims: dict | None = None  # per input name, its batch dimension where it differs from batch_dim
     setup: Callable[[nn.Module], None] | None = None  # e.g. gradient checkpointing, after the copy
     C: float = 0.05  # the clipping bound: small enough that every micro-batch is clipped (checked)
 
@@ -42,14 +43,15 @@ class ZooCase:
 class _Call(nn.Module):
     """For the oracle only: ``model(*tensors)`` -> ``forward(model, dict(zip(keys, tensors)))``."""
 
-    def __init__(self, model, keys, forward):
+    def __init__(self, model, keys, forward, dims=None):
         super().__init__()
         self.model = model
         self.keys = keys
         self.fn = forward
+        self.dims = dims or {}  # per input: its own batch dimension (the oracle passes every input batch-first)
 
     def forward(self, *tensors):
-        return self.fn(self.model, dict(zip(self.keys, tensors)))
+        return self.fn(self.model, {k: t.movedim(0, self.dims.get(k, 0)) for k, t in zip(self.keys, tensors)})
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-30) -> float:
@@ -85,10 +87,11 @@ def naive(case: ZooCase, model: nn.Module, inputs: dict, targets, *, b: int, aut
         def fn(m, kw, _inner=case.forward):
             with torch.autocast("cpu", dtype=autocast):
                 return _inner(m, kw)
-    wrapped = _Call(reference, keys, fn)
+    dims = {k: (case.input_dims or {}).get(k, case.batch_dim) for k in keys}
+    wrapped = _Call(reference, keys, fn, dims)
     grads = naive_microbatch_grads(
-        wrapped, case.loss, tuple(inputs.values()), targets, micro_batch_size=b, max_grad_norm=case.C,
-        batch_dim=case.batch_dim,
+        wrapped, case.loss, tuple(inputs[k].movedim(dims[k], 0) for k in keys), targets, micro_batch_size=b,
+        max_grad_norm=case.C,
     )
     return {n.removeprefix("model."): g for n, g in grads.items()}
 
