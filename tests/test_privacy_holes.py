@@ -234,12 +234,20 @@ class SharedTable(nn.Module):
         return self.proj(x) + self.bias(buckets).squeeze(-1).sum(0)
 
 
-def test_layer_without_batch_dimension_is_refused_even_when_a_size_equals_b():
-    m = SharedTable()
-    opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    dp_microclip.attach(m, opt, micro_batch_size=1, max_grad_norm=1.0)
-    with pytest.raises(dp_microclip.BatchError, match=r"bias \(Embedding\).*no batch dimension"):
-        m(torch.randn(5, 5)).sum().backward()
+def test_layer_without_batch_dimension_is_not_split_by_a_size_that_equals_b():
+    """The table's q axis has B's size; the probe still sees that it has no batch dimension, and the table is
+    followed to where it meets the batch (shared_outputs.py): each example's share is exact, never row q."""
+    torch.manual_seed(0)
+    m = SharedTable().double()
+    reference = copy.deepcopy(m)
+    x, y = torch.randn(5, 5, dtype=torch.float64), torch.arange(5) % 5
+    want = naive_microbatch_grads(reference, F.cross_entropy, x, y, micro_batch_size=1, max_grad_norm=0.05)
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    dp_microclip.attach(m, opt, micro_batch_size=1, max_grad_norm=0.05)
+    F.cross_entropy(m(x), y).backward()
+    opt.step()
+    for name, p in m.named_parameters():
+        assert float((p.grad - want[name]).norm()) <= 1e-9 * float(want[name].norm()) + 1e-15, name
 
 
 # ------------------------------------------------------------------ 7. non-finite values

@@ -135,7 +135,7 @@ class TiedLM(nn.Module):
         self.mid = nn.Linear(D, D)
 
     def forward(self, input_ids, attention_mask):
-        h = torch.tanh(self.mid(F.embedding(input_ids, self.weight)))
+        h = torch.tanh(self.mid(F.embedding(input_ids, self.weight))) * attention_mask[..., None]
         return h @ self.weight.T  # (B, T, V)
 
 
@@ -150,7 +150,7 @@ class TiedAcrossModules(nn.Module):
         self.out.weight = self.embed.weight
 
     def forward(self, input_ids, attention_mask):
-        return self.out(torch.tanh(self.mid(self.embed(input_ids))))
+        return self.out(torch.tanh(self.mid(self.embed(input_ids))) * attention_mask[..., None])
 
 
 class Twice(nn.Module):
