@@ -55,3 +55,38 @@ def write_summary(out: Path, prefix: str, title: str, text: str, blob: dict) -> 
     out = Path(out)
     (out / f"{prefix}.md").write_text(f"# {title}\n\n{text}\n")
     (out / f"{prefix}.json").write_text(json.dumps(blob, indent=1, default=str))
+
+
+def noise_table(results: dict, cells: list, seeds: str, cell: str) -> tuple[str, int, dict]:
+    """The claim table over label-noise rates: plain's test accuracy and every clipping cell's paired difference
+    (points), t interval and p Holm-adjusted over every comparison of the run, and the cell chosen on validation.
+
+    ``results`` maps a noise rate to its ``SweepResult``; ``seeds`` and ``cell`` word the header ("reporting
+    seeds", "clipping cell"). Returns the markdown, the number of comparisons and, per noise rate, the chosen
+    cell's row with its Holm-adjusted p.
+    """
+    from dp_microclip.tools.sweep_report import holm
+
+    rows = {noise: {(r["method"], r["b"]): r for r in result.table()} for noise, result in results.items()}
+    family = [(noise, c) for noise in results for c in cells if c in rows[noise]]
+    adjusted = dict(zip(family, holm([rows[n][c]["p_value"] for n, c in family])))
+    n_seeds = len(next(iter(results.values())).settings.seeds) if results else 0
+    lines = [f"Difference to plain in points, paired over {n_seeds} {seeds}, 95% t interval, p (two-sided) and, "
+             f"after `H`, p Holm-adjusted over all {len(family)} comparisons below. Chosen on validation: the {cell} "
+             "with the best validation accuracy on the tuning seeds.\n",
+             "| label noise | plain | " + " | ".join(f"{m} b={b}" for m, b in cells) + " | chosen on validation |",
+             "|---" * (len(cells) + 3) + "|"]
+    chosen = {}
+    for noise, result in results.items():
+        plain = rows[noise][("plain", None)]
+        out = [f"{noise:.0%}", f"{100 * plain['test_mean']:.2f} ± {100 * plain['test_std']:.2f}"]
+        for c in cells:
+            r = rows[noise].get(c)
+            out.append("" if r is None else f"{100 * r['diff_vs_plain']:+.2f} [{100 * r['diff_ci_low']:+.2f}, "
+                       f"{100 * r['diff_ci_high']:+.2f}] p={r['p_value']:.2g} H={adjusted[(noise, c)]:.2g}")
+        best = result.best()
+        chosen[noise] = dict(best, holm=adjusted.get((noise, (best["method"], best["b"]))))
+        out.append(f"{best['method']} b={best['b']}: {100 * best['diff_vs_plain']:+.2f} "
+                   f"[{100 * best['diff_ci_low']:+.2f}, {100 * best['diff_ci_high']:+.2f}] p={best['p_value']:.2g}")
+        lines.append("| " + " | ".join(out) + " |")
+    return "\n".join(lines) + "\n", len(family), chosen

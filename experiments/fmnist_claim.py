@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .common import noise_table
+
 RESULTS = Path(__file__).resolve().parent / "results"
 #: The micro-batch sizes of the claim (64 = the batch: whole-batch clipping; adaptive there is plain SGD).
 CLAIM_B = (1, 4, 16, 64)
@@ -121,32 +123,9 @@ def claim_settings(noise: float, seeds: int, tune_seeds: int, epochs: int, n_tra
 
 def summary_table(results: dict) -> tuple[str, int, dict]:
     """Plain's accuracy and every clipping cell's paired difference, p and Holm-adjusted p over all comparisons."""
-    from dp_microclip.tools.sweep_report import holm
-
     first = next(iter(results.values()))
     cells = [c for c in first.settings.cells() if c[0] != "plain"]
-    rows = {noise: {(r["method"], r["b"]): r for r in result.table()} for noise, result in results.items()}
-    family = [(noise, c) for noise in results for c in cells if c in rows[noise]]
-    adjusted = dict(zip(family, holm([rows[n][c]["p_value"] for n, c in family])))
-    lines = [f"Difference to plain in points, paired over {len(first.settings.seeds)} reporting seeds, 95% t interval, "
-             f"p (two-sided) and, after `H`, p Holm-adjusted over all {len(family)} comparisons below. "
-             "Chosen on validation: the clipping cell with the best validation accuracy on the tuning seeds.\n",
-             "| label noise | plain | " + " | ".join(f"{m} b={b}" for m, b in cells) + " | chosen on validation |",
-             "|---" * (len(cells) + 3) + "|"]
-    chosen = {}
-    for noise, result in results.items():
-        plain = rows[noise][("plain", None)]
-        out = [f"{noise:.0%}", f"{100 * plain['test_mean']:.2f} ± {100 * plain['test_std']:.2f}"]
-        for c in cells:
-            r = rows[noise].get(c)
-            out.append("" if r is None else f"{100 * r['diff_vs_plain']:+.2f} [{100 * r['diff_ci_low']:+.2f}, "
-                       f"{100 * r['diff_ci_high']:+.2f}] p={r['p_value']:.2g} H={adjusted[(noise, c)]:.2g}")
-        best = result.best()
-        chosen[noise] = dict(best, holm=adjusted.get((noise, (best["method"], best["b"]))))
-        out.append(f"{best['method']} b={best['b']}: {100 * best['diff_vs_plain']:+.2f} "
-                   f"[{100 * best['diff_ci_low']:+.2f}, {100 * best['diff_ci_high']:+.2f}] p={best['p_value']:.2g}")
-        lines.append("| " + " | ".join(out) + " |")
-    return "\n".join(lines) + "\n", len(family), chosen
+    return noise_table(results, cells, "reporting seeds", "clipping cell")
 
 
 def run_claim(x: torch.Tensor, labels: torch.Tensor, test, args, out: Path = RESULTS) -> str:

@@ -25,9 +25,8 @@ import torch.nn.functional as F
 import dp_microclip
 from dp_microclip.tools.diagnostics import ClipMonitor, DraggerProbe
 from dp_microclip.tools.sweep import SweepSettings, digits_mlp, digits_splits
-from dp_microclip.tools.sweep_report import holm
 
-from .common import run_sweep, setup, write_summary
+from .common import noise_table, run_sweep, setup, write_summary
 
 
 def probe_run(train, flipped, lr: float, C: float, b: int, out, epochs: int = 20, seed: int = 0) -> dict:
@@ -81,27 +80,8 @@ def summary_table(results: dict) -> tuple[str, int]:
     """The docs' table: plain's test accuracy and every clipping cell's paired difference (points), t interval and
     p Holm-adjusted over every comparison of this run (all noise levels), and the cell chosen on validation."""
     cells = [(m, b) for m in ("fixed", "adaptive") for b in (1, 4, 16, 64)]
-    rows = {noise: {(r["method"], r["b"]): r for r in result.table()} for noise, result in results.items()}
-    family = [(noise, c) for noise in results for c in cells if c in rows[noise]]
-    adjusted = dict(zip(family, holm([rows[n][c]["p_value"] for n, c in family])))
-    seeds = next(iter(results.values())).settings.seeds if results else ()
-    lines = [f"Difference to plain in points, paired over {len(seeds)} seeds, 95% t interval, p (two-sided) and, "
-             f"after `H`, p Holm-adjusted over all {len(family)} comparisons below. Chosen on validation: the cell "
-             "with the best validation accuracy on the tuning seeds.\n",
-             "| label noise | plain | " + " | ".join(f"{m} b={b}" for m, b in cells) + " | chosen on validation |",
-             "|---" * (len(cells) + 3) + "|"]
-    for noise, result in results.items():
-        plain = rows[noise][("plain", None)]
-        out = [f"{noise:.0%}", f"{100 * plain['test_mean']:.2f} ± {100 * plain['test_std']:.2f}"]
-        for c in cells:
-            r = rows[noise].get(c)
-            out.append("" if r is None else f"{100 * r['diff_vs_plain']:+.2f} [{100 * r['diff_ci_low']:+.2f}, "
-                       f"{100 * r['diff_ci_high']:+.2f}] p={r['p_value']:.2g} H={adjusted[(noise, c)]:.2g}")
-        best = result.best()
-        out.append(f"{best['method']} b={best['b']}: {100 * best['diff_vs_plain']:+.2f} [{100 * best['diff_ci_low']:+.2f}, "
-                   f"{100 * best['diff_ci_high']:+.2f}] p={best['p_value']:.2g}")
-        lines.append("| " + " | ".join(out) + " |")
-    return "\n".join(lines) + "\n", len(family)
+    text, comparisons, _ = noise_table(results, cells, "seeds", "cell")
+    return text, comparisons
 
 
 def main(argv=None) -> None:
