@@ -48,7 +48,7 @@ from .errors import BatchError, PrivacyError
 from .layers.traits import CHANNELS_FIRST
 from .rows import (BROADCAST, Fold, RowsProblem, TensorPrint, analyse, check_sizes, deviation, fingerprint,
                    probe_order, refusal)
-from .tensors import output_tensors
+from .tensors import map_tensors, output_tensors
 
 __all__ = ["BROADCAST", "Fold", "LayoutLearner", "declared_batch_dim"]  # re-exported for the hooks
 
@@ -142,24 +142,17 @@ def _visit(obj, name: str, found: list) -> None:
             _visit(v, f"{name}.{k}", found)
 
 
-def _rebuild(obj, dims: dict, name: str, order: list[int]):
-    if torch.is_tensor(obj):
-        dim = dims.get(name)
-        return obj if dim is None else obj.index_select(dim, torch.tensor(order, device=obj.device))
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_rebuild(o, dims, f"{name}.{i}", order) for i, o in enumerate(obj)))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_rebuild(o, dims, f"{name}.{i}", order) for i, o in enumerate(obj))
-    if isinstance(obj, dict):
-        return type(obj)((k, _rebuild(v, dims, f"{name}.{k}", order)) for k, v in obj.items())
-    return obj
-
-
 def _select_all(args, kwargs, input_dims: tuple, order: list[int]) -> tuple:
     """The inputs holding the examples ``order`` (in that order), each cut along its own batch dimension."""
     names = [n for n, _ in tensor_leaves(args, kwargs)]
     dims = dict(zip(names, input_dims))
-    return _rebuild(args, dims, "args", order), _rebuild(kwargs, dims, "kwargs", order)
+    index = torch.tensor(order)
+
+    def cut(path: str, t: torch.Tensor) -> torch.Tensor:
+        dim = dims.get(path)
+        return t if dim is None else t.index_select(dim, index.to(t.device))
+
+    return map_tensors(args, cut, "args"), map_tensors(kwargs, cut, "kwargs")
 
 
 def _structure(leaves) -> tuple:

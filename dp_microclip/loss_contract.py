@@ -35,7 +35,7 @@ import torch
 
 from .contract import NoDropout
 from .errors import ConfigurationError, PrivacyError
-from .tensors import LOW_PRECISION, output_tensors
+from .tensors import LOW_PRECISION, map_tensors, output_tensors
 
 _SCALARS = (int, float, bool, str, type(None))
 
@@ -48,24 +48,13 @@ def _tolerance(dtype: torch.dtype) -> float:
 def take_rows(obj, rows: torch.Tensor, batch_size: int):
     """``obj`` with every tensor whose dimension 0 has ``batch_size`` rows replaced by ``rows`` of it.
 
-    Walks tuples (named ones too), lists, dicts and dataclasses (HuggingFace ``ModelOutput`` is both a dict
-    and a dataclass; it is rebuilt from its fields). Everything else, tensors of other sizes included
-    (class weights, a temperature), is passed unchanged.
+    Tensors of other sizes (class weights, a temperature) and non-tensors pass unchanged; nests are walked by
+    :func:`~dp_microclip.tensors.map_tensors`.
     """
-    if torch.is_tensor(obj):
-        if obj.dim() > 0 and obj.shape[0] == batch_size:
-            return obj.index_select(0, rows.to(obj.device))
-        return obj
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return type(obj)(**{f.name: take_rows(getattr(obj, f.name), rows, batch_size)
-                            for f in dataclasses.fields(obj) if f.init})
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(take_rows(o, rows, batch_size) for o in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(take_rows(o, rows, batch_size) for o in obj)
-    if isinstance(obj, dict):
-        return type(obj)((k, take_rows(v, rows, batch_size)) for k, v in obj.items())
-    return obj
+    def cut(_path: str, t: torch.Tensor) -> torch.Tensor:
+        return t.index_select(0, rows.to(t.device)) if t.dim() > 0 and t.shape[0] == batch_size else t
+
+    return map_tensors(obj, cut, "")
 
 
 def _function_key(fn) -> tuple:

@@ -7,6 +7,9 @@ accumulated in float32.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 import torch
 
 #: The 16-bit floating dtypes. Clipped sums of parameters in these dtypes are kept in float32
@@ -63,3 +66,24 @@ class RequireGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return None, None
+
+
+def map_tensors(obj, fn: Callable[[str, torch.Tensor], torch.Tensor], path: str):
+    """``obj`` rebuilt with every tensor ``t`` at ``path`` replaced by ``fn(path, t)``.
+
+    Walks dataclasses (HuggingFace ``ModelOutput`` is a dict and a dataclass: rebuilt from its fields), named
+    tuples, tuples, lists and dicts; anything else is kept as is. Paths name items as ``path.i`` / ``path.key``.
+    One walker for every "the same inputs, other rows" the engine builds (the layout probe, the loss check).
+    """
+    if torch.is_tensor(obj):
+        return fn(path, obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return type(obj)(**{f.name: map_tensors(getattr(obj, f.name), fn, f"{path}.{f.name}")
+                            for f in dataclasses.fields(obj) if f.init})
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(map_tensors(o, fn, f"{path}.{i}") for i, o in enumerate(obj)))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_tensors(o, fn, f"{path}.{i}") for i, o in enumerate(obj))
+    if isinstance(obj, dict):
+        return type(obj)((k, map_tensors(v, fn, f"{path}.{k}")) for k, v in obj.items())
+    return obj
