@@ -210,15 +210,20 @@ class TimeMajorInside(nn.Module):
 def test_time_major_linear_inside_a_batch_first_model_is_exact_when_t_equals_b(seq_len):
     torch.manual_seed(0)
     m = TimeMajorInside().double()
-    ref = copy.deepcopy(m)
     x, y = torch.randn(5, seq_len, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
-    want = naive_microbatch_grads(ref, F.cross_entropy, x, y, micro_batch_size=1, max_grad_norm=0.05)
+    want = _one_step_at_b1(m, x, y)
+    for name, p in m.named_parameters():
+        assert float((p.grad - want[name]).norm() / want[name].norm()) < 1e-9, name
+
+
+def _one_step_at_b1(m, x, y):
+    """One engine step of ``m`` at b = 1, C = 0.05 (its p.grad is the engine's); returns the naive loop's."""
+    want = naive_microbatch_grads(copy.deepcopy(m), F.cross_entropy, x, y, micro_batch_size=1, max_grad_norm=0.05)
     opt = torch.optim.SGD(m.parameters(), lr=0.0)
     dp_microclip.attach(m, opt, micro_batch_size=1, max_grad_norm=0.05)
     F.cross_entropy(m(x), y).backward()
     opt.step()
-    for name, p in m.named_parameters():
-        assert float((p.grad - want[name]).norm() / want[name].norm()) < 1e-9, name
+    return want
 
 
 class SharedTable(nn.Module):
@@ -239,13 +244,8 @@ def test_layer_without_batch_dimension_is_not_split_by_a_size_that_equals_b():
     followed to where it meets the batch (shared_outputs.py): each example's share is exact, never row q."""
     torch.manual_seed(0)
     m = SharedTable().double()
-    reference = copy.deepcopy(m)
     x, y = torch.randn(5, 5, dtype=torch.float64), torch.arange(5) % 5
-    want = naive_microbatch_grads(reference, F.cross_entropy, x, y, micro_batch_size=1, max_grad_norm=0.05)
-    opt = torch.optim.SGD(m.parameters(), lr=0.0)
-    dp_microclip.attach(m, opt, micro_batch_size=1, max_grad_norm=0.05)
-    F.cross_entropy(m(x), y).backward()
-    opt.step()
+    want = _one_step_at_b1(m, x, y)
     for name, p in m.named_parameters():
         assert float((p.grad - want[name]).norm()) <= 1e-9 * float(want[name].norm()) + 1e-15, name
 
