@@ -112,9 +112,12 @@ def noise_multiplier_for_epsilon(
     guess = 1.0
     if not backend.name.startswith("rdp") and adjacency == "add_remove":
         # RDP bounds the tight epsilon from above, so the RDP-calibrated z meets the target: a cheap bracket.
-        from accounting.backends.rdp import DEFAULT_ORDERS, RdpBackend
+        from accounting.backends.rdp import INTEGER_ORDERS, RdpBackend
 
-        rdp = RdpBackend(orders=DEFAULT_ORDERS[::3])  # a coarser grid is still an upper bound, and 3x faster
+        # Integer orders only: a subset of orders still gives an upper bound (the conversion minimises over
+        # the orders it has), and integer orders have a closed form, so each evaluation costs ~50 ms instead of
+        # 0.6 s at large sampling rates, where the fractional-order series is slow.
+        rdp = RdpBackend(orders=INTEGER_ORDERS)
         guess = _search(lambda z: rdp.epsilon([Segment(z, q, n)], delta), float(target_epsilon), tolerance, 1.0)
     z_acc = _search(epsilon_of, float(target_epsilon), tolerance, guess)
     return z_acc * engine_per_accountant_z
