@@ -42,7 +42,7 @@ def run(b: int, seed: int, train, test, epochs: int = 30, lr: float = 1.0) -> tu
     for _ in range(epochs):
         for x, y in loader:
             opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
+            engine.loss(F.cross_entropy, model(x), y, reduction="none").backward()
             opt.step()
     eps = engine.epsilon()
     z = engine.noise_multiplier

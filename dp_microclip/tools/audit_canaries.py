@@ -50,11 +50,9 @@ def _train(config: AuditConfig, engine, model, optimizer, dataset, after_step=No
     while step < config.steps:
         for x, y in engine.data_loader(dataset):
             optimizer.zero_grad(set_to_none=True)
-            out = model(x)
-            if len(x) == 0:
-                (out.sum() * 0.0).backward()  # an empty batch: noise-only step, as the engine requires
-            else:
-                F.cross_entropy(out, y).backward()
+            # Per-example losses through engine.loss: checked for coupling, reduced by the engine (an empty batch
+            # gives a zero loss, and the step adds noise only).
+            engine.loss(F.cross_entropy, model(x), y, reduction="none").backward()
             optimizer.step()
             if after_step is not None:
                 after_step(step)
