@@ -62,7 +62,7 @@ def main(argv=None) -> None:
         test = (torch.cat([d_te[0], s_te[0]]), torch.cat([d_te[1], s_te[1]]))
         settings = SweepSettings(methods=("plain", "fixed", "adaptive"), micro_batch_sizes=(1, 8),
                                  seeds=tuple(range(args.seeds)), learning_rates=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0), tune_seeds=args.tune_seeds,
-                                 max_grad_norms=(1.0,), batch_size=64, epochs=epochs, name=f"domains-{name}")
+                                 max_grad_norms=(1.0,), batch_size=64, epochs=epochs, name=f"domains-v2-{name}")
         result, seconds = run_sweep(mlp, train, val, test, settings, out, f"domains-{name}",
                                     progress=not args.no_progress, extra_test_sets={"digits": d_te, "speech": s_te})
         lines = ["| method | b | lr | digits test | vs plain | speech test | vs plain |", "|---|---|---|---|---|---|---|"]
@@ -76,8 +76,20 @@ def main(argv=None) -> None:
                 else:
                     cells.append("")
             lines.append(f"| {r['method']} | {r['b'] or '-'} | {r['lr']:g} | " + " | ".join(cells) + " |")
+        best = result.best()
+        chosen = ""
+        if best is not None:
+            parts = [f"overall {100 * best['diff_vs_plain']:+.2f} [{100 * best['diff_ci_low']:+.2f}, "
+                     f"{100 * best['diff_ci_high']:+.2f}] points (Holm p {best['p_holm']:.2g})"]
+            for dom in ("digits", "speech"):
+                if f"diff_{dom}_vs_plain" in best:
+                    lo, hi = best[f"diff_{dom}_ci"]
+                    parts.append(f"{dom} {100 * best[f'diff_{dom}_vs_plain']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] "
+                                 f"(Holm p {best[f'diff_{dom}_p_holm']:.2g})")
+            chosen = (f"\nChosen on validation (tuning seeds): {best['method']} b={best['b']}: " + "; ".join(parts)
+                      + f"; {best['comparisons']} comparisons in this mix.\n")
         text.append(f"## {name}: {n_digits} digit images + {n_speech} spoken digits ({seconds:.0f} s)\n\n"
-                    + "\n".join(lines) + "\n")
+                    + "\n".join(lines) + "\n" + chosen)
         blob["mixes"][name] = {"train": [n_digits, n_speech], "table": result.table(), "seconds": seconds}
     total = time.perf_counter() - start
     text.insert(0, f"MLP 64-128-10, SGD momentum 0.9, batch 64, {epochs} epochs, {args.seeds} paired seeds, lr "
