@@ -35,7 +35,7 @@ from .layers.rnn import RNNCapture
 from .layers.registry import rule_for_type
 from .layout import BROADCAST, CallLayout, LayoutLearner
 from .layers.traits import CHANNELS_FIRST
-from .rows import Fold, batch_first
+from .rows import batch_first
 from .records import ForwardContext, Record, Shared, Unit
 from .shared_outputs import SharedOutput, SharedOutputTracker, no_batch_error
 from .tensors import RequireGrad, expand_at, first_tensor, output_tensors
@@ -272,12 +272,6 @@ class HookSet:
                     inputs.append(Shared(a.detach()))
                 elif dim == BROADCAST:
                     inputs.append(expand_at(a.detach(), unit.batch_dim, batch).movedim(unit.batch_dim, 0))
-                elif isinstance(dim, Fold) and unit.kind != "rule":
-                    raise UnsupportedModuleError(
-                        f"{unit.path} ({type(module).__name__}) has no rule, and input {i} of shape {tuple(a.shape)} "
-                        "holds several rows per example flattened together; the generic path replays modules on "
-                        "batch-first inputs only. Keep the batch as its own dimension, or register a rule."
-                    )
                 else:
                     inputs.append(batch_first(a.detach(), dim, batch))
             input_dims = tuple(
@@ -288,9 +282,6 @@ class HookSet:
                                            input_dims, (ctx.id, unit.path, index), kw_names)
             replaced = None
             out_dim = layout.output
-            if isinstance(out_dim, Fold) and unit.kind != "rule":
-                raise UnsupportedModuleError(f"{unit.path} ({type(module).__name__}) has no rule, and its output "
-                                             "holds several rows per example flattened together. Register a rule.")
             if out_dim == BROADCAST:
                 # One value shared by the batch (position embeddings of (1, T) ids): expanded to the batch so
                 # that each example's output gradient, and so its share of the weight gradient, exists.

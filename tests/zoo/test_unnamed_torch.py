@@ -1,0 +1,375 @@
+"""Plain-torch families no rule names, unchanged: exact against the naive micro-batch loop (float64,
+b in {1, 2, B}, T == B and T != B), on no generic torch.func path.
+
+Each model is written the way ordinary PyTorch code writes it: a dilated causal TCN (padding, then the
+future sliced off, weight norm old and new), a small U-Net (ConvTranspose2d, skip concatenation,
+GroupNorm), nn.Bilinear, nn.EmbeddingBag (2-D input; 1-D ids with offsets and per-sample weights),
+learnable activations (nn.PReLU, a Swish with a learnable beta), nn.MultiheadAttention with separate
+key / value widths or a key / value bias and zero attention, InstanceNorm, parametrizations
+(orthogonal, a custom symmetric one), a module using F.conv2d / F.linear on its own parameters, local
+attention over nn.Unfold patches, and a gated linear unit split with torch.chunk.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrizations, parametrize
+
+from .data import CLASSES, VOCAB, seq_cls_batch
+from .harness import B, ZooCase, assert_matches, zoo_params
+
+D = 8
+
+
+def _pool(h, mask):
+    """Mean over the valid tokens of (B, T, d)."""
+    m = mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1)
+
+
+# ------------------------------------------------------------------------------------------ TCN
+class CausalConv(nn.Module):
+    """A dilated causal convolution: padded on both sides by ``(k-1) d``, then the future sliced off."""
+
+    def __init__(self, c_in, c_out, k, dilation, norm):
+        super().__init__()
+        self.pad = (k - 1) * dilation
+        self.conv = norm(nn.Conv1d(c_in, c_out, k, padding=self.pad, dilation=dilation))
+
+    def forward(self, x):
+        return self.conv(x)[..., : -self.pad]
+
+
+class TCN(nn.Module):
+    """Embedding -> two residual dilated causal conv blocks (channels-first) -> the last step's head."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.blocks = nn.ModuleList(CausalConv(D, D, 2, d, norm) for d in (1, 2))
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, input_ids, attention_mask):
+        x = self.embed(input_ids).transpose(1, 2)  # (B, D, T)
+        for block in self.blocks:
+            x = x + torch.relu(block(x))
+        n = attention_mask.sum(1) - 1
+        return self.head(x[torch.arange(x.shape[0]), :, n])
+
+
+def _old_weight_norm(conv):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated
+        return nn.utils.weight_norm(conv)
+
+
+# ------------------------------------------------------------------------------------------ U-Net
+class UNet(nn.Module):
+    """One level: conv + GroupNorm down, stride-2 conv, ConvTranspose2d up, skip concatenation, 1x1 head."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(3, D, 3, padding=1), nn.GroupNorm(2, D), nn.ReLU())
+        self.down = nn.Conv2d(D, D, 2, stride=2)
+        self.up = nn.ConvTranspose2d(D, D, 2, stride=2)
+        self.dec = nn.Sequential(nn.Conv2d(2 * D, D, 3, padding=1), nn.GroupNorm(2, D), nn.ReLU())
+        self.head = nn.Conv2d(D, CLASSES, 1)
+
+    def forward(self, pixels):
+        skip = self.enc(pixels)
+        h = self.up(torch.relu(self.down(skip)))
+        return self.head(self.dec(torch.cat([h, skip], dim=1)))  # (B, CLASSES, H, W)
+
+
+def _segmentation_loss(logits, y):  # per-pixel cross-entropy, mean per example, then over the batch
+    return F.cross_entropy(logits, y)
+
+
+def _pixel_batch(B, T, dtype, g):
+    return ({"pixels": torch.randn(B, 3, T, T, generator=g, dtype=dtype)},
+            torch.randint(0, CLASSES, (B, T, T), generator=g))
+
+
+def _image_batch(B, T, dtype, g):
+    return {"pixels": torch.randn(B, 3, T, T, generator=g, dtype=dtype)}, torch.randint(0, CLASSES, (B,), generator=g)
+
+
+# ------------------------------------------------------------------------------------------ Bilinear
+class BilinearPairs(nn.Module):
+    """Each token's embedding against its example's first token, through nn.Bilinear."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.bilinear = nn.Bilinear(D, D, D)
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.embed(input_ids)
+        first = h[:, :1].expand_as(h)
+        return self.head(_pool(torch.tanh(self.bilinear(h, first)), attention_mask))
+
+
+# ------------------------------------------------------------------------------------------ EmbeddingBag
+class BagOfTokens(nn.Module):
+    """nn.EmbeddingBag: padded (B, T) ids with padding_idx (mean), or the valid ids flattened with offsets
+    and per-sample weights (sum), the classic bag-of-words text classifier."""
+
+    def __init__(self, offsets: bool):
+        super().__init__()
+        self.offsets = offsets
+        self.bag = nn.EmbeddingBag(VOCAB, D, mode="sum" if offsets else "mean", padding_idx=None if offsets else 0)
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, input_ids, attention_mask):
+        if not self.offsets:
+            return self.head(torch.tanh(self.bag(input_ids)))
+        valid = attention_mask.bool()
+        n = attention_mask.sum(1)
+        offsets = torch.cumsum(n, 0) - n
+        weights = (1.0 / n.to(torch.get_default_dtype())).repeat_interleave(n).to(self.head.weight.dtype)
+        return self.head(torch.tanh(self.bag(input_ids[valid], offsets, per_sample_weights=weights)))
+
+
+# ------------------------------------------------------------------------------------------ learnable activations
+class LearnedSwish(nn.Module):
+    """``x * sigmoid(beta x)`` with a learnable beta per channel."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.beta = nn.Parameter(1 + 0.1 * torch.randn(d))
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.beta * x)
+
+
+class ActivationNet(nn.Module):
+    """Conv -> PReLU per channel -> conv -> PReLU shared -> pool -> Linear -> learned Swish -> head."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.a1 = nn.Conv2d(3, D, 3, padding=1), nn.PReLU(D)
+        self.c2, self.a2 = nn.Conv2d(D, D, 3, padding=1), nn.PReLU()
+        self.fc, self.a3 = nn.Linear(D, D), LearnedSwish(D)
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, pixels):
+        h = self.a2(self.c2(self.a1(self.c1(pixels)))).mean((2, 3))
+        return self.head(self.a3(self.fc(h)))
+
+
+# ------------------------------------------------------------------------------------------ MHA variants
+class AttendTo(nn.Module):
+    """Tokens attend to a second, differently-sized stream (kdim / vdim) or to themselves with a
+    learned key / value bias and a zero key (add_bias_kv, add_zero_attn)."""
+
+    def __init__(self, separate: bool):
+        super().__init__()
+        self.separate = separate
+        self.embed = nn.Embedding(VOCAB, D)
+        if separate:
+            self.memory = nn.Embedding(VOCAB, 6)
+            self.attn = nn.MultiheadAttention(D, 2, kdim=6, vdim=4, batch_first=True)
+            self.value = nn.Linear(6, 4)
+        else:
+            self.attn = nn.MultiheadAttention(D, 2, add_bias_kv=True, add_zero_attn=True, batch_first=True)
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.embed(input_ids)
+        pad = attention_mask == 0
+        if self.separate:
+            mem = self.memory(input_ids.flip(1))
+            out, _ = self.attn(h, mem, self.value(mem), key_padding_mask=pad.flip(1), need_weights=False)
+        else:
+            out, _ = self.attn(h, h, h, key_padding_mask=pad, need_weights=False)
+        return self.head(_pool(out, attention_mask))
+
+
+# ------------------------------------------------------------------------------------------ InstanceNorm
+class InstanceNormNet(nn.Module):
+    """A style-transfer-like CNN: conv -> InstanceNorm2d(affine) -> conv -> InstanceNorm1d over rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.n1 = nn.Conv2d(3, D, 3, padding=1), nn.InstanceNorm2d(D, affine=True)
+        self.c2, self.n2 = nn.Conv2d(D, D, 3, padding=1), nn.InstanceNorm1d(D, affine=True)
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, pixels):
+        h = torch.relu(self.n1(self.c1(pixels)))
+        h = torch.relu(self.n2(self.c2(h).flatten(2)))  # (B, D, H*W)
+        return self.head(h.mean(-1))
+
+
+# ------------------------------------------------------------------------------------------ parametrizations
+class Symmetric(nn.Module):
+    """A custom parametrization: the weight is ``A + A^T`` (a symmetric matrix)."""
+
+    def forward(self, a):
+        return a.triu() + a.triu(1).transpose(-1, -2)
+
+
+def _parametrized():
+    model = TextMLP()
+    parametrizations.orthogonal(model.mid)
+    parametrize.register_parametrization(model.sym, "weight", Symmetric())
+    return model
+
+
+class TextMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.mid = nn.Linear(D, D)
+        self.sym = nn.Linear(D, D)
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, input_ids, attention_mask):
+        h = torch.tanh(self.sym(torch.tanh(self.mid(self.embed(input_ids)))))
+        return self.head(_pool(h, attention_mask))
+
+
+# ------------------------------------------------------------------------------------------ functional calls
+class FunctionalConvNet(nn.Module):
+    """Parameters held by the model itself and used through F.conv2d and F.linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernel = nn.Parameter(0.3 * torch.randn(D, 3, 3, 3))
+        self.kernel_bias = nn.Parameter(0.1 * torch.randn(D))
+        self.w = nn.Parameter(0.3 * torch.randn(CLASSES, D))
+        self.b = nn.Parameter(torch.zeros(CLASSES))
+
+    def forward(self, pixels):
+        h = torch.relu(F.conv2d(pixels, self.kernel, self.kernel_bias, padding=1)).mean((2, 3))
+        return F.linear(h, self.w, self.b)
+
+
+# ------------------------------------------------------------------------------------------ Unfold local attention
+class UnfoldLocalAttention(nn.Module):
+    """Each pixel attends to its 3x3 neighbourhood: nn.Unfold gathers the keys and values, Linear maps
+    project them (channels-last), a learned relative-position logit per neighbour is added."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, D, 1)
+        self.q, self.kv = nn.Linear(D, D), nn.Linear(D, 2 * D)
+        self.unfold = nn.Unfold(3, padding=1)
+        self.rel = nn.Parameter(0.1 * torch.randn(9))
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, pixels):
+        x = self.stem(pixels)  # (B, D, H, W)
+        b, c, h, w = x.shape
+        q = self.q(x.flatten(2).transpose(1, 2))  # (B, HW, D)
+        nb = self.unfold(x).view(b, c, 9, h * w).permute(0, 3, 2, 1)  # (B, HW, 9, D)
+        k, v = self.kv(nb).chunk(2, dim=-1)  # (B, HW, 9, D) each
+        scores = (q.unsqueeze(2) * k).sum(-1) / c ** 0.5 + self.rel  # (B, HW, 9)
+        out = (scores.softmax(-1).unsqueeze(-1) * v).sum(2)  # (B, HW, D)
+        return self.head(out.mean(1))
+
+
+# ------------------------------------------------------------------------------------------ GLU with chunk
+class GLU(nn.Module):
+    """A gated linear unit: one matmul on the module's own weight, split with torch.chunk."""
+
+    def __init__(self, d, hidden):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d, 2 * hidden) / d ** 0.5)
+        self.out = nn.Linear(hidden, d)
+
+    def forward(self, x):
+        a, gate = torch.chunk(x @ self.w, 2, dim=-1)
+        return self.out(a * torch.sigmoid(gate))
+
+
+class GLUModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.glu = GLU(D, 12)
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, input_ids, attention_mask):
+        return self.head(_pool(self.glu(self.embed(input_ids)), attention_mask))
+
+
+# ------------------------------------------------------------------------------------------ cases
+def _text(make):
+    return ZooCase(lambda T=None: make(), seq_cls_batch, lambda m, kw: m(**kw), F.cross_entropy)
+
+
+def _image(make, batch=_image_batch, loss=F.cross_entropy):
+    return ZooCase(lambda T=None: make(), batch, lambda m, kw: m(kw["pixels"]), loss)
+
+
+CASES = {
+    "tcn_weight_norm": _text(lambda: TCN(parametrizations.weight_norm)),
+    "unet": _image(UNet, _pixel_batch, _segmentation_loss),
+    "bilinear": _text(BilinearPairs),
+    "embedding_bag_2d": _text(lambda: BagOfTokens(offsets=False)),
+    "embedding_bag_offsets": _text(lambda: BagOfTokens(offsets=True)),
+    "learned_activations": _image(ActivationNet),
+    "mha_kdim_vdim": _text(lambda: AttendTo(separate=True)),
+    "mha_bias_kv_zero_attn": _text(lambda: AttendTo(separate=False)),
+    "instance_norm": _image(InstanceNormNet),
+    "parametrized": _text(_parametrized),
+    "functional_conv": _image(FunctionalConvNet),
+    "unfold_local_attention": _image(UnfoldLocalAttention),
+    "glu_chunk": _text(GLUModel),
+}
+
+EXPECTED: dict = {}
+
+
+@pytest.mark.parametrize("name, b, T", zoo_params(CASES, EXPECTED))
+def test_matches_naive_loop(name, b, T):
+    assert_matches(CASES[name], B=B, T=T, b=b)
+
+
+# ------------------------------------------------------------------- the generic path on flattened rows
+class ExpGate(nn.Module):
+    """A parameter through ``exp`` (no recognised use: the generic torch.func path) on flattened rows."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.log_scale = nn.Parameter(0.1 * torch.randn(d))
+        self.shift = nn.Parameter(0.1 * torch.randn(d))
+
+    def forward(self, rows):  # (N, d), N = B*T rows in either order
+        return torch.tanh(rows * self.log_scale.exp() + self.shift.sin())
+
+
+class FlatRows(nn.Module):
+    """Token rows flattened to (B*T, d) (example-major) or (T*B, d) (time-major) before a module without a rule."""
+
+    def __init__(self, time_major: bool):
+        super().__init__()
+        self.time_major = time_major
+        self.embed = nn.Embedding(VOCAB, D)
+        self.gate = ExpGate(D)
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.embed(input_ids)  # (B, T, D)
+        b, t, d = h.shape
+        if self.time_major:
+            h = self.gate(h.transpose(0, 1).reshape(t * b, d)).view(t, b, d).transpose(0, 1)
+        else:
+            h = self.gate(h.reshape(b * t, d)).view(b, t, d)
+        return self.head(_pool(h, attention_mask))
+
+
+GENERIC_FOLDED = {"example_major": _text(lambda: FlatRows(False)), "time_major": _text(lambda: FlatRows(True))}
+
+
+@pytest.mark.parametrize("name, b, T", zoo_params(GENERIC_FOLDED))
+def test_generic_path_on_flattened_rows_matches_naive_loop(name, b, T):
+    # The layout probe's row map (B*T rows, k per example) regroups the rows per example for the replay.
+    assert_matches(GENERIC_FOLDED[name], B=B, T=T, b=b)
