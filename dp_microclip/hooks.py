@@ -218,10 +218,17 @@ class HookSet:
 
     # ------------------------------------------------------------------ layers
     def _install_layer(self, unit: Unit, takes_call=None) -> None:
+        def call_tensors(module, args, kwargs) -> tuple[tuple, tuple]:
+            """(the call's inputs as the layout and the rule see them, tensor keyword names): tensor keyword
+            arguments after the positional ones, or the rule's own form of the call (``LayerRule.present``)."""
+            if unit.kind == "rule" and unit.rule.present is not None:
+                return tuple(unit.rule.present(module, tuple(args), kwargs)), ()
+            kw_names = tuple(sorted(k for k, v in kwargs.items() if torch.is_tensor(v)))
+            return tuple(args) + tuple(kwargs[k] for k in kw_names), kw_names
+
         def post(module, args, kwargs, output):
             if self.layouts.probing is not None:
-                kw_names = tuple(sorted(k for k, v in kwargs.items() if torch.is_tensor(v)))
-                self.layouts.record_probe_call(unit.path, tuple(args) + tuple(kwargs[k] for k in kw_names), output)
+                self.layouts.record_probe_call(unit.path, call_tensors(module, args, kwargs)[0], output)
                 return None
             self._note_checkpointing(unit)
             ctx = self._capturing()
@@ -242,7 +249,7 @@ class HookSet:
                         "(e.g. a PackedSequence), which cannot be split per example. Pass padded tensors instead "
                         "(torch.nn.utils.rnn.pad_packed_sequence), masking padded steps in the loss."
                     )
-            kw_names = tuple(sorted(k for k, v in kwargs.items() if torch.is_tensor(v)))
+            presented, kw_names = call_tensors(module, args, kwargs)
             if kw_names and unit.kind == "rule":
                 raise UnsupportedModuleError(
                     f"{unit.path} ({type(module).__name__}) was called with tensor keyword argument(s) "
@@ -250,8 +257,7 @@ class HookSet:
                     "for this module type that takes them."
                 )
             # Tensor keyword arguments (generic path) are laid out and split like positional ones, after them.
-            args = tuple(args) + tuple(kwargs[k] for k in kw_names)
-            kwargs = {k: v for k, v in kwargs.items() if k not in kw_names}
+            args, kwargs = presented, {k: v for k, v in kwargs.items() if not torch.is_tensor(v)}
             index = ctx.next_call(unit.path)
             layout = self.layouts.layout(unit, ctx, index, args, output)
             if torch.is_tensor(output) and layout.output is None:

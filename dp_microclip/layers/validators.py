@@ -10,11 +10,11 @@ The built-in validators refuse what would break exactness or privacy:
 
 * batch statistics (BatchNorm) and tracked running statistics (InstanceNorm) in
   DP mode: they mix examples and store un-noised averages in ``state_dict()``;
-* ``Embedding(max_norm=...)`` in DP mode: its forward renormalises every
+* ``Embedding(max_norm=...)`` (or ``EmbeddingBag``) in DP mode: its forward renormalises every
   looked-up row *in place*, so the released weights show which tokens were in
   the sampled batches, with no noise;
-* sparse or frequency-scaled embeddings (sparse gradients; frequencies over the
-  whole batch mix examples);
+* sparse or frequency-scaled embeddings and embedding bags (sparse gradients;
+  frequencies over the whole batch mix examples);
 * ``nn.MultiheadAttention`` configurations the attention capture does not cover.
 """
 
@@ -79,14 +79,14 @@ def _embedding(module: nn.Module, where: str, dp: bool) -> list[str]:
     problems = []
     if (module.sparse or module.scale_grad_by_freq) and _trains(module):
         problems.append(
-            f"{where} is nn.Embedding with sparse=True or scale_grad_by_freq=True; the first gives "
+            f"{where} is nn.{type(module).__name__} with sparse=True or scale_grad_by_freq=True; the first gives "
             "sparse gradients, the second mixes examples (frequencies over the whole batch). "
             "Create it with sparse=False, scale_grad_by_freq=False."
         )
     if dp and module.max_norm is not None:
         problems.append(
-            f"{where} is nn.Embedding with max_norm={module.max_norm}: its forward renormalises every looked-up "
-            "row in place, so the released weights show which tokens were in each sampled batch, without noise. "
+            f"{where} is nn.{type(module).__name__} with max_norm={module.max_norm}: its forward renormalises every "
+            "looked-up row in place, so the released weights show which tokens were in each sampled batch, without noise. "
             "Create it with max_norm=None (clip or normalise the looked-up vectors in forward instead, e.g. "
             "F.normalize(emb(ids), dim=-1) * max_norm, which does not write to the weight)."
         )
@@ -99,5 +99,5 @@ def _attention(module: nn.MultiheadAttention, where: str, dp: bool) -> list[str]
 
 register_validator(MIXES_EXAMPLES, _batch_statistics)
 register_validator(nn.modules.instancenorm._InstanceNorm, _tracked_instance_norm)
-register_validator(nn.Embedding, _embedding)
+register_validator((nn.Embedding, nn.EmbeddingBag), _embedding)
 register_validator(nn.MultiheadAttention, _attention)

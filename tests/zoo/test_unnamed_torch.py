@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
+import dp_microclip
+
 from .data import CLASSES, VOCAB, seq_cls_batch
 from .harness import B, ZooCase, assert_matches, zoo_params
 
@@ -117,23 +119,31 @@ class BilinearPairs(nn.Module):
 
 # ------------------------------------------------------------------------------------------ EmbeddingBag
 class BagOfTokens(nn.Module):
-    """nn.EmbeddingBag: padded (B, T) ids with padding_idx (mean), or the valid ids flattened with offsets
-    and per-sample weights (sum), the classic bag-of-words text classifier."""
+    """nn.EmbeddingBag, the bag-of-words text classifier: padded (B, T) ids (mean without the padding id,
+    a mask-weighted sum with per_sample_weights, max), or the valid ids flattened with one offset per
+    example and per-sample weights (torch's text-classification tutorial)."""
 
     def __init__(self, offsets: bool):
         super().__init__()
         self.offsets = offsets
-        self.bag = nn.EmbeddingBag(VOCAB, D, mode="sum" if offsets else "mean", padding_idx=None if offsets else 0)
+        if offsets:
+            self.bag = nn.EmbeddingBag(VOCAB, D, mode="sum", include_last_offset=True)
+        else:
+            self.mean = nn.EmbeddingBag(VOCAB, D, mode="mean", padding_idx=0)
+            self.sum = nn.EmbeddingBag(VOCAB, D, mode="sum")
+            self.max = nn.EmbeddingBag(VOCAB, D, mode="max", padding_idx=0)
         self.head = nn.Linear(D, CLASSES)
 
     def forward(self, input_ids, attention_mask):
+        weights = attention_mask.to(self.head.weight.dtype)
         if not self.offsets:
-            return self.head(torch.tanh(self.bag(input_ids)))
-        valid = attention_mask.bool()
+            h = self.mean(input_ids) + self.sum(input_ids, per_sample_weights=weights) + self.max(input_ids)
+            return self.head(torch.tanh(h))
         n = attention_mask.sum(1)
-        offsets = torch.cumsum(n, 0) - n
-        weights = (1.0 / n.to(torch.get_default_dtype())).repeat_interleave(n).to(self.head.weight.dtype)
-        return self.head(torch.tanh(self.bag(input_ids[valid], offsets, per_sample_weights=weights)))
+        offsets = torch.cat([n.new_zeros(1), torch.cumsum(n, 0)])  # include_last_offset: B + 1 offsets
+        scale = (1.0 / n.to(weights.dtype)).repeat_interleave(n)  # a mean as per-sample weights
+        h = self.bag(input_ids[attention_mask.bool()], offsets, per_sample_weights=scale)
+        return self.head(torch.tanh(h))
 
 
 # ------------------------------------------------------------------------------------------ learnable activations
@@ -373,3 +383,46 @@ GENERIC_FOLDED = {"example_major": _text(lambda: FlatRows(False)), "time_major":
 def test_generic_path_on_flattened_rows_matches_naive_loop(name, b, T):
     # The layout probe's row map (B*T rows, k per example) regroups the rows per example for the replay.
     assert_matches(GENERIC_FOLDED[name], B=B, T=T, b=b)
+
+
+# ------------------------------------------------------------------- EmbeddingBag: every mode, both forms
+class OneBag(nn.Module):
+    """One nn.EmbeddingBag in a given mode, fed (B, T) ids or the valid ids with offsets (positional or
+    keyword, with or without the closing offset); with ``empty``, examples whose first id is even get an empty bag."""
+
+    def __init__(self, mode, offsets, padding_idx=None, include_last=False, empty=False):
+        super().__init__()
+        self.offsets, self.include_last, self.empty = offsets, include_last, empty
+        self.bag = nn.EmbeddingBag(VOCAB, D, mode=mode, padding_idx=padding_idx, include_last_offset=include_last)
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, input_ids, attention_mask):
+        if self.empty:  # by content, so that an example keeps its empty bag wherever it is in the batch
+            attention_mask = attention_mask * (input_ids[:, :1] % 2)
+        if not self.offsets:
+            return self.head(torch.tanh(self.bag(input_ids.masked_fill(attention_mask == 0, 0))))
+        n = attention_mask.sum(1)
+        offsets = torch.cumsum(n, 0) - n
+        if self.include_last:
+            offsets = torch.cat([offsets, n.sum(0, keepdim=True)])
+        return self.head(torch.tanh(self.bag(input_ids[attention_mask.bool()], offsets=offsets)))
+
+
+BAG_VARIANTS = {
+    "max_offsets": _text(lambda: OneBag("max", True)),
+    "max_2d_padding_idx": _text(lambda: OneBag("max", False, padding_idx=0)),
+    "mean_offsets_padding_idx_last": _text(lambda: OneBag("mean", True, padding_idx=3, include_last=True)),
+    "sum_offsets_empty_bag": _text(lambda: OneBag("sum", True, empty=True)),
+    "max_offsets_empty_bag": _text(lambda: OneBag("max", True, include_last=True, empty=True)),
+}
+
+
+@pytest.mark.parametrize("name, b, T", zoo_params(BAG_VARIANTS, ts=(6,)))
+def test_embedding_bag_modes_match_naive_loop(name, b, T):
+    assert_matches(BAG_VARIANTS[name], B=B, T=T, b=b)
+
+
+def test_embedding_bag_with_frequency_scaling_is_refused():
+    model = nn.Sequential(nn.EmbeddingBag(VOCAB, D, scale_grad_by_freq=True), nn.Linear(D, CLASSES))
+    with pytest.raises(dp_microclip.UnsupportedModuleError, match="EmbeddingBag with sparse=True or scale_grad_by_freq"):
+        dp_microclip.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=1, max_grad_norm=1.0)
