@@ -221,8 +221,9 @@ class HookSet:
         def call_tensors(module, args, kwargs) -> tuple[tuple, tuple]:
             """(the call's inputs as the layout and the rule see them, tensor keyword names): tensor keyword
             arguments after the positional ones, or the rule's own form of the call (``LayerRule.present``)."""
-            if unit.kind == "rule" and unit.rule.present is not None:
-                return tuple(unit.rule.present(module, tuple(args), kwargs)), ()
+            present = unit.rule.present if unit.kind == "rule" and unit.rule is not None else None
+            if present is not None:
+                return tuple(present(module, tuple(args), kwargs)), ()
             kw_names = tuple(sorted(k for k, v in kwargs.items() if torch.is_tensor(v)))
             return tuple(args) + tuple(kwargs[k] for k in kw_names), kw_names
 

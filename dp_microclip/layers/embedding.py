@@ -90,7 +90,7 @@ def bag_inputs(layer: nn.EmbeddingBag, args: tuple, kwargs: dict) -> tuple:
     """
     names = ("input", "offsets", "per_sample_weights")
     given = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
-    ids, offsets, weights = given.get("input"), given.get("offsets"), given.get("per_sample_weights")
+    ids, offsets, weights = given["input"], given.get("offsets"), given.get("per_sample_weights")
     if ids.dim() == 2:
         flat, length = ids.reshape(-1), ids.shape[1]
         offsets = torch.arange(0, flat.shape[0], length, device=ids.device)

@@ -86,8 +86,8 @@ def _embedding(module: nn.Module, where: str, dp: bool) -> list[str]:
     if dp and module.max_norm is not None:
         problems.append(
             f"{where} is nn.{type(module).__name__} with max_norm={module.max_norm}: its forward renormalises every "
-            "looked-up row in place, so the released weights show which tokens were in each sampled batch, without noise. "
-            "Create it with max_norm=None (clip or normalise the looked-up vectors in forward instead, e.g. "
+            "looked-up row in place, so the released weights show which tokens were in each sampled batch, without "
+            "noise. Create it with max_norm=None (clip or normalise the looked-up vectors in forward instead, e.g. "
             "F.normalize(emb(ids), dim=-1) * max_norm, which does not write to the weight)."
         )
     return problems
