@@ -85,7 +85,7 @@ def bag_inputs(layer: nn.EmbeddingBag, args: tuple, kwargs: dict) -> tuple:
     ``coefficients`` is what each looked-up row's gradient is scaled by: the per-sample weight (sum; 0 for
     ``padding_idx``), ``1 / n`` (mean over the ``n`` rows that are not ``padding_idx``), 1 (max; 0 for
     padding). 1-D ids with offsets are padded to the longest bag (padding repeats a real id of the bag, with
-    coefficient 0), so every input holds one row per bag and the layout probe checks it by content. In max
+    coefficient 0; an empty bag's row is id 0), so every input holds one row per bag and the layout probe checks it by content. In max
     mode ``winners`` are torch's own ``max_indices``: the table row that gave each output coordinate.
     """
     names = ("input", "offsets", "per_sample_weights")
@@ -111,6 +111,7 @@ def bag_inputs(layer: nn.EmbeddingBag, args: tuple, kwargs: dict) -> tuple:
     position = (starts[:, None] + slot[None, :].minimum((sizes[:, None] - 1).clamp(min=0))).clamp(max=max(
         flat.shape[0] - 1, 0))
     padded = flat[position] if flat.numel() else torch.zeros_like(real, dtype=flat.dtype)  # pads repeat a real id
+    padded = padded.masked_fill(sizes[:, None] == 0, 0)  # an empty bag's row: 0, nothing of another bag
     coef = real.to(dtype)
     if layer.padding_idx is not None:
         coef = coef * (padded != layer.padding_idx).to(dtype)

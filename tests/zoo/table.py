@@ -1,9 +1,10 @@
 """Not a test: the zoo table of docs/models.md, generated from the zoo modules' ``CASES``.
 
-    python -m tests.zoo.table                      # every tests/zoo/test_*.py module with CASES
+    python -m tests.zoo.table                      # every tests/zoo/test_*.py module
     python -m tests.zoo.table test_unnamed_torch   # some modules only
 
-Each case runs one engine step against the naive micro-batch loop (float64, B=4, T in {4, 6}, b in
+A module's cases are its ``CASES`` and every other upper-case module-level dict of ``ZooCase`` (``REFUSED``,
+variants), shown as ``TABLE.case``. Each case runs one engine step against the naive micro-batch loop (float64, B=4, T in {4, 6}, b in
 {1, 2, B}), exactly as the zoo tests do, and the table shows its WORST outcome over those runs:
 WRONG (the gradient differs from the naive loop) < error (an unexpected exception) < refused (a
 dp_microclip error naming the cause) < generic path (exact, but a module replayed with torch.func)
@@ -26,7 +27,7 @@ import torch
 
 from dp_microclip import errors as dp_errors
 
-from .harness import B, T_EQ, T_NE, TOL, build_model, engine, errors_by_param, naive
+from .harness import B, T_EQ, T_NE, TOL, ZooCase, build_model, engine, errors_by_param, naive
 
 _RANK = {"WRONG": 0, "error": 1, "refused": 2, "generic path": 3, "exact": 4}
 _REFUSALS = tuple(v for v in vars(dp_errors).values() if isinstance(v, type) and issubclass(v, Exception)
@@ -90,6 +91,17 @@ def worst_outcome(case) -> Outcome:
     return worst
 
 
+def zoo_cases(module) -> list[tuple[str, ZooCase]]:
+    """Every case of a zoo module: ``CASES`` first, then the cases of its other module-level tables
+    (``REFUSED``, variants), named ``TABLE.case``."""
+    found = [(n, c) for n, c in getattr(module, "CASES", {}).items() if isinstance(c, ZooCase)]
+    for table, cases in vars(module).items():
+        if table != "CASES" and table.isupper() and isinstance(cases, dict) and cases \
+                and all(isinstance(c, ZooCase) for c in cases.values()):
+            found += [(f"{table}.{n}", c) for n, c in cases.items()]
+    return found
+
+
 def zoo_modules() -> list[str]:
     """Every ``tests/zoo/test_*.py`` module, by name."""
     return sorted(p.stem for p in pathlib.Path(__file__).parent.glob("test_*.py"))
@@ -110,7 +122,7 @@ def main(argv=None) -> None:
         except pytest.skip.Exception as skip:
             lines.append(f"| {name} | (skipped) | {skip} |")
             continue
-        for case_name, case in getattr(module, "CASES", {}).items():
+        for case_name, case in zoo_cases(module):
             if id(case) in seen:
                 continue
             seen.add(id(case))

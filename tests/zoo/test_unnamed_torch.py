@@ -23,7 +23,7 @@ from torch.nn.utils import parametrizations, parametrize
 import dp_microclip
 
 from .data import CLASSES, VOCAB, seq_cls_batch
-from .harness import B, ZooCase, assert_matches, zoo_params
+from .harness import B, ZooCase, assert_matches, compare, zoo_params
 
 D = 8
 
@@ -326,8 +326,6 @@ CASES = {
     "embedding_bag_2d": _text(lambda: BagOfTokens(offsets=False)),
     "embedding_bag_offsets": _text(lambda: BagOfTokens(offsets=True)),
     "learned_activations": _image(ActivationNet),
-    "mha_kdim_vdim": _text(lambda: AttendTo(separate=True)),
-    "mha_bias_kv_zero_attn": _text(lambda: AttendTo(separate=False)),
     "instance_norm": _image(InstanceNormNet),
     "parametrized": _text(_parametrized),
     "functional_conv": _image(FunctionalConvNet),
@@ -337,10 +335,24 @@ CASES = {
 
 EXPECTED: dict = {}
 
+# Refused by design, with the cause and the fix: the MHA capture reads the packed in_proj_weight only
+# (layers/attention.py); separate q/k/v weights and the learned key/value bias are not captured yet.
+REFUSED = {
+    "mha_kdim_vdim": _text(lambda: AttendTo(separate=True)),
+    "mha_bias_kv_zero_attn": _text(lambda: AttendTo(separate=False)),
+}
+_REFUSAL = {"mha_kdim_vdim": "kdim/vdim different from embed_dim", "mha_bias_kv_zero_attn": "add_bias_kv=True"}
+
 
 @pytest.mark.parametrize("name, b, T", zoo_params(CASES, EXPECTED))
 def test_matches_naive_loop(name, b, T):
     assert_matches(CASES[name], B=B, T=T, b=b)
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_refused_with_the_fix(name):
+    with pytest.raises(dp_microclip.UnsupportedModuleError, match=f"{_REFUSAL[name]}.*Use the default configuration"):
+        compare(REFUSED[name], B=B, T=6, b=1)
 
 
 # ------------------------------------------------------------------- the generic path on flattened rows
@@ -417,7 +429,7 @@ BAG_VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("name, b, T", zoo_params(BAG_VARIANTS, ts=(6,)))
+@pytest.mark.parametrize("name, b, T", zoo_params(BAG_VARIANTS))
 def test_embedding_bag_modes_match_naive_loop(name, b, T):
     assert_matches(BAG_VARIANTS[name], B=B, T=T, b=b)
 
