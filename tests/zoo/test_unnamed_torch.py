@@ -12,6 +12,7 @@ attention over nn.Unfold patches, and a gated linear unit split with torch.chunk
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -23,7 +24,7 @@ from torch.nn.utils import parametrizations, parametrize
 import dp_microclip
 
 from .data import CLASSES, VOCAB, seq_cls_batch
-from .harness import B, ZooCase, assert_matches, compare, zoo_params
+from .harness import B, TOL, ZooCase, assert_matches, build_model, compare, engine, errors_by_param, naive, zoo_params
 
 D = 8
 
@@ -438,3 +439,32 @@ def test_embedding_bag_with_frequency_scaling_is_refused():
     model = nn.Sequential(nn.EmbeddingBag(VOCAB, D, scale_grad_by_freq=True), nn.Linear(D, CLASSES))
     with pytest.raises(dp_microclip.UnsupportedModuleError, match="EmbeddingBag with sparse=True or scale_grad_by_freq"):
         dp_microclip.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=1, max_grad_norm=1.0)
+
+
+# ------------------------------------------------------------------- a parametrization with state: spectral norm
+def _spectral():
+    model = TextMLP()
+    parametrizations.spectral_norm(model.mid)  # a power iteration updates its (u, v) in every training forward
+    return model
+
+
+@pytest.mark.parametrize("name, b, T", zoo_params({"spectral_norm": None}))
+def test_spectral_norm_reads_the_weight_the_forward_used(name, b, T):
+    # The engine's one forward does one power iteration, the naive loop one per micro-batch: the oracle is the
+    # naive loop on a copy advanced by that one training forward, its power iteration then held (eval), so that
+    # every micro-batch sees the weight the engine's forward used. The engine itself must run no other
+    # iteration (reading the weight after the forward, the chain rule's pullback): (u, v) end as plain torch's.
+    case = _text(_spectral)
+    model = build_model(case, T, torch.float64)
+    oracle, plain = copy.deepcopy(model), copy.deepcopy(model)
+    inputs, targets = case.batch(B, T, torch.float64, torch.Generator().manual_seed(B * 100 + T))
+    got, _ = engine(case, model, inputs, targets, b=b)
+    with torch.no_grad():
+        plain(**inputs)
+        oracle(**inputs)
+    oracle.mid.parametrizations.weight.eval()
+    want = naive(case, oracle, inputs, targets, b=b)
+    errors = errors_by_param(got, want)
+    assert max(errors.values()) < TOL, errors
+    sn, sn_plain = model.mid.parametrizations.weight[0], plain.mid.parametrizations.weight[0]
+    assert torch.equal(sn._u, sn_plain._u) and torch.equal(sn._v, sn_plain._v)
