@@ -15,7 +15,9 @@ The built-in validators refuse what would break exactness or privacy:
   the sampled batches, with no noise;
 * sparse or frequency-scaled embeddings and embedding bags (sparse gradients;
   frequencies over the whole batch mix examples);
-* ``nn.MultiheadAttention`` configurations the attention capture does not cover.
+* ``nn.MultiheadAttention`` configurations the attention capture does not cover;
+* weights computed by a forward pre-hook (the deprecated ``torch.nn.utils.weight_norm`` /
+  ``spectral_norm``; their parametrization versions are chained through).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from collections.abc import Callable
 from typing import Any
 
 from torch import nn
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .attention import attention_problems
 from .traits import MIXES_EXAMPLES
@@ -93,6 +97,20 @@ def _embedding(module: nn.Module, where: str, dp: bool) -> list[str]:
     return problems
 
 
+def _weight_hooks(module: nn.Module, where: str, dp: bool) -> list[str]:
+    hooks = [h for h in module._forward_pre_hooks.values() if isinstance(h, (WeightNorm, SpectralNorm))]
+    if not hooks or not _trains(module):
+        return []
+    names = ", ".join(f"{h.name} ({type(h).__name__})" for h in hooks)
+    return [
+        f"{where} computes {names} from other tensors in a forward pre-hook (the deprecated "
+        "torch.nn.utils.weight_norm / spectral_norm): the engine's gradient of the computed tensor cannot be "
+        "carried back to the tensors it is made of. Use the parametrizations instead (remove_weight_norm / "
+        "remove_spectral_norm, then torch.nn.utils.parametrizations.weight_norm / spectral_norm), which the "
+        "engine chains through."
+    ]
+
+
 def _attention(module: nn.MultiheadAttention, where: str, dp: bool) -> list[str]:
     return attention_problems(module, where)
 
@@ -101,3 +119,4 @@ register_validator(MIXES_EXAMPLES, _batch_statistics)
 register_validator(nn.modules.instancenorm._InstanceNorm, _tracked_instance_norm)
 register_validator((nn.Embedding, nn.EmbeddingBag), _embedding)
 register_validator(nn.MultiheadAttention, _attention)
+register_validator(nn.Module, _weight_hooks)

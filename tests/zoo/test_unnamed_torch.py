@@ -468,3 +468,11 @@ def test_spectral_norm_reads_the_weight_the_forward_used(name, b, T):
     assert max(errors.values()) < TOL, errors
     sn, sn_plain = model.mid.parametrizations.weight[0], plain.mid.parametrizations.weight[0]
     assert torch.equal(sn._u, sn_plain._u) and torch.equal(sn._v, sn_plain._v)
+
+
+def test_the_deprecated_weight_norm_hook_is_refused_with_the_fix():
+    # nn.utils.weight_norm computes `weight` from weight_g / weight_v in a forward pre-hook (the model cannot
+    # even be deep-copied once built); before, the step failed with a KeyError.
+    model = TCN(_old_weight_norm)
+    with pytest.raises(dp_microclip.UnsupportedModuleError, match=r"weight \(WeightNorm\).*parametrizations"):
+        dp_microclip.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=1, max_grad_norm=1.0)
