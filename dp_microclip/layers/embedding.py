@@ -85,8 +85,9 @@ def bag_inputs(layer: nn.EmbeddingBag, args: tuple, kwargs: dict) -> tuple:
     ``coefficients`` is what each looked-up row's gradient is scaled by: the per-sample weight (sum; 0 for
     ``padding_idx``), ``1 / n`` (mean over the ``n`` rows that are not ``padding_idx``), 1 (max; 0 for
     padding). 1-D ids with offsets are padded to the longest bag (padding repeats a real id of the bag, with
-    coefficient 0; an empty bag's row is id 0), so every input holds one row per bag and the layout probe checks it by content. In max
-    mode ``winners`` are torch's own ``max_indices``: the table row that gave each output coordinate.
+    coefficient 0; an empty bag's row is id 0), so every input holds one row per bag and the layout probe
+    checks it by content. In max mode ``winners`` are torch's own ``max_indices``: the table row that gave
+    each output coordinate.
     """
     names = ("input", "offsets", "per_sample_weights")
     given = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}

@@ -9,7 +9,7 @@ parameters through every torch function they reach:
   ``view``, ``unsqueeze``, ``squeeze``, ``flatten``, ``contiguous``, basic
   slicing, dtype casts, a product with a number) and broadcasts (``expand``)
   give a tracked tensor with its ``Chain`` (``functional.py``);
-* the recognised uses (a linear map, an embedding lookup, a broadcast
+* the recognised uses (a linear map, a convolution, an embedding lookup, a broadcast
   element-wise product, sum or difference with another tensor, a
   concatenation) are handed to ``on_use``, which returns the call's output
   (the engine hooks it to capture the output gradient) or raises
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .functional import BroadcastUse, Chain, EmbeddingUse, LinearUse, Step
+from .functional import BroadcastUse, Chain, ConvUse, EmbeddingUse, LinearUse, Step
 
 T = torch.Tensor
 
@@ -67,6 +67,7 @@ _LINEAR = {F.linear}
 _MATMUL = set(_funcs("matmul", "__matmul__", "mm")) | {torch.matmul, torch.mm}
 _ADDMM = set(_funcs("addmm")) | {torch.addmm}
 _EMBEDDING = {F.embedding}
+_CONV = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _MUL = set(_funcs("mul", "__mul__", "__rmul__", "multiply")) | {torch.mul, torch.multiply}
 _MUL_INPLACE = set(_funcs("mul_", "__imul__"))
 _ADD = set(_funcs("add", "__add__", "__radd__")) | {torch.add}
@@ -93,7 +94,7 @@ class Use(NamedTuple):
     modified in place.
     """
 
-    kind: str  # "linear" | "embedding" | "broadcast"
+    kind: str  # "linear" | "conv" | "embedding" | "broadcast"
     layer: object
     activations: tuple
     coefficient: torch.Tensor | None = None
@@ -180,6 +181,8 @@ class UsageMode(TorchFunctionMode):
             return self._matmul(func, args, kwargs)
         if func in _EMBEDDING:
             return self._embedding(func, args, kwargs)
+        if func in _CONV:
+            return self._conv(func, args, kwargs)
         if func in _MUL or func in _DIV:
             if func in _MUL and self._scalar_other(args, kwargs):
                 return self._transform(func, args, kwargs, isometric=False)
@@ -264,6 +267,25 @@ class UsageMode(TorchFunctionMode):
         if bias is not None and (bias.dim() != 1 or bias.shape[0] != w.shape[1]):
             raise NotRecognised("an addmm bias that is not one row")
         return self._use(Use("linear", use, (x,)), func(*args, **kwargs))
+
+    def _conv(self, func, args, kwargs):
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        bound = dict(zip(names, args), **kwargs)
+        x, w, b = bound.get("input"), bound.get("weight"), bound.get("bias")
+        nd = _CONV[func]
+        if self.is_tracked(x) or not torch.is_tensor(x) or x.dim() != nd + 2:
+            raise NotRecognised("a parameter as a convolution's input, or an input without a batch dimension")
+
+        def spatial(value, default):
+            value = default if value is None else value
+            return value if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) \
+                else (value,) * nd
+
+        use = ConvUse(self._only(w).chain if self.is_tracked(w) else None,
+                      self._only(b).chain if self.is_tracked(b) else None,
+                      w.detach(), None if b is None else b.detach(), spatial(bound.get("stride"), 1),
+                      spatial(bound.get("padding"), 0), spatial(bound.get("dilation"), 1), int(bound.get("groups", 1)))
+        return self._use(Use("conv", use, (x,)), func(*args, **kwargs))
 
     # ------------------------------------------------------------------------------ lookups
     def _embedding(self, func, args, kwargs):
@@ -350,4 +372,6 @@ def chains_of(layer) -> list[Chain]:
     """The chains (parameters) one recognised use's layer reads."""
     if isinstance(layer, LinearUse):
         return [c for c in (layer.weight, layer.bias) if c is not None]
+    if isinstance(layer, ConvUse):
+        return [c for c in (layer.weight_chain, layer.bias_chain) if c is not None]
     return [layer.chain]

@@ -19,10 +19,8 @@ from .harness import build_model, engine
 pytest.importorskip("transformers")
 
 # Listed in docs/models.md ("Modules on the generic path"), with the reason.
-# Whisper's decoder positions (an Embedding subclass indexing its weight) take the usage route.
-DOCUMENTED: dict[str, str] = {
-    "FunctionalConvNet": "F.conv2d on the module's own parameters: the usage route does not follow convolutions yet",
-}
+# None today: Whisper's decoder positions (an Embedding subclass indexing its weight) take the usage route.
+DOCUMENTED: dict[str, str] = {}
 MODULES = ("test_hf_encoders", "test_hf_decoders", "test_hf_seq2seq_speech", "test_peft", "test_torch_modules",
            "test_usage_route", "test_unnamed_torch")
 

@@ -8,6 +8,10 @@ learnable activations (nn.PReLU, a Swish with a learnable beta), nn.MultiheadAtt
 key / value widths or a key / value bias and zero attention, InstanceNorm, parametrizations
 (orthogonal, a custom symmetric one), a module using F.conv2d / F.linear on its own parameters, local
 attention over nn.Unfold patches, and a gated linear unit split with torch.chunk.
+
+Also here: the generic torch.func path on flattened (B*T, d) rows (the probe's row map), every
+nn.EmbeddingBag mode and call form, spectral norm (a parametrization with state), and the refusals
+(MultiheadAttention variants, the deprecated weight-norm hook).
 """
 
 from __future__ import annotations
@@ -262,6 +266,25 @@ class FunctionalConvNet(nn.Module):
         return F.linear(h, self.w, self.b)
 
 
+class FunctionalConv1d(nn.Module):
+    """Token features through F.conv1d on a flat parameter reshaped to a grouped, dilated kernel ("same"
+    padding, keyword arguments), then a strided F.conv1d with only its bias held by the module."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.flat_kernel = nn.Parameter(0.3 * torch.randn(D * (D // 2) * 3))
+        self.fixed = nn.Parameter(0.3 * torch.randn(D, D, 2), requires_grad=False)  # frozen: not tracked
+        self.shift = nn.Parameter(0.1 * torch.randn(D))
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, input_ids, attention_mask):
+        x = (self.embed(input_ids) * attention_mask[..., None]).transpose(1, 2)  # (B, D, T), padding zeroed
+        h = torch.tanh(F.conv1d(x, self.flat_kernel.view(D, D // 2, 3), padding="same", dilation=2, groups=2))
+        h = torch.tanh(F.conv1d(h, self.fixed, self.shift, stride=2))  # (B, D, T')
+        return self.head(h.mean(-1))
+
+
 # ------------------------------------------------------------------------------------------ Unfold local attention
 class UnfoldLocalAttention(nn.Module):
     """Each pixel attends to its 3x3 neighbourhood: nn.Unfold gathers the keys and values, Linear maps
@@ -330,6 +353,7 @@ CASES = {
     "instance_norm": _image(InstanceNormNet),
     "parametrized": _text(_parametrized),
     "functional_conv": _image(FunctionalConvNet),
+    "functional_conv1d_grouped": _text(FunctionalConv1d),
     "unfold_local_attention": _image(UnfoldLocalAttention),
     "glu_chunk": _text(GLUModel),
 }
