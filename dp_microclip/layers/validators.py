@@ -15,7 +15,6 @@ The built-in validators refuse what would break exactness or privacy:
   the sampled batches, with no noise;
 * sparse or frequency-scaled embeddings and embedding bags (sparse gradients;
   frequencies over the whole batch mix examples);
-* ``nn.MultiheadAttention`` configurations the attention capture does not cover;
 * weights computed by a forward pre-hook (the deprecated ``torch.nn.utils.weight_norm`` /
   ``spectral_norm``; their parametrization versions are chained through).
 """
@@ -29,7 +28,6 @@ from torch import nn
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from .attention import attention_problems
 from .traits import MIXES_EXAMPLES
 
 #: ``(module, where, dp) -> problems``; ``module`` is an instance of the types the validator is registered for.
@@ -111,12 +109,7 @@ def _weight_hooks(module: nn.Module, where: str, dp: bool) -> list[str]:
     ]
 
 
-def _attention(module: nn.MultiheadAttention, where: str, dp: bool) -> list[str]:
-    return attention_problems(module, where)
-
-
 register_validator(MIXES_EXAMPLES, _batch_statistics)
 register_validator(nn.modules.instancenorm._InstanceNorm, _tracked_instance_norm)
 register_validator((nn.Embedding, nn.EmbeddingBag), _embedding)
-register_validator(nn.MultiheadAttention, _attention)
 register_validator(nn.Module, _weight_hooks)

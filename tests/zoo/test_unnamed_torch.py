@@ -10,8 +10,8 @@ key / value widths or a key / value bias and zero attention, InstanceNorm, param
 attention over nn.Unfold patches, and a gated linear unit split with torch.chunk.
 
 Also here: the generic torch.func path on flattened (B*T, d) rows (the probe's row map), every
-nn.EmbeddingBag mode and call form, spectral norm (a parametrization with state), and the refusals
-(MultiheadAttention variants, the deprecated weight-norm hook).
+nn.EmbeddingBag mode and call form, sequence-first MultiheadAttention variants with masks and returned
+weights, spectral norm (a parametrization with state), and a refusal (the deprecated weight-norm hook).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch.nn.utils import parametrizations, parametrize
 import dp_microclip
 
 from .data import CLASSES, VOCAB, seq_cls_batch
-from .harness import B, TOL, ZooCase, assert_matches, build_model, compare, engine, errors_by_param, naive, zoo_params
+from .harness import B, TOL, ZooCase, assert_matches, build_model, engine, errors_by_param, naive, zoo_params
 
 D = 8
 
@@ -350,6 +350,8 @@ CASES = {
     "embedding_bag_2d": _text(lambda: BagOfTokens(offsets=False)),
     "embedding_bag_offsets": _text(lambda: BagOfTokens(offsets=True)),
     "learned_activations": _image(ActivationNet),
+    "mha_kdim_vdim": _text(lambda: AttendTo(separate=True)),
+    "mha_bias_kv_zero_attn": _text(lambda: AttendTo(separate=False)),
     "instance_norm": _image(InstanceNormNet),
     "parametrized": _text(_parametrized),
     "functional_conv": _image(FunctionalConvNet),
@@ -360,24 +362,50 @@ CASES = {
 
 EXPECTED: dict = {}
 
-# Refused by design, with the cause and the fix: the MHA capture reads the packed in_proj_weight only
-# (layers/attention.py); separate q/k/v weights and the learned key/value bias are not captured yet.
-REFUSED = {
-    "mha_kdim_vdim": _text(lambda: AttendTo(separate=True)),
-    "mha_bias_kv_zero_attn": _text(lambda: AttendTo(separate=False)),
-}
-_REFUSAL = {"mha_kdim_vdim": "kdim/vdim different from embed_dim", "mha_bias_kv_zero_attn": "add_bias_kv=True"}
-
 
 @pytest.mark.parametrize("name, b, T", zoo_params(CASES, EXPECTED))
 def test_matches_naive_loop(name, b, T):
     assert_matches(CASES[name], B=B, T=T, b=b)
 
 
-@pytest.mark.parametrize("name", list(REFUSED))
-def test_refused_with_the_fix(name):
-    with pytest.raises(dp_microclip.UnsupportedModuleError, match=f"{_REFUSAL[name]}.*Use the default configuration"):
-        compare(REFUSED[name], B=B, T=6, b=1)
+# ------------------------------------------------------------------- MultiheadAttention variants, usage route
+class SeqFirstAttention(nn.Module):
+    """nn.MultiheadAttention at batch_first=False with a learned key/value bias (and a zero key), a causal
+    mask and a padding mask, its attention weights returned and used; or separate widths without biases."""
+
+    def __init__(self, separate: bool):
+        super().__init__()
+        self.separate = separate
+        self.embed = nn.Embedding(VOCAB, D)
+        if separate:
+            self.attn = nn.MultiheadAttention(D, 2, bias=False, kdim=5, vdim=5)
+            self.memory = nn.Linear(D, 5)
+        else:
+            self.attn = nn.MultiheadAttention(D, 2, add_bias_kv=True, add_zero_attn=True)
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.embed(input_ids).transpose(0, 1)  # (T, B, D)
+        pad = attention_mask == 0
+        causal = nn.Transformer.generate_square_subsequent_mask(h.shape[0], dtype=h.dtype)
+        if self.separate:
+            mem = torch.tanh(self.memory(h))
+            out, weights = self.attn(h, mem, mem, key_padding_mask=pad, attn_mask=causal)
+        else:
+            out, weights = self.attn(h, h, h, key_padding_mask=pad, attn_mask=causal)
+        pooled = _pool(out.transpose(0, 1), attention_mask) + weights[..., 0].mean(-1, keepdim=True)
+        return self.head(pooled)
+
+
+MHA_VARIANTS = {
+    "seq_first_bias_kv_masks_weights": _text(lambda: SeqFirstAttention(separate=False)),
+    "seq_first_kdim_vdim_no_bias": _text(lambda: SeqFirstAttention(separate=True)),
+}
+
+
+@pytest.mark.parametrize("name, b, T", zoo_params(MHA_VARIANTS))
+def test_attention_variants_match_naive_loop(name, b, T):
+    assert_matches(MHA_VARIANTS[name], B=B, T=T, b=b)
 
 
 # ------------------------------------------------------------------- the generic path on flattened rows
