@@ -18,8 +18,9 @@ Cross-attention (``nn.TransformerDecoder``'s memory attention) projects query,
 key and value with the three row blocks of ``in_proj_weight``; the engine then
 stacks the three inputs' rows and pads each block's output gradient with zeros
 into the other two blocks, which is exactly one Linear map on the packed weight
-(its Gram cross terms between blocks vanish). Separate ``kdim``/``vdim`` weights, ``bias_k``/``bias_v`` and ``add_zero_attn``
-take the usage route instead (``usage_mode.py`` splits the call the same way).
+(its Gram cross terms between blocks vanish). Separate ``kdim``/``vdim`` weights,
+``bias_k``/``bias_v`` and ``add_zero_attn`` take the usage route instead
+(``usage_mode.py`` splits the call the same way).
 Letters: T target length, B batch, E embedding dim.
 """
 
