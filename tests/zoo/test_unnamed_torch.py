@@ -28,7 +28,9 @@ from torch.nn.utils import parametrizations, parametrize
 import dp_microclip
 
 from .data import CLASSES, VOCAB, seq_cls_batch
-from .harness import B, TOL, ZooCase, assert_matches, build_model, engine, errors_by_param, naive, zoo_params
+from .harness import (B, TOL, ZooCase, assert_matches, build_model, engine, errors_by_param, naive,
+                      zoo_params)
+from .test_usage_route import compare_no_generic
 
 D = 8
 
@@ -421,14 +423,27 @@ class ExpGate(nn.Module):
         return torch.tanh(rows * self.log_scale.exp() + self.shift.sin())
 
 
+class MatmulGate(nn.Module):
+    """Its own weight through ``rows @ W`` (a linear use: the usage route) and a scale (a broadcast use)."""
+
+    def __init__(self, d, scale: bool):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d, d) / d ** 0.5)
+        self.scale = nn.Parameter(1 + 0.1 * torch.randn(d)) if scale else None
+
+    def forward(self, rows):
+        h = torch.tanh(rows @ self.w)
+        return h if self.scale is None else h * self.scale
+
+
 class FlatRows(nn.Module):
     """Token rows flattened to (B*T, d) (example-major) or (T*B, d) (time-major) before a module without a rule."""
 
-    def __init__(self, time_major: bool):
+    def __init__(self, time_major: bool, gate=ExpGate):
         super().__init__()
         self.time_major = time_major
         self.embed = nn.Embedding(VOCAB, D)
-        self.gate = ExpGate(D)
+        self.gate = gate(D)
         self.head = nn.Linear(D, CLASSES)
 
     def forward(self, input_ids, attention_mask):
@@ -441,13 +456,30 @@ class FlatRows(nn.Module):
         return self.head(_pool(h, attention_mask))
 
 
-GENERIC_FOLDED = {"example_major": _text(lambda: FlatRows(False)), "time_major": _text(lambda: FlatRows(True))}
+GENERIC_FOLDED = {
+    "example_major": _text(lambda: FlatRows(False)),
+    "time_major": _text(lambda: FlatRows(True)),
+    "broadcast_scale_time_major": _text(lambda: FlatRows(True, lambda d: MatmulGate(d, scale=True))),
+}
+USAGE_FOLDED = {
+    "matmul_example_major": _text(lambda: FlatRows(False, lambda d: MatmulGate(d, scale=False))),
+    "matmul_time_major": _text(lambda: FlatRows(True, lambda d: MatmulGate(d, scale=False))),
+}
 
 
 @pytest.mark.parametrize("name, b, T", zoo_params(GENERIC_FOLDED))
 def test_generic_path_on_flattened_rows_matches_naive_loop(name, b, T):
     # The layout probe's row map (B*T rows, k per example) regroups the rows per example for the replay.
+    # A broadcast use on folded rows is not the usage route's (its shapes are per example): generic, exact.
     assert_matches(GENERIC_FOLDED[name], B=B, T=T, b=b)
+
+
+@pytest.mark.parametrize("name, b, T", zoo_params(USAGE_FOLDED))
+def test_usage_route_on_flattened_rows_matches_naive_loop(name, b, T):
+    # A linear use on (B*T, d) rows takes the Linear rule on the rows regrouped (B, T, d) (before: an
+    # AssertionError in the usage capture).
+    errors = compare_no_generic(USAGE_FOLDED[name], B=B, T=T, b=b)
+    assert max(errors.values()) < TOL, errors
 
 
 # ------------------------------------------------------------------- EmbeddingBag: every mode, both forms
