@@ -5,6 +5,10 @@ gradient ``G``, the gradient of group ``j`` is ``grad_theta <f(theta, X_j), G_j>
 It is computed for all groups at once with ``vmap(grad(...))`` over the groups,
 padded to equal size (padding rows get a zero output gradient, so they add
 nothing; their inputs are copies of a real row so the forward stays finite).
+A tensor whose rows the layout probe found flattened with another axis
+(``(B*T, d)``, a row map ``rows.Fold``) arrives as ``(B, T, d)``; each group's
+``(R, T, d)`` is flattened back into the module's own layout for the replay,
+and its output regrouped the same way.
 
 Exact only for modules that treat examples independently (no BatchNorm, no
 cross-example attention, no randomness inside). The engine says so once per
@@ -110,7 +114,7 @@ class Folded(Protocol):
     example_major: bool
 
 
-def own_layout(x: torch.Tensor, dim) -> torch.Tensor:
+def own_layout(x: torch.Tensor, dim: int | Folded) -> torch.Tensor:
     """A group's batch-first tensor ``x`` back in the module's own layout: the batch moved to ``dim``, or,
     for a folded dimension, its ``(rows, k)`` (or ``(k, rows)``) flattened again into ``dim``."""
     if isinstance(dim, int):
@@ -120,7 +124,7 @@ def own_layout(x: torch.Tensor, dim) -> torch.Tensor:
     return x.movedim(0, dim.dim + 1).flatten(dim.dim, dim.dim + 1)  # (k, R) flattened: rows j*R + r
 
 
-def batch_leading(out: torch.Tensor, dim, rows: int) -> torch.Tensor:
+def batch_leading(out: torch.Tensor, dim: int | Folded, rows: int) -> torch.Tensor:
     """The inverse of :func:`own_layout` for a group of ``rows`` examples: the batch (and a fold's ``k``) first."""
     if isinstance(dim, int):
         return out.movedim(dim, 0)
