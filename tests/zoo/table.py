@@ -54,18 +54,18 @@ def _short(message: str, limit: int = 160) -> str:
 
 def run_once(case, *, b: int, T: int) -> Outcome:
     """One engine step of ``case`` against the naive loop: its outcome."""
-    try:
-        model = build_model(case, T, torch.float64)
-        pristine = copy.deepcopy(model)
-        inputs, targets = case.batch(B, T, torch.float64, torch.Generator().manual_seed(B * 100 + T))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # generic-path notices, library deprecations
+        try:
+            model = build_model(case, T, torch.float64)
+            pristine = copy.deepcopy(model)
+            inputs, targets = case.batch(B, T, torch.float64, torch.Generator().manual_seed(B * 100 + T))
             got, eng = engine(case, model, inputs, targets, b=b)
-    except _REFUSALS as err:
-        return Outcome("refused", _short(str(err)), b, T)
-    except Exception as err:  # noqa: BLE001 - the table reports whatever happens
-        return Outcome("error", f"{type(err).__name__}: {_short(str(err))}", b, T)
-    want = naive(case, pristine, inputs, targets, b=b)
+        except _REFUSALS as err:
+            return Outcome("refused", _short(str(err)), b, T)
+        except Exception as err:  # noqa: BLE001 - the table reports whatever happens
+            return Outcome("error", f"{type(err).__name__}: {_short(str(err))}", b, T)
+        want = naive(case, pristine, inputs, targets, b=b)
     if set(got) != set(want):
         return Outcome("WRONG", f"parameters with a gradient differ: {sorted(set(got) ^ set(want))[:3]}", b, T)
     errors = errors_by_param(got, want)
