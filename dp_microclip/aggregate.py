@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -81,6 +82,22 @@ def merge_means(acc: dict, acc_count: float, new: dict, new_count: float) -> tup
     return acc, total
 
 
+@contextmanager
+def parametrizations_still(records):
+    """Parametrizations in eval mode while the engine reads them after the forward: a parametrized weight
+    (a rule's ``layer.weight``, the chain rule's pullback) is then the tensor the forward used, computed from
+    the state the forward left, with no second in-place update (spectral norm's power iteration)."""
+    lists = {id(pl): pl for r in records for pl in r.unit.parametrized.values()}
+    modes = {key: pl.training for key, pl in lists.items()}
+    for pl in lists.values():
+        pl.train(False)
+    try:
+        yield
+    finally:
+        for key, pl in lists.items():
+            pl.train(modes[key])
+
+
 def clip_and_sum(
     records: list[Record], settings: ClipSettings, replay_guard, divisor_of: Callable[[ForwardContext], float],
     tuner: Autotuner | None = None, release: bool = False,
@@ -99,10 +116,11 @@ def clip_and_sum(
         if by_context:
             del record  # the loop variable: no reference may outlive the record's last use
     tuner = tuner or Autotuner()
-    for key in list(by_context):
-        ctx_records = by_context.pop(key) if release else by_context[key]
-        _one_context(ctx_records, settings, replay_guard, result, float(divisor_of(ctx_records[0].ctx)),
-                     tuner, release)
+    with parametrizations_still([r for rs in by_context.values() for r in rs]):
+        for key in list(by_context):
+            ctx_records = by_context.pop(key) if release else by_context[key]
+            _one_context(ctx_records, settings, replay_guard, result, float(divisor_of(ctx_records[0].ctx)),
+                         tuner, release)
     return result
 
 
@@ -136,7 +154,8 @@ class EarlyReduction:
         if groups.num_groups * params >= _numel(record.inputs) + record.out_grad.numel():
             return record  # the group gradients would take more than the record holds
         full = _in_float32(record)
-        grads = chain_parametrizations(full, self.tuner.group_grads(full, groups))
+        with parametrizations_still([record]):
+            grads = chain_parametrizations(full, self.tuner.group_grads(full, groups))
         return replace(record, inputs=(), kwargs={}, out_grad=record.out_grad.new_empty((0,)), group_grads=grads)
 
 
@@ -397,6 +416,11 @@ def unclipped_sums(records: list[Record], replay_guard) -> dict[int, torch.Tenso
     Used to check the engine against autograd on its first steps (a parameter used outside its module shows
     up as a difference). One weighted product per record with weight 1, or materialised group gradients.
     """
+    with parametrizations_still(records):
+        return _unclipped_sums(records, replay_guard)
+
+
+def _unclipped_sums(records: list[Record], replay_guard) -> dict[int, torch.Tensor]:
     out: dict[int, torch.Tensor] = {}
     for record in records:
         if record.ctx.batch_size == 0:

@@ -35,7 +35,7 @@ from .layers.rnn import RNNCapture
 from .layers.registry import rule_for_type
 from .layout import BROADCAST, CallLayout, LayoutLearner
 from .layers.traits import CHANNELS_FIRST
-from .rows import Fold, batch_first
+from .rows import batch_first
 from .records import ForwardContext, Record, Shared, Unit
 from .shared_outputs import SharedOutput, SharedOutputTracker, no_batch_error
 from .tensors import RequireGrad, expand_at, first_tensor, output_tensors
@@ -218,10 +218,18 @@ class HookSet:
 
     # ------------------------------------------------------------------ layers
     def _install_layer(self, unit: Unit, takes_call=None) -> None:
+        def call_tensors(module, args, kwargs) -> tuple[tuple, tuple]:
+            """(the call's inputs as the layout and the rule see them, tensor keyword names): tensor keyword
+            arguments after the positional ones, or the rule's own form of the call (``LayerRule.present``)."""
+            present = unit.rule.present if unit.kind == "rule" and unit.rule is not None else None
+            if present is not None:
+                return tuple(present(module, tuple(args), kwargs)), ()
+            kw_names = tuple(sorted(k for k, v in kwargs.items() if torch.is_tensor(v)))
+            return tuple(args) + tuple(kwargs[k] for k in kw_names), kw_names
+
         def post(module, args, kwargs, output):
             if self.layouts.probing is not None:
-                kw_names = tuple(sorted(k for k, v in kwargs.items() if torch.is_tensor(v)))
-                self.layouts.record_probe_call(unit.path, tuple(args) + tuple(kwargs[k] for k in kw_names), output)
+                self.layouts.record_probe_call(unit.path, call_tensors(module, args, kwargs)[0], output)
                 return None
             self._note_checkpointing(unit)
             ctx = self._capturing()
@@ -242,7 +250,7 @@ class HookSet:
                         "(e.g. a PackedSequence), which cannot be split per example. Pass padded tensors instead "
                         "(torch.nn.utils.rnn.pad_packed_sequence), masking padded steps in the loss."
                     )
-            kw_names = tuple(sorted(k for k, v in kwargs.items() if torch.is_tensor(v)))
+            presented, kw_names = call_tensors(module, args, kwargs)
             if kw_names and unit.kind == "rule":
                 raise UnsupportedModuleError(
                     f"{unit.path} ({type(module).__name__}) was called with tensor keyword argument(s) "
@@ -250,8 +258,7 @@ class HookSet:
                     "for this module type that takes them."
                 )
             # Tensor keyword arguments (generic path) are laid out and split like positional ones, after them.
-            args = tuple(args) + tuple(kwargs[k] for k in kw_names)
-            kwargs = {k: v for k, v in kwargs.items() if k not in kw_names}
+            args, kwargs = presented, {k: v for k, v in kwargs.items() if not torch.is_tensor(v)}
             index = ctx.next_call(unit.path)
             layout = self.layouts.layout(unit, ctx, index, args, output)
             if torch.is_tensor(output) and layout.output is None:
@@ -272,12 +279,6 @@ class HookSet:
                     inputs.append(Shared(a.detach()))
                 elif dim == BROADCAST:
                     inputs.append(expand_at(a.detach(), unit.batch_dim, batch).movedim(unit.batch_dim, 0))
-                elif isinstance(dim, Fold) and unit.kind != "rule":
-                    raise UnsupportedModuleError(
-                        f"{unit.path} ({type(module).__name__}) has no rule, and input {i} of shape {tuple(a.shape)} "
-                        "holds several rows per example flattened together; the generic path replays modules on "
-                        "batch-first inputs only. Keep the batch as its own dimension, or register a rule."
-                    )
                 else:
                     inputs.append(batch_first(a.detach(), dim, batch))
             input_dims = tuple(
@@ -288,9 +289,6 @@ class HookSet:
                                            input_dims, (ctx.id, unit.path, index), kw_names)
             replaced = None
             out_dim = layout.output
-            if isinstance(out_dim, Fold) and unit.kind != "rule":
-                raise UnsupportedModuleError(f"{unit.path} ({type(module).__name__}) has no rule, and its output "
-                                             "holds several rows per example flattened together. Register a rule.")
             if out_dim == BROADCAST:
                 # One value shared by the batch (position embeddings of (1, T) ids): expanded to the batch so
                 # that each example's output gradient, and so its share of the weight gradient, exists.

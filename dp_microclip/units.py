@@ -15,13 +15,15 @@ from torch import nn
 
 from .errors import ConfigurationError, UnsupportedModuleError
 from .records import Unit
+from .layers.attention import attention_problems
 from .layers.registry import rule_for
 from .layers.rnn import is_captured_rnn
 from .layers.traits import INDEPENDENT_WITHOUT_RULE, MIXES_EXAMPLES
 from .layers.validators import module_problems
 from .layout import declared_batch_dim
 
-_ATTENTION_PARAMS = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+_ATTENTION_PARAMS = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias", "q_proj_weight",
+                     "k_proj_weight", "v_proj_weight", "bias_k", "bias_v")
 
 
 def _has_param(module: nn.Module, dotted: str) -> bool:
@@ -90,7 +92,12 @@ def find_units(
             owned = {n: module.get_parameter(n) for n in _ATTENTION_PARAMS if _has_param(module, n)}
             owned = {n: p for n, p in owned.items() if p.requires_grad}
             skip_paths.add(f"{path}.out_proj" if path else "out_proj")
-            if owned:
+            if owned and attention_problems(module, where):
+                # Separate q/k/v weights (kdim/vdim), a learned key/value bias: the usage route, which splits
+                # torch's attention call into its projections (layers/usage_mode.py), takes it.
+                units.append(Unit(path, module, "functional", None, owned, batch_dim, generic_allowed=not (
+                    fallback == "error" or (dp and fallback != "generic"))))
+            elif owned:
                 units.append(Unit(path, module, "attention", None, owned, batch_dim))
             continue
         own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}

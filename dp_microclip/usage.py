@@ -34,6 +34,7 @@ from .errors import BatchError, UnsupportedModuleError
 from .layers.functional import rule_of
 from .layers.usage_mode import NotRecognised, Use, UsageMode, chains_of
 from .layout import BROADCAST, LayoutLearner
+from .rows import Fold, batch_first
 from .records import Record, Unit
 from .tensors import expand_at, output_tensors
 
@@ -160,22 +161,26 @@ class UsageCapture:
         except BatchError as err:
             raise NotRecognised(f"no batch dimension found ({err})") from err
         bd = layout.output
-        assert isinstance(bd, (int, str))  # one output tensor
+        assert isinstance(bd, (int, str, Fold))  # one output tensor
+        folded = any(isinstance(d, Fold) for d in (bd, *layout.inputs))
+        if folded and use.kind not in ("linear", "embedding"):  # their rules take (B, k, ...) rows as they are
+            raise NotRecognised("several rows per example flattened together into a broadcast op or a convolution")
         inputs = []
         for a, d in zip(use.activations, layout.inputs):
             if d is None:
                 raise NotRecognised("an activation without a batch dimension")
             if d == BROADCAST:
                 a, d = expand_at(a.detach(), unit.batch_dim, batch), unit.batch_dim
-            inputs.append(a.detach().movedim(d, 0))
+            inputs.append(batch_first(a.detach(), d, batch))
         shape_before = list(out.shape)
         if bd == BROADCAST:
             if use.inplace:
                 raise NotRecognised("an in-place op on a tensor shared by the batch")
             out, bd = expand_at(out, unit.batch_dim, batch), unit.batch_dim
-        assert isinstance(bd, int)
+        assert isinstance(bd, (int, Fold))
         layer = use.layer
         if use.kind == "broadcast":
+            assert isinstance(bd, int)  # folded rows were turned away above
             target = list(shape_before)
             if use.select is not None:
                 dim, _, length = use.select
@@ -215,13 +220,14 @@ class UsageCapture:
             g = grad.reshape(shape)
             if select is not None:
                 g = g.narrow(select[0], select[1], select[2])
-            g = (g.movedim(bd, 0) if bd != 0 else g).detach()
+            g = batch_first(g, bd, batch).detach()
             if any(t._version != v for t, v in watched):
                 sink.report(f"{where.path}: an activation it multiplied a parameter with was modified in place "
                             "later in the forward, so its captured value is stale. Avoid the in-place op "
                             "(e.g. ReLU(inplace=True)) after this use, or give this module a rule.")
                 return None
-            sink.emit(Record(unit, name, rule, layer, params, tuple(inputs), {}, g, ctx, bd))
+            record_dim = bd if isinstance(bd, int) else 0  # folded rows: the record's tensors are (B, k, ...)
+            sink.emit(Record(unit, name, rule, layer, params, tuple(inputs), {}, g, ctx, record_dim))
             return None
 
         target_tensor.register_hook(on_grad)

@@ -185,9 +185,22 @@ def test_cross_attention_is_exact(model_kind, b):
         assert float((p.grad - want[name]).norm() / want[name].norm()) < 1e-9, name
 
 
-def test_mha_bias_kv_refused():
-    with pytest.raises(UnsupportedModuleError, match="add_bias_kv=False"):
-        _attach(nn.MultiheadAttention(4, 2, add_bias_kv=True))
+def test_mha_bias_kv_outside_the_usage_route_is_refused_where_the_generic_path_is_not_allowed():
+    # add_bias_kv takes the usage route (tests/zoo/test_unnamed_torch.py: exact); a call it cannot split (an
+    # attention mask that is a parameter) goes generic, which fallback="error" refuses by name.
+    class MaskParam(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2, add_bias_kv=True, batch_first=True)
+            self.mask = nn.Parameter(torch.zeros(3, 3))
+
+        def forward(self, x):
+            return self.attn(x, x, x, attn_mask=self.mask)[0]
+
+    model = MaskParam()
+    _attach(model, fallback="error")
+    with pytest.raises(UnsupportedModuleError, match="usage route cannot take it"):
+        model(torch.randn(2, 3, 4)).sum().backward()
 
 
 def test_adaptive_zero_norm_warns():

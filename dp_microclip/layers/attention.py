@@ -18,8 +18,9 @@ Cross-attention (``nn.TransformerDecoder``'s memory attention) projects query,
 key and value with the three row blocks of ``in_proj_weight``; the engine then
 stacks the three inputs' rows and pads each block's output gradient with zeros
 into the other two blocks, which is exactly one Linear map on the packed weight
-(its Gram cross terms between blocks vanish). Refused by name: separate
-``kdim``/``vdim`` weights, ``bias_k``/``bias_v``, ``add_zero_attn``.
+(its Gram cross terms between blocks vanish). Separate ``kdim``/``vdim`` weights,
+``bias_k``/``bias_v`` and ``add_zero_attn`` take the usage route instead
+(``usage_mode.py`` splits the call the same way).
 Letters: T target length, B batch, E embedding dim.
 """
 
@@ -46,7 +47,8 @@ class LinearParts(NamedTuple):
 
 
 def attention_problems(mha: nn.MultiheadAttention, path: str) -> list[str]:
-    """The MHA configurations the capture does not handle exactly, each with the fix (empty: supported)."""
+    """The MHA configurations this capture does not handle (empty: it does). Such a module takes the usage
+    route instead, which splits torch's attention call into its projections (``usage_mode.py``)."""
     problems = []
     if not mha._qkv_same_embed_dim:
         problems.append("kdim/vdim different from embed_dim (separate q/k/v projection weights)")
@@ -54,12 +56,7 @@ def attention_problems(mha: nn.MultiheadAttention, path: str) -> list[str]:
         problems.append("add_bias_kv=True")
     if mha.add_zero_attn:
         problems.append("add_zero_attn=True")
-    if not problems:
-        return []
-    return [
-        f"{path} is nn.MultiheadAttention with {', '.join(problems)}, which dp_microclip does not support yet. "
-        "Use the default configuration (packed projections, add_bias_kv=False, add_zero_attn=False)."
-    ]
+    return [f"{path} is nn.MultiheadAttention with {p}" for p in problems]
 
 
 class AttentionCapture(TorchFunctionMode):

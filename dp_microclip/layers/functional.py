@@ -2,13 +2,14 @@
 
 A module without a rule often uses its own parameters only through a few
 functions: a linear map (``F.linear``, ``x @ W.T``, ``torch.matmul(x, W)``,
-``addmm``), an embedding lookup (``F.embedding``, ``W[ids]``), or a broadcast
+``addmm``), a convolution (``F.conv1d/2d/3d``: the convolution rule's group
+gradients), an embedding lookup (``F.embedding``, ``W[ids]``), or a broadcast
 element-wise op with the batched activation (a scale ``gamma * x``, a shift
 ``x + b``, a positional table added, a class token concatenated to the
 sequence). ``layers/usage_mode.py`` watches those calls during the module's
 forward; each recognised call becomes one record whose ``layer`` is one of the
-NamedTuples below, and whose rule is one of the three rules here, built on the
-existing maths (``linear.py``, ``embedding.py``).
+NamedTuples below, and whose rule is one of the rules here, built on the
+existing maths (``linear.py``, ``conv.py``, ``embedding.py``).
 
 A parameter may reach the call through shape-only transforms first (``.T``,
 ``transpose``, ``reshape``, ``unsqueeze``, basic slicing, a dtype cast, a
@@ -37,6 +38,7 @@ import torch
 from torch.func import vjp, vmap
 
 from ..grouping import Groups
+from .conv import conv_group_grads
 from .embedding import embedding_group_grad_elements, embedding_group_grads, embedding_group_sq_norms
 from .embedding import embedding_weighted_sum
 from .linear import linear_group_grads, linear_group_sq_norms, linear_weighted_sum
@@ -160,6 +162,40 @@ def _embedding_elements(use: EmbeddingUse, inputs, out_grad, groups: Groups) -> 
     return embedding_group_grad_elements(_as_layer(use), inputs, out_grad, groups)
 
 
+# ------------------------------------------------------------------------------------- convolution
+class ConvUse(NamedTuple):
+    """``F.conv1d/2d/3d(x, W, b, stride, padding, dilation, groups)`` with ``W`` (and/or ``b``) reached from the
+    module's parameters through chains; the other fields are what the convolution rule reads of a layer."""
+
+    weight_chain: Chain | None
+    bias_chain: Chain | None
+    weight: torch.Tensor  # (O, C/groups, *K), detached: only its shape is read
+    bias: torch.Tensor | None
+    stride: tuple
+    padding: tuple | str
+    dilation: tuple
+    groups: int
+    padding_mode: str = "zeros"
+
+    @property
+    def kernel_size(self) -> tuple:
+        """``K``, as ``nn.Conv2d`` names it."""
+        return tuple(self.weight.shape[2:])
+
+
+def _conv_names(use: ConvUse) -> dict[str, Chain]:
+    return {key: chain for key, chain in (("weight", use.weight_chain), ("bias", use.bias_chain)) if chain is not None}
+
+
+def _conv_group_grads(use: ConvUse, inputs, out_grad, groups: Groups) -> dict:
+    grads = conv_group_grads(use, inputs, out_grad, groups)
+    return {chain.name: pull_back(chain, grads[key], True) for key, chain in _conv_names(use).items()}
+
+
+def _conv_elements(use: ConvUse, inputs, out_grad, groups: Groups) -> int:
+    return groups.num_groups * sum(chain.param.numel() for chain in _conv_names(use).values())
+
+
 # --------------------------------------------------------------------------------------- broadcast
 class BroadcastUse(NamedTuple):
     """A transformed parameter broadcast along the batch into an element-wise op or a concatenation.
@@ -202,6 +238,7 @@ EMBEDDING_USE = LayerRule(_embedding_group_grads, _embedding_group_sq_norms, _em
 LINEAR_USE_MATERIALISED = LayerRule(_linear_group_grads, group_grad_elements=_linear_elements)
 EMBEDDING_USE_MATERIALISED = LayerRule(_embedding_group_grads, group_grad_elements=_embedding_elements)
 BROADCAST_USE = LayerRule(_broadcast_group_grads, group_grad_elements=_broadcast_elements)
+CONV_USE = LayerRule(_conv_group_grads, group_grad_elements=_conv_elements)  # materialised, as conv.py's rule
 
 
 def rule_of(use: Any) -> LayerRule:
@@ -211,4 +248,6 @@ def rule_of(use: Any) -> LayerRule:
         return LINEAR_USE if isometric else LINEAR_USE_MATERIALISED
     if isinstance(use, EmbeddingUse):
         return EMBEDDING_USE if use.chain.isometric else EMBEDDING_USE_MATERIALISED
+    if isinstance(use, ConvUse):
+        return CONV_USE
     return BROADCAST_USE

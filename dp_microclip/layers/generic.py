@@ -5,6 +5,10 @@ gradient ``G``, the gradient of group ``j`` is ``grad_theta <f(theta, X_j), G_j>
 It is computed for all groups at once with ``vmap(grad(...))`` over the groups,
 padded to equal size (padding rows get a zero output gradient, so they add
 nothing; their inputs are copies of a real row so the forward stays finite).
+A tensor whose rows the layout probe found flattened with another axis
+(``(B*T, d)``, a row map ``rows.Fold``) arrives as ``(B, T, d)``; each group's
+``(R, T, d)`` is flattened back into the module's own layout for the replay,
+and its output regrouped the same way.
 
 Exact only for modules that treat examples independently (no BatchNorm, no
 cross-example attention, no randomness inside). The engine says so once per
@@ -15,7 +19,7 @@ when the user allowed it with ``fallback="generic"``.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -63,8 +67,8 @@ def generic_group_grads(
                 args[i] = arg.value  # a Shared input: the same for every group
         for i, x in zip(tensor_pos, group_inputs):
             dim = input_dims[i] if i < len(input_dims) and input_dims[i] is not None else (
-                batch_dim if isinstance(batch_dim, int) else 0)
-            args[i] = x.movedim(0, dim)  # back to the module's own layout
+                0 if isinstance(batch_dim, tuple) else batch_dim)
+            args[i] = own_layout(x, dim)  # back to the module's own layout
         call_kwargs = dict(kwargs)
         if kw_names:  # tensor keyword arguments travel as the last inputs
             for name, value in zip(kw_names, args[len(args) - len(kw_names):]):
@@ -75,7 +79,7 @@ def generic_group_grads(
         total = 0.0
         for o, g, d in zip(outs, group_grad, out_dims):
             if g is not None and d is not None:
-                total = total + (o.movedim(d, 0) * g).sum()  # <output, its gradient>
+                total = total + (batch_leading(o, d, g.shape[0]) * g).sum()  # <output, its gradient>
         return total
 
     if isinstance(module, nn.RNNBase) and module.training and module.dropout > 0:
@@ -99,6 +103,34 @@ def generic_group_grads(
             "dp_microclip.register_rule(...), or move its parameters into supported layers."
         ) from err
     return dict(grads)
+
+
+class Folded(Protocol):
+    """A row map of a dimension that holds ``k`` rows per example (``rows.Fold``, learned by the layout probe):
+    ``dim`` is the flattened dimension, ``example_major`` whether row ``r`` belongs to example ``r // k``
+    (``(B, k)`` flattened) or to ``r % B`` (``(k, B)`` flattened, torch's sequence-first order)."""
+
+    dim: int
+    example_major: bool
+
+
+def own_layout(x: torch.Tensor, dim: int | Folded) -> torch.Tensor:
+    """A group's batch-first tensor ``x`` back in the module's own layout: the batch moved to ``dim``, or,
+    for a folded dimension, its ``(rows, k)`` (or ``(k, rows)``) flattened again into ``dim``."""
+    if isinstance(dim, int):
+        return x.movedim(0, dim)
+    if dim.example_major:  # x (R, k, ...) with the fold's other axes in place: rows r*k + j
+        return x.movedim(0, dim.dim).flatten(dim.dim, dim.dim + 1)
+    return x.movedim(0, dim.dim + 1).flatten(dim.dim, dim.dim + 1)  # (k, R) flattened: rows j*R + r
+
+
+def batch_leading(out: torch.Tensor, dim: int | Folded, rows: int) -> torch.Tensor:
+    """The inverse of :func:`own_layout` for a group of ``rows`` examples: the batch (and a fold's ``k``) first."""
+    if isinstance(dim, int):
+        return out.movedim(dim, 0)
+    if dim.example_major:
+        return out.unflatten(dim.dim, (rows, -1)).movedim(dim.dim, 0)
+    return out.unflatten(dim.dim, (-1, rows)).movedim(dim.dim + 1, 0)
 
 
 def _group_loop(group_loss, values: dict, padded: tuple, padded_grad: tuple, num_groups: int) -> dict:

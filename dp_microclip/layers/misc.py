@@ -1,4 +1,4 @@
-"""nn.PReLU and nn.Bilinear.
+"""nn.PReLU, nn.Bilinear and the affine parameters of nn.InstanceNorm1d / 2d / 3d.
 
 PReLU (He et al., "Delving Deep into Rectifiers", 2015, section 2.1):
 
@@ -22,12 +22,19 @@ inner product of two rank-one tensors is the product of their factors' inner
 products. It costs ~N^2 (p + d1 + d2) per group instead of N p d1 d2, so the
 rule has full ghost support and the autotuner picks the faster route.
 Input layout: batch at dim 0, features last: x1 ``(B, *, d1)``, x2 ``(B, *, d2)``, out_grad ``(B, *, p)``.
+InstanceNorm (``affine=True``): ``y = x_hat * w + b`` with ``x_hat`` normalised per example and channel
+over the spatial positions, so each example's gradient is ``sum_S G * x_hat`` and ``sum_S G`` per
+channel, as for GroupNorm with one channel per group. ``x_hat`` is recomputed from the captured input
+with the statistics the forward used: the input's own in training or without running statistics, the
+running ones in eval with ``track_running_stats=True`` (never updated here).
+Input layout: x and out_grad ``(B, C, *S)``.
 Letters: B examples, M groups, N rows per group (examples x positions), p out features.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..grouping import Groups
@@ -98,7 +105,27 @@ def bilinear_group_grad_elements(layer: nn.Bilinear, inputs, out_grad, groups: G
     return groups.num_groups * layer.weight.numel()
 
 
+# ------------------------------------------------------------------------------------------ InstanceNorm
+def instance_norm_group_grads(layer, inputs, out_grad, groups: Groups) -> dict:
+    """``{"weight": (M, C), "bias": (M, C)}`` of an affine InstanceNorm (module docstring): ``x_hat`` recomputed."""
+    x = inputs[0]  # (B, C, *S)
+    if layer.training or not layer.track_running_stats:
+        x_hat = F.instance_norm(x, eps=layer.eps)  # no running statistics passed: none is updated
+    else:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        x_hat = (x - layer.running_mean.reshape(shape)) / torch.sqrt(layer.running_var.reshape(shape) + layer.eps)
+    dims = tuple(range(2, x.dim()))
+    out = {}
+    if layer.weight is not None:
+        out["weight"] = groups.sum((out_grad * x_hat).sum(dims))  # (M, C)
+    if layer.bias is not None:
+        out["bias"] = groups.sum(out_grad.sum(dims))  # (M, C)
+    return out
+
+
 register_rule(nn.PReLU, LayerRule(prelu_group_grads))
+for _norm in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
+    register_rule(_norm, LayerRule(instance_norm_group_grads))
 register_rule(
     nn.Bilinear,
     LayerRule(bilinear_group_grads, bilinear_group_sq_norms, bilinear_weighted_sum, bilinear_group_grad_elements),

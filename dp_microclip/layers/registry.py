@@ -103,6 +103,11 @@ class LayerRule(NamedTuple):
     #: ``(layer, inputs, out_grad, groups) -> hashable``: the shape class variants are timed for; None: use
     #: ``group_grads``.
     variant_key: Callable[[Any, tuple, torch.Tensor, Groups], Hashable | None] | None = None
+    #: ``(layer, args, kwargs) -> inputs``: the call's tensors in the form the rule reads, each with the batch
+    #: (or a whole number of rows per example) along one dimension, so that the layout probe checks them by
+    #: content like any input (EmbeddingBag: 1-D ids with offsets as padded ``(bags, L)`` ids). None: the
+    #: positional arguments as given (a call with a tensor keyword argument is then refused).
+    present: Callable[[Any, tuple, dict], tuple] | None = None
 
     @property
     def has_ghost(self) -> bool:

@@ -17,4 +17,4 @@ CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.GroupNorm, nn.modules.batchnorm._B
                   nn.modules.instancenorm._InstanceNorm, nn.PReLU)
 MIXES_EXAMPLES = (nn.modules.batchnorm._BatchNorm,)
 INDEPENDENT_WITHOUT_RULE = (nn.RNNBase,)
-NOT_REPLAYABLE = (nn.modules.batchnorm._BatchNorm,)
+NOT_REPLAYABLE = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)

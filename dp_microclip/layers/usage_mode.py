@@ -9,7 +9,7 @@ parameters through every torch function they reach:
   ``view``, ``unsqueeze``, ``squeeze``, ``flatten``, ``contiguous``, basic
   slicing, dtype casts, a product with a number) and broadcasts (``expand``)
   give a tracked tensor with its ``Chain`` (``functional.py``);
-* the recognised uses (a linear map, an embedding lookup, a broadcast
+* the recognised uses (a linear map, a convolution, an embedding lookup, a broadcast
   element-wise product, sum or difference with another tensor, a
   concatenation) are handed to ``on_use``, which returns the call's output
   (the engine hooks it to capture the output gradient) or raises
@@ -24,6 +24,7 @@ The mode only reads: every function runs as the module wrote it.
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from typing import Callable, NamedTuple
 
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .functional import BroadcastUse, Chain, EmbeddingUse, LinearUse, Step
+from .functional import BroadcastUse, Chain, ConvUse, EmbeddingUse, LinearUse, Step
 
 T = torch.Tensor
 
@@ -67,6 +68,7 @@ _LINEAR = {F.linear}
 _MATMUL = set(_funcs("matmul", "__matmul__", "mm")) | {torch.matmul, torch.mm}
 _ADDMM = set(_funcs("addmm")) | {torch.addmm}
 _EMBEDDING = {F.embedding}
+_CONV = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _MUL = set(_funcs("mul", "__mul__", "__rmul__", "multiply")) | {torch.mul, torch.multiply}
 _MUL_INPLACE = set(_funcs("mul_", "__imul__"))
 _ADD = set(_funcs("add", "__add__", "__radd__")) | {torch.add}
@@ -76,6 +78,8 @@ _SUB_INPLACE = set(_funcs("sub_", "__isub__"))
 _RSUB = set(_funcs("__rsub__"))
 _DIV = set(_funcs("div", "__truediv__")) | {torch.div}
 _CAT = {torch.cat, torch.concat, torch.concatenate}
+_ATTENTION = F.multi_head_attention_forward
+_ATTENTION_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 
 
 class NotRecognised(Exception):
@@ -93,7 +97,7 @@ class Use(NamedTuple):
     modified in place.
     """
 
-    kind: str  # "linear" | "embedding" | "broadcast"
+    kind: str  # "linear" | "conv" | "embedding" | "broadcast"
     layer: object
     activations: tuple
     coefficient: torch.Tensor | None = None
@@ -180,6 +184,8 @@ class UsageMode(TorchFunctionMode):
             return self._matmul(func, args, kwargs)
         if func in _EMBEDDING:
             return self._embedding(func, args, kwargs)
+        if func in _CONV:
+            return self._conv(func, args, kwargs)
         if func in _MUL or func in _DIV:
             if func in _MUL and self._scalar_other(args, kwargs):
                 return self._transform(func, args, kwargs, isometric=False)
@@ -198,6 +204,8 @@ class UsageMode(TorchFunctionMode):
                                      second_sign=-1.0 if func in _SUB_INPLACE else 1.0)
         if func in _CAT:
             return self._cat(func, args, kwargs)
+        if func is _ATTENTION:
+            return self._attention(func, args, kwargs)
         raise NotRecognised("")
 
     def _only(self, x) -> Tracked:
@@ -264,6 +272,60 @@ class UsageMode(TorchFunctionMode):
         if bias is not None and (bias.dim() != 1 or bias.shape[0] != w.shape[1]):
             raise NotRecognised("an addmm bias that is not one row")
         return self._use(Use("linear", use, (x,)), func(*args, **kwargs))
+
+    def _conv(self, func, args, kwargs):
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        bound = dict(zip(names, args), **kwargs)
+        x, w, b = bound.get("input"), bound.get("weight"), bound.get("bias")
+        nd = _CONV[func]
+        if self.is_tracked(x) or not torch.is_tensor(x) or x.dim() != nd + 2:
+            raise NotRecognised("a parameter as a convolution's input, or an input without a batch dimension")
+
+        def spatial(value, default):
+            value = default if value is None else value
+            return value if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) \
+                else (value,) * nd
+
+        use = ConvUse(self._only(w).chain if self.is_tracked(w) else None,
+                      self._only(b).chain if self.is_tracked(b) else None,
+                      w.detach(), None if b is None else b.detach(), spatial(bound.get("stride"), 1),
+                      spatial(bound.get("padding"), 0), spatial(bound.get("dilation"), 1), int(bound.get("groups", 1)))
+        return self._use(Use("conv", use, (x,)), func(*args, **kwargs))
+
+    def _attention(self, func, args, kwargs):
+        """torch's attention call split into what it computes with the parameters, each call seen by this mode
+        again: the q/k/v projections (rows of ``in_proj_weight`` or the separate ``q/k/v_proj_weight``; slices
+        of ``in_proj_bias``), the learned key/value bias concatenated to the keys and values (its masks padded
+        by one column, as torch does), then torch's own call with identity projections and no parameter (so
+        masks, dropout and the returned weights are the module's), and the output projection."""
+        a = _ATTENTION_SIGNATURE.bind(*args, **kwargs)
+        a.apply_defaults()
+        arg = dict(a.arguments)
+        q, k, v, e = arg["query"], arg["key"], arg["value"], arg["embed_dim_to_check"]
+        out_weight, out_bias = arg["out_proj_weight"], arg["out_proj_bias"]
+        if any(self.is_tracked(t) for t in (q, k, v, arg["attn_mask"], arg["key_padding_mask"])) \
+                or arg["static_k"] is not None or arg["static_v"] is not None or q.dim() != 3 \
+                or (arg["bias_k"] is None) != (arg["bias_v"] is None):
+            raise NotRecognised("static keys/values, unbatched input, or a parameter as the attention's input")
+        with self:  # the calls below are this mode's calls again
+            b = arg["in_proj_bias"]
+            biases = (None,) * 3 if b is None else (b[:e], b[e:2 * e], b[2 * e:])
+            w = arg["in_proj_weight"]
+            weights = (arg["q_proj_weight"], arg["k_proj_weight"], arg["v_proj_weight"]) \
+                if arg["use_separate_proj_weight"] else (w[:e], w[e:2 * e], w[2 * e:])
+            q, k, v = (F.linear(x, wx, bx) for x, wx, bx in zip((q, k, v), weights, biases))  # (T|S, B, E)
+            attn_mask, pad_mask = arg["attn_mask"], arg["key_padding_mask"]
+            if arg["bias_k"] is not None:
+                k = torch.cat([k, arg["bias_k"].expand(1, k.shape[1], e)])
+                v = torch.cat([v, arg["bias_v"].expand(1, v.shape[1], e)])
+                attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
+                pad_mask = None if pad_mask is None else F.pad(pad_mask, (0, 1))
+            eye = torch.eye(e, dtype=q.dtype, device=q.device)
+            arg.update(query=q, key=k, value=v, in_proj_weight=None, in_proj_bias=None, bias_k=None, bias_v=None,
+                       out_proj_weight=eye, out_proj_bias=None, use_separate_proj_weight=True, q_proj_weight=eye,
+                       k_proj_weight=eye, v_proj_weight=eye, attn_mask=attn_mask, key_padding_mask=pad_mask)
+            attn, attn_weights = func(**arg)  # no parameter reaches it: it runs as torch wrote it
+            return F.linear(attn, out_weight, out_bias), attn_weights
 
     # ------------------------------------------------------------------------------ lookups
     def _embedding(self, func, args, kwargs):
@@ -350,4 +412,6 @@ def chains_of(layer) -> list[Chain]:
     """The chains (parameters) one recognised use's layer reads."""
     if isinstance(layer, LinearUse):
         return [c for c in (layer.weight, layer.bias) if c is not None]
+    if isinstance(layer, ConvUse):
+        return [c for c in (layer.weight_chain, layer.bias_chain) if c is not None]
     return [layer.chain]

@@ -10,12 +10,13 @@ The built-in validators refuse what would break exactness or privacy:
 
 * batch statistics (BatchNorm) and tracked running statistics (InstanceNorm) in
   DP mode: they mix examples and store un-noised averages in ``state_dict()``;
-* ``Embedding(max_norm=...)`` in DP mode: its forward renormalises every
+* ``Embedding(max_norm=...)`` (or ``EmbeddingBag``) in DP mode: its forward renormalises every
   looked-up row *in place*, so the released weights show which tokens were in
   the sampled batches, with no noise;
-* sparse or frequency-scaled embeddings (sparse gradients; frequencies over the
-  whole batch mix examples);
-* ``nn.MultiheadAttention`` configurations the attention capture does not cover.
+* sparse or frequency-scaled embeddings and embedding bags (sparse gradients;
+  frequencies over the whole batch mix examples);
+* weights computed by a forward pre-hook (the deprecated ``torch.nn.utils.weight_norm`` /
+  ``spectral_norm``; their parametrization versions are chained through).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from collections.abc import Callable
 from typing import Any
 
 from torch import nn
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
-from .attention import attention_problems
 from .traits import MIXES_EXAMPLES
 
 #: ``(module, where, dp) -> problems``; ``module`` is an instance of the types the validator is registered for.
@@ -79,25 +81,35 @@ def _embedding(module: nn.Module, where: str, dp: bool) -> list[str]:
     problems = []
     if (module.sparse or module.scale_grad_by_freq) and _trains(module):
         problems.append(
-            f"{where} is nn.Embedding with sparse=True or scale_grad_by_freq=True; the first gives "
+            f"{where} is nn.{type(module).__name__} with sparse=True or scale_grad_by_freq=True; the first gives "
             "sparse gradients, the second mixes examples (frequencies over the whole batch). "
             "Create it with sparse=False, scale_grad_by_freq=False."
         )
     if dp and module.max_norm is not None:
         problems.append(
-            f"{where} is nn.Embedding with max_norm={module.max_norm}: its forward renormalises every looked-up "
-            "row in place, so the released weights show which tokens were in each sampled batch, without noise. "
-            "Create it with max_norm=None (clip or normalise the looked-up vectors in forward instead, e.g. "
+            f"{where} is nn.{type(module).__name__} with max_norm={module.max_norm}: its forward renormalises every "
+            "looked-up row in place, so the released weights show which tokens were in each sampled batch, without "
+            "noise. Create it with max_norm=None (clip or normalise the looked-up vectors in forward instead, e.g. "
             "F.normalize(emb(ids), dim=-1) * max_norm, which does not write to the weight)."
         )
     return problems
 
 
-def _attention(module: nn.MultiheadAttention, where: str, dp: bool) -> list[str]:
-    return attention_problems(module, where)
+def _weight_hooks(module: nn.Module, where: str, dp: bool) -> list[str]:
+    hooks = [h for h in module._forward_pre_hooks.values() if isinstance(h, (WeightNorm, SpectralNorm))]
+    if not hooks or not _trains(module):
+        return []
+    names = ", ".join(f"{h.name} ({type(h).__name__})" for h in hooks)
+    return [
+        f"{where} computes {names} from other tensors in a forward pre-hook (the deprecated "
+        "torch.nn.utils.weight_norm / spectral_norm): the engine's gradient of the computed tensor cannot be "
+        "carried back to the tensors it is made of. Use the parametrizations instead (remove_weight_norm / "
+        "remove_spectral_norm, then torch.nn.utils.parametrizations.weight_norm / spectral_norm), which the "
+        "engine chains through."
+    ]
 
 
 register_validator(MIXES_EXAMPLES, _batch_statistics)
 register_validator(nn.modules.instancenorm._InstanceNorm, _tracked_instance_norm)
-register_validator(nn.Embedding, _embedding)
-register_validator(nn.MultiheadAttention, _attention)
+register_validator((nn.Embedding, nn.EmbeddingBag), _embedding)
+register_validator(nn.Module, _weight_hooks)
