@@ -2,10 +2,11 @@
 
 A module without a rule often uses its own parameters only through a few
 functions: a linear map (``F.linear``, ``x @ W.T``, ``torch.matmul(x, W)``,
-``addmm``), an embedding lookup (``F.embedding``, ``W[ids]``), or a broadcast
-element-wise op with the batched activation (a scale ``gamma * x``, a shift
-``x + b``, a positional table added, a class token concatenated to the
-sequence). ``layers/usage_mode.py`` watches those calls during the module's
+``addmm``; ``W @ x`` is the linear map of ``x``'s columns, ``F.linear(x.mT, W)``,
+its output gradient read transposed), an embedding lookup (``F.embedding``,
+``W[ids]``), or a broadcast element-wise op with the batched activation (a
+scale ``gamma * x``, a shift ``x + b``, both at once in ``addcmul``, a
+positional table added, a class token concatenated to the sequence). ``layers/usage_mode.py`` watches those calls during the module's
 forward; each recognised call becomes one record whose ``layer`` is one of the
 NamedTuples below, and whose rule is one of the three rules here, built on the
 existing maths (``linear.py``, ``embedding.py``).
