@@ -171,9 +171,19 @@ class SharedOutputTracker(TorchFunctionMode):
                     p.confirmed = True
         return tuple(dict.fromkeys(p for _, p in waiting if not p.confirmed))
 
+    def _touches(self, args, kwargs) -> bool:
+        """Whether a followed tensor is among the arguments (top level or in a list): a cheap first look."""
+        for x in (*args, *kwargs.values()):
+            if isinstance(x, (list, tuple)):
+                if any(id(y) in self.derived or id(y) in self.pending for y in x):
+                    return True
+            elif id(x) in self.derived or id(x) in self.pending:
+                return True
+        return False
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not self.derived:
+        if not self.derived or not self._touches(args, kwargs):
             return func(*args, **kwargs)
         flat, spec = tree_flatten((args, kwargs))
         waiting = self._confirm(func, flat) if self.pending else ()

@@ -18,6 +18,7 @@ from .data import CLASSES, PAD, VOCAB, cross_entropy, token_batch
 from .harness import B, ZooCase, assert_matches, zoo_params
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster on a shared machine
 
 FEATS = 4
 _AUDIO = dict(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,

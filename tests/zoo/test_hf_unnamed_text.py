@@ -31,6 +31,7 @@ from .data import CLASSES, PAD, VOCAB, cross_entropy, lm_batch, seq_cls_batch, t
 from .harness import B, ZooCase, assert_matches, compare, zoo_params
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster on a shared machine
 
 DROP = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
