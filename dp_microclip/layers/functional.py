@@ -6,8 +6,9 @@ functions: a linear map (``F.linear``, ``x @ W.T``, ``torch.matmul(x, W)``,
 its output gradient read transposed), an embedding lookup (``F.embedding``,
 ``W[ids]``), or a broadcast element-wise op with the batched activation (a
 scale ``gamma * x``, a shift ``x + b``, both at once in ``addcmul``, a
-positional table added, a class token concatenated to the sequence). ``layers/usage_mode.py`` watches those calls during the module's
-forward; each recognised call becomes one record whose ``layer`` is one of the
+positional table added, a class token concatenated to the sequence).
+``layers/usage_mode.py`` watches those calls during the module's forward;
+each recognised call becomes one record whose ``layer`` is one of the
 NamedTuples below, and whose rule is one of the three rules here, built on the
 existing maths (``linear.py``, ``embedding.py``).
 

@@ -340,7 +340,8 @@ class UsageMode(TorchFunctionMode):
             raise NotRecognised("out=")
         base, first, second = bound.get("input"), bound.get("tensor1"), bound.get("tensor2")
         value = bound.get("value", 1)
-        if not all(torch.is_tensor(t) for t in (base, first, second)) or not isinstance(value, numbers.Number):
+        if not (isinstance(base, T) and isinstance(first, T) and isinstance(second, T)) or not isinstance(
+                value, (int, float)):
             raise NotRecognised("a non-tensor operand or a tensor value")
         if self.is_tracked(first) and self.is_tracked(second):
             raise NotRecognised("two parameters multiplied with each other")
@@ -348,21 +349,23 @@ class UsageMode(TorchFunctionMode):
             raise NotRecognised("a parameter modified in place")
         if inplace and base._base is not None:
             raise NotRecognised("an in-place op on a view")
-        uses = []
+        uses: list[tuple[BroadcastUse, torch.Tensor | None]] = []
         if self.is_tracked(base):
             entry = self.tracked[id(base)]
             uses.append((BroadcastUse(entry.chain, tuple(entry.value.shape), tuple(entry.value.shape)), None))
         for param, other in ((first, second), (second, first)):
             if self.is_tracked(param):
                 entry = self.tracked[id(param)]
-                coefficient = other.detach() * value if value != 1 else other.detach()
-                if inplace and coefficient is other.detach():
+                coefficient = other.detach()
+                if value != 1:
+                    coefficient = coefficient * value
+                elif inplace:  # its own copy: the activation changes in place
                     coefficient = coefficient.clone()
                 uses.append((BroadcastUse(entry.chain, tuple(entry.value.shape), tuple(entry.value.shape)),
                              coefficient))
         out = func(*args, **kwargs)
-        for layer, coefficient in uses:
-            out = self._use(Use("broadcast", layer, (), coefficient, None, inplace), out)
+        for layer, factor in uses:
+            out = self._use(Use("broadcast", layer, (), factor, None, inplace), out)
         return out
 
     def _cat(self, func, args, kwargs):
