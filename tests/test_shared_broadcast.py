@@ -86,6 +86,45 @@ def test_broadcast_by_the_model_equals_naive_loop(how, T, b):
     assert all(route != "func" for route in engine.last_strategies.values())
 
 
+class ProjectedTable(nn.Module):
+    """A (1, 2k, D) table run through a Linear (a rule layer: its output has size 1 where the batch goes) and
+    folded by its size, as DeBERTa-v2 does: ``view(-1, ...)`` then ``repeat(B, 1, 1)``. Expanding that output
+    to the batch would change what the model computes; it is followed as a shared output instead."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, D)
+        self.table = nn.Parameter(0.3 * torch.randn(6, D), requires_grad=False)  # frozen: read as a tensor
+        self.proj = nn.Linear(D, D)
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, x):  # x: (B, T, 4)
+        B, T, _ = x.shape
+        h = self.embed(x)  # (B, T, D)
+        pos = self.proj(self.table.unsqueeze(0))  # (1, 6, D): BROADCAST at the batch dimension
+        heads = pos.view(6, HEADS, D // HEADS).transpose(0, 1).reshape(-1, 6, D // HEADS)  # (H, 6, d)
+        keys = heads.repeat(B, 1, 1)  # (B*H, 6, d)
+        q = h.view(B, T, HEADS, D // HEADS).transpose(1, 2).reshape(B * HEADS, T, D // HEADS)
+        scores = torch.bmm(q, keys.transpose(1, 2)).softmax(-1)  # (B*H, T, 6)
+        mixed = torch.bmm(scores, keys).view(B, HEADS, T, -1).transpose(1, 2).reshape(B, T, D)
+        return self.head((h + mixed).mean(1))
+
+
+@pytest.mark.parametrize("b", [1, 2, 4])
+@pytest.mark.parametrize("T", [4, 5])
+def test_a_projected_table_keeps_its_shape_and_equals_naive_loop(T, b):
+    torch.manual_seed(0)
+    model = ProjectedTable().double()
+    x, y = torch.randn(4, T, 4, dtype=torch.float64), torch.arange(4) % CLASSES
+    want = naive_microbatch_grads(copy.deepcopy(model), F.cross_entropy, x, y, micro_batch_size=b,
+                                  max_grad_norm=0.05)
+    engine = _step(model, b, x, y)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert float((p.grad - want[name]).norm()) <= 1e-9 * float(want[name].norm()) + 1e-15, name
+    assert all(route != "func" for route in engine.last_strategies.values())
+
+
 def test_a_broadcast_that_never_meets_the_batch_is_refused():
     # Averaged over the broadcast dimension: its size equals B, but no batched tensor confirms it as the batch.
     torch.manual_seed(0)
