@@ -20,6 +20,7 @@ import dp_microclip
 from dp_microclip.reference import naive_microbatch_grads
 
 D, HEADS, CLASSES = 8, 2, 3
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster on a shared machine
 
 
 def _buckets(T: int) -> torch.Tensor:
