@@ -261,7 +261,9 @@ class HookSet:
             args, kwargs = presented, {k: v for k, v in kwargs.items() if not torch.is_tensor(v)}
             index = ctx.next_call(unit.path)
             layout = self.layouts.layout(unit, ctx, index, args, output)
-            if torch.is_tensor(output) and layout.output is None:
+            follow = layout.output == BROADCAST and unit.kind == "rule" and self.tracker is not None and \
+                unit.batch_dim == 0 and all(d in (None, BROADCAST) for d in layout.inputs)  # keeps its shape
+            if torch.is_tensor(output) and (layout.output is None or follow):
                 return self._shared_output(unit, module, args, kwargs, ctx, output, layout)
             batch = ctx.batch_size
             inputs = []
@@ -289,9 +291,7 @@ class HookSet:
                                            input_dims, (ctx.id, unit.path, index), kw_names)
             replaced = None
             out_dim = layout.output
-            if out_dim == BROADCAST:
-                # One value shared by the batch (position embeddings of (1, T) ids): expanded to the batch so
-                # that each example's output gradient, and so its share of the weight gradient, exists.
+            if out_dim == BROADCAST:  # shared by the batch, no tracker (sequence-first): expanded to the batch
                 output = replaced = expand_at(output, unit.batch_dim, batch)
                 out_dim = unit.batch_dim
             if not output.requires_grad:
@@ -311,15 +311,18 @@ class HookSet:
     def _shared_output(self, unit: Unit, module, args, kwargs, ctx, output, layout: CallLayout):
         """A layer whose output is the same for every example: followed to where it meets the batch."""
         where = f"{unit.path or '<root module>'} ({type(module).__name__})"
-        if unit.kind != "rule" or self.tracker is None or any(d is not None for d in layout.inputs):
+        if unit.kind != "rule" or self.tracker is None or any(d not in (None, BROADCAST) for d in layout.inputs):
             raise no_batch_error(where, tuple(output.shape))
-        inputs = tuple(a.detach().expand(ctx.batch_size, *a.shape) if torch.is_tensor(a) else a for a in args)
+        batch = ctx.batch_size
+        inputs = tuple(a if not torch.is_tensor(a) else expand_at(a.detach(), 0, batch) if d == BROADCAST
+                       else a.detach().expand(batch, *a.shape) for a, d in zip(args, layout.inputs))
         dims = tuple(0 if torch.is_tensor(a) else None for a in args)
         shared = output.clone() if output.requires_grad else RequireGrad.apply(self.anchor, output)
+        squeeze = layout.output == BROADCAST  # rows (B, 1, ...) -> (B, ...): the size-1 dimension is the batch's
 
         def emit(rows: torch.Tensor) -> None:
-            self.sink.emit(Record(unit, unit.path, unit.rule, module, unit.params, inputs, dict(kwargs), rows, ctx,
-                                  0, dims))
+            self.sink.emit(Record(unit, unit.path, unit.rule, module, unit.params, inputs, dict(kwargs),
+                                  rows.flatten(0, 1) if squeeze else rows, ctx, 0, dims))
 
         source = SharedOutput(where, shared, ctx.batch_size, emit)
         shared.register_hook(lambda grad: source.complete(grad) if self.sink.active else None)

@@ -24,6 +24,19 @@ point, and handed to the layer's ordinary rule with the layer's inputs
 expanded to the batch: the Embedding rule sees ``B`` identical bucket matrices
 and each example's own output gradient.
 
+The model may broadcast the shared tensor to the batch itself (MPNet:
+``bias.expand(B, -1, q, k)``; DeBERTa-v2: a per-head table ``.repeat(B, 1, 1)``
+to meet ``(B*heads, q, d)`` queries). Such an ``expand`` / ``repeat`` whose
+leading size is ``B`` (or ``B`` times the table's leading size) is a meeting
+point too: the engine rebuilds it from an expansion along a new batch
+dimension, which it reads one slice per example. A size can equal ``B`` by
+coincidence, so such a meeting counts only once confirmed: its result (or what
+is derived from it by batch-free operations) must later be combined with a
+batched tensor of the same rank and the same leading size. The probe ran the
+model on another batch size, so a leading size that meets the batch there
+follows the batch. An unconfirmed one delivers nothing, and the sum check
+below refuses the step.
+
 Nothing is guessed. When the layer's summed gradient arrives, it must equal
 the sum over examples of what the meeting points delivered; a use of the
 output that reached the loss some other way (reduced over an axis, compared
@@ -53,6 +66,17 @@ _NO_MEETING = {
     torch.Tensor.expand, torch.Tensor.expand_as, torch.Tensor.repeat, torch.Tensor.__getitem__,
     torch.Tensor.type_as, torch.Tensor.float, torch.Tensor.double, torch.Tensor.half, torch.Tensor.bfloat16,
 }
+
+
+# The model's own broadcasts: a leading size equal to the batch makes them meeting points (once confirmed).
+_TO_BATCH = {torch.Tensor.expand, torch.Tensor.broadcast_to, torch.broadcast_to, torch.Tensor.repeat}
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A meeting at the model's own broadcast to the batch, waiting for a batched tensor to confirm it."""
+
+    confirmed: bool = False
 
 
 def no_batch_error(where: str, shape: tuple) -> BatchError:
@@ -117,6 +141,7 @@ class SharedOutputTracker(TorchFunctionMode):
         self.key = key  # the input signature it was pushed for (the hooks stop following when none was found)
         self.derived: dict[int, tuple[torch.Tensor, tuple[SharedOutput, ...]]] = {}  # id -> (tensor, sources)
         self.sources: list[SharedOutput] = []
+        self.pending: dict[int, tuple[torch.Tensor, tuple[_Pending, ...]]] = {}  # the model's own broadcasts
 
     def follow(self, source: SharedOutput) -> None:
         """Start following ``source.output`` (and keep following what it already derived from)."""
@@ -130,14 +155,51 @@ class SharedOutputTracker(TorchFunctionMode):
         hit = self.derived.get(id(x))
         return hit[1] if hit is not None and hit[0] is x else ()
 
+    def _pending_of(self, x) -> tuple[_Pending, ...]:
+        hit = self.pending.get(id(x)) if torch.is_tensor(x) else None
+        return hit[1] if hit is not None and hit[0] is x else ()
+
+    def _confirm(self, func, flat: list) -> tuple[_Pending, ...]:
+        """Confirm pending meetings combined here with a batched tensor; the unconfirmed ones among ``flat``."""
+        waiting = [(x, p) for x in flat for p in self._pending_of(x) if not p.confirmed]
+        if not waiting:
+            return ()
+        if func not in _NO_MEETING:
+            others = [x for x in flat if torch.is_tensor(x) and not self._pending_of(x) and not self.sources_of(x)]
+            for x, p in waiting:
+                if any(o.dim() == x.dim() and o.dim() > 0 and o.shape[0] == x.shape[0] for o in others):
+                    p.confirmed = True
+        return tuple(dict.fromkeys(p for _, p in waiting if not p.confirmed))
+
+    def _touches(self, args, kwargs) -> bool:
+        """Whether a followed tensor is among the arguments (top level or in a list): a cheap first look."""
+        for x in (*args, *kwargs.values()):
+            if isinstance(x, (list, tuple)):
+                if any(id(y) in self.derived or id(y) in self.pending for y in x):
+                    return True
+            elif id(x) in self.derived or id(x) in self.pending:
+                return True
+        return False
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not self.derived:
+        if not self.derived or not self._touches(args, kwargs):
             return func(*args, **kwargs)
         flat, spec = tree_flatten((args, kwargs))
+        waiting = self._confirm(func, flat) if self.pending else ()
         shared = [i for i, x in enumerate(flat) if self.sources_of(x)]
         if not shared:
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            # Still the model's broadcast (a view, a cast, a scale: no other tensor took part) until confirmed.
+            if waiting and all(self._pending_of(x) for x in flat if torch.is_tensor(x)):
+                for t in tree_flatten(out)[0]:
+                    if torch.is_tensor(t) and t.requires_grad:
+                        self.pending[id(t)] = (t, waiting)
+            return out
+        if func in _TO_BATCH and shared == [0]:
+            met = self._meet_broadcast(func, args, kwargs)
+            if met is not None:
+                return met
         if func not in _NO_MEETING:
             rank = max(x.dim() for x in flat if torch.is_tensor(x))
             batched = rank > 0 and any(
@@ -157,16 +219,52 @@ class SharedOutputTracker(TorchFunctionMode):
                 self.derived[id(t)] = (t, sources)
         return out
 
+    def _meet_broadcast(self, func, args, kwargs) -> torch.Tensor | None:
+        """The model broadcasts shared ``t`` to the batch itself: ``t.expand(B, ...)`` of a size-1 (or new)
+        leading dimension, or ``t.repeat(B, 1, ...)`` (rows of example i: ``i*k .. i*k + k-1``). The result is
+        rebuilt from a hooked expansion (same values); None when the leading size is not the batch."""
+        t, batch = args[0], self.batch_size
+        out = func(*args, **kwargs)
+        if not torch.is_tensor(out) or out.dim() == 0 or not out.requires_grad or out.shape[0] != batch * (
+                t.shape[0] if func is torch.Tensor.repeat and t.dim() else 1):
+            return None
+        if func is torch.Tensor.repeat:
+            if kwargs or len(args) < 2:
+                return None
+            sizes = tuple(args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:])
+            if len(sizes) != t.dim() or t.dim() == 0 or sizes[0] != batch or any(r != 1 for r in sizes[1:]):
+                return None
+            tail = tuple(t.shape)  # (B, k, ...) flattened to (B*k, ...)
+        else:
+            aligned = (1,) * (out.dim() - t.dim()) + tuple(t.shape)
+            if aligned[0] != 1:
+                return None
+            tail = aligned[1:]
+        token = _Pending()
+        expanded = t.expand(batch, *tail)
+        self._read_rows(t, expanded, token)
+        result = expanded.reshape(out.shape) if func is torch.Tensor.repeat else expanded.expand(out.shape)
+        self.pending[id(result)] = (result, (token,))
+        return result
+
     def _meet(self, t: torch.Tensor, rank: int) -> torch.Tensor:
         """``t`` expanded along a new leading batch dimension; its gradient arrives one slice per example."""
+        aligned = t.reshape((1,) * (rank - t.dim()) + tuple(t.shape)) if t.dim() < rank else t
+        expanded = aligned.expand(self.batch_size, *aligned.shape[1:])
+        self._read_rows(t, expanded)
+        return expanded
+
+    def _read_rows(self, t: torch.Tensor, expanded: torch.Tensor, token: _Pending | None = None) -> None:
+        """Hook ``expanded`` (``t`` along a leading batch dimension): its gradient, one slice per example, is
+        added to each shared output ``t`` derives from (pulled back to it), once ``token`` (if any) is confirmed."""
         sources, every = self.sources_of(t), self.sources
         for source in sources:
             source.meetings += 1
-        aligned = t.reshape((1,) * (rank - t.dim()) + tuple(t.shape)) if t.dim() < rank else t
-        expanded = aligned.expand(self.batch_size, *aligned.shape[1:])
         batch, shape = self.batch_size, tuple(t.shape)
 
         def on_grad(grad: torch.Tensor):
+            if token is not None and not token.confirmed:
+                return None  # never met a batched tensor: the sum check refuses the step
             rows = grad.reshape(batch, *shape)
             for source in sources:
                 if t is source.output:
@@ -182,7 +280,6 @@ class SharedOutputTracker(TorchFunctionMode):
             return None
 
         expanded.register_hook(on_grad)
-        return expanded
 
 
 def _pull_back(t: torch.Tensor, output: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ A module with trainable parameters and no rule is a unit of kind
 ``"functional"``. While it runs its forward (and only then) the engine enters a
 ``layers.usage_mode.UsageMode`` that follows the module's own parameters. Each
 recognised call (a linear map, an embedding lookup, a broadcast element-wise
-op, a concatenation) is captured here like a rule layer's call: its batch
+op, ``addcmul``, a concatenation) is captured here like a rule layer's call: its batch
 dimension comes from the layout machinery (``layout.LayoutLearner``: the probe
 records each call's shapes under a name of its own, ``path[kind:params]``), the
 activation is kept batch-first, and a tensor hook on the call's output emits a
@@ -148,7 +148,7 @@ class UsageCapture:
         return f"{self.unit.path}[{use.kind}:{'+'.join(c.name for c in chains_of(use.layer))}]"
 
     def _probe_use(self, use: Use, out: torch.Tensor) -> torch.Tensor:
-        self.layouts.record_probe_call(self._op_path(use), use.activations, out)
+        self.layouts.record_probe_call(self._op_path(use), use.activations, out.mT if use.transposed else out)
         return out
 
     def _on_use(self, ctx, arms: list, use: Use, out: torch.Tensor) -> torch.Tensor:
@@ -156,8 +156,8 @@ class UsageCapture:
         path = self._op_path(use)
         index = ctx.next_call(path)
         where = SimpleNamespace(path=path, module=unit.module, batch_dim=unit.batch_dim)
-        try:
-            layout = self.layouts.layout(where, ctx, index, use.activations, out)
+        try:  # a transposed use (W @ x) is laid out as the linear map of columns it is: out.mT
+            layout = self.layouts.layout(where, ctx, index, use.activations, out.mT if use.transposed else out)
         except BatchError as err:
             raise NotRecognised(f"no batch dimension found ({err})") from err
         bd = layout.output
@@ -174,8 +174,8 @@ class UsageCapture:
             inputs.append(batch_first(a.detach(), d, batch))
         shape_before = list(out.shape)
         if bd == BROADCAST:
-            if use.inplace:
-                raise NotRecognised("an in-place op on a tensor shared by the batch")
+            if use.inplace or use.transposed:
+                raise NotRecognised("an in-place op or W @ x on a tensor shared by the batch")
             out, bd = expand_at(out, unit.batch_dim, batch), unit.batch_dim
         assert isinstance(bd, (int, Fold))
         layer = use.layer
@@ -211,13 +211,15 @@ class UsageCapture:
         arm = [True]
         arms.append(arm)
         params = {c.name: unit.params[c.name] for c in chains_of(use.layer)}
-        rule, shape, select, sink = rule_of(layer), out.shape, use.select, self.sink
+        rule, shape, select, sink, transposed = rule_of(layer), out.shape, use.select, self.sink, use.transposed
         name = f"{path}#{index}"
 
         def on_grad(grad: torch.Tensor):
             if not arm[0] or not sink.active:
                 return None
             g = grad.reshape(shape)
+            if transposed:
+                g = g.mT
             if select is not None:
                 g = g.narrow(select[0], select[1], select[2])
             g = batch_first(g, bd, batch).detach()

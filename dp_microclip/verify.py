@@ -51,8 +51,10 @@ def compare_with_autograd(records: list, autograd_grads: dict, names: dict, repl
                 "the loss uses this parameter outside its module's forward call: a direct read such as "
                 "h @ emb.weight.T or F.linear(x, self.proj.weight), or a penalty term added to the loss. "
                 "That part would be dropped from the clipped gradient. Call the module instead of reading its "
-                "parameter (or tie the weight to a module that is called), and use the optimizer's "
-                "weight_decay for L2 penalties. (The check runs on the first attach(..., verify_steps=...) steps.)"
+                "parameter (or tie the weight to a module that is called), or, where that code cannot be "
+                "changed (a library's model), freeze the parameter (requires_grad=False) before attach(); use "
+                "the optimizer's weight_decay for L2 penalties. (The check runs on the first "
+                "attach(..., verify_steps=...) steps.)"
             )
     return problems
 

@@ -2,12 +2,14 @@
 
 A module without a rule often uses its own parameters only through a few
 functions: a linear map (``F.linear``, ``x @ W.T``, ``torch.matmul(x, W)``,
-``addmm``), a convolution (``F.conv1d/2d/3d``: the convolution rule's group
-gradients), an embedding lookup (``F.embedding``, ``W[ids]``), or a broadcast
-element-wise op with the batched activation (a scale ``gamma * x``, a shift
-``x + b``, a positional table added, a class token concatenated to the
-sequence). ``layers/usage_mode.py`` watches those calls during the module's
-forward; each recognised call becomes one record whose ``layer`` is one of the
+``addmm``; ``W @ x`` is the linear map of ``x``'s columns, ``F.linear(x.mT, W)``,
+its output gradient read transposed), a convolution (``F.conv1d/2d/3d``: the
+convolution rule's group gradients), an embedding lookup (``F.embedding``,
+``W[ids]``), or a broadcast element-wise op with the batched activation (a
+scale ``gamma * x``, a shift ``x + b``, both at once in ``addcmul``, a
+positional table added, a class token concatenated to the sequence).
+``layers/usage_mode.py`` watches those calls during the module's forward;
+each recognised call becomes one record whose ``layer`` is one of the
 NamedTuples below, and whose rule is one of the rules here, built on the
 existing maths (``linear.py``, ``conv.py``, ``embedding.py``).
 

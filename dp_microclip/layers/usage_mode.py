@@ -9,9 +9,11 @@ parameters through every torch function they reach:
   ``view``, ``unsqueeze``, ``squeeze``, ``flatten``, ``contiguous``, basic
   slicing, dtype casts, a product with a number) and broadcasts (``expand``)
   give a tracked tensor with its ``Chain`` (``functional.py``);
-* the recognised uses (a linear map, a convolution, an embedding lookup, a broadcast
-  element-wise product, sum or difference with another tensor, a
-  concatenation) are handed to ``on_use``, which returns the call's output
+* the recognised uses (a linear map ``x @ W``, ``F.linear``, ``addmm``, or
+  ``W @ x`` with the parameter on the left; a convolution; an embedding lookup;
+  a broadcast element-wise product, sum or difference with another tensor,
+  ``addcmul`` (a shift and a scale in one call); a concatenation) are handed to
+  ``on_use``, which returns the call's output
   (the engine hooks it to capture the output gradient) or raises
   :class:`NotRecognised`;
 * anything else (another function, a tracked tensor in an unexpected
@@ -77,6 +79,8 @@ _SUB = set(_funcs("sub", "__sub__", "subtract")) | {torch.sub, torch.subtract}
 _SUB_INPLACE = set(_funcs("sub_", "__isub__"))
 _RSUB = set(_funcs("__rsub__"))
 _DIV = set(_funcs("div", "__truediv__")) | {torch.div}
+_ADDCMUL = set(_funcs("addcmul")) | {torch.addcmul}
+_ADDCMUL_INPLACE = set(_funcs("addcmul_"))
 _CAT = {torch.cat, torch.concat, torch.concatenate}
 _ATTENTION = F.multi_head_attention_forward
 _ATTENTION_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
@@ -94,7 +98,8 @@ class Use(NamedTuple):
     aligned to the output in the module's own layout); ``activations`` the tensors whose batch dimension the
     layout must find (the linear input, the ids); ``coefficient`` the other operand of a product;
     ``select`` ``(dim, start, length)`` of a concatenation's slice; ``inplace``: the output is the activation
-    modified in place.
+    modified in place; ``transposed``: the linear map acts on columns (``W @ x``), so the rule sees
+    ``x.mT`` as its activation (``activations`` holds it already) and the output's ``.mT`` as its output.
     """
 
     kind: str  # "linear" | "conv" | "embedding" | "broadcast"
@@ -103,6 +108,7 @@ class Use(NamedTuple):
     coefficient: torch.Tensor | None = None
     select: tuple | None = None
     inplace: bool = False
+    transposed: bool = False
 
 
 class Tracked(NamedTuple):
@@ -202,6 +208,8 @@ class UsageMode(TorchFunctionMode):
         if func in _ADD_INPLACE or func in _SUB_INPLACE:
             return self._elementwise(func, args, kwargs, product=False, inplace=True,
                                      second_sign=-1.0 if func in _SUB_INPLACE else 1.0)
+        if func in _ADDCMUL or func in _ADDCMUL_INPLACE:
+            return self._addcmul(func, args, kwargs, inplace=func in _ADDCMUL_INPLACE)
         if func in _CAT:
             return self._cat(func, args, kwargs)
         if func is _ATTENTION:
@@ -260,6 +268,8 @@ class UsageMode(TorchFunctionMode):
             bias, x, w = args
         else:
             x, w = args
+        if bias is None and self.is_tracked(x) and not self.is_tracked(w) and torch.is_tensor(w):
+            return self._left_matmul(func, weight=x, x=w)  # args are (W, x) here
         if self.is_tracked(x) or not torch.is_tensor(w) or w.dim() != 2 or x.dim() < 2:
             raise NotRecognised("a parameter as the left factor (only x @ W with a 2-D W is a linear map)")
         if not self.is_tracked(w) and not self.is_tracked(bias):
@@ -327,6 +337,14 @@ class UsageMode(TorchFunctionMode):
             attn, attn_weights = func(**arg)  # no parameter reaches it: it runs as torch wrote it
             return F.linear(attn, out_weight, out_bias), attn_weights
 
+    def _left_matmul(self, func, weight, x):
+        """``W @ x`` with a 2-D parameter ``W`` (d_out, d_in) and ``x`` (..., d_in, n): the linear map of the
+        columns, ``(W @ x).mT == F.linear(x.mT, W)``; the rule sees ``x.mT`` and the output's ``.mT``."""
+        if weight.dim() != 2 or x.dim() < 2:
+            raise NotRecognised("a parameter on the left of a matmul that is not a 2-D W times a matrix x")
+        use = LinearUse(self._only(weight).chain, None)
+        return self._use(Use("linear", use, (x.mT,), transposed=True), func(weight, x))
+
     # ------------------------------------------------------------------------------ lookups
     def _embedding(self, func, args, kwargs):
         names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
@@ -376,6 +394,42 @@ class UsageMode(TorchFunctionMode):
         use = BroadcastUse(entry.chain, tuple(entry.value.shape), tuple(entry.value.shape), sign)
         out = func(*args, **kwargs)
         return self._use(Use("broadcast", use, (), coefficient, None, inplace), out)
+
+    def _addcmul(self, func, args, kwargs, inplace: bool):
+        """``input + value * tensor1 * tensor2``: a parameter as ``input`` is a shift, as a factor a scale (by
+        ``value`` times the other factor); both may be in one call (an affine ``addcmul(beta, alpha, x)``)."""
+        bound = dict(zip(("input", "tensor1", "tensor2", "value"), args), **kwargs)
+        if set(bound) - {"input", "tensor1", "tensor2", "value"}:
+            raise NotRecognised("out=")
+        base, first, second = bound.get("input"), bound.get("tensor1"), bound.get("tensor2")
+        value = bound.get("value", 1)
+        if not (isinstance(base, T) and isinstance(first, T) and isinstance(second, T)) or not isinstance(
+                value, (int, float)):
+            raise NotRecognised("a non-tensor operand or a tensor value")
+        if self.is_tracked(first) and self.is_tracked(second):
+            raise NotRecognised("two parameters multiplied with each other")
+        if inplace and self.is_tracked(base):
+            raise NotRecognised("a parameter modified in place")
+        if inplace and base._base is not None:
+            raise NotRecognised("an in-place op on a view")
+        uses: list[tuple[BroadcastUse, torch.Tensor | None]] = []
+        if self.is_tracked(base):
+            entry = self.tracked[id(base)]
+            uses.append((BroadcastUse(entry.chain, tuple(entry.value.shape), tuple(entry.value.shape)), None))
+        for param, other in ((first, second), (second, first)):
+            if self.is_tracked(param):
+                entry = self.tracked[id(param)]
+                coefficient = other.detach()
+                if value != 1:
+                    coefficient = coefficient * value
+                elif inplace:  # its own copy: the activation changes in place
+                    coefficient = coefficient.clone()
+                uses.append((BroadcastUse(entry.chain, tuple(entry.value.shape), tuple(entry.value.shape)),
+                             coefficient))
+        out = func(*args, **kwargs)
+        for layer, factor in uses:
+            out = self._use(Use("broadcast", layer, (), factor, None, inplace), out)
+        return out
 
     def _cat(self, func, args, kwargs):
         tensors = args[0] if args else kwargs.get("tensors")

@@ -22,7 +22,7 @@ pytest.importorskip("transformers")
 # None today: Whisper's decoder positions (an Embedding subclass indexing its weight) take the usage route.
 DOCUMENTED: dict[str, str] = {}
 MODULES = ("test_hf_encoders", "test_hf_decoders", "test_hf_seq2seq_speech", "test_peft", "test_torch_modules",
-           "test_usage_route", "test_unnamed_torch")
+           "test_usage_route", "test_unnamed_torch", "test_hf_unnamed_text", "test_hf_unnamed_speech")
 
 
 def _cases():

@@ -63,6 +63,47 @@ class Affine(nn.Module):
         return x * self.alpha + self.beta
 
 
+class AddcmulAffine(nn.Module):
+    """ResMLP's affine written as timm writes it: ``addcmul(beta, alpha, x)`` (a shift and a scale in one call)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.alpha = nn.Parameter(1 + 0.1 * torch.randn(d))
+        self.beta = nn.Parameter(0.1 * torch.randn(d))
+
+    def forward(self, x):
+        return torch.addcmul(self.beta, self.alpha, x)
+
+
+class InplaceAddcmul(nn.Module):
+    """A residual scaled in place: ``h.addcmul_(gamma, x, value=value)`` onto a fresh activation."""
+
+    def __init__(self, d, value):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.gamma = nn.Parameter(0.5 + 0.1 * torch.randn(d))
+        self.value = value
+
+    def forward(self, x):
+        h = self.fc(x) * 2.0
+        return h.addcmul_(self.gamma, x, value=self.value)
+
+
+class TokenMixing(nn.Module):
+    """MLP-Mixer-style token mixing: a (T, T) parameter on the LEFT of the matmul, ``W @ x``, plus a bias per
+    token, and a channel map ``V @ x^T`` (parameter left of a transposed activation)."""
+
+    def __init__(self, t, d):
+        super().__init__()
+        self.mix = nn.Parameter(torch.randn(t, t) / t ** 0.5)
+        self.bias = nn.Parameter(0.1 * torch.randn(t, 1))
+        self.channels = nn.Parameter(torch.randn(d, d) / d ** 0.5)
+
+    def forward(self, x):  # x (B, T, d)
+        h = torch.tanh(self.mix @ x + self.bias)  # (B, T, d)
+        return torch.matmul(self.channels, h.transpose(1, 2)).transpose(1, 2)  # (B, T, d)
+
+
 class TextModel(nn.Module):
     """ids -> embedding (+ positions) -> [block] -> mean over valid tokens -> head."""
 
@@ -192,6 +233,12 @@ CASES = {
     "offset_positions": _text(lambda: TextModel(nn.Embedding(VOCAB, D), nn.Linear(D, D), OffsetPositions(8, D))),
     "affine_norm": _text(lambda: TextModel(nn.Embedding(VOCAB, D), nn.Sequential(nn.Linear(D, D), Affine(D)))),
     "used_twice": _text(lambda: TextModel(nn.Embedding(VOCAB, D), Twice(D))),
+    "addcmul_affine": _text(lambda: TextModel(nn.Embedding(VOCAB, D), nn.Sequential(nn.Linear(D, D),
+                                                                                    AddcmulAffine(D)))),
+    "addcmul_inplace": _text(lambda: TextModel(nn.Embedding(VOCAB, D), InplaceAddcmul(D, 1.0))),
+    "addcmul_inplace_scaled": _text(lambda: TextModel(nn.Embedding(VOCAB, D), InplaceAddcmul(D, 0.5))),
+    "weight_on_the_left": ZooCase(lambda T: TextModel(nn.Embedding(VOCAB, D), TokenMixing(T, D)), seq_cls_batch,
+                                  lambda m, kw: m(**kw), F.cross_entropy),
     "layer_scale": _image(lambda T: ConvNet()),
     "vit_root": _image(TinyViT),
     "tied_in_module": _lm(TiedLM),
@@ -302,9 +349,22 @@ def test_a_table_returned_by_the_forward_is_not_taken_by_the_usage_route():
         engine(case, model, inputs, targets, b=2)
 
 
-def test_an_unrecognised_use_keeps_the_generic_path():
+class TwoFactorAddcmul(nn.Module):
+    """``addcmul`` with a parameter in BOTH factors: a product of two parameters is not a linear use."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.a = nn.Parameter(1 + 0.1 * torch.randn(d))
+        self.b = nn.Parameter(1 + 0.1 * torch.randn(d))
+
+    def forward(self, x):
+        return torch.addcmul(x, self.a, self.b)
+
+
+@pytest.mark.parametrize("block", [ScaleAndExp, TwoFactorAddcmul])
+def test_an_unrecognised_use_keeps_the_generic_path(block):
     module = "block"
-    case = _text(lambda: TextModel(nn.Embedding(VOCAB, D), ScaleAndExp(D)))
+    case = _text(lambda: TextModel(nn.Embedding(VOCAB, D), block(D)))
     model = build_model(case, 5, torch.float64)
     pristine = copy.deepcopy(model)
     inputs, targets = case.batch(B, 5, torch.float64, torch.Generator().manual_seed(1))

@@ -1,0 +1,135 @@
+"""A shared table the model broadcasts to the batch itself (``expand`` / ``repeat``), against the naive loop.
+
+MPNet expands its relative-attention bias ``(1, H, T, T)`` to ``(B, H, T, T)`` before adding it to the scores;
+DeBERTa-v2 repeats a per-head table ``(H, T, d)`` B times to meet ``(B*H, T, d)`` queries. Those broadcasts
+are meeting points (dp_microclip/shared_outputs.py) once confirmed by a batched tensor of the same leading
+size; one that never meets the batch is refused by the sum check, not guessed.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dp_microclip
+from dp_microclip.reference import naive_microbatch_grads
+
+D, HEADS, CLASSES = 8, 2, 3
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster on a shared machine
+
+
+def _buckets(T: int) -> torch.Tensor:
+    pos = torch.arange(T)
+    return (pos[None, :] - pos[:, None]).clamp(-3, 3) + 3  # (T, T) in [0, 6]
+
+
+class Attention(nn.Module):
+    """Self-attention with a relative bias table, broadcast to the batch by the model: ``how`` says how."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.qk = nn.Linear(D, 2 * D)
+        self.table = nn.Embedding(7, HEADS)
+
+    def forward(self, x):  # x: (B, T, D)
+        B, T, _ = x.shape
+        q, k = self.qk(x).view(B, T, 2, HEADS, D // HEADS).permute(2, 0, 3, 1, 4)  # (B, H, T, d) each
+        bias = self.table(_buckets(T)).permute(2, 0, 1)  # (H, T, T): the same for every example
+        if self.how == "expand":  # MPNet
+            scores = q @ k.transpose(-1, -2) + bias.unsqueeze(0).expand(B, -1, -1, -1).contiguous()
+        elif self.how == "repeat":  # DeBERTa-v2: heads folded into the batch
+            q2, k2 = q.reshape(B * HEADS, T, -1), k.reshape(B * HEADS, T, -1)
+            scores = (torch.bmm(q2, k2.transpose(-1, -2)) + bias.repeat(B, 1, 1)).view(B, HEADS, T, T)
+        else:  # "reduced": broadcast to the batch, then averaged over it (never meets a batched tensor)
+            scores = q @ k.transpose(-1, -2) + bias.unsqueeze(0).expand(B, -1, -1, -1).mean(0)
+        return (scores.softmax(-1) @ q).transpose(1, 2).reshape(B, T, D)
+
+
+class Net(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.embed = nn.Linear(4, D)
+        self.attn = Attention(how)
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, x):
+        return self.head(self.attn(self.embed(x)).mean(1))
+
+
+def _step(model, b, x, y):
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no generic-path notice
+        engine = dp_microclip.attach(model, opt, micro_batch_size=b, max_grad_norm=0.05)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    return engine
+
+
+@pytest.mark.parametrize("b", [1, 2, 4])
+@pytest.mark.parametrize("T", [4, 5])  # T == B and T != B
+@pytest.mark.parametrize("how", ["expand", "repeat"])
+def test_broadcast_by_the_model_equals_naive_loop(how, T, b):
+    torch.manual_seed(0)
+    model = Net(how).double()
+    x, y = torch.randn(4, T, 4, dtype=torch.float64), torch.arange(4) % CLASSES
+    want = naive_microbatch_grads(copy.deepcopy(model), F.cross_entropy, x, y, micro_batch_size=b,
+                                  max_grad_norm=0.05)
+    engine = _step(model, b, x, y)
+    for name, p in model.named_parameters():
+        assert float((p.grad - want[name]).norm()) <= 1e-9 * float(want[name].norm()) + 1e-15, name
+    assert all(route != "func" for route in engine.last_strategies.values())
+
+
+class ProjectedTable(nn.Module):
+    """A (1, 2k, D) table run through a Linear (a rule layer: its output has size 1 where the batch goes) and
+    folded by its size, as DeBERTa-v2 does: ``view(-1, ...)`` then ``repeat(B, 1, 1)``. Expanding that output
+    to the batch would change what the model computes; it is followed as a shared output instead."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, D)
+        self.table = nn.Parameter(0.3 * torch.randn(6, D), requires_grad=False)  # frozen: read as a tensor
+        self.proj = nn.Linear(D, D)
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, x):  # x: (B, T, 4)
+        B, T, _ = x.shape
+        h = self.embed(x)  # (B, T, D)
+        pos = self.proj(self.table.unsqueeze(0))  # (1, 6, D): BROADCAST at the batch dimension
+        heads = pos.view(6, HEADS, D // HEADS).transpose(0, 1).reshape(-1, 6, D // HEADS)  # (H, 6, d)
+        keys = heads.repeat(B, 1, 1)  # (B*H, 6, d)
+        q = h.view(B, T, HEADS, D // HEADS).transpose(1, 2).reshape(B * HEADS, T, D // HEADS)
+        scores = torch.bmm(q, keys.transpose(1, 2)).softmax(-1)  # (B*H, T, 6)
+        mixed = torch.bmm(scores, keys).view(B, HEADS, T, -1).transpose(1, 2).reshape(B, T, D)
+        return self.head((h + mixed).mean(1))
+
+
+@pytest.mark.parametrize("b", [1, 2, 4])
+@pytest.mark.parametrize("T", [4, 5])
+def test_a_projected_table_keeps_its_shape_and_equals_naive_loop(T, b):
+    torch.manual_seed(0)
+    model = ProjectedTable().double()
+    x, y = torch.randn(4, T, 4, dtype=torch.float64), torch.arange(4) % CLASSES
+    want = naive_microbatch_grads(copy.deepcopy(model), F.cross_entropy, x, y, micro_batch_size=b,
+                                  max_grad_norm=0.05)
+    engine = _step(model, b, x, y)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert float((p.grad - want[name]).norm()) <= 1e-9 * float(want[name].norm()) + 1e-15, name
+    assert all(route != "func" for route in engine.last_strategies.values())
+
+
+def test_a_broadcast_that_never_meets_the_batch_is_refused():
+    # Averaged over the broadcast dimension: its size equals B, but no batched tensor confirms it as the batch.
+    torch.manual_seed(0)
+    model = Net("reduced").double()
+    x, y = torch.randn(4, 5, 4, dtype=torch.float64), torch.arange(4) % CLASSES
+    with pytest.raises(dp_microclip.UnsupportedModuleError, match="table.*same for every example.*Freeze"):
+        _step(model, 1, x, y)
