@@ -169,3 +169,23 @@ def test_hf_vision_families_match_naive_loop(name, b, T):
 @pytest.mark.parametrize("name, b, T", zoo_params(dict.fromkeys(TIMM)))
 def test_timm_vision_families_match_naive_loop(name, b, T):
     _no_generic(_timm_cases()[name], b=b, T=T)
+
+
+def test_dp_steps_on_swin_with_poisson_batches():
+    # DP mode allows no generic path by default: Swin's tables take the usage route and meet the batch where the
+    # probe found it, at every sampled batch size.
+    import dp_microclip
+
+    torch.manual_seed(0)
+    model = _swin(4).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine_ = dp_microclip.attach(model, opt, micro_batch_size=1, max_grad_norm=1.0,
+                                  privacy=dp_microclip.DP(noise_multiplier=1.0, sample_rate=0.5, delta=1e-5))
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3, 4, 4, dtype=torch.float64), torch.arange(8) % CLASSES)
+    for x, y in engine_.data_loader(data):
+        opt.zero_grad()
+        logits = model(pixel_values=x).logits
+        engine_.loss(lambda out, t: F.cross_entropy(out, t, reduction="none"), logits, y).backward()
+        opt.step()
+    assert engine_.epsilon() > 0
+    assert not any(route == "func" for route in engine_.last_strategies.values())
