@@ -37,7 +37,7 @@ from .layout import BROADCAST, CallLayout, LayoutLearner
 from .layers.traits import CHANNELS_FIRST
 from .rows import batch_first
 from .records import ForwardContext, Record, Shared, Unit
-from .shared_outputs import SharedOutput, SharedOutputTracker, no_batch_error
+from .shared_outputs import SharedTables, no_batch_error
 from .tensors import RequireGrad, expand_at, first_tensor, output_tensors
 from .usage import UsageCapture
 
@@ -67,8 +67,8 @@ class HookSet:
         self.layouts = LayoutLearner(root_batch_dim, probe_failure_is_error, sink.warn_once)
         self.no_grad_in_forward: set[str] = set()  # units seen under no_grad inside a forward (checkpointing)
         self.loss_checks_left = 1  # DP mode: the first backward pass's logits gradient is checked (contract.py)
-        self.tracker: SharedOutputTracker | None = None  # follows layer outputs shared by the batch (one forward)
-        self.unshared: set[int] = set()  # signatures (by id) whose forward had no such layer: not followed
+        self.batch_dims: dict[str, int] = {}  # unit path -> the batch dimension it works in
+        self.shared = SharedTables(self.layouts, sink, self.anchor, self._batch_dim_of)  # shared_outputs.py
 
     # ------------------------------------------------------------------ install
     def install_root(self, root: nn.Module) -> None:
@@ -88,20 +88,14 @@ class HookSet:
                 if mixed is not None:
                     signature.rows_checked = False
                     raise PrivacyError(contract.mixing_error(mixed))
+            self.shared.begin(root, args, kwargs, signature, batch_size)  # shared_outputs.py
             x = first_tensor((args, kwargs))
             assert x is not None  # signature() refuses a call without a tensor
             self.sink.open_context(batch_size, x.device, signature, (args, kwargs))
-            if self.root_batch_dim == 0 and id(signature) not in self.unshared:  # batch-first (shared_outputs.py)
-                self.tracker = SharedOutputTracker(batch_size, id(signature))
-                self.tracker.__enter__()
             return None
 
         def post(module, args, kwargs, output):
-            tracker, self.tracker = self.tracker, None
-            if tracker is not None:
-                tracker.__exit__(None, None, None)
-                if not tracker.sources:
-                    self.unshared.add(tracker.key)
+            self.shared.end()
             if self.layouts.probing is None:
                 self.sink.close_context()
                 problem = contract.model_loss_problem(output) if self.dp and self.sink.active else None
@@ -129,8 +123,13 @@ class HookSet:
 
         logits.register_hook(on_grad)
 
+    def _batch_dim_of(self, path: str) -> int:
+        """The batch dimension the unit at ``path`` (or whose usage-route call is at ``path[...]``) works in."""
+        return self.batch_dims.get(path.split("[", 1)[0], self.root_batch_dim)
+
     def install_unit(self, unit: Unit) -> None:
         """Hook one unit: its forward hook captures inputs and watches the output's gradient."""
+        self.batch_dims[unit.path] = unit.batch_dim
         if unit.kind in ("attention", "rnn") or isinstance(unit.module, CHANNELS_FIRST):
             self.layouts.declared[unit.path] = unit.batch_dim  # the probe checks it against what it finds
         if unit.kind == "attention":
@@ -138,7 +137,8 @@ class HookSet:
         elif unit.kind == "rnn":
             self._install_rnn(unit)
         elif unit.kind == "functional":  # usage.py; the generic capture takes the calls it cannot
-            usage = UsageCapture(unit, self.sink, self.layouts, lambda out: RequireGrad.apply(self.anchor, out))
+            usage = UsageCapture(unit, self.sink, self.layouts, lambda out: RequireGrad.apply(self.anchor, out),
+                                 self.shared)
             self.handles.extend(usage.install())
             self._install_layer(unit, usage.generic_takes_call)
         else:
@@ -228,6 +228,10 @@ class HookSet:
             return tuple(args) + tuple(kwargs[k] for k in kw_names), kw_names
 
         def post(module, args, kwargs, output):
+            with self.shared.quiet():  # the engine's copies of a shared output are not the model's operations
+                return capture(module, args, kwargs, output)
+
+        def capture(module, args, kwargs, output):
             if self.layouts.probing is not None:
                 self.layouts.record_probe_call(unit.path, call_tensors(module, args, kwargs)[0], output)
                 return None
@@ -261,9 +265,7 @@ class HookSet:
             args, kwargs = presented, {k: v for k, v in kwargs.items() if not torch.is_tensor(v)}
             index = ctx.next_call(unit.path)
             layout = self.layouts.layout(unit, ctx, index, args, output)
-            follow = layout.output == BROADCAST and unit.kind == "rule" and self.tracker is not None and \
-                unit.batch_dim == 0 and all(d in (None, BROADCAST) for d in layout.inputs)  # keeps its shape
-            if torch.is_tensor(output) and (layout.output is None or follow):
+            if torch.is_tensor(output) and layout.output is None:
                 return self._shared_output(unit, module, args, kwargs, ctx, output, layout)
             batch = ctx.batch_size
             inputs = []
@@ -291,7 +293,9 @@ class HookSet:
                                            input_dims, (ctx.id, unit.path, index), kw_names)
             replaced = None
             out_dim = layout.output
-            if out_dim == BROADCAST:  # shared by the batch, no tracker (sequence-first): expanded to the batch
+            if out_dim == BROADCAST:
+                # One value shared by the batch (position embeddings of (1, T) ids): expanded to the batch so
+                # that each example's output gradient, and so its share of the weight gradient, exists.
                 output = replaced = expand_at(output, unit.batch_dim, batch)
                 out_dim = unit.batch_dim
             if not output.requires_grad:
@@ -311,23 +315,9 @@ class HookSet:
     def _shared_output(self, unit: Unit, module, args, kwargs, ctx, output, layout: CallLayout):
         """A layer whose output is the same for every example: followed to where it meets the batch."""
         where = f"{unit.path or '<root module>'} ({type(module).__name__})"
-        if unit.kind != "rule" or self.tracker is None or any(d not in (None, BROADCAST) for d in layout.inputs):
+        if unit.kind != "rule" or any(d is not None for d in layout.inputs):
             raise no_batch_error(where, tuple(output.shape))
-        batch = ctx.batch_size
-        inputs = tuple(a if not torch.is_tensor(a) else expand_at(a.detach(), 0, batch) if d == BROADCAST
-                       else a.detach().expand(batch, *a.shape) for a, d in zip(args, layout.inputs))
-        dims = tuple(0 if torch.is_tensor(a) else None for a in args)
-        shared = output.clone() if output.requires_grad else RequireGrad.apply(self.anchor, output)
-        squeeze = layout.output == BROADCAST  # rows (B, 1, ...) -> (B, ...): the size-1 dimension is the batch's
-
-        def emit(rows: torch.Tensor) -> None:
-            self.sink.emit(Record(unit, unit.path, unit.rule, module, unit.params, inputs, dict(kwargs),
-                                  rows.flatten(0, 1) if squeeze else rows, ctx, 0, dims))
-
-        source = SharedOutput(where, shared, ctx.batch_size, emit)
-        shared.register_hook(lambda grad: source.complete(grad) if self.sink.active else None)
-        self.tracker.follow(source)
-        return shared
+        return self.shared.share(unit, unit.path, unit.rule, module, unit.params, args, kwargs, ctx, output, where)
 
     def _watch_outputs(self, unit: Unit, module, inputs, kwargs, ctx, output, layout: CallLayout,
                        input_dims, call, kw_names: tuple = ()) -> Any:

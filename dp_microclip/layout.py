@@ -36,6 +36,7 @@ engine never trains on a guess.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,7 +49,8 @@ from .errors import BatchError, PrivacyError
 from .layers.traits import CHANNELS_FIRST
 from .rows import (BROADCAST, Fold, RowsProblem, TensorPrint, analyse, check_sizes, deviation, fingerprint,
                    probe_order, refusal)
-from .tensors import map_tensors, output_tensors
+from .model_inputs import candidates, describe, select_all, shapes_key, structure as input_structure, tensor_leaves
+from .tensors import output_tensors
 
 __all__ = ["BROADCAST", "Fold", "LayoutLearner", "declared_batch_dim"]  # re-exported for the hooks
 
@@ -115,59 +117,15 @@ class Signature:
     output_dims: tuple = ()  # per tensor leaf of the model's output: its batch dimension, or None
     full_batch: int = 0  # B of the probe's whole-batch pass
 
+    meetings: tuple | None = None  # shared_outputs.Meeting per operation on a shared output (meetings.py)
+
     def shrink(self, args, kwargs, size: int) -> tuple:
         """``(args, kwargs)`` with the first ``size`` examples, each input cut along its own batch dimension."""
-        return _select_all(args, kwargs, self.input_dims, list(range(size)))
+        return select_all(args, kwargs, self.input_dims, list(range(size)))
 
-
-# ---------------------------------------------------------------------------------- inputs
-def tensor_leaves(args, kwargs) -> list[tuple[str, torch.Tensor]]:
-    """``(path, tensor)`` for every tensor in the model's ``(args, kwargs)``, in a fixed order."""
-    found: list[tuple[str, torch.Tensor]] = []
-    _visit(args, "args", found)
-    _visit(kwargs, "kwargs", found)
-    return found
-
-
-def _visit(obj, name: str, found: list) -> None:
-    # A module-level function, not a closure: a recursive closure is a reference cycle that only the
-    # garbage collector frees, once per forward.
-    if torch.is_tensor(obj):
-        found.append((name, obj))
-    elif isinstance(obj, (list, tuple)):
-        for i, item in enumerate(obj):
-            _visit(item, f"{name}.{i}", found)
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            _visit(v, f"{name}.{k}", found)
-
-
-def _select_all(args, kwargs, input_dims: tuple, order: list[int]) -> tuple:
-    """The inputs holding the examples ``order`` (in that order), each cut along its own batch dimension."""
-    names = [n for n, _ in tensor_leaves(args, kwargs)]
-    dims = dict(zip(names, input_dims))
-    index = torch.tensor(order)
-
-    def cut(path: str, t: torch.Tensor) -> torch.Tensor:
-        dim = dims.get(path)
-        return t if dim is None else t.index_select(dim, index.to(t.device))
-
-    return map_tensors(args, cut, "args"), map_tensors(kwargs, cut, "kwargs")
-
-
-def _structure(leaves) -> tuple:
-    return tuple((n, t.dim(), t.dtype, t.device.type) for n, t in leaves)
-
-
-def _shapes_key(leaves, dims: tuple, batch: int) -> tuple:
-    # B = 1 gets its own probe: with one example, a row map cannot be told from an example's own rows.
-    return (batch == 1,) + tuple(
-        (n, tuple(-1 if d == dim else s for d, s in enumerate(t.shape)), t.dtype, t.device.type)
-        for (n, t), dim in zip(leaves, dims))
-
-
-def _describe(leaves, dims) -> str:
-    return ", ".join(f"{n} {tuple(t.shape)}: {'none' if d is None else d}" for (n, t), d in zip(leaves, dims))
+    def reordered(self, args, kwargs) -> tuple:
+        """``(args, kwargs)`` holding the probe's examples (``rows.probe_order``), as in its second pass."""
+        return select_all(args, kwargs, self.input_dims, probe_order(self.full_batch))
 
 
 # ---------------------------------------------------------------------------------- the learner
@@ -195,21 +153,24 @@ class LayoutLearner:
         self.structures: dict[tuple, tuple] = {}  # inputs' structure -> per-leaf batch dimensions
         self.probing: dict | None = None  # the records of the probe pass in progress
         self._probe_calls: dict[str, int] = {}
+        self.on_probe_output: Callable | None = None  # ((path, index), output) -> None, during probe_passes
 
     def record_probe_call(self, path: str, args: tuple, output) -> None:
         """During a probe pass: keep prints of the tensors one call of the unit at ``path`` saw."""
         assert self.probing is not None
         index = self._probe_calls.get(path, 0)
         self._probe_calls[path] = index + 1
-        inputs = tuple(fingerprint(a) if torch.is_tensor(a) else None for a in args)
-        out: tuple | TensorPrint | None = None
-        if output is None:
-            pass
-        elif torch.is_tensor(output):
-            out = fingerprint(output)
-        else:
-            out = tuple(fingerprint(t) for t in output_tensors(output))
+        # Under a meeting probe (meetings.py), its follower must not see the prints' own operations.
+        with torch._C.DisableTorchFunction() if self.on_probe_output is not None else contextlib.nullcontext():
+            inputs = tuple(fingerprint(a) if torch.is_tensor(a) else None for a in args)
+            out: tuple | TensorPrint | None = None
+            if torch.is_tensor(output):
+                out = fingerprint(output)
+            elif output is not None:
+                out = tuple(fingerprint(t) for t in output_tensors(output))
         self.probing[(path, index)] = ProbeRecord(inputs, out)
+        if self.on_probe_output is not None:
+            self.on_probe_output((path, index), output)
 
     # ------------------------------------------------------------------ signatures
     def signature(self, root: nn.Module, args, kwargs) -> tuple[Signature, int]:
@@ -218,12 +179,12 @@ class LayoutLearner:
         if not leaves:
             raise BatchError("The model was called without a tensor argument: cannot find the batch size.")
         first = leaves[0][1]
-        structure = _structure(leaves)
+        structure = input_structure(leaves)
         dims = self.structures.get(structure)
         if dims is not None:
             batch = int(first.shape[dims[0]])
             if batch and all(d is None or t.shape[d] == batch for (_, t), d in zip(leaves, dims)):
-                key = _shapes_key(leaves, dims, batch)
+                key = shapes_key(leaves, dims, batch)
                 known = self.signatures.get(key)
                 if known is None:
                     known = self.signatures[key] = self._learn(root, args, kwargs, leaves, [dims])
@@ -239,21 +200,40 @@ class LayoutLearner:
         signature = self._learn(root, args, kwargs, leaves, None)
         self.structures[structure] = signature.input_dims
         batch = int(first.shape[signature.input_dims[0]])
-        self.signatures[_shapes_key(leaves, signature.input_dims, batch)] = signature
+        self.signatures[shapes_key(leaves, signature.input_dims, batch)] = signature
         return signature, batch
 
-    def _pass(self, root: nn.Module, args, kwargs, state) -> tuple[dict, tuple]:
-        """One forward without gradients (dropout off, RNG at ``state``): its records and output prints."""
+    def _pass(self, root: nn.Module, args, kwargs, state, mode=None) -> tuple[dict, tuple]:
+        """One forward without gradients (dropout off, RNG at ``state``, ``mode`` pushed above NoDropout):
+        its records and output prints."""
         self.probing, self._probe_calls = {}, {}
         try:
             torch.set_rng_state(state[0])
             for d, s in state[1]:
                 torch.cuda.set_rng_state(s, d)
-            with torch.no_grad(), NoDropout():
+            with torch.no_grad(), NoDropout(), (mode if mode is not None else contextlib.nullcontext()):
                 output = root(*args, **kwargs)
             return self.probing, tuple(fingerprint(t) for t in output_tensors(output))
         finally:
             self.probing = None
+
+    def probe_passes(self, root: nn.Module, runs: list) -> None:
+        """More probe passes, as the layout probe runs them, one per ``(args, kwargs, mode,
+        on_probe_output)``: each ``mode`` (a ``TorchFunctionMode``) sees the whole forward, and
+        ``on_probe_output`` every hooked call's output (``meetings.py``)."""
+        saved = {name: b.clone() for name, b in root.named_buffers()}
+        devices = sorted({t.device.index for t in list(saved.values()) + list(root.parameters())
+                          if t.device.type == "cuda"})
+        try:
+            with torch.random.fork_rng(devices=devices):
+                state = (torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d)) for d in devices])
+                for args, kwargs, mode, on_output in runs:
+                    self.on_probe_output = on_output
+                    self._pass(root, args, kwargs, state, mode)
+                    _restore(root, saved)
+        finally:
+            self.on_probe_output = None
+            _restore(root, saved)
 
     def _learn(self, root: nn.Module, args, kwargs, leaves, known: list | None) -> Signature:
         """Probe: the whole batch once, then B' examples per candidate layout of the inputs."""
@@ -290,7 +270,7 @@ class LayoutLearner:
             if known is not None:
                 options = [[d] for d in known[0]]
             else:
-                options = [[d0]] + [_candidates(t, batch, d0) for _, t in leaves[1:]]
+                options = [[d0]] + [candidates(t, batch, d0) for _, t in leaves[1:]]
             tried: dict[tuple, tuple] = {}
 
             def attempt(dims: tuple) -> tuple:
@@ -316,7 +296,7 @@ class LayoutLearner:
                         differ = [leaves[i][0] for i in range(len(leaves)) if top[1][i] != runner[1][i]]
                         raise BatchError(
                             f"The model's input(s) {differ} have the batch size {batch} along several dimensions "
-                            f"({_describe(leaves, top[1])} or {_describe(leaves, runner[1])}), and the model runs "
+                            f"({describe(leaves, top[1])} or {describe(leaves, runner[1])}), and the model runs "
                             "and follows the batch either way, so their batch dimension cannot be learned. Give each "
                             "input a layout in which only its batch dimension has the batch size (for example a "
                             "sequence length other than the batch size), or pass them in the first input's layout."
@@ -330,7 +310,7 @@ class LayoutLearner:
                 failed = why
                 if follows and d0 == 0 and len(firsts) > 1:
                     self._contradiction(why, follows)  # batch-first output, a module declaring otherwise
-            reasons.append(f"batch along dimension {d0} of the first input ({_describe(leaves, chosen)}): {failed}")
+            reasons.append(f"batch along dimension {d0} of the first input ({describe(leaves, chosen)}): {failed}")
         declared = "" if self.root_batch_dim is None else f" (declared: dimension {self.root_batch_dim})"
         raise BatchError(
             "dp_microclip learns where the batch is by running the model without gradients on the batch and on "
@@ -347,7 +327,7 @@ class LayoutLearner:
         Score 2: the model's output follows the batch and its rows equal the whole batch's; 1: it follows
         the batch in shape only (the model mixes examples); 0: this layout does not fit (``why``).
         """
-        p_args, p_kwargs = _select_all(args, kwargs, dims, probe_order(batch))
+        p_args, p_kwargs = select_all(args, kwargs, dims, probe_order(batch))
         try:
             records, outputs = self._pass(root, p_args, p_kwargs, state)
         except Exception as err:  # noqa: BLE001 - the user's forward on B' examples
@@ -465,15 +445,6 @@ class LayoutLearner:
 
 
 _MAX_COMBINATIONS = 32  # layouts of the inputs tried at most (inputs with the batch size along several dimensions)
-
-
-def _candidates(t: torch.Tensor, batch: int, d0: int) -> list:
-    """The dimensions of a model input that may hold the batch, the first input's first; None when none can."""
-    dims = [d for d in range(t.dim()) if t.shape[d] == batch]
-    if not dims:
-        return [None]
-    # Several dimensions of the batch size ((T, T) causal masks, (B, T) masks with T = B): maybe none is the batch.
-    return sorted(dims, key=lambda d: (d != d0, d)) + ([None] if len(dims) > 1 else [])
 
 
 def _restore(root: nn.Module, saved: dict) -> None:

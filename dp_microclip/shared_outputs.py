@@ -24,27 +24,24 @@ point, and handed to the layer's ordinary rule with the layer's inputs
 expanded to the batch: the Embedding rule sees ``B`` identical bucket matrices
 and each example's own output gradient.
 
-The model may broadcast the shared tensor to the batch itself (MPNet:
-``bias.expand(B, -1, q, k)``; DeBERTa-v2: a per-head table ``.repeat(B, 1, 1)``
-to meet ``(B*heads, q, d)`` queries). Such an ``expand`` / ``repeat`` whose
-leading size is ``B`` (or ``B`` times the table's leading size) is a meeting
-point too: the engine rebuilds it from an expansion along a new batch
-dimension, which it reads one slice per example. A size can equal ``B`` by
-coincidence, so such a meeting counts only once confirmed: its result (or what
-is derived from it by batch-free operations) must later be combined with a
-batched tensor of the same rank and the same leading size. The probe ran the
-model on another batch size, so a leading size that meets the batch there
-follows the batch. An unconfirmed one delivers nothing, and the sum check
-below refuses the step.
+Nothing is guessed. Where the batch is in a meeting point's result is learned
+by content (``meetings.py``): the first time an input signature runs a model
+with such layers, two more probe passes (no gradients, the batch and its
+examples reordered, as in ``layout.py``) follow the shared outputs through every
+operation and keep a print of each result; an operation whose result's rows
+equal the same examples' rows of the whole batch, where the reordering moved
+them, is a meeting point, along that dimension (``d``), or along a dimension
+that holds ``k`` rows per example (a ``rows.Fold``: window attention's
+``(B * windows, heads, N, N)`` scores), and in any layout (sequence-first
+models, ``(T, B, D)`` blocks inside batch-first ones). A table axis that
+happens to equal ``B`` does not move with the batch, so it is never taken for
+it. In the training forward the tracker counts the same operations and
+expands the shared operand at the learned dimension.
 
-Nothing is guessed. When the layer's summed gradient arrives, it must equal
-the sum over examples of what the meeting points delivered; a use of the
-output that reached the loss some other way (reduced over an axis, compared
-to a tensor whose first dimension is not the batch) leaves a difference, and
-the step is refused, naming the layer and the fix (freeze it). A meeting point
-is an operation with a batched operand of the output's rank whose first
-dimension is the batch size, while the shared operand has size 1 there (or
-lacks the dimension): the batch is the model's leading dimension.
+When the layer's summed gradient arrives, it must equal the sum over examples
+of what the meeting points delivered; a use of the output that reached the
+loss some other way (reduced over an axis, a penalty on the table) leaves a
+difference, and the step is refused, naming the layer and the fix (freeze it).
 """
 
 from __future__ import annotations
@@ -57,27 +54,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import BatchError, UnsupportedModuleError
-
-# Operations that only rearrange or copy their input: their output is still the same for every example.
-_NO_MEETING = {
-    torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.permute, torch.permute,
-    torch.Tensor.transpose, torch.transpose, torch.Tensor.unsqueeze, torch.unsqueeze, torch.Tensor.squeeze,
-    torch.squeeze, torch.Tensor.contiguous, torch.Tensor.to, torch.Tensor.clone, torch.clone,
-    torch.Tensor.expand, torch.Tensor.expand_as, torch.Tensor.repeat, torch.Tensor.__getitem__,
-    torch.Tensor.type_as, torch.Tensor.float, torch.Tensor.double, torch.Tensor.half, torch.Tensor.bfloat16,
-}
-
-
-# The model's own broadcasts: a leading size equal to the batch makes them meeting points (once confirmed).
-_TO_BATCH = {torch.Tensor.expand, torch.Tensor.broadcast_to, torch.broadcast_to, torch.Tensor.repeat}
-
-
-@dataclass(eq=False)
-class _Pending:
-    """A meeting at the model's own broadcast to the batch, waiting for a batched tensor to confirm it."""
-
-    confirmed: bool = False
-
+from .meetings import Meeting, function_name, is_followed_through, learn_meetings
+from .records import Record
+from .rows import Fold
+from .tensors import RequireGrad
 
 def no_batch_error(where: str, shape: tuple) -> BatchError:
     """The refusal for a layer whose output has no batch dimension although one of its inputs has one."""
@@ -132,21 +112,25 @@ class SharedOutputTracker(TorchFunctionMode):
     Pushed by the root module's pre-hook for input signatures that have such layers, popped by its post-hook,
     so it sits below every capture mode a module pushes during the forward. A followed tensor may derive
     from several shared outputs (a table normalised by a LayerNorm: the Embedding's and the LayerNorm's);
-    each gets its own pull-back at every meeting point.
+    each gets its own pull-back at every meeting point. ``meetings`` holds, per operation on a followed
+    tensor (other than the rearranging ones), in the order they run, what the meeting probe learned.
     """
 
-    def __init__(self, batch_size: int, key: int):
+    def __init__(self, batch_size: int, key: int, meetings: tuple[Meeting, ...]):
         super().__init__()
         self.batch_size = batch_size
         self.key = key  # the input signature it was pushed for (the hooks stop following when none was found)
+        self.meetings = meetings
+        self.count = 0  # operations on followed tensors so far
+        self.paused = 0  # > 0 while the engine's own hook code runs (its copies and detaches are not the model's)
         self.derived: dict[int, tuple[torch.Tensor, tuple[SharedOutput, ...]]] = {}  # id -> (tensor, sources)
         self.sources: list[SharedOutput] = []
-        self.pending: dict[int, tuple[torch.Tensor, tuple[_Pending, ...]]] = {}  # the model's own broadcasts
 
-    def follow(self, source: SharedOutput) -> None:
-        """Start following ``source.output`` (and keep following what it already derived from)."""
+    def follow(self, source: SharedOutput, original: torch.Tensor) -> None:
+        """Start following ``source.output`` (a copy of the layer's ``original`` output), and keep following
+        the shared outputs ``original`` derived from (a LayerNorm of a table: the table's too)."""
         self.sources.append(source)
-        self.derived[id(source.output)] = (source.output, self.sources_of(source.output) + (source,))
+        self.derived[id(source.output)] = (source.output, self.sources_of(original) + (source,))
 
     def sources_of(self, x) -> tuple[SharedOutput, ...]:
         """The shared outputs ``x`` derives from through batch-free operations (empty: none)."""
@@ -155,63 +139,28 @@ class SharedOutputTracker(TorchFunctionMode):
         hit = self.derived.get(id(x))
         return hit[1] if hit is not None and hit[0] is x else ()
 
-    def _pending_of(self, x) -> tuple[_Pending, ...]:
-        hit = self.pending.get(id(x)) if torch.is_tensor(x) else None
-        return hit[1] if hit is not None and hit[0] is x else ()
-
-    def _confirm(self, func, flat: list) -> tuple[_Pending, ...]:
-        """Confirm pending meetings combined here with a batched tensor; the unconfirmed ones among ``flat``."""
-        waiting = [(x, p) for x in flat for p in self._pending_of(x) if not p.confirmed]
-        if not waiting:
-            return ()
-        if func not in _NO_MEETING:
-            others = [x for x in flat if torch.is_tensor(x) and not self._pending_of(x) and not self.sources_of(x)]
-            for x, p in waiting:
-                if any(o.dim() == x.dim() and o.dim() > 0 and o.shape[0] == x.shape[0] for o in others):
-                    p.confirmed = True
-        return tuple(dict.fromkeys(p for _, p in waiting if not p.confirmed))
-
-    def _touches(self, args, kwargs) -> bool:
-        """Whether a followed tensor is among the arguments (top level or in a list): a cheap first look."""
-        for x in (*args, *kwargs.values()):
-            if isinstance(x, (list, tuple)):
-                if any(id(y) in self.derived or id(y) in self.pending for y in x):
-                    return True
-            elif id(x) in self.derived or id(x) in self.pending:
-                return True
-        return False
-
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not self.derived or not self._touches(args, kwargs):
+        if not self.derived or self.paused:
             return func(*args, **kwargs)
         flat, spec = tree_flatten((args, kwargs))
-        waiting = self._confirm(func, flat) if self.pending else ()
         shared = [i for i, x in enumerate(flat) if self.sources_of(x)]
         if not shared:
-            out = func(*args, **kwargs)
-            # Still the model's broadcast (a view, a cast, a scale: no other tensor took part) until confirmed.
-            if waiting and all(self._pending_of(x) for x in flat if torch.is_tensor(x)):
-                for t in tree_flatten(out)[0]:
-                    if torch.is_tensor(t) and t.requires_grad:
-                        self.pending[id(t)] = (t, waiting)
-            return out
-        if func in _TO_BATCH and shared == [0]:
-            met = self._meet_broadcast(func, args, kwargs)
-            if met is not None:
-                return met
-        if func not in _NO_MEETING:
-            rank = max(x.dim() for x in flat if torch.is_tensor(x))
-            batched = rank > 0 and any(
-                torch.is_tensor(x) and i not in shared and x.dim() == rank and x.shape[0] == self.batch_size
-                for i, x in enumerate(flat))
-            if batched:  # the result is batched: not followed further
+            return func(*args, **kwargs)
+        if not is_followed_through(func):
+            meeting = self._next(func)
+            if meeting.batch is not None:  # a meeting point: the result is batched and not followed further
                 for i in shared:
-                    t = flat[i]
-                    if t.dim() < rank or t.shape[0] == 1:
-                        flat[i] = self._meet(t, rank)
+                    flat[i] = self._meet(flat[i], meeting, flat, shared)
                 args, kwargs = tree_unflatten(flat, spec)
-                return func(*args, **kwargs)
+                try:
+                    return func(*args, **kwargs)
+                except RuntimeError as err:
+                    raise UnsupportedModuleError(
+                        f"{self._where(flat, shared)}: its output is the same for every example and meets the batch "
+                        f"in {meeting.name}, which does not broadcast it along the batch ({err}). Freeze those "
+                        "parameters (requires_grad=False) before attach(), or compute the table outside the model."
+                    ) from err
         out = func(*args, **kwargs)
         sources = tuple(dict.fromkeys(s for i in shared for s in self.sources_of(flat[i])))
         for t in tree_flatten(out)[0]:
@@ -219,67 +168,144 @@ class SharedOutputTracker(TorchFunctionMode):
                 self.derived[id(t)] = (t, sources)
         return out
 
-    def _meet_broadcast(self, func, args, kwargs) -> torch.Tensor | None:
-        """The model broadcasts shared ``t`` to the batch itself: ``t.expand(B, ...)`` of a size-1 (or new)
-        leading dimension, or ``t.repeat(B, 1, ...)`` (rows of example i: ``i*k .. i*k + k-1``). The result is
-        rebuilt from a hooked expansion (same values); None when the leading size is not the batch."""
-        t, batch = args[0], self.batch_size
-        out = func(*args, **kwargs)
-        if not torch.is_tensor(out) or out.dim() == 0 or not out.requires_grad or out.shape[0] != batch * (
-                t.shape[0] if func is torch.Tensor.repeat and t.dim() else 1):
-            return None
-        if func is torch.Tensor.repeat:
-            if kwargs or len(args) < 2:
-                return None
-            sizes = tuple(args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:])
-            if len(sizes) != t.dim() or t.dim() == 0 or sizes[0] != batch or any(r != 1 for r in sizes[1:]):
-                return None
-            tail = tuple(t.shape)  # (B, k, ...) flattened to (B*k, ...)
-        else:
-            aligned = (1,) * (out.dim() - t.dim()) + tuple(t.shape)
-            if aligned[0] != 1:
-                return None
-            tail = aligned[1:]
-        token = _Pending()
-        expanded = t.expand(batch, *tail)
-        self._read_rows(t, expanded, token)
-        result = expanded.reshape(out.shape) if func is torch.Tensor.repeat else expanded.expand(out.shape)
-        self.pending[id(result)] = (result, (token,))
-        return result
+    def _next(self, func) -> Meeting:
+        index, self.count = self.count, self.count + 1
+        name = function_name(func)
+        meeting = self.meetings[index] if index < len(self.meetings) else None
+        if meeting is None or meeting.name != name:
+            raise BatchError(
+                f"An output that is the same for every example went through {name} (operation {index} on it), "
+                f"where the layout probe saw {'nothing' if meeting is None else meeting.name}: the forward "
+                "takes another path in training than in the probe. Make the model's operations on relative-"
+                "position tables independent of the batch, or freeze those parameters (requires_grad=False)."
+            )
+        if meeting.problem is not None:
+            raise BatchError(meeting.problem)
+        return meeting
 
-    def _meet(self, t: torch.Tensor, rank: int) -> torch.Tensor:
-        """``t`` expanded along a new leading batch dimension; its gradient arrives one slice per example."""
+    def _where(self, flat, shared) -> str:
+        return ", ".join(dict.fromkeys(s.where for i in shared for s in self.sources_of(flat[i])))
+
+    def _meet(self, t: torch.Tensor, meeting: Meeting, flat: list, shared: list) -> torch.Tensor:
+        """``t`` expanded along the batch dimension of the operation's result; its gradient arrives one slice
+        per example (or ``k`` slices per example, summed, where the batch is folded with another axis)."""
+        rank, spec, batch = meeting.rank, meeting.batch, self.batch_size
+        d = spec.dim if isinstance(spec, Fold) else spec
+        assert d is not None
         aligned = t.reshape((1,) * (rank - t.dim()) + tuple(t.shape)) if t.dim() < rank else t
-        expanded = aligned.expand(self.batch_size, *aligned.shape[1:])
-        self._read_rows(t, expanded)
-        return expanded
-
-    def _read_rows(self, t: torch.Tensor, expanded: torch.Tensor, token: _Pending | None = None) -> None:
-        """Hook ``expanded`` (``t`` along a leading batch dimension): its gradient, one slice per example, is
-        added to each shared output ``t`` derives from (pulled back to it), once ``token`` (if any) is confirmed."""
-        sources, every = self.sources_of(t), self.sources
-        for source in sources:
+        sizes = [x.shape[d - (rank - x.dim())] for i, x in enumerate(flat)
+                 if torch.is_tensor(x) and i not in shared and 0 <= d - (rank - x.dim()) < x.dim()]
+        rows = max(sizes, default=0)
+        if t.dim() > rank or aligned.shape[d] != 1 or not rows or rows % batch or (
+                not isinstance(spec, Fold) and rows != batch):
+            raise BatchError(
+                f"{self._where(flat, shared)}: its output is the same for every example and meets the batch "
+                f"along dimension {d} of a {meeting.name} result, where it has shape {tuple(t.shape)} (the other "
+                f"operands have {rows} rows for {batch} examples), not a size-1 or missing batch dimension: its "
+                "rows would be combined with examples by position. Freeze those parameters "
+                "(requires_grad=False) before attach(), or compute the table outside the model."
+            )
+        for source in self.sources_of(t):
             source.meetings += 1
-        batch, shape = self.batch_size, tuple(t.shape)
+        expanded = aligned.expand(*[rows if i == d else -1 for i in range(rank)])
+        sources, every, shape = self.sources_of(t), self.sources, tuple(t.shape)
 
         def on_grad(grad: torch.Tensor):
-            if token is not None and not token.confirmed:
-                return None  # never met a batched tensor: the sum check refuses the step
-            rows = grad.reshape(batch, *shape)
+            if isinstance(spec, Fold):
+                per = grad.unflatten(d, (batch, -1) if spec.example_major else (-1, batch))
+                grad = per.sum(d + 1) if spec.example_major else per.sum(d)
+            per_example = grad.movedim(d, 0).reshape(batch, *shape)
             for source in sources:
                 if t is source.output:
-                    source.add(rows.detach())
+                    source.add(per_example.detach())
                     continue
                 for s in every:  # the pull-back's own gradients of shared outputs are not theirs to check
                     s.pulling = True
                 try:
-                    source.add(_pull_back(t, source.output, rows))
+                    source.add(_pull_back(t, source.output, per_example))
                 finally:
                     for s in every:
                         s.pulling = False
             return None
 
         expanded.register_hook(on_grad)
+        return expanded
+
+
+class SharedTables:
+    """The hooks' side of shared outputs: learns a signature's meetings, pushes one tracker per forward, and
+    turns a layer call without a batch dimension into a followed :class:`SharedOutput`.
+
+    Args:
+        layouts: the engine's ``LayoutLearner`` (its probe passes).
+        sink: the engine's capture sink (records go there).
+        anchor: the engine's anchor tensor (an output that needs no gradient is tied to it).
+        batch_dim_of: ``path -> the batch dimension the unit there works in``.
+    """
+
+    def __init__(self, layouts, sink, anchor: torch.Tensor, batch_dim_of: Callable[[str], int]):
+        self.layouts, self.sink, self.anchor, self.batch_dim_of = layouts, sink, anchor, batch_dim_of
+        self.tracker: SharedOutputTracker | None = None
+        self.unshared: set[int] = set()  # signatures (by id) whose forward had no such layer: not followed
+
+    def begin(self, root, args, kwargs, signature, batch_size: int) -> None:
+        """At the root's pre-hook: follow this forward's shared outputs if its signature has any."""
+        if id(signature) in self.unshared or signature.probe_batch is None:
+            return
+        if signature.meetings is None:
+            signature.meetings = learn_meetings(self.layouts, root, args, kwargs, signature, self.batch_dim_of)
+        if signature.meetings is None:
+            self.unshared.add(id(signature))  # no layer call without a batch dimension: nothing to follow
+            return
+        self.tracker = SharedOutputTracker(batch_size, id(signature), signature.meetings)
+        self.tracker.__enter__()
+
+    def end(self) -> None:
+        """At the root's post-hook: stop following."""
+        tracker, self.tracker = self.tracker, None
+        if tracker is not None:
+            tracker.__exit__(None, None, None)
+            if not tracker.sources:
+                self.unshared.add(tracker.key)
+
+    def quiet(self):
+        """A context in which the tracker ignores torch calls (the engine's hooks: not the model's operations)."""
+        return _Quiet(self.tracker)
+
+    def share(self, unit, name: str, rule, layer, params: dict, args: tuple, kwargs: dict, ctx, output: torch.Tensor,
+              where: str, armed: list | None = None) -> torch.Tensor:
+        """Follow ``output`` (no batch dimension, nor in any of ``args``) to where it meets the batch; when its
+        per-example gradients are complete, emit one record for ``rule`` with ``args`` expanded to the batch
+        (unless ``armed[0]`` was set False: the usage route dropped that forward's records)."""
+        if self.tracker is None:
+            raise no_batch_error(where, tuple(output.shape))
+        with self.quiet():
+            inputs = tuple(a.detach().expand(ctx.batch_size, *a.shape) if torch.is_tensor(a) else a for a in args)
+            dims = tuple(0 if torch.is_tensor(a) else None for a in args)
+            shared = output.clone() if output.requires_grad else RequireGrad.apply(self.anchor, output)
+            sink = self.sink
+
+            def emit(rows: torch.Tensor) -> None:
+                if armed is None or armed[0]:
+                        sink.emit(Record(unit, name, rule, layer, params, inputs, dict(kwargs), rows, ctx, 0, dims))
+
+            source = SharedOutput(where, shared, ctx.batch_size, emit)
+            shared.register_hook(lambda grad: source.complete(grad) if sink.active else None)
+        self.tracker.follow(source, output)
+        return shared
+
+
+class _Quiet:
+    def __init__(self, tracker: SharedOutputTracker | None):
+        self.tracker = tracker
+
+    def __enter__(self):
+        if self.tracker is not None:
+            self.tracker.paused += 1
+
+    def __exit__(self, *exc):
+        if self.tracker is not None:
+            self.tracker.paused -= 1
 
 
 def _pull_back(t: torch.Tensor, output: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

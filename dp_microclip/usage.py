@@ -58,11 +58,13 @@ class UsageCapture:
         sink: the engine's capture sink.
         layouts: the engine's layout learner (the probe and learned layouts).
         require_grad: ``output -> output`` that requires grad (``tensors.RequireGrad`` tied to the engine's anchor).
+        shared: the hooks' ``shared_outputs.SharedTables``, or None (such uses are then not recognised).
     """
 
     def __init__(self, unit: Unit, sink: CaptureSink, layouts: LayoutLearner,
-                 require_grad: Callable[[torch.Tensor], torch.Tensor]):
+                 require_grad: Callable[[torch.Tensor], torch.Tensor], shared=None):
         self.unit = unit
+        self.shared = shared  # shared_outputs.SharedTables: uses whose output has no batch dimension
         self.sink = sink
         self.layouts = layouts
         self.require_grad = require_grad
@@ -161,6 +163,17 @@ class UsageCapture:
         except BatchError as err:
             raise NotRecognised(f"no batch dimension found ({err})") from err
         bd = layout.output
+        params = {c.name: unit.params[c.name] for c in chains_of(use.layer)}
+        if bd is None and use.kind != "broadcast" and self.shared is not None \
+                and all(d is None for d in layout.inputs):
+            # Its activations and output are the same for every example (a relative-position table looked up
+            # with a fixed index): followed to where it meets the batch (shared_outputs.py).
+            arm = [True]
+            arms.append(arm)
+            return self.shared.share(unit, f"{path}#{index}", rule_of(use.layer), use.layer, params,
+                                     use.activations, {}, ctx, out, path, arm)
+        if bd is None:
+            raise NotRecognised("an output without a batch dimension")
         assert isinstance(bd, (int, str, Fold))  # one output tensor
         folded = any(isinstance(d, Fold) for d in (bd, *layout.inputs))
         if folded and use.kind not in ("linear", "embedding"):  # their rules take (B, k, ...) rows as they are
@@ -210,7 +223,6 @@ class UsageCapture:
                 out = target_tensor = out.clone()
         arm = [True]
         arms.append(arm)
-        params = {c.name: unit.params[c.name] for c in chains_of(use.layer)}
         rule, shape, select, sink, transposed = rule_of(layer), out.shape, use.select, self.sink, use.transposed
         name = f"{path}#{index}"
 

@@ -125,24 +125,115 @@ def test_a_use_that_does_not_meet_the_batch_is_refused_with_the_fix():
 
 
 class SeqFirst(nn.Module):
-    """A sequence-first model: the batch is not the leading dimension where the table meets it."""
+    """A sequence-first model: the batch is dimension 1 where the table meets it."""
 
     def __init__(self):
         super().__init__()
+        self.embed = nn.Linear(4, D)
         self.table = nn.Linear(5, D)
         self.head = nn.Linear(D, CLASSES)
 
-    def forward(self, x):  # x: (T, B, D)
-        fixed = torch.ones(x.shape[0], 5, dtype=x.dtype)
-        return self.head((x + self.table(fixed).unsqueeze(1)).mean(0))
+    def forward(self, x):  # x: (T, B, 4)
+        fixed = torch.linspace(-1, 1, x.shape[0] * 5, dtype=x.dtype).view(x.shape[0], 5)
+        h = torch.tanh(self.embed(x) + self.table(fixed).unsqueeze(1))  # (T, B, D) + (T, 1, D)
+        return self.head(h.mean(0))
 
 
-def test_sequence_first_models_refuse_shared_tables_with_the_fix():
-    model = SeqFirst().double()
+class SeqFirstInside(nn.Module):
+    """Batch-first outside, a sequence-first block inside: with T == B, dimension 0 of the (T, B, D) block has
+    the batch size, but the batch is dimension 1 (a meeting point found by size would split per time step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, D)
+        self.table = nn.Linear(5, D)
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, x):  # x: (B, T, 4)
+        h = self.embed(x).transpose(0, 1)  # (T, B, D)
+        shift = self.table(torch.linspace(-1, 1, 5, dtype=x.dtype))  # (D,): the same for every example
+        h = torch.tanh(h * 1.5 + shift)
+        return self.head(h.mean(0))
+
+
+class Windows(nn.Module):
+    """Rows of two tokens (B * T/2 windows, window-attention style) meet a per-window-position table."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, D)
+        self.table = nn.Embedding(2, D)
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, x):  # x: (B, T, 4), T even
+        B, T, _ = x.shape
+        w = self.embed(x).reshape(B * T // 2, 2, D)  # (B * windows, 2, D): the batch folded with the windows
+        w = torch.tanh(w + self.table(torch.arange(2)))
+        return self.head(w.reshape(B, T, D).mean(1))
+
+
+def _compare_layout(model, b, x, batch_first=True):
+    reference = copy.deepcopy(model)
+    B = x.shape[0] if batch_first else x.shape[1]
+    y = torch.arange(B) % CLASSES
+    xs = x if batch_first else x.transpose(0, 1)
+
+    class BatchFirst(nn.Module):  # the oracle slices dimension 0
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, t):
+            return self.inner(t if batch_first else t.transpose(0, 1))
+
+    want = naive_microbatch_grads(BatchFirst(reference), F.cross_entropy, xs, y, micro_batch_size=b, max_grad_norm=0.05)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    dp_microclip.attach(model, opt, micro_batch_size=1, max_grad_norm=1.0, batch_first=False)
-    x = torch.randn(5, 4, D, dtype=torch.float64)
-    with pytest.raises(dp_microclip.BatchError, match="table.*no batch dimension.*requires_grad=False"):
+    engine = dp_microclip.attach(model, opt, micro_batch_size=b, max_grad_norm=0.05)  # nothing declared
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        for name, p in model.named_parameters():
+            w = want[f"inner.{name}"]
+            assert float((p.grad - w).norm()) <= 1e-9 * float(w.norm()) + 1e-15, name
+    assert not any(route.startswith("func") for route in engine.last_strategies.values())
+
+
+@pytest.mark.parametrize("b", [1, 2, 4])
+@pytest.mark.parametrize("T", [4, 6])  # T == B: the sequence dimension has the batch size
+@pytest.mark.parametrize("make", [SeqFirst, SeqFirstInside, Windows], ids=lambda m: m.__name__)
+def test_where_a_table_meets_the_batch_is_learned_by_content(make, T, b):
+    torch.manual_seed(0)
+    model = make().double()
+    seq_first = make is SeqFirst
+    x = torch.randn(T, 4, 4, dtype=torch.float64) if seq_first else torch.randn(4, T, 4, dtype=torch.float64)
+    _compare_layout(model, b, x, batch_first=not seq_first)
+
+
+class ByPosition(nn.Module):
+    """A table whose rows are added to the examples by their position in the batch: not per example."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, D)
+        self.table = nn.Linear(5, D)
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, x):  # x: (B, T, 4) with T == B
+        rows = self.table(torch.linspace(-1, 1, x.shape[1] * 5, dtype=x.dtype).view(x.shape[1], 5))  # (T, D)
+        h = self.embed(x) + rows[: x.shape[0]].unsqueeze(1)  # row i goes to example i
+        return self.head(torch.tanh(h).mean(1))
+
+
+def test_a_table_combined_with_examples_by_position_is_refused():
+    # The probe's reordered batch moves the examples but not the table's rows: the meeting's rows do not follow
+    # their examples, and the step is refused instead of splitting the table's gradient by position.
+    torch.manual_seed(0)
+    model = ByPosition().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    dp_microclip.attach(model, opt, micro_batch_size=1, max_grad_norm=1.0)
+    x = torch.randn(4, 6, 4, dtype=torch.float64)
+    with pytest.raises(dp_microclip.BatchError, match="same for every example.*change when the other examples"):
         F.cross_entropy(model(x), torch.arange(4) % CLASSES).backward()
 
 
