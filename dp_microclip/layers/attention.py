@@ -67,7 +67,8 @@ class AttentionCapture(TorchFunctionMode):
 
     ``on_linear(name, parts, x, y)`` is called for each projection with its input
     ``x`` and output ``y`` (sequence-first, as inside torch's function); the
-    engine registers the output-gradient hook on ``y``.
+    engine registers the output-gradient hook on ``y``, or (under torch.compile)
+    returns the tensor to use in its place.
     """
 
     def __init__(self, mha: nn.MultiheadAttention, path: str, on_linear: Callable, on_cross: Callable):
@@ -102,7 +103,8 @@ class AttentionCapture(TorchFunctionMode):
         if query is key and key is value:  # self-attention: one packed projection
             x = query if query.requires_grad else query.detach().requires_grad_()
             qkv = F.linear(x, in_parts.weight, in_parts.bias)  # (T, B, 3E)
-            self.on_linear("in_proj", in_parts, x, qkv)
+            tapped = self.on_linear("in_proj", in_parts, x, qkv)
+            qkv = qkv if tapped is None else tapped
             q, k, v = qkv.chunk(3, dim=-1)  # each (T, B, E)
             dtype, device = qkv.dtype, qkv.device
         else:  # cross-attention: the three row blocks of the packed weight, each on its own input
@@ -118,7 +120,8 @@ class AttentionCapture(TorchFunctionMode):
         if attn is not None:  # the common case, without the identity projections below
             out_parts = LinearParts(mha.out_proj.weight, mha.out_proj.bias)
             out = F.linear(attn, out_parts.weight, out_parts.bias)  # (T*B, E), T-major rows
-            self.on_linear("out_proj", out_parts, attn, out)
+            tapped = self.on_linear("out_proj", out_parts, attn, out)
+            out = out if tapped is None else tapped
             return out.view(q.shape[0], q.shape[1], -1), None
         eye = torch.eye(mha.embed_dim, dtype=dtype, device=device)
         args = dict(a)
@@ -130,7 +133,8 @@ class AttentionCapture(TorchFunctionMode):
         attn, weights = func(**args)  # attn: (T, B, E), the input of out_proj
         out_parts = LinearParts(mha.out_proj.weight, mha.out_proj.bias)
         out = F.linear(attn, out_parts.weight, out_parts.bias)  # (T, B, E)
-        self.on_linear("out_proj", out_parts, attn, out)
+        tapped = self.on_linear("out_proj", out_parts, attn, out)
+        out = out if tapped is None else tapped
         return out, weights
 
 
