@@ -16,6 +16,13 @@ both on the CPU, where they are deterministic:
 
 Run: ``python -m benchmarks.launches`` (``--models mlp cnn transformer``,
 ``--json PATH``). The counts do not depend on the machine's load.
+
+``--nonfinite ROUNDS`` also compares the two ways to keep a NaN/inf micro-batch out of the sums: the
+default, on the device (its rows zeroed with ``masked_fill`` in every tensor the sums read, no host
+read), against one host read per pass (``bad.any()`` read back; masking only when it is true). Same
+engine, the two switched step by step (interleaved), ``ROUNDS`` steps each: launches, syncs and the
+median step time. On a CPU a host read costs nothing extra, so the times show only the launches'
+cost; on a GPU the read also drains the launch queue once per pass.
 """
 
 from __future__ import annotations
@@ -100,14 +107,82 @@ def count(model_name: str, method: str) -> tuple[int, int, Counter]:
 METHODS = ("plain", "b=1", "b=8", "dp b=1")
 
 
+def _host_read_zero_rows():
+    """The alternative to device-side zeroing, as a drop-in for ``aggregate._zero_rows``: one host read."""
+    from dp_microclip import aggregate
+
+    on_device = aggregate._zero_rows
+
+    def zero_rows(records, ghost_index, materialised, bad, groups):
+        if not bool(bad.any()):  # the host read: the step waits for the device's answer
+            return records, materialised
+        return on_device(records, ghost_index, materialised, bad, groups)
+
+    return on_device, zero_rows
+
+
+def nonfinite_tradeoff(model_name: str, method: str, rounds: int) -> dict:
+    """Launches, syncs and median step ms of device-side zeroing vs one host read, interleaved on one engine."""
+    import statistics
+    import time
+
+    from dp_microclip import aggregate
+
+    variants = dict(zip(("device", "host read"), _host_read_zero_rows()))
+    workload = make_workload(model_name, "cpu")
+    model, opt, engine = _setup(workload, method)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(workload.inputs), workload.targets).backward()
+        opt.step()
+
+    out: dict = {}
+    try:
+        for name, fn in variants.items():
+            aggregate._zero_rows = fn
+            for _ in range(2):
+                step()
+            counter = LaunchCounter()
+            with counter:
+                step()
+            out[name] = {"launches": counter.launches, "syncs": sum(counter.syncs.values()), "times": []}
+        for _ in range(rounds):
+            for name, fn in variants.items():
+                aggregate._zero_rows = fn
+                start = time.perf_counter()
+                step()
+                out[name]["times"].append(time.perf_counter() - start)
+    finally:
+        aggregate._zero_rows = variants["device"]
+        if engine is not None:
+            engine.detach()
+    for row in out.values():
+        row["ms"] = 1e3 * statistics.median(row.pop("times"))
+    return out
+
+
 def main(argv=None) -> int:
     """Print a markdown table of launches and syncs per step (and write JSON with ``--json``)."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.launches", description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MAIN_MODELS), help="bench models (default: %(default)s)")
     parser.add_argument("--json", default=None, help="also write the counts to this JSON file")
     parser.add_argument("--top", type=int, default=0, help="print the N most frequent ops of each engine row")
+    parser.add_argument("--nonfinite", type=int, default=0, metavar="ROUNDS",
+                        help="only compare device-side non-finite zeroing with one host read, ROUNDS steps each")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.nonfinite:
+        import os
+
+        print(f"load average {os.getloadavg()[0]:.1f}\n")
+        print("| model | method | zeroing | launches | host syncs | median step ms |\n|---|---|---|---|---|---|")
+        for name in args.models:
+            for method in ("b=1", "b=8", "dp b=1"):
+                for variant, row in nonfinite_tradeoff(name, method, args.nonfinite).items():
+                    print(f"| {name} | {method} | {variant} | {row['launches']} | {row['syncs']} | {row['ms']:.2f} |")
+        print(f"\nload average {os.getloadavg()[0]:.1f}")
+        return 0
     rows = {}
     print("| model | method | launches | x plain | host syncs |")
     print("|---|---|---|---|---|")

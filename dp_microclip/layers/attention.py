@@ -169,9 +169,11 @@ def _sdpa_core(q, k, v, a: dict, num_heads: int):
             attn_mask = attn_mask.unsqueeze(0)  # (1, 1, T, S)
         else:
             attn_mask = attn_mask.view(bsz, num_heads, -1, src_len)  # (B, H, T, S)
-    qh = q.reshape(tgt_len, bsz * num_heads, head_dim).transpose(0, 1).view(bsz, num_heads, tgt_len, head_dim)
-    kh = k.reshape(src_len, bsz * num_heads, head_dim).transpose(0, 1).view(bsz, num_heads, src_len, head_dim)
-    vh = v.reshape(src_len, bsz * num_heads, head_dim).transpose(0, 1).view(bsz, num_heads, src_len, head_dim)
+    # (T, B, E) -> (B, H, T, hd) as views: the same elements torch's reshape-transpose-view reads, without
+    # its three copies (q, k, v are column blocks of the packed projection, so B and H do not merge).
+    qh = q.unflatten(-1, (num_heads, head_dim)).permute(1, 2, 0, 3)
+    kh = k.unflatten(-1, (num_heads, head_dim)).permute(1, 2, 0, 3)
+    vh = v.unflatten(-1, (num_heads, head_dim)).permute(1, 2, 0, 3)
     dropout_p = a["dropout_p"] if a["training"] else 0.0
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask, dropout_p, is_causal)  # (B, H, T, hd)
     return out.permute(2, 0, 1, 3).contiguous().view(bsz * tgt_len, embed_dim)
