@@ -22,7 +22,6 @@ engine, and a record that never gets its gradient dies with the autograd graph.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -228,7 +227,7 @@ class HookSet:
 
     # ------------------------------------------------------------------ layers
     def _install_layer(self, unit: Unit, takes_call=None) -> None:
-        key = self.traced.key_for(functools.partial(self.traced.complete, unit)) if unit.kind == "rule" else None
+        key = self.traced.key_for("complete", unit) if unit.kind == "rule" else None
 
         def post(module, args, kwargs, output):
             if torch.compiler.is_compiling() and key is not None and self.layouts.probing is None \

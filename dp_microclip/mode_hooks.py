@@ -9,7 +9,6 @@ rule, through a tensor hook (eager) or a tap (``traced.py``, attention under tor
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,8 +37,8 @@ def install_attention(hooks: HookSet, unit: Unit) -> None:
         parts = LinearParts(mha.in_proj_weight, mha.in_proj_bias) if part == "in_proj" else \
             LinearParts(mha.out_proj.weight, mha.out_proj.bias)
         if params:
-            keys[part] = hooks.traced.key_for(functools.partial(
-                hooks.traced.complete_projection, unit, f"{unit.path}.{part}", linear_rule, parts, params))
+            keys[part] = hooks.traced.key_for("complete_projection", unit, f"{unit.path}.{part}", linear_rule,
+                                              parts, params)
 
     def start(module, args, ctx):
 

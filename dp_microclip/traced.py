@@ -24,7 +24,7 @@ graph break.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+import weakref
 
 import torch
 from torch._library.effects import EffectType
@@ -35,20 +35,27 @@ from .records import Record, Shared, Unit
 from .rows import Fold, batch_first
 from .tensors import expand_at
 
-#: key -> the function completing that unit's record (``TracedCapture.complete``); one key per hooked unit.
-_TAPS: dict[int, Callable[[torch.Tensor, list[torch.Tensor], int], None]] = {}
+#: key -> (weak reference to the owning TracedCapture, its method name, leading arguments): one key per tap.
+#: Weak, so that a model and engine dropped without ``detach()`` are still freed (their keys with them).
+_TAPS: dict[int, tuple[weakref.ref, str, tuple]] = {}
 _keys = itertools.count()
+
+
+def _forget(keys: list[int]) -> None:
+    for key in keys:
+        _TAPS.pop(key, None)
 
 
 @torch.library.custom_op("dp_microclip::emit", mutates_args=())
 def emit(grad: torch.Tensor, inputs: list[torch.Tensor], token: torch.Tensor, key: int) -> None:
     """Run in the backward pass of a compiled graph: complete the record of the tapped call ``key``."""
-    complete = _TAPS.get(key)
-    if complete is not None:  # None: the engine was detached since the graph was traced
+    ref, method, args = _TAPS.get(key, (None, "", ()))
+    owner = ref() if ref is not None else None
+    if owner is not None:  # None: the engine was detached (or freed) since the graph was traced
         # Copies: the compiled backward owns these buffers and may write into them once this op returns (its
         # memory planning reuses a buffer after its last use it knows of), but the record is read at the end of
         # the pass. Measured: without the copies the saved inputs were overwritten (wrong gradients).
-        complete(grad.clone(), [t.clone() for t in inputs], int(token))
+        getattr(owner, method)(*args, grad.clone(), [t.clone() for t in inputs], int(token))
 
 
 @emit.register_fake
@@ -119,12 +126,13 @@ class TracedCapture:
         self.layouts = layouts
         self.anchor = anchor
         self.keys: list[int] = []
+        weakref.finalize(self, _forget, self.keys)
 
-    def key_for(self, complete: Callable[[torch.Tensor, list[torch.Tensor], int], None]) -> int:
-        """A new tap key (a constant of the traced graph) whose gradient goes to ``complete(grad, inputs,
-        ctx_id)`` (:meth:`complete` or :meth:`complete_projection`); removed with :meth:`remove`."""
+    def key_for(self, method: str, *args) -> int:
+        """A new tap key (a constant of the traced graph) whose gradient goes to ``self.<method>(*args, grad,
+        inputs, ctx_id)`` (:meth:`complete` or :meth:`complete_projection`); removed with :meth:`remove`."""
         key = next(_keys)
-        _TAPS[key] = complete
+        _TAPS[key] = (weakref.ref(self), method, args)
         self.keys.append(key)
         return key
 
@@ -188,6 +196,5 @@ class TracedCapture:
 
     def remove(self) -> None:
         """Forget this engine's taps: a graph traced before ``detach()`` emits nothing afterwards."""
-        for key in self.keys:
-            _TAPS.pop(key, None)
+        _forget(self.keys)
         self.keys.clear()
