@@ -24,6 +24,12 @@ if TYPE_CHECKING:
     from .hooks import HookSet
 
 
+def _self_attention(args: tuple, kwargs: dict) -> bool:
+    """Query, key and value are one tensor (the packed projection the tap handles; cross-attention is not)."""
+    q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")[len(args):]])[:3]
+    return q is not None and q is k and k is v
+
+
 def install_attention(hooks: HookSet, unit: Unit) -> None:
     """nn.MultiheadAttention: both projections captured as Linear records (layers/attention.py)."""
     mha = unit.module
@@ -106,7 +112,7 @@ def install_attention(hooks: HookSet, unit: Unit) -> None:
         return AttentionCapture(mha, unit.path, on_linear, on_cross)
 
     _install_capture(hooks, unit.path, mha, start, modes, f"{unit.path}: nn.MultiheadAttention ran without the "
-                          "expected projection call (a fast path or a changed torch version?)", traced=True)
+                     "expected projection call (a fast path or a changed torch version?)", traced=_self_attention)
 
 def install_rnn(hooks: HookSet, unit: Unit) -> None:
     """nn.LSTM / GRU / RNN: run step by step (layers/rnn.py); one Linear record per weight matrix."""
@@ -138,20 +144,22 @@ def install_rnn(hooks: HookSet, unit: Unit) -> None:
         return RNNCapture(module, unit.path, on_part, None if packed is None else packed.unsorted_indices)
 
     _install_capture(hooks, unit.path, unit.module, start, modes, f"{unit.path}: {type(unit.module).__name__} "
-                          "ran without the expected fused RNN call (a changed torch version?)")
+                     "ran without the expected fused RNN call (a changed torch version?)")
+
 
 def _install_capture(hooks: HookSet, path: str, module: nn.Module, start, modes: list, missing: str,
-                     traced: bool = False) -> None:
+                     traced=None) -> None:
     """Hook a module whose parameters a function mode captures: ``start(module, args, ctx)`` makes the mode,
     entered for the module's forward while the engine captures; the forward hook leaves it and refuses a
-    forward in which the mode saw no call (its parameters would be missed). ``traced``: the mode taps its
-    outputs under torch.compile (``ctx`` None there: the pass is known only when the gradient arrives)."""
+    forward in which the mode saw no call (its parameters would be missed). ``traced(args, kwargs)``: whether
+    the mode taps this call's outputs under torch.compile (``ctx`` None there: the pass is known only when
+    the gradient arrives)."""
 
     def pre(module, args, kwargs):
         if hooks.layouts.probing is not None:
             hooks.layouts.record_probe_call(path, tuple(args), None)  # its layout is checked against its declaration
             return None
-        if traced and torch.compiler.is_compiling():
+        if traced is not None and torch.compiler.is_compiling() and traced(args, kwargs):
             if not hooks.traced.tapping():
                 return None
             ctx = None
