@@ -17,12 +17,12 @@ both on the CPU, where they are deterministic:
 Run: ``python -m benchmarks.launches`` (``--models mlp cnn transformer``,
 ``--json PATH``). The counts do not depend on the machine's load.
 
-``--nonfinite ROUNDS`` also compares the two ways to keep a NaN/inf micro-batch out of the sums: the
-default, on the device (its rows zeroed with ``masked_fill`` in every tensor the sums read, no host
-read), against one host read per pass (``bad.any()`` read back; masking only when it is true). Same
-engine, the two switched step by step (interleaved), ``ROUNDS`` steps each: launches, syncs and the
-median step time. On a CPU a host read costs nothing extra, so the times show only the launches'
-cost; on a GPU the read also drains the launch queue once per pass.
+``--nonfinite ROUNDS`` compares the two ways to keep a NaN/inf micro-batch out of the sums: on the
+device (its rows zeroed with ``masked_fill`` in every tensor the sums read, no host read: what an
+accelerator does, and what the counts above show), against one host read per pass (``bad.any()``
+read back; masking only when it is true: the CPU default, ``aggregate.MASK_ON_CPU``). Same engine,
+the two switched step by step (interleaved), ``ROUNDS`` steps each: launches, syncs and the median
+step time. On a CPU a host read waits for no device, so the times show only what the masking costs.
 """
 
 from __future__ import annotations
@@ -84,8 +84,7 @@ def _setup(workload, method: str):
     return model, opt, engine
 
 
-def count(model_name: str, method: str) -> tuple[int, int, Counter]:
-    """(launches, host syncs, op counts) of one steady-state step of ``method`` on ``model_name``."""
+def _count(model_name: str, method: str) -> tuple[int, int, Counter]:
     workload = make_workload(model_name, "cpu")
     model, opt, engine = _setup(workload, method)
 
@@ -104,21 +103,19 @@ def count(model_name: str, method: str) -> tuple[int, int, Counter]:
     return counter.launches, sum(counter.syncs.values()), counter.ops
 
 
-METHODS = ("plain", "b=1", "b=8", "dp b=1")
-
-
-def _host_read_zero_rows():
-    """The alternative to device-side zeroing, as a drop-in for ``aggregate._zero_rows``: one host read."""
+def count(model_name: str, method: str) -> tuple[int, int, Counter]:
+    """(launches, host syncs, op counts) of one steady-state step of ``method`` on ``model_name``, on the path
+    an accelerator takes (``aggregate.MASK_ON_CPU``: non-finite groups masked on the device, no host read)."""
     from dp_microclip import aggregate
 
-    on_device = aggregate._zero_rows
+    previous, aggregate.MASK_ON_CPU = aggregate.MASK_ON_CPU, True
+    try:
+        return _count(model_name, method)
+    finally:
+        aggregate.MASK_ON_CPU = previous
 
-    def zero_rows(records, ghost_index, materialised, bad, groups):
-        if not bool(bad.any()):  # the host read: the step waits for the device's answer
-            return records, materialised
-        return on_device(records, ghost_index, materialised, bad, groups)
 
-    return on_device, zero_rows
+METHODS = ("plain", "b=1", "b=8", "dp b=1")
 
 
 def nonfinite_tradeoff(model_name: str, method: str, rounds: int) -> dict:
@@ -128,7 +125,7 @@ def nonfinite_tradeoff(model_name: str, method: str, rounds: int) -> dict:
 
     from dp_microclip import aggregate
 
-    variants = dict(zip(("device", "host read"), _host_read_zero_rows()))
+    variants = {"device": True, "host read": False}  # aggregate.MASK_ON_CPU
     workload = make_workload(model_name, "cpu")
     model, opt, engine = _setup(workload, method)
 
@@ -138,9 +135,10 @@ def nonfinite_tradeoff(model_name: str, method: str, rounds: int) -> dict:
         opt.step()
 
     out: dict = {}
+    previous = aggregate.MASK_ON_CPU
     try:
-        for name, fn in variants.items():
-            aggregate._zero_rows = fn
+        for name, mask in variants.items():
+            aggregate.MASK_ON_CPU = mask
             for _ in range(2):
                 step()
             counter = LaunchCounter()
@@ -148,13 +146,13 @@ def nonfinite_tradeoff(model_name: str, method: str, rounds: int) -> dict:
                 step()
             out[name] = {"launches": counter.launches, "syncs": sum(counter.syncs.values()), "times": []}
         for _ in range(rounds):
-            for name, fn in variants.items():
-                aggregate._zero_rows = fn
+            for name, mask in variants.items():
+                aggregate.MASK_ON_CPU = mask
                 start = time.perf_counter()
                 step()
                 out[name]["times"].append(time.perf_counter() - start)
     finally:
-        aggregate._zero_rows = variants["device"]
+        aggregate.MASK_ON_CPU = previous
         if engine is not None:
             engine.detach()
     for row in out.values():
