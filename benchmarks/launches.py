@@ -16,6 +16,13 @@ both on the CPU, where they are deterministic:
 
 Run: ``python -m benchmarks.launches`` (``--models mlp cnn transformer``,
 ``--json PATH``). The counts do not depend on the machine's load.
+
+``--nonfinite ROUNDS`` compares the two ways to keep a NaN/inf micro-batch out of the sums: on the
+device (its rows zeroed with ``masked_fill`` in every tensor the sums read, no host read: what an
+accelerator does, and what the counts above show), against one host read per pass (``bad.any()``
+read back; masking only when it is true: the CPU default, ``aggregate.MASK_ON_CPU``). Same engine,
+the two switched step by step (interleaved), ``ROUNDS`` steps each: launches, syncs and the median
+step time. On a CPU a host read waits for no device, so the times show only what the masking costs.
 """
 
 from __future__ import annotations
@@ -77,8 +84,7 @@ def _setup(workload, method: str):
     return model, opt, engine
 
 
-def count(model_name: str, method: str) -> tuple[int, int, Counter]:
-    """(launches, host syncs, op counts) of one steady-state step of ``method`` on ``model_name``."""
+def _count(model_name: str, method: str) -> tuple[int, int, Counter]:
     workload = make_workload(model_name, "cpu")
     model, opt, engine = _setup(workload, method)
 
@@ -97,7 +103,61 @@ def count(model_name: str, method: str) -> tuple[int, int, Counter]:
     return counter.launches, sum(counter.syncs.values()), counter.ops
 
 
+def count(model_name: str, method: str) -> tuple[int, int, Counter]:
+    """(launches, host syncs, op counts) of one steady-state step of ``method`` on ``model_name``, on the path
+    an accelerator takes (``aggregate.MASK_ON_CPU``: non-finite groups masked on the device, no host read)."""
+    from dp_microclip import aggregate
+
+    previous, aggregate.MASK_ON_CPU = aggregate.MASK_ON_CPU, True
+    try:
+        return _count(model_name, method)
+    finally:
+        aggregate.MASK_ON_CPU = previous
+
+
 METHODS = ("plain", "b=1", "b=8", "dp b=1")
+
+
+def nonfinite_tradeoff(model_name: str, method: str, rounds: int) -> dict:
+    """Launches, syncs and median step ms of device-side zeroing vs one host read, interleaved on one engine."""
+    import statistics
+    import time
+
+    from dp_microclip import aggregate
+
+    variants = {"device": True, "host read": False}  # aggregate.MASK_ON_CPU
+    workload = make_workload(model_name, "cpu")
+    model, opt, engine = _setup(workload, method)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(workload.inputs), workload.targets).backward()
+        opt.step()
+
+    out: dict = {}
+    previous = aggregate.MASK_ON_CPU
+    try:
+        for name, mask in variants.items():
+            aggregate.MASK_ON_CPU = mask
+            for _ in range(2):
+                step()
+            counter = LaunchCounter()
+            with counter:
+                step()
+            out[name] = {"launches": counter.launches, "syncs": sum(counter.syncs.values()), "times": []}
+        for _ in range(rounds):
+            for name, mask in variants.items():
+                aggregate.MASK_ON_CPU = mask
+                start = time.perf_counter()
+                step()
+                out[name]["times"].append(time.perf_counter() - start)
+    finally:
+        aggregate.MASK_ON_CPU = previous
+        if engine is not None:
+            engine.detach()
+    for row in out.values():
+        row["ms"] = 1e3 * statistics.median(row.pop("times"))
+    return out
 
 
 def main(argv=None) -> int:
@@ -106,8 +166,21 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", default=list(MAIN_MODELS), help="bench models (default: %(default)s)")
     parser.add_argument("--json", default=None, help="also write the counts to this JSON file")
     parser.add_argument("--top", type=int, default=0, help="print the N most frequent ops of each engine row")
+    parser.add_argument("--nonfinite", type=int, default=0, metavar="ROUNDS",
+                        help="only compare device-side non-finite zeroing with one host read, ROUNDS steps each")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.nonfinite:
+        import os
+
+        print(f"load average {os.getloadavg()[0]:.1f}\n")
+        print("| model | method | zeroing | launches | host syncs | median step ms |\n|---|---|---|---|---|---|")
+        for name in args.models:
+            for method in ("b=1", "b=8", "dp b=1"):
+                for variant, row in nonfinite_tradeoff(name, method, args.nonfinite).items():
+                    print(f"| {name} | {method} | {variant} | {row['launches']} | {row['syncs']} | {row['ms']:.2f} |")
+        print(f"\nload average {os.getloadavg()[0]:.1f}")
+        return 0
     rows = {}
     print("| model | method | launches | x plain | host syncs |")
     print("|---|---|---|---|---|")

@@ -10,6 +10,8 @@ the typed methods of :class:`CaptureSink`, which the engine creates and owns:
 * ``emit`` takes one ``Record`` when a layer's output gradient arrives; the first
   record of a backward pass queues the end-of-backward callback, which hands the
   pass's records to the engine (``on_pass_end``);
+* ``token`` / ``context_by_id`` name the forward pass to records completed in a
+  compiled backward (``traced.py``);
 * ``report`` keeps a problem found during backward, raised at the next step;
 * ``warn_once`` warns once per key.
 
@@ -28,6 +30,9 @@ from .errors import user_stacklevel
 from .grouping import Groups
 from .records import ForwardContext, Record
 from .layout import Signature
+
+#: How many forward passes a compiled backward may lag behind (``context_by_id``).
+RECENT_CONTEXTS = 8
 
 #: ``(batch_size, device, inputs) -> (groups, drawn_by_engine)``: the groups of a new batch, and whether
 #: ``engine.data_loader`` drew it (``inputs``: the model's ``(args, kwargs)``, checked against the loader's rows).
@@ -58,6 +63,10 @@ class CaptureSink:
         self._problems: list[str] = []
         self._warned: set[str] = set()
         self.last_groups: Groups | None = None
+        # torch.compile (traced.py): the forward in progress as a CPU scalar (its context id), an input of the
+        # traced graph; recent contexts by id, for the records that arrive in the compiled backward.
+        self.token: torch.Tensor | None = None
+        self._recent: dict[int, ForwardContext] = {}
 
     # ------------------------------------------------------------------ state the hooks read
     @property
@@ -87,14 +96,23 @@ class CaptureSink:
         groups, drawn = self._make_groups(batch_size, device, inputs)
         self._context = ForwardContext(batch_size, groups, drawn_by_engine=drawn, signature=signature)
         self.last_groups = groups
+        self.token = torch.tensor(self._context.id)  # a host scalar: no device copy
+        self._recent[self._context.id] = self._context
+        if len(self._recent) > RECENT_CONTEXTS:
+            del self._recent[next(iter(self._recent))]
         if self._watch is not None:
             self._watch.forward_started()
 
     def close_context(self) -> None:
         """The forward pass of the attached model ended (DP mode: refuse one that changed the model's state)."""
         opened, self._context = self._context, None
+        self.token = None
         if opened is not None and self._watch is not None:
             self._watch.forward_ended()
+
+    def context_by_id(self, ctx_id: int) -> ForwardContext | None:
+        """One of the last ``RECENT_CONTEXTS`` forward passes, by id (records of a compiled backward)."""
+        return self._recent.get(ctx_id)
 
     def emit(self, record: Record) -> None:
         """One layer call's output gradient arrived; the first of a pass queues the end-of-backward callback."""

@@ -30,20 +30,23 @@ from torch import nn
 from . import contract
 from .capture import CaptureSink
 from .errors import BatchError, PrivacyError, UnsupportedModuleError
-from .layers.attention import AttentionCapture, LinearParts
-from .layers.rnn import RNNCapture
-from .layers.registry import rule_for_type
 from .layout import BROADCAST, CallLayout, LayoutLearner
+from .mode_hooks import install_attention, install_rnn
 from .layers.traits import CHANNELS_FIRST
 from .rows import batch_first
-from .records import ForwardContext, Record, Shared, Unit
+from .records import ForwardContext, Record, Unit
 from .shared_outputs import SharedTables, no_batch_error
+from .traced import TracedCapture, batched_inputs
 from .tensors import RequireGrad, expand_at, first_tensor, output_tensors
 from .usage import UsageCapture
 
 
 def in_backward() -> bool:
-    """True while autograd runs a backward pass on this thread (e.g. checkpoint recomputation)."""
+    """True while autograd runs a backward pass on this thread (e.g. checkpoint recomputation).
+
+    A forward dynamo traces is never a recomputation (compiled checkpointing replays the graph, not the hooks)."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
@@ -69,6 +72,7 @@ class HookSet:
         self.loss_checks_left = 1  # DP mode: the first backward pass's logits gradient is checked (contract.py)
         self.batch_dims: dict[str, int] = {}  # unit path -> the batch dimension it works in
         self.shared = SharedTables(self.layouts, sink, self.anchor, self._batch_dim_of)  # shared_outputs.py
+        self.traced = TracedCapture(sink, self.layouts, self.anchor)  # the capture under torch.compile
 
     # ------------------------------------------------------------------ install
     def install_root(self, root: nn.Module) -> None:
@@ -108,8 +112,11 @@ class HookSet:
 
         # Installed after the units: the pre-hook goes first (prepend) and the post-hook last, so a
         # root that is itself a hooked layer still sees an open context.
-        self.handles.append(root.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
-        self.handles.append(root.register_forward_hook(post, with_kwargs=True, always_call=True))
+        # Both run eagerly under torch.compile (one graph break before and one after the model's graph).
+        self.handles.append(root.register_forward_pre_hook(torch.compiler.disable(pre), with_kwargs=True,
+                                                           prepend=True))
+        self.handles.append(root.register_forward_hook(torch.compiler.disable(post), with_kwargs=True,
+                                                       always_call=True))
         self.root = root
 
     def _check_loss(self, logits: torch.Tensor) -> None:
@@ -133,9 +140,9 @@ class HookSet:
         if unit.kind in ("attention", "rnn") or isinstance(unit.module, CHANNELS_FIRST):
             self.layouts.declared[unit.path] = unit.batch_dim  # the probe checks it against what it finds
         if unit.kind == "attention":
-            self._install_attention(unit)
+            install_attention(self, unit)
         elif unit.kind == "rnn":
-            self._install_rnn(unit)
+            install_rnn(self, unit)
         elif unit.kind == "functional":  # usage.py; the generic capture takes the calls it cannot
             usage = UsageCapture(unit, self.sink, self.layouts, lambda out: RequireGrad.apply(self.anchor, out),
                                  self.shared)
@@ -149,6 +156,7 @@ class HookSet:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        self.traced.remove()
 
     # ------------------------------------------------------------------ helpers
     def _note_checkpointing(self, unit: Unit) -> None:
@@ -168,7 +176,8 @@ class HookSet:
                 "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})."
             )
 
-    def _capturing(self) -> ForwardContext | None:
+    def capturing(self) -> ForwardContext | None:
+        """The forward pass to capture into, or None (not capturing: detached, no grad, a recomputation)."""
         if not self.sink.active or not torch.is_grad_enabled() or in_backward():
             return None
         ctx = self.sink.context
@@ -227,7 +236,13 @@ class HookSet:
             kw_names = tuple(sorted(k for k, v in kwargs.items() if torch.is_tensor(v)))
             return tuple(args) + tuple(kwargs[k] for k in kw_names), kw_names
 
+        key = self.traced.key_for("complete", unit) if unit.kind == "rule" else None
+
         def post(module, args, kwargs, output):
+            if torch.compiler.is_compiling() and key is not None and self.layouts.probing is None \
+                    and self.shared.tracker is None and self.sink.active and torch.is_grad_enabled() \
+                    and self.traced.takes(unit, args, kwargs, output):
+                return self.traced.tap(key, args, output)  # traced.py: no graph break
             with self.shared.quiet():  # the engine's copies of a shared output are not the model's operations
                 return capture(module, args, kwargs, output)
 
@@ -236,7 +251,7 @@ class HookSet:
                 self.layouts.record_probe_call(unit.path, call_tensors(module, args, kwargs)[0], output)
                 return None
             self._note_checkpointing(unit)
-            ctx = self._capturing()
+            ctx = self.capturing()
             if ctx is None:
                 return None
             if takes_call is not None and not takes_call():
@@ -268,28 +283,9 @@ class HookSet:
             if torch.is_tensor(output) and layout.output is None:
                 return self._shared_output(unit, module, args, kwargs, ctx, output, layout)
             batch = ctx.batch_size
-            inputs = []
-            for i, (a, dim) in enumerate(zip(args, layout.inputs)):
-                if not torch.is_tensor(a):
-                    inputs.append(a)
-                elif dim is None:
-                    if unit.kind == "rule" and i == 0:
-                        raise BatchError(
-                            f"{unit.path} ({type(module).__name__}): its input of shape {tuple(a.shape)} has no "
-                            "batch dimension (the same tensor for every example), so its parameters' gradient "
-                            "cannot be split per example. Compute this layer outside the trained part, or freeze "
-                            "its parameters (requires_grad=False) before attach()."
-                        )
-                    inputs.append(Shared(a.detach()))
-                elif dim == BROADCAST:
-                    inputs.append(expand_at(a.detach(), unit.batch_dim, batch).movedim(unit.batch_dim, 0))
-                else:
-                    inputs.append(batch_first(a.detach(), dim, batch))
-            input_dims = tuple(
-                None if d is None else (unit.batch_dim if d == BROADCAST else d) for d in layout.inputs
-            )
+            inputs, input_dims = batched_inputs(unit, module, args, layout, batch)
             if not torch.is_tensor(output):
-                return self._watch_outputs(unit, module, tuple(inputs), dict(kwargs), ctx, output, layout,
+                return self._watch_outputs(unit, module, inputs, dict(kwargs), ctx, output, layout,
                                            input_dims, (ctx.id, unit.path, index), kw_names)
             replaced = None
             out_dim = layout.output
@@ -305,7 +301,7 @@ class HookSet:
                 # gradient would arrive: tie the output to the engine's anchor so it does.
                 output = replaced = RequireGrad.apply(self.anchor, output)
             cloned = self._watch_output(
-                unit, unit.path, unit.rule, module, unit.params, tuple(inputs), dict(kwargs), ctx, output, out_dim,
+                unit, unit.path, unit.rule, module, unit.params, inputs, dict(kwargs), ctx, output, out_dim,
                 input_dims, kw_names,
             )
             return cloned if cloned is not None else replaced
@@ -351,135 +347,3 @@ class HookSet:
 
             t.register_hook(on_grad)
         return torch.utils._pytree.tree_unflatten(leaves, spec)
-
-    # --------------------------------------------------------------- attention
-    def _install_attention(self, unit: Unit) -> None:
-        mha = unit.module
-        linear_rule = rule_for_type(nn.Linear)
-        modes: list[AttentionCapture] = []
-        names = {"in_proj": ("in_proj_weight", "in_proj_bias"), "out_proj": ("out_proj.weight", "out_proj.bias")}
-
-        def start(module, args, ctx):
-
-            def on_linear(part: str, parts: LinearParts, x, y):
-                weight_name, bias_name = names[part]
-                params = {}
-                if weight_name in unit.params:
-                    params["weight"] = unit.params[weight_name]
-                if bias_name in unit.params:
-                    params["bias"] = unit.params[bias_name]
-                if not params:
-                    return
-                # Inside torch's function tensors are (T, B, E), or (T*B, E) before out_proj: rows are
-                # T-major there, i.e. row = t * B + b.
-                x3 = x.reshape(-1, ctx.batch_size, x.shape[-1]).transpose(0, 1).detach()  # (B, T, E)
-
-                def on_grad(grad):
-                    if self.sink.active:
-                        g3 = grad.reshape(-1, ctx.batch_size, grad.shape[-1]).transpose(0, 1).detach()
-                        self.sink.emit(
-                            Record(unit, f"{unit.path}.{part}", linear_rule, parts, params, (x3,), {}, g3, ctx, 0)
-                        )
-
-                y.register_hook(on_grad)
-
-            def on_cross(parts: LinearParts, xs, ys):
-                if "in_proj_weight" not in unit.params and "in_proj_bias" not in unit.params:
-                    return
-                params = {}
-                if "in_proj_weight" in unit.params:
-                    params["weight"] = unit.params["in_proj_weight"]
-                if "in_proj_bias" in unit.params:
-                    params["bias"] = unit.params["in_proj_bias"]
-                batch = ctx.batch_size
-                x_rows = [x.reshape(-1, batch, x.shape[-1]).transpose(0, 1).detach() for x in xs]  # (B, T|S, E)
-                x_all = torch.cat(x_rows, dim=1)  # (B, T+2S, E): one Linear over the stacked rows
-                grads: dict[int, torch.Tensor] = {}
-
-                def complete():
-                    e = ys[0].shape[-1]
-                    blocks = []
-                    for i in range(3):
-                        g = grads[i].reshape(-1, batch, e).transpose(0, 1)  # (B, T|S, E)
-                        padded = g.new_zeros((*g.shape[:-1], 3 * e))  # (B, T|S, 3E): zero outside block i
-                        padded[..., i * e:(i + 1) * e] = g
-                        blocks.append(padded)
-                    self.sink.emit(Record(unit, f"{unit.path}.in_proj", linear_rule, parts, params, (x_all,),
-                                             {}, torch.cat(blocks, dim=1).detach(), ctx, 0))
-
-                for i, y in enumerate(ys):
-                    def on_grad(grad, i=i):
-                        if self.sink.active:
-                            grads[i] = grad
-                            if len(grads) == 3:
-                                complete()
-
-                    y.register_hook(on_grad)
-
-            return AttentionCapture(mha, unit.path, on_linear, on_cross)
-
-        self._install_capture(unit.path, mha, start, modes, f"{unit.path}: nn.MultiheadAttention ran without the "
-                              "expected projection call (a fast path or a changed torch version?)")
-
-    # --------------------------------------------------------------------- RNNs
-    def _install_rnn(self, unit: Unit) -> None:
-        """nn.LSTM / GRU / RNN: run step by step (layers/rnn.py); one Linear record per weight matrix."""
-        linear_rule = rule_for_type(nn.Linear)
-        modes: list[RNNCapture] = []
-
-        def start(module, args, ctx):
-            packed = args[0] if args and isinstance(args[0], nn.utils.rnn.PackedSequence) else None
-
-            def on_part(weight: str, bias: str | None, parts: LinearParts, x, source, source_dim: int):
-                params = {k: unit.params[n] for k, n in (("weight", weight), ("bias", bias)) if n in unit.params}
-                if not params:
-                    return
-                if x.shape[0] != ctx.batch_size:
-                    raise BatchError(
-                        f"{unit.path} ({type(module).__name__}) ran on {x.shape[0]} examples in a batch of "
-                        f"{ctx.batch_size}: its batch_first={module.batch_first} does not match the input's layout. "
-                        "Pass the input in the layout the module declares."
-                    )
-
-                def on_grad(grad):
-                    if self.sink.active:
-                        g = (grad.movedim(source_dim, 0) if source_dim else grad).detach()
-                        self.sink.emit(Record(unit, f"{unit.path}.{weight}", linear_rule, parts, params, (x,), {},
-                                              g, ctx, 0))
-
-                source.register_hook(on_grad)
-
-            return RNNCapture(module, unit.path, on_part, None if packed is None else packed.unsorted_indices)
-
-        self._install_capture(unit.path, unit.module, start, modes, f"{unit.path}: {type(unit.module).__name__} "
-                              "ran without the expected fused RNN call (a changed torch version?)")
-
-    def _install_capture(self, path: str, module: nn.Module, start, modes: list, missing: str) -> None:
-        """Hook a module whose parameters a function mode captures: ``start(module, args, ctx)`` makes the mode,
-        entered for the module's forward while the engine captures; the forward hook leaves it and refuses a
-        forward in which the mode saw no call (its parameters would be missed)."""
-
-        def pre(module, args, kwargs):
-            if self.layouts.probing is not None:
-                self.layouts.record_probe_call(path, tuple(args), None)  # its layout is checked against its declaration
-                return None
-            ctx = self._capturing()
-            if ctx is None:
-                return None
-            mode = start(module, args, ctx)
-            mode.__enter__()
-            modes.append(mode)
-            return None
-
-        def post(module, args, kwargs, output):
-            if not modes:
-                return None
-            mode = modes.pop()
-            mode.__exit__(None, None, None)
-            if mode.calls != 1 and self.sink.active and torch.is_grad_enabled():
-                raise UnsupportedModuleError(
-                    f"{missing}; its parameters would be missed. Report this with your torch version.")
-            return None
-
-        self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-        self.handles.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))

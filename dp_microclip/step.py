@@ -208,8 +208,10 @@ def write_gradients(managed: list[nn.Parameter], acc: StepAccumulator, *, rho: f
         if entry is None and std == 0.0:
             p.grad = None
             continue
-        zeros = torch.zeros(p.shape, dtype=accumulation_dtype(p.dtype), device=p.device)  # full shape (FSDP too)
-        totals.append((p, zeros if entry is None else entry[1]))
+        if entry is None:  # DP: noise only (full shape, FSDP too); a zeros launch only for such a parameter
+            totals.append((p, torch.zeros(p.shape, dtype=accumulation_dtype(p.dtype), device=p.device)))
+        else:
+            totals.append((p, entry[1]))
     if rho != 1.0 and totals:
         torch._foreach_mul_([t for _, t in totals], rho)
     if std > 0.0 and totals:

@@ -64,7 +64,8 @@ class AttentionCapture(TorchFunctionMode):
 
     ``on_linear(name, parts, x, y)`` is called for each projection with its input
     ``x`` and output ``y`` (sequence-first, as inside torch's function); the
-    engine registers the output-gradient hook on ``y``.
+    engine registers the output-gradient hook on ``y``, or (under torch.compile)
+    returns the tensor to use in its place.
     """
 
     def __init__(self, mha: nn.MultiheadAttention, path: str, on_linear: Callable, on_cross: Callable):
@@ -99,7 +100,8 @@ class AttentionCapture(TorchFunctionMode):
         if query is key and key is value:  # self-attention: one packed projection
             x = query if query.requires_grad else query.detach().requires_grad_()
             qkv = F.linear(x, in_parts.weight, in_parts.bias)  # (T, B, 3E)
-            self.on_linear("in_proj", in_parts, x, qkv)
+            tapped = self.on_linear("in_proj", in_parts, x, qkv)
+            qkv = qkv if tapped is None else tapped
             q, k, v = qkv.chunk(3, dim=-1)  # each (T, B, E)
             dtype, device = qkv.dtype, qkv.device
         else:  # cross-attention: the three row blocks of the packed weight, each on its own input
@@ -115,7 +117,8 @@ class AttentionCapture(TorchFunctionMode):
         if attn is not None:  # the common case, without the identity projections below
             out_parts = LinearParts(mha.out_proj.weight, mha.out_proj.bias)
             out = F.linear(attn, out_parts.weight, out_parts.bias)  # (T*B, E), T-major rows
-            self.on_linear("out_proj", out_parts, attn, out)
+            tapped = self.on_linear("out_proj", out_parts, attn, out)
+            out = out if tapped is None else tapped
             return out.view(q.shape[0], q.shape[1], -1), None
         eye = torch.eye(mha.embed_dim, dtype=dtype, device=device)
         args = dict(a)
@@ -127,7 +130,8 @@ class AttentionCapture(TorchFunctionMode):
         attn, weights = func(**args)  # attn: (T, B, E), the input of out_proj
         out_parts = LinearParts(mha.out_proj.weight, mha.out_proj.bias)
         out = F.linear(attn, out_parts.weight, out_parts.bias)  # (T, B, E)
-        self.on_linear("out_proj", out_parts, attn, out)
+        tapped = self.on_linear("out_proj", out_parts, attn, out)
+        out = out if tapped is None else tapped
         return out, weights
 
 
@@ -162,9 +166,11 @@ def _sdpa_core(q, k, v, a: dict, num_heads: int):
             attn_mask = attn_mask.unsqueeze(0)  # (1, 1, T, S)
         else:
             attn_mask = attn_mask.view(bsz, num_heads, -1, src_len)  # (B, H, T, S)
-    qh = q.reshape(tgt_len, bsz * num_heads, head_dim).transpose(0, 1).view(bsz, num_heads, tgt_len, head_dim)
-    kh = k.reshape(src_len, bsz * num_heads, head_dim).transpose(0, 1).view(bsz, num_heads, src_len, head_dim)
-    vh = v.reshape(src_len, bsz * num_heads, head_dim).transpose(0, 1).view(bsz, num_heads, src_len, head_dim)
+    # (T, B, E) -> (B, H, T, hd) as views: the same elements torch's reshape-transpose-view reads, without
+    # its three copies (q, k, v are column blocks of the packed projection, so B and H do not merge).
+    qh = q.unflatten(-1, (num_heads, head_dim)).permute(1, 2, 0, 3)
+    kh = k.unflatten(-1, (num_heads, head_dim)).permute(1, 2, 0, 3)
+    vh = v.unflatten(-1, (num_heads, head_dim)).permute(1, 2, 0, 3)
     dropout_p = a["dropout_p"] if a["training"] else 0.0
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask, dropout_p, is_causal)  # (B, H, T, hd)
     return out.permute(2, 0, 1, 3).contiguous().view(bsz * tgt_len, embed_dim)
