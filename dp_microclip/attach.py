@@ -223,7 +223,7 @@ def attach(
 
 def _dp_setup(*, micro_batch_size, clipping, grouping, noise_multiplier, target_epsilon, delta, sample_rate,
               expected_batch_size, steps, epochs, sampling, adjacency, accountant, enforce_budget,
-              privacy_unit="example", max_examples_per_user=None, require_verified_loss=False):
+              privacy_unit="example", max_examples_per_user=None, require_verified_loss=True):
     """Validate a DP configuration; return (PrivacyState, z, grouping, public M or None)."""
     from accounting.epochs import steps_for_epochs
 

@@ -12,7 +12,7 @@ which cannot tell ``mean_i l(y_i)`` from ``sum_i w_i l(y_i) / sum_i w_i`` (docs/
   each signature it evaluates ``loss_fn`` again, without gradients, on the whole batch and on subsets of
   it (every batched tensor argument cut along dimension 0, inside tuples, lists, dicts, dataclasses and
   HuggingFace ``ModelOutput``), and each kept example's loss must equal its loss in the whole batch;
-* refuses a DP step whose loss did not go through ``engine.loss`` when ``DP(require_verified_loss=True)``,
+* refuses a DP step whose loss did not go through ``engine.loss`` (``DP(require_verified_loss=True)``, the default),
   and otherwise warns once and lets the privacy statement say so (:func:`loss_statement`).
 
 Subsets. With ``U`` units (examples; users under user-level DP, whose rows stay together because a user's
@@ -270,16 +270,19 @@ class LossContract:
         """At a DP step: whether each of its ``passes`` backward passes ran through ``engine.loss``.
 
         Raises:
-            PrivacyError: not verified, with ``DP(require_verified_loss=True)``.
+            PrivacyError: not verified, with ``DP(require_verified_loss=True)`` (the default).
         """
         verified, self._passes = passes == 0 or len(self._passes) >= passes, set()
         if not verified:
             if self.require_verified:
                 raise PrivacyError(
-                    "DP(require_verified_loss=True): this step's backward pass did not run through a loss returned "
-                    "by engine.loss(...), so nothing verified that each example's loss depends on that example "
-                    "only. Compute the loss as loss = engine.loss(loss_fn, out, y), with loss_fn returning one loss "
-                    "per example (e.g. F.cross_entropy(..., reduction='none')), and call loss.backward()."
+                    "DP mode: this step's backward pass did not run through a loss returned by engine.loss(...), "
+                    "so nothing verified that each example's loss depends on that example only, as epsilon assumes "
+                    "(a class-weighted mean or an in-batch contrastive loss would break it silently). Compute the "
+                    "loss as loss = engine.loss(loss_fn, out, y), with loss_fn returning one loss per example (e.g. "
+                    "F.cross_entropy(..., reduction='none')), and call loss.backward(). If your framework owns the "
+                    "backward call, attach(..., privacy=DP(..., require_verified_loss=False)) lets such steps run "
+                    "with a warning and a privacy statement that says the loss was not verified."
                 )
             self._warn_once("loss-unverified", UNVERIFIED_WARNING)
         return verified
@@ -291,7 +294,7 @@ UNVERIFIED_WARNING = (
     "(a model's own labels= loss, normalised cross-entropy weights): that each example's loss depends on that "
     "example only, as epsilon assumes, is unverified, and privacy_statement() says so. Verify it with loss = "
     "engine.loss(loss_fn, out, y) (loss_fn returning one loss per example, e.g. F.cross_entropy(..., "
-    "reduction='none')); attach(..., privacy=DP(require_verified_loss=True)) refuses unverified steps."
+    "reduction='none')); it runs only because of DP(require_verified_loss=False), and the default refuses it."
 )
 
 

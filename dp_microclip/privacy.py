@@ -294,7 +294,8 @@ def check_dp_step(passes: int, forward_passes: int, public_num_groups: int | Non
                 f"with a backward pass{', one of them backpropagated twice' if most_passes_per_forward > 1 else ''}"
                 f"{', and a batch not drawn by engine.data_loader' if foreign else ''}. Each chunk must reach the "
                 "model in exactly one forward and one backward pass, and nothing else may join the step: "
-                "for x, y in loader: optimizer.zero_grad(); loss_fn(model(x), y).backward(); optimizer.step()."
+                "for x, y in loader: optimizer.zero_grad(); engine.loss(loss_fn, model(x), y).backward(); "
+                "optimizer.step()."
             )
         if public_num_groups is None:
             raise missing_public_groups()

@@ -258,9 +258,10 @@ class DP:
             contributes at most ``k`` examples per step, chosen uniformly among theirs. Required with
             ``privacy_unit="user"``; pass ``micro_batch_size=k`` to ``attach``.
         require_verified_loss: refuse a step whose loss did not go through ``engine.loss(loss_fn, ...)``, which
-            checks that each example's loss depends on that example only (epsilon assumes it). Off by default:
-            loops that call ``loss.backward()`` on their own loss keep working, with one warning and a privacy
-            statement that says the loss was not verified (docs/privacy.md, "The loss contract").
+            checks that each example's loss depends on that example only (epsilon assumes it, and a coupled loss
+            such as a class-weighted mean would make it wrong without a symptom). On by default, the safe side;
+            ``False`` lets a loop that backpropagates its own loss run, with the known patterns still checked,
+            one warning, and a privacy statement that says the loss was not verified (docs/privacy.md).
 
     Example:
         >>> from dp_microclip import DP
@@ -283,7 +284,7 @@ class DP:
     collate_keeps_order: bool = False
     privacy_unit: str = "example"
     max_examples_per_user: int | None = None
-    require_verified_loss: bool = False
+    require_verified_loss: bool = True
 
 
 #: The DP keywords ``attach`` still accepts directly (the fields of :class:`DP`), for existing code.

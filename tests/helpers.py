@@ -56,3 +56,13 @@ def compare_with_naive(factory, inputs, targets, *, b, clipping, grad_mode="auto
     assert set(got) == set(want), (set(got) ^ set(want))
     errors = {n: rel_err(got[n], want[n]) for n in want}
     return errors, engine
+
+
+def OwnLossDP(**fields) -> dp_microclip.DP:
+    """DP settings for a test whose loop backpropagates its own loss (``loss.backward()``, not ``engine.loss``).
+
+    DP mode refuses such steps by default (``require_verified_loss=True``); tests whose subject is something
+    else (noise, the ledger, sampling, physical batches, the model-side checks) opt out here, by name. The
+    default itself is tested in test_loss_contract.py, and every tutorial runs with it.
+    """
+    return dp_microclip.DP(**{"require_verified_loss": False, **fields})

@@ -30,7 +30,7 @@ import dp_microclip
 import dp_microclip.distributed as mcd
 from dp_microclip import ConfigurationError, PrivacyError, UnsupportedModuleError
 from dp_microclip.reference import naive_microbatch_grads
-from dp_microclip import DP
+from .helpers import OwnLossDP
 
 DEADLINE_S = 150  # per pair of ranks; a hang (a collective one rank never joins) fails instead of blocking
 MODES = ("fixed", "adaptive", "per_layer", "normalize")
@@ -259,17 +259,17 @@ def dp_task(rank, world):
     m = big_mlp()
     with pytest.raises(PrivacyError, match="several ranks' shares"):
         mcd.attach(m, torch.optim.SGD(m.parameters(), lr=0.0), micro_batch_size=1, max_grad_norm=0.5,
-                   privacy=DP(sample_rate=0.5, expected_batch_size=12, sampling="poisson", **DP_FIELDS), seed=1234)
+                   privacy=OwnLossDP(sample_rate=0.5, expected_batch_size=12, sampling="poisson", **DP_FIELDS), seed=1234)
     # (b) the distributed loader, b = 2, 3 steps; checkpoint; a new engine resumes for 3 more steps.
     m = mlp(d_in=6)
-    engine = mcd.attach(m, torch.optim.SGD(m.parameters(), lr=0.1), micro_batch_size=2, max_grad_norm=0.5, privacy=DP(sample_rate=0.25, **DP_FIELDS),
+    engine = mcd.attach(m, torch.optim.SGD(m.parameters(), lr=0.1), micro_batch_size=2, max_grad_norm=0.5, privacy=OwnLossDP(sample_rate=0.25, **DP_FIELDS),
                         seed=99)
     data = dataset(64)
     train_loader(engine, m, lambda: engine.data_loader(data), 3)
     res["eps3"] = engine.epsilon()
     state = engine.state_dict(include_rng_state=True)
     engine.detach()
-    engine = mcd.attach(m, torch.optim.SGD(m.parameters(), lr=0.1), micro_batch_size=2, max_grad_norm=0.5, privacy=DP(sample_rate=0.25, **DP_FIELDS))
+    engine = mcd.attach(m, torch.optim.SGD(m.parameters(), lr=0.1), micro_batch_size=2, max_grad_norm=0.5, privacy=OwnLossDP(sample_rate=0.25, **DP_FIELDS))
     with pytest.raises(PrivacyError, match="load_state_dict"):
         engine.epsilon()
     engine.load_state_dict(state)
@@ -280,7 +280,7 @@ def dp_task(rank, world):
     engine.detach()
     # (c) empty shares: a 1-record dataset; rank 1's share is always empty (noise-only steps).
     m = mlp(d_in=6)
-    engine = mcd.attach(m, torch.optim.SGD(m.parameters(), lr=0.1), micro_batch_size=1, max_grad_norm=0.5, privacy=DP(sample_rate=0.5, **DP_FIELDS), seed=5)
+    engine = mcd.attach(m, torch.optim.SGD(m.parameters(), lr=0.1), micro_batch_size=1, max_grad_norm=0.5, privacy=OwnLossDP(sample_rate=0.5, **DP_FIELDS), seed=5)
     one = dataset(1)
     sizes = []
     it = iter(mcd.data_loader(engine, one))
@@ -295,7 +295,7 @@ def dp_task(rank, world):
     # (d) secure noise: drawn on rank 0, broadcast.
     m = mlp(d_in=6)
     engine = mcd.attach(m, torch.optim.SGD(m.parameters(), lr=0.0), micro_batch_size=1, max_grad_norm=0.5,
-                        privacy=DP(sample_rate=0.25, secure_rng=True, **DP_FIELDS))
+                        privacy=OwnLossDP(sample_rate=0.25, secure_rng=True, **DP_FIELDS))
     xb, yb = next(iter(mcd.data_loader(engine, dataset(64))))
     loss_of(m, xb, yb).backward()
     engine.optimizer.step()
@@ -314,7 +314,7 @@ def refusals(rank):
     out["settings"] = str(err.value)
     bn = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
     with pytest.raises(UnsupportedModuleError, match="GroupNorm"):
-        mcd.attach(bn, torch.optim.SGD(bn.parameters(), lr=0.1), micro_batch_size=1, max_grad_norm=0.5, privacy=DP(sample_rate=0.5, **DP_FIELDS))
+        mcd.attach(bn, torch.optim.SGD(bn.parameters(), lr=0.1), micro_batch_size=1, max_grad_norm=0.5, privacy=OwnLossDP(sample_rate=0.5, **DP_FIELDS))
     sync = nn.Sequential(nn.Linear(5, 4), nn.SyncBatchNorm(4))
     with pytest.raises(ConfigurationError, match="SyncBatchNorm.*GroupNorm"):
         mcd.attach(sync, torch.optim.SGD(sync.parameters(), lr=0.1), micro_batch_size=1, max_grad_norm=1.0)
@@ -336,7 +336,7 @@ USER_IDS = torch.arange(48) % 13  # 13 users with 3 or 4 examples each
 
 def user_attach(attach, m):
     return attach(m, torch.optim.SGD(m.parameters(), lr=0.1), micro_batch_size=2, max_grad_norm=0.5, seed=7,
-                  privacy=DP(sample_rate=0.3, privacy_unit="user", max_examples_per_user=2, **DP_FIELDS))
+                  privacy=OwnLossDP(sample_rate=0.3, privacy_unit="user", max_examples_per_user=2, **DP_FIELDS))
 
 
 def user_run(attach) -> dict:
@@ -376,7 +376,7 @@ def test_two_ranks_dp_one_noise_draw_epsilon_and_resume(tmp_path):
     # (b) the loader and resume: same params and epsilon as 6 steps of one process
     m = mlp(d_in=6)
     engine = dp_microclip.attach(m, torch.optim.SGD(m.parameters(), lr=0.1), micro_batch_size=2,
-                                 max_grad_norm=0.5, privacy=DP(sample_rate=0.25, **DP_FIELDS), seed=99)
+                                 max_grad_norm=0.5, privacy=OwnLossDP(sample_rate=0.25, **DP_FIELDS), seed=99)
     data = dataset(64)
     train_loader(engine, m, lambda: engine.data_loader(data), 3)
     assert r0["eps3"] == r1["eps3"] == r0["eps3_resumed"] == pytest.approx(engine.epsilon(), rel=1e-12)
@@ -388,7 +388,7 @@ def test_two_ranks_dp_one_noise_draw_epsilon_and_resume(tmp_path):
     assert r1["empty-sizes"] == [0, 0]
     m = mlp(d_in=6)
     engine = dp_microclip.attach(m, torch.optim.SGD(m.parameters(), lr=0.1), micro_batch_size=1,
-                                 max_grad_norm=0.5, privacy=DP(sample_rate=0.5, **DP_FIELDS), seed=5)
+                                 max_grad_norm=0.5, privacy=OwnLossDP(sample_rate=0.5, **DP_FIELDS), seed=5)
     it = iter(engine.data_loader(dataset(1)))
     sizes = []
     for _ in range(2):
@@ -416,7 +416,7 @@ def test_per_core_is_noise_free_and_needs_the_local_batch_size():
     m = mlp()
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     with pytest.raises(ConfigurationError, match="noise-free"):
-        mcd.attach(m, opt, per_core=True, micro_batch_size=4, max_grad_norm=1.0, privacy=DP(noise_multiplier=1.0, sample_rate=0.1))
+        mcd.attach(m, opt, per_core=True, micro_batch_size=4, max_grad_norm=1.0, privacy=OwnLossDP(noise_multiplier=1.0, sample_rate=0.1))
     with pytest.raises(ConfigurationError, match="micro_batch_size=<the per-rank batch size>"):
         mcd.attach(m, opt, per_core=True, max_grad_norm=1.0)
     with pytest.raises(ConfigurationError, match="remove grouping="):

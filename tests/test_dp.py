@@ -18,6 +18,7 @@ from dp_microclip import ConfigurationError, PrivacyError, UnsupportedModuleErro
 from dp_microclip.sampling import sample_with_groups
 
 from .models import Scale
+from .helpers import OwnLossDP
 
 N = 200
 
@@ -40,7 +41,7 @@ def dp_attach(m, **kw):
     if "target_epsilon" not in kw:
         kw.setdefault("noise_multiplier", 1.0)
     dp_fields = {k: kw.pop(k) for k in list(kw) if k in DP.__dataclass_fields__}
-    return dp_microclip.attach(m, torch.optim.SGD(m.parameters(), lr=0.1), seed=0, privacy=DP(**dp_fields), **kw)
+    return dp_microclip.attach(m, torch.optim.SGD(m.parameters(), lr=0.1), seed=0, privacy=OwnLossDP(**dp_fields), **kw)
 
 
 def train(engine, m, steps, loader=None):

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import dp_microclip
-from dp_microclip import DP
 from dp_microclip.reference import naive_microbatch_grads, per_example_clipped_mean_func
 
 from .helpers import engine_grads, rel_err
 from .models import TinyTransformer, loss_fn
+from .helpers import OwnLossDP
 
 B = 8
 
@@ -147,7 +147,7 @@ def test_noise_has_the_right_standard_deviation_and_is_reproducible():
     model = nn.Linear(200, 100)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     z, C, b, batch = 1.3, 0.7, 2, 8
-    engine = dp_microclip.attach(model, opt, micro_batch_size=b, max_grad_norm=C, privacy=DP(noise_multiplier=z, **DECLARED), seed=123)
+    engine = dp_microclip.attach(model, opt, micro_batch_size=b, max_grad_norm=C, privacy=OwnLossDP(noise_multiplier=z, **DECLARED), seed=123)
     x = torch.randn(batch, 200)
     (model(x).sum() * 0.0).backward()  # zero gradients: p.grad is pure noise / M
     opt.step()
@@ -163,7 +163,7 @@ def test_noise_has_the_right_standard_deviation_and_is_reproducible():
     torch.manual_seed(0)
     model2 = nn.Linear(200, 100)
     opt2 = torch.optim.SGD(model2.parameters(), lr=0.0)
-    engine2 = dp_microclip.attach(model2, opt2, micro_batch_size=b, max_grad_norm=C, privacy=DP(noise_multiplier=z, **DECLARED), seed=123)
+    engine2 = dp_microclip.attach(model2, opt2, micro_batch_size=b, max_grad_norm=C, privacy=OwnLossDP(noise_multiplier=z, **DECLARED), seed=123)
     (model2(x).sum() * 0.0).backward()
     opt2.step()
     again = torch.cat([p.grad.flatten() for p in model2.parameters()]) * (batch // b)
@@ -177,7 +177,7 @@ def test_resuming_from_state_dict_gives_the_same_noise():
         model = nn.Linear(5, 4)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         return model, opt, dp_microclip.attach(
-            model, opt, micro_batch_size=1, max_grad_norm=1.0, privacy=DP(noise_multiplier=1.0, sampling="poisson", sample_rate=0.1, expected_batch_size=2),
+            model, opt, micro_batch_size=1, max_grad_norm=1.0, privacy=OwnLossDP(noise_multiplier=1.0, sampling="poisson", sample_rate=0.1, expected_batch_size=2),
         )
 
     def step(model, opt):
@@ -198,7 +198,7 @@ def test_resuming_from_state_dict_gives_the_same_noise():
 def test_noise_toggle():
     model = nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    engine = dp_microclip.attach(model, opt, micro_batch_size=1, max_grad_norm=1.0, privacy=DP(noise_multiplier=1.0, sample_rate=0.1, expected_batch_size=2, sampling="poisson"))
+    engine = dp_microclip.attach(model, opt, micro_batch_size=1, max_grad_norm=1.0, privacy=OwnLossDP(noise_multiplier=1.0, sample_rate=0.1, expected_batch_size=2, sampling="poisson"))
     assert engine.noise
     engine.noise = False
     (model(torch.ones(2, 3)).sum() * 0).backward()

@@ -19,8 +19,9 @@ from torch.utils.data import TensorDataset
 
 import dp_microclip
 import dp_microclip.distributed as mcd
-from dp_microclip import DP, ConfigurationError
+from dp_microclip import ConfigurationError
 from tests.test_distributed import SPLIT, batch, close, run_ranks
+from .helpers import OwnLossDP
 
 STEPS = 3
 CASES = {  # name: (clipping, b, optimizer, reshard_after_forward)
@@ -222,7 +223,7 @@ def dp_run(attach, m, steps):
     """``steps`` DP steps at lr 0.1, then one at lr 0 whose p.grad is returned (noise plus a tiny signal)."""
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     engine = attach(m, opt, micro_batch_size=B, max_grad_norm=C, seed=11,
-                    privacy=DP(noise_multiplier=Z, sample_rate=Q, delta=1e-5, accountant="rdp"))
+                    privacy=OwnLossDP(noise_multiplier=Z, sample_rate=Q, delta=1e-5, accountant="rdp"))
     it = iter(engine.data_loader(dp_dataset()))
     raw_hidden = None
     for i in range(steps + 1):

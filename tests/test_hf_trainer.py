@@ -25,6 +25,7 @@ import dp_microclip  # noqa: E402
 from dp_microclip.errors import ConfigurationError, PrivacyError  # noqa: E402
 from dp_microclip.integrations.hf_trainer import DPTrainer  # noqa: E402
 from dp_microclip.losses import causal_lm_per_example_loss, sequence_classification_per_example_loss  # noqa: E402
+from .helpers import OwnLossDP
 
 # Seeded DP engines warn (on purpose here), HF deprecations; tiny float64 models run ~10x faster on one thread.
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("one_thread")]
@@ -137,7 +138,7 @@ class ForwardSizes:
 
 
 DP_SETTINGS = dict(micro_batch_size=1, max_grad_norm=0.5, seed=7, grad_mode="bookkeeping",
-                   privacy=dp_microclip.DP(noise_multiplier=1.0, sample_rate=0.25, delta=1e-3, accountant="rdp"))
+                   privacy=OwnLossDP(noise_multiplier=1.0, sample_rate=0.25, delta=1e-3, accountant="rdp"))
 DP_B2 = {**DP_SETTINGS, "micro_batch_size": 2}
 NOISE_FREE = dict(micro_batch_size=2, max_grad_norm=0.5, seed=7, grad_mode="bookkeeping")
 
@@ -366,7 +367,7 @@ def test_user_level_dp_equals_the_plain_loop(tmp_path):
     """DP(privacy_unit="user"): 8 users of 4 records each, at most k = 2 per sampled user, chunks of 4 rows."""
     users = [i % 8 for i in range(N)]
     settings = dict(micro_batch_size=2, max_grad_norm=0.5, seed=7, grad_mode="bookkeeping",
-                    privacy=dp_microclip.DP(noise_multiplier=1.0, sample_rate=0.5, delta=1e-3, accountant="rdp",
+                    privacy=OwnLossDP(noise_multiplier=1.0, sample_rate=0.5, delta=1e-3, accountant="rdp",
                                             privacy_unit="user", max_examples_per_user=2))
     model = gpt2()
     twin, start = copy.deepcopy(model), copy.deepcopy(model)
@@ -435,7 +436,7 @@ def test_import_dp_microclip_does_not_import_transformers():
 
 def test_empty_poisson_batches_make_noise_only_steps(tmp_path):
     """q N = 0.03: the batches are empty; HF models cannot run on zero rows, so DPTrainer skips the forward."""
-    settings = {**DP_SETTINGS, "privacy": dp_microclip.DP(noise_multiplier=1.0, sample_rate=0.001, delta=1e-3,
+    settings = {**DP_SETTINGS, "privacy": OwnLossDP(noise_multiplier=1.0, sample_rate=0.001, delta=1e-3,
                                                           accountant="rdp")}
     model = gpt2()
     start = copy.deepcopy(model)

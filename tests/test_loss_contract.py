@@ -243,7 +243,8 @@ def test_random_draws_and_dropout_in_the_loss_are_not_coupling_and_the_callers_r
 # ------------------------------------------------------------------ the measured sensitivity of an accepted loss
 def _clipped_sum(x, y, loss_fn, via_engine):
     m = mlp(seed=3, dtype=torch.float64)
-    engine = dp_attach(m, lr=0.0, sampling="poisson", expected_batch_size=8, sample_rate=0.08)
+    engine = dp_attach(m, lr=0.0, sampling="poisson", expected_batch_size=8, sample_rate=0.08,
+                       require_verified_loss=via_engine)  # the plain path measures what an unverified loss does
     engine.noise = False
     out = m(x)
     with warnings.catch_warnings():
@@ -397,7 +398,7 @@ def test_dp_with_noise_off_still_checks():
 # ------------------------------------------------------------------ steps that skip engine.loss
 def test_a_step_without_engine_loss_warns_once_at_the_users_line_and_the_statement_says_so():
     m = mlp()
-    engine = dp_attach(m)
+    engine = dp_attach(m, require_verified_loss=False)  # the opt-out: run, warn, and say so
     batches = iter(engine.data_loader(flat_data()))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -410,20 +411,40 @@ def test_a_step_without_engine_loss_warns_once_at_the_users_line_and_the_stateme
     assert len(found) == 1 and (found[0].filename, found[0].lineno) == (__file__, line)
     assert "2 of the 2 steps computed their loss outside engine.loss" in engine.privacy_statement()
     state = engine.state_dict()
-    resumed = dp_attach(mlp(seed=1))
+    resumed = dp_attach(mlp(seed=1), require_verified_loss=False)
     resumed.load_state_dict(state)
     assert "2 of the 2 steps computed their loss outside engine.loss" in resumed.privacy_statement()
 
 
-def test_require_verified_loss_refuses_a_step_that_skipped_engine_loss():
+@pytest.mark.parametrize("explicit", [False, True])
+def test_a_step_that_skipped_engine_loss_is_refused_by_default(explicit):
     m = mlp()
-    engine = dp_attach(m, require_verified_loss=True)
+    engine = dp_attach(m, require_verified_loss=True) if explicit else dp_attach(m)
     x, y = sampled(engine)
     out = m(x)
     engine.loss(per_example_ce, out, y)  # computed, then not the one backpropagated
     F.cross_entropy(out, y).backward()
-    with pytest.raises(PrivacyError, match=r"require_verified_loss=True.*engine.loss\(loss_fn, out, y\)"):
+    before = [p.detach().clone() for p in m.parameters()]
+    with pytest.raises(PrivacyError, match=r"did not run through a loss returned by engine.loss.*"
+                                           r"engine.loss\(loss_fn, out, y\).*require_verified_loss=False"):
         engine.optimizer.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, m.parameters()))  # refused before any update
+    assert engine.steps_taken == 0  # and before the ledger
+
+
+def test_the_verified_default_passes_a_plain_loop_through_engine_loss_with_no_warning():
+    m = mlp()
+    engine = dp_attach(m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for x, y in engine.data_loader(flat_data()):
+            engine.optimizer.zero_grad()
+            engine.loss(per_example_ce, m(x), y).backward()
+            engine.optimizer.step()
+    assert engine.steps_taken > 0 and "Every step's loss went through engine.loss" in engine.privacy_statement()
+
+
+def test_require_verified_loss_takes_a_bool():
     with pytest.raises(ConfigurationError, match="require_verified_loss=...\\) takes True or False"):
         dp_attach(mlp(), require_verified_loss="yes")
 

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import dp_microclip
+from .helpers import OwnLossDP
 
 
 def _models():
@@ -66,7 +67,7 @@ def test_no_cyclic_garbage_in_the_dp_loop():
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     engine = dp_microclip.attach(model, opt, micro_batch_size=1, max_grad_norm=1.0,
-                                 privacy=dp_microclip.DP(noise_multiplier=1.0, sample_rate=0.1, delta=1e-5,
+                                 privacy=OwnLossDP(noise_multiplier=1.0, sample_rate=0.1, delta=1e-5,
                                                          accountant="rdp"))
     data = TensorDataset(torch.randn(200, 6), torch.randint(0, 3, (200,)))
     loader = engine.data_loader(data)

@@ -16,8 +16,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import dp_microclip
-from dp_microclip import DP, ConfigurationError, PrivacyError
+from dp_microclip import ConfigurationError, PrivacyError
 from dp_microclip.sampling import plan_chunks
+from .helpers import OwnLossDP
 
 N, Q = 200, 0.2  # expected logical batch q N = 40
 
@@ -35,7 +36,7 @@ def model():
 def attach(m, b, opt_cls=torch.optim.SGD, dp=True, **opt_kw):
     opt_kw = opt_kw or {"lr": 0.5, "momentum": 0.9}
     opt = opt_cls(m.parameters(), **opt_kw)
-    privacy = DP(noise_multiplier=1.0, sample_rate=Q, delta=1e-5) if dp else None
+    privacy = OwnLossDP(noise_multiplier=1.0, sample_rate=Q, delta=1e-5) if dp else None
     return dp_microclip.attach(m, opt, micro_batch_size=b, max_grad_norm=0.1, seed=0, privacy=privacy)
 
 
@@ -83,7 +84,7 @@ def test_noise_is_drawn_once_per_logical_batch_with_std_zC_over_M():
     """With a zero learning-rate the update is pure noise plus the clipped mean: its std is z C / M."""
     m = nn.Sequential(nn.Linear(6, 400, bias=False)).double()
     engine = dp_microclip.attach(m, torch.optim.SGD(m.parameters(), lr=0.0), micro_batch_size=1, max_grad_norm=1.0,
-                                 seed=0, privacy=DP(noise_multiplier=2.0, sample_rate=Q, delta=1e-5))
+                                 seed=0, privacy=OwnLossDP(noise_multiplier=2.0, sample_rate=Q, delta=1e-5))
     grads = []
     loader = engine.data_loader(dataset(), max_physical_batch_size=5)
     for x, _ in loader:
@@ -137,7 +138,7 @@ def test_groups_stay_whole_and_follow_their_coins():
 def test_empty_logical_batch_makes_one_noise_only_step():
     m = model()
     engine = dp_microclip.attach(m, torch.optim.SGD(m.parameters(), lr=0.1), micro_batch_size=1, max_grad_norm=1.0,
-                                 seed=0, privacy=DP(noise_multiplier=1.0, sample_rate=1e-9, delta=1e-5))
+                                 seed=0, privacy=OwnLossDP(noise_multiplier=1.0, sample_rate=1e-9, delta=1e-5))
     x, y = next(iter(engine.data_loader(dataset(), max_physical_batch_size=4)))
     assert len(x) == 0
     (m(x).sum() * 0).backward()

@@ -14,15 +14,16 @@ from torch.utils.data import TensorDataset
 
 import dp_microclip
 import dp_microclip.losses
-from dp_microclip import DP, PrivacyError
+from dp_microclip import PrivacyError
 from dp_microclip.tools.diagnostics import ClipMonitor
+from .helpers import OwnLossDP
 
 N = 100
 
 
 def dp_attach(m, **kw):
     kw.setdefault("micro_batch_size", 1)
-    dp = DP(noise_multiplier=1.0, sample_rate=kw.pop("sample_rate", 0.2), delta=1e-5, accountant="rdp",
+    dp = OwnLossDP(noise_multiplier=1.0, sample_rate=kw.pop("sample_rate", 0.2), delta=1e-5, accountant="rdp",
             **kw.pop("dp", {}))
     return dp_microclip.attach(m, torch.optim.SGD(m.parameters(), lr=0.1), seed=0, max_grad_norm=1.0,
                                privacy=dp, **kw)
@@ -198,7 +199,7 @@ def test_distributed_dp_refuses_a_declared_sampling(sampling):
     m = nn.Sequential(nn.Linear(6, 3))
     with pytest.raises(PrivacyError, match=r"several ranks' shares.*engine.data_loader\(dataset\)"):
         distributed.attach(m, torch.optim.SGD(m.parameters(), lr=0.1), micro_batch_size=1, max_grad_norm=1.0,
-                           privacy=DP(noise_multiplier=1.0, sample_rate=0.1, sampling=sampling))
+                           privacy=OwnLossDP(noise_multiplier=1.0, sample_rate=0.1, sampling=sampling))
 
 
 # ------------------------------------------------------------------ unsampled batch: refused at the first step

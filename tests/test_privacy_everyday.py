@@ -18,6 +18,7 @@ from torch.utils.data import TensorDataset
 
 import dp_microclip
 from dp_microclip import DP, ConfigurationError, PrivacyError, UnsupportedModuleError
+from .helpers import OwnLossDP
 
 N = 200
 
@@ -40,7 +41,7 @@ def dp_attach(m, opt=None, **kw):
     opt = opt if opt is not None else torch.optim.SGD(m.parameters(), lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # re-attach warnings; the tests check epsilon itself
-        return dp_microclip.attach(m, opt, privacy=DP(**fields), **kw)
+        return dp_microclip.attach(m, opt, privacy=OwnLossDP(**fields), **kw)
 
 
 def batch(n=8):
@@ -246,7 +247,7 @@ def test_a_seed_in_dp_mode_warns_and_the_statement_says_so():
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     with pytest.warns(UserWarning, match="reproducible from the seed"):
         engine = dp_microclip.attach(m, opt, micro_batch_size=1, max_grad_norm=1.0, seed=42,
-                                     privacy=DP(noise_multiplier=1.0, sample_rate=0.1, delta=1e-5))
+                                     privacy=OwnLossDP(noise_multiplier=1.0, sample_rate=0.1, delta=1e-5))
     train(engine, m, 1)
     assert "seeded" in engine.privacy_statement()
 
@@ -255,7 +256,7 @@ def test_secure_rng_refuses_a_seed():
     m = model()
     with pytest.raises(ConfigurationError, match="Drop seed="):
         dp_microclip.attach(m, torch.optim.SGD(m.parameters(), lr=0.1), micro_batch_size=1, max_grad_norm=1.0,
-                            seed=42, privacy=DP(noise_multiplier=1.0, sample_rate=0.1, delta=1e-5, secure_rng=True))
+                            seed=42, privacy=OwnLossDP(noise_multiplier=1.0, sample_rate=0.1, delta=1e-5, secure_rng=True))
 
 
 # ------------------------------------------------------------------ delta >= 1/N

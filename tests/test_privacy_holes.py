@@ -23,6 +23,7 @@ import dp_microclip
 from dp_microclip import ConfigurationError, PrivacyError, UnsupportedModuleError
 from dp_microclip.reference import naive_microbatch_grads
 from dp_microclip import DP
+from .helpers import OwnLossDP
 
 N = 200
 
@@ -47,7 +48,7 @@ def dp_attach(m, opt=None, **kw):
         kw.setdefault("noise_multiplier", 1.0)
     opt = opt if opt is not None else torch.optim.SGD(m.parameters(), lr=0.1)
     dp_fields = {k: kw.pop(k) for k in list(kw) if k in DP.__dataclass_fields__}
-    return dp_microclip.attach(m, opt, seed=0, privacy=DP(**dp_fields), **kw)
+    return dp_microclip.attach(m, opt, seed=0, privacy=OwnLossDP(**dp_fields), **kw)
 
 
 def step(engine, m, x, y):
@@ -389,7 +390,7 @@ def test_checkpoints_hold_no_rng_state_unless_asked():
 def test_secure_noise_has_the_right_scale_and_no_state():
     m = nn.Linear(100, 100)
     opt = torch.optim.SGD(m.parameters(), lr=0.0)
-    engine = dp_microclip.attach(m, opt, micro_batch_size=1, max_grad_norm=1.0, privacy=DP(noise_multiplier=2.0, sample_rate=0.1, expected_batch_size=4, sampling="poisson", secure_rng=True, delta=1e-5))
+    engine = dp_microclip.attach(m, opt, micro_batch_size=1, max_grad_norm=1.0, privacy=OwnLossDP(noise_multiplier=2.0, sample_rate=0.1, expected_batch_size=4, sampling="poisson", secure_rng=True, delta=1e-5))
     (m(torch.zeros(4, 100)).sum() * 0).backward()
     opt.step()
     std = float(m.weight.grad.std())

@@ -42,7 +42,7 @@ from accounting.sensitivity import sensitivity
 from dp_microclip.sampling import sample_with_groups
 from dp_microclip.grouping import public_groups
 from dp_microclip.reference import naive_microbatch_grads
-from dp_microclip import DP
+from .helpers import OwnLossDP
 
 
 # =====================================================================================================
@@ -397,7 +397,7 @@ def noise_free_clipped_sum(make_model, X, Y, coins, *, q, b, M, clipping, bound,
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     engine = dp_microclip.attach(
-        model, opt, micro_batch_size=b, max_grad_norm=bound, clipping=clipping, privacy=DP(noise_multiplier=Z, sample_rate=q, expected_batch_size=M * b, delta=1e-5), grad_mode=grad_mode, seed=seed,
+        model, opt, micro_batch_size=b, max_grad_norm=bound, clipping=clipping, privacy=OwnLossDP(noise_multiplier=Z, sample_rate=q, expected_batch_size=M * b, delta=1e-5), grad_mode=grad_mode, seed=seed,
     )
     engine.noise = False
     loader = engine.data_loader(TensorDataset(X, Y))

@@ -17,6 +17,7 @@ from torch import nn
 
 import dp_microclip
 from dp_microclip.reference import naive_microbatch_grads
+from .helpers import OwnLossDP
 
 D, HEADS, CLASSES = 8, 2, 3
 
@@ -242,7 +243,7 @@ def test_dp_step_with_a_shared_table_has_noise_and_an_epsilon():
     model = Net(normed=True).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     engine = dp_microclip.attach(model, opt, micro_batch_size=1, max_grad_norm=1.0,
-                                 privacy=dp_microclip.DP(noise_multiplier=1.0, sample_rate=0.5, delta=1e-5))
+                                 privacy=OwnLossDP(noise_multiplier=1.0, sample_rate=0.5, delta=1e-5))
     data = torch.utils.data.TensorDataset(torch.randn(8, 5, 4, dtype=torch.float64), torch.arange(8) % CLASSES)
     for x, y in engine.data_loader(data):
         opt.zero_grad()

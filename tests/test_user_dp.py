@@ -23,6 +23,7 @@ from dp_microclip import DP, ConfigurationError, PrivacyError
 from dp_microclip.users import UserIndex, sample_users
 
 from tests.accounting import reference
+from .helpers import OwnLossDP
 
 N, K, Q, C = 240, 3, 0.2, 0.5
 
@@ -50,7 +51,7 @@ def user_attach(m, *, k=K, q=Q, **kw):
     kw.setdefault("delta", 1e-5)
     dp_fields = {f: kw.pop(f) for f in list(kw) if f in DP.__dataclass_fields__}
     mbs = kw.pop("micro_batch_size", k)
-    privacy = DP(sample_rate=q, privacy_unit="user", max_examples_per_user=k, **dp_fields)
+    privacy = OwnLossDP(sample_rate=q, privacy_unit="user", max_examples_per_user=k, **dp_fields)
     return dp_microclip.attach(m, torch.optim.SGD(m.parameters(), lr=0.0), micro_batch_size=mbs, max_grad_norm=C,
                                seed=kw.pop("seed", 0), privacy=privacy, **kw)
 
@@ -313,7 +314,7 @@ def test_other_misconfigurations_are_refused_with_the_fix():
     def example_attach(**dp_fields):
         m = model()
         return dp_microclip.attach(m, torch.optim.SGD(m.parameters(), lr=0.1), micro_batch_size=1,
-                                   max_grad_norm=1.0, privacy=DP(noise_multiplier=1.0, sample_rate=0.1, **dp_fields))
+                                   max_grad_norm=1.0, privacy=OwnLossDP(noise_multiplier=1.0, sample_rate=0.1, **dp_fields))
 
     with pytest.raises(ConfigurationError, match="drop max_examples_per_user"):
         example_attach(max_examples_per_user=3)
