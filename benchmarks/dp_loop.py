@@ -10,9 +10,10 @@ calibration of the noise, the autotuner's first steps) is part of the result:
 * ``engine``: ``dp_microclip.attach(..., privacy=DP(target_epsilon=8, ...))`` with
   ``micro_batch_size`` b (``--b``, default 1 and 8) and batches from
   ``engine.data_loader`` (Poisson sampling);
-* ``engine_loss`` (only when named in ``--methods``): the same, with the loss computed as
-  ``engine.loss(F.cross_entropy, model(x), y, reduction="none")`` (the verified per-example
-  loss: its check runs on the first step only);
+  the loss is ``engine.loss(F.cross_entropy, model(x), y, reduction="none")`` (the verified
+  per-example loss, which DP mode requires by default: its check runs on the first step only);
+* ``engine_loss`` (only when named in ``--methods``): the same as ``engine`` now that DP mode
+  requires ``engine.loss`` (kept so that older result files keep their name);
 * ``plain``: the same model trained without clipping or noise on the SAME
   Poisson batches (the loader of a noise-free engine with the same seed, which is
   then detached: the model trains as plain PyTorch);
@@ -132,7 +133,7 @@ def run_child(cfg: dict) -> dict:
             if method == "plain" and len(y) == 0:
                 pass  # an empty Poisson batch: plain training has nothing to do
             else:
-                if method == "engine_loss":
+                if engine is not None:  # both engine methods: DP mode requires the verified loss
                     loss = engine.loss(F.cross_entropy, model(x), y, reduction="none")
                 else:
                     loss = criterion(model(x), y)

@@ -40,6 +40,12 @@ import dp_microclip
 from .models import HFWrapper, PerExampleCrossEntropy
 
 MODELS = ("gpt2-124m", "llama-160m")
+def per_example_token_mean(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each example's mean token loss, ``(B,)``: with every sequence of the same length, its mean is the plain
+    token mean, so the engine rows compute the same loss as plain training."""
+    return F.cross_entropy(logits, targets, reduction="none").flatten(1).mean(1)
+
+
 METHODS = ("plain", "engine b=1", "engine b=8", "DP b=1", "DP b=8", "opacus ghost b=1")
 
 
@@ -102,7 +108,10 @@ def run_method(method: str, name: str, args, state: dict, batch) -> dict:
     def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            loss = criterion(step_model(x), y)
+            if engine is not None:  # one loss per example (mean over its tokens), reduced and checked by the engine
+                loss = engine.loss(per_example_token_mean, step_model(x), y)
+            else:
+                loss = criterion(step_model(x), y)
         loss.backward()
         opt.step()
 

@@ -82,7 +82,9 @@ def available_routes(record: Record, settings: ClipSettings, uses: Counter) -> t
     """
     if record.unit.parametrized:
         return ("materialize",)  # the group gradients of the computed weight are chained to its originals
-    replayable = not isinstance(record.unit.module, NOT_REPLAYABLE)  # e.g. BatchNorm's in-place statistics
+    # Not replayable: in-place state (BatchNorm's statistics), or a call the rule reads in its own form (LayerRule.
+    # present: EmbeddingBag's ids and offsets as padded bags), which the module itself would not take.
+    replayable = not isinstance(record.unit.module, NOT_REPLAYABLE) and getattr(record.rule, "present", None) is None
     captured = record.unit.kind in ("attention", "rnn", "functional")  # records of parts (a generic one has no rule)
     if record.rule is None or (settings.grad_mode == "func" and not captured and replayable):
         return ("func",)

@@ -126,6 +126,16 @@ def block_specs(draw, layer_type: type):
         kw = dict(num_embeddings=vocab, embedding_dim=draw(st.integers(1, 4)),
                   padding_idx=draw(st.sampled_from([None, 0])))
         return name, kw, ("tokens", draw(st.integers(1, 4)), vocab)
+    if layer_type is nn.EmbeddingBag:  # 2-D ids: one bag per example
+        vocab = draw(st.integers(2, 6))
+        kw = dict(num_embeddings=vocab, embedding_dim=draw(st.integers(1, 4)),
+                  mode=draw(st.sampled_from(["sum", "mean", "max"])), padding_idx=draw(st.sampled_from([None, 0])))
+        return name, kw, ("tokens", draw(st.integers(1, 4)), vocab)
+    if name in ("InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"):
+        n = int(name[-2])
+        c = draw(st.integers(1, 3))
+        kw = dict(num_features=c, affine=True, eps=draw(st.sampled_from([1e-5, 1e-2])))
+        return name, kw, (c, *(draw(st.integers(2, 3)) for _ in range(n)))
     if layer_type in (nn.LayerNorm, nn.RMSNorm):
         t, d = draw(st.integers(1, 3)), draw(st.integers(2, 4))
         shape = draw(st.sampled_from([(d,), (t, d)]))
@@ -204,9 +214,10 @@ def model_specs(draw, types: list[type] | None = None):
     """A printable spec of a stack of 1-3 registered layers plus a head, and its input and seeds."""
     types = types if types is not None else exact_types()
     chosen = draw(st.lists(st.sampled_from(types), min_size=1, max_size=3))
-    # Embedding consumes integer tokens: at most one, always first.
-    if nn.Embedding in chosen:
-        chosen = [nn.Embedding] + [t for t in chosen if t is not nn.Embedding]
+    # Embedding and EmbeddingBag consume integer tokens: at most one of them, always first.
+    consumers = [t for t in chosen if t in (nn.Embedding, nn.EmbeddingBag)]
+    if consumers:
+        chosen = [consumers[0]] + [t for t in chosen if t not in (nn.Embedding, nn.EmbeddingBag)]
     blocks = [draw(block_specs(t)) for t in chosen]
     head = draw(st.sampled_from(["linear", "take"]))
     return dict(blocks=blocks, head=head, seed=draw(st.integers(0, 2**16)),
