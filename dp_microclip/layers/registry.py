@@ -96,6 +96,10 @@ class LayerRule(NamedTuple):
     group_sq_norms: Callable[[Any, tuple, torch.Tensor, Groups], GradDict] | None = None
     weighted_sum: Callable[[Any, tuple, torch.Tensor, GradDict], GradDict] | None = None
     group_grad_elements: Callable[[Any, tuple, torch.Tensor, Groups], int] | None = None
+    #: ``(layer, inputs, out_grad, groups) -> int``: the most elements ``group_sq_norms`` builds for these
+    #: shapes, where the planner's Gram estimate for a matrix product (``(M, N, N)`` matrices, N rows per
+    #: group) does not describe the rule (a convolution's norms from input positions). None: that estimate.
+    ghost_elements: Callable[[Any, tuple, torch.Tensor, Groups], int] | None = None
     #: Exact alternatives to ``group_grads`` (same numbers, different kernels); the engine's autotuner
     #: (``routes.py``) times them once per ``variant_key`` and uses the fastest. The rule knows its maths, not
     #: the timing.
