@@ -48,6 +48,8 @@ class LayerShape:
         ghost_kind: ``"gram"`` (rows of a matrix product: Linear and its relatives) or ``"rows"`` (an
             embedding: per-(group, index) row sums, ``2 B T d``).
         itemsize: bytes per element of the captured tensors.
+        ghost_elements: what the rule's ghost norms build, where the rule says (``LayerRule.ghost_elements``:
+            a convolution's position Gram); None: the Gram estimate above.
     """
 
     name: str
@@ -59,6 +61,7 @@ class LayerShape:
     routes: tuple[str, ...]
     ghost_kind: str = "gram"
     itemsize: int = 4
+    ghost_elements: int | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,8 @@ def footprint(shape: LayerShape, route: str, num_groups: int, max_group_size: in
             return Footprint(0, (2 * b * t * d + weighted) * size)
         n = r * t
         gram = 0 if n == 1 else 3 * m * n * n + pad
+        if shape.ghost_elements is not None:
+            gram = shape.ghost_elements
         return Footprint(0, (max(gram, weighted) + 2 * b) * size)
     if route == "func":
         return Footprint(shape.group_grad_elements * size, shape.group_grad_elements * size)
@@ -207,7 +212,11 @@ def record_shape(record, groups, routes: tuple[str, ...]) -> LayerShape:
     if rule is not None and rule.group_grad_elements is not None and torch.is_tensor(record.out_grad):
         elements = max(elements, int(rule.group_grad_elements(record.layer, record.inputs, record.out_grad, groups)))
     kind = "rows" if isinstance(record.layer, nn.Embedding) else "gram"
-    return LayerShape(record.name, batch, rows, d, int(g.shape[-1]), elements, routes, kind, g.element_size())
+    ghost = None
+    if rule is not None and rule.ghost_elements is not None and torch.is_tensor(record.out_grad):
+        ghost = int(rule.ghost_elements(record.layer, record.inputs, record.out_grad, groups))
+    return LayerShape(record.name, batch, rows, d, int(g.shape[-1]), elements, routes, kind, g.element_size(),
+                      ghost)
 
 
 def free_device_bytes(device: torch.device) -> int | None:

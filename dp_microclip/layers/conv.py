@@ -17,8 +17,23 @@ threads, B = 128, 5x5 kernels: a 1 -> 16 channel conv on 28x28 takes 1.2 ms
 "forward" against 3.0 ms "grouped"; a 16 -> 32 conv on 12x12 at b = 8 takes
 2.4 ms against 1.6 ms), so both are registered as variants of the rule and the engine's autotuner
 (``routes.py``) times them once per shape and keeps the faster. im2col (``F.unfold``)
-and Gram norms were slower than both on every conv measured, so convs always
-materialise their (small) group gradients and reuse them for the clipped sum.
+was slower than both on every conv measured.
+
+Ghost norms (no group gradient built) come from a Gram matrix over input
+POSITIONS, not over im2col patches: with ``x_p`` the C-vector of input channels
+at position p and ``g_l`` the O-vector of output gradients at output position l,
+
+    ||grad W||^2 = sum_{l, l'} <g_l, g_l'> * sum_k <x_{pos(l, k)}, x_{pos(l', k)}>
+
+where ``pos(l, k)`` is the input position kernel offset k reads for output l
+(zero padding reads nothing). One batched product ``X^T X`` (S x S per group, S
+input positions, contracted over C) and a gather of its ``L x L x K`` entries
+replace the im2col copy. That is cheap where maps are small and channels many
+(a conv on 81 x 7 x 7 ScatterNet features: S = 49, L = 16, K = 9), and hopeless on
+large maps (28 x 28: S^2 = 614,656 per group), where the norms come from
+materialised group gradients instead (:func:`conv_group_sq_norms` picks by size).
+The clipped sum is then ONE weight-gradient convolution of the row-weighted
+output gradient. Which route is faster on a given layer the autotuner measures.
 
 Letters: B examples, C in channels, O out channels, S spatial dims, K kernel, M groups, R rows per group.
 """
@@ -26,6 +41,7 @@ Letters: B examples, C in channels, O out channels, S spatial dims, K kernel, M 
 from __future__ import annotations
 
 import functools
+import math
 from types import EllipsisType
 
 import torch
@@ -34,7 +50,7 @@ import torch.nn.grad  # not imported by torch.nn itself
 from torch import nn
 
 from ..grouping import Groups
-from .registry import LayerRule, register_rule
+from .registry import LayerRule, Unsquared, register_rule
 
 _WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
 
@@ -120,6 +136,123 @@ def variant_key(layer, inputs, out_grad, groups: Groups):
             str(layer.padding), layer.padding_mode)
 
 
+def _position_index(layer, in_size, out_size, padding) -> tuple[torch.Tensor, int]:
+    """``(L, K)`` flat input position read by output position l at kernel offset k, and S (the number of input
+    positions), which also marks a read of zero padding."""
+    nd = len(in_size)
+    flat = torch.zeros((), dtype=torch.long)
+    valid = torch.ones((), dtype=torch.bool)
+    for d in range(nd):
+        coord = (torch.arange(out_size[d])[:, None] * layer.stride[d]
+                 + torch.arange(layer.kernel_size[d])[None, :] * layer.dilation[d] - padding[d])  # (L_d, K_d)
+        shape = [1] * (2 * nd)
+        shape[d], shape[nd + d] = out_size[d], layer.kernel_size[d]
+        coord = coord.reshape(shape)  # broadcast over (L_1..L_n, K_1..K_n)
+        flat = flat * in_size[d] + coord
+        valid = valid & (coord >= 0) & (coord < in_size[d])
+    s = math.prod(in_size)
+    return torch.where(valid, flat, s).reshape(math.prod(out_size), -1), s
+
+
+def _padded_spatial(layer, spatial: tuple) -> tuple:
+    """The input's spatial size after :func:`_explicit_padding` (sizes only, no tensor built)."""
+    if layer.padding_mode != "zeros":  # F.pad with (left, right) pairs, the last dimension first
+        pads = layer._reversed_padding_repeated_twice
+        return tuple(size + pads[2 * i] + pads[2 * i + 1] for i, size in enumerate(reversed(spatial)))[::-1]
+    if layer.padding == "same":
+        return tuple(size + d * (k - 1) for size, k, d in zip(spatial, layer.kernel_size, layer.dilation))
+    return tuple(spatial)
+
+
+def gram_elements(layer, inputs, out_grad, groups: Groups) -> int:
+    """An upper bound of the elements the position-Gram norms build for these shapes: the ``(RS+1)^2`` Gram
+    per (group, conv group), its ``(RL)^2 K`` gather and ``(RL)^2`` output-gradient Gram, and the rearranged
+    copies of the input and output gradient (none for one example per group and ``layer.groups == 1``;
+    padded ones for ragged groups)."""
+    r, m, cg = groups.max_size(), groups.num_groups, layer.groups
+    s = math.prod(_padded_spatial(layer, tuple(inputs[0].shape[2:])))
+    l_ = math.prod(out_grad.shape[2:])
+    grams = m * cg * ((r * s + 1) ** 2 + (r * l_) ** 2 * (math.prod(layer.kernel_size) + 1))
+    rows = m * r * (inputs[0].shape[1] * s + out_grad.shape[1] * l_)
+    copies = (0 if r == 1 and cg == 1 else rows) + (0 if groups.equal_size is not None else rows)
+    return grams + copies
+
+
+def _gram_sq_norms(layer, x, padding, out_grad, groups: Groups) -> torch.Tensor:
+    """Squared weight-gradient norms ``(M,)`` from input-position Gram matrices (module docstring)."""
+    m, r, cg = groups.num_groups, groups.max_size(), layer.groups
+    idx, s = _position_index(layer, tuple(x.shape[2:]), tuple(out_grad.shape[2:]), padding)
+    idx = idx.to(x.device)
+    l_, k = idx.shape
+    # Rows of one group side by side: row i's positions are offset by i*S; padding reads the zero slot R*S.
+    rows = torch.arange(r, device=x.device).reshape(r, 1, 1) * s
+    idx = torch.where(idx == s, r * s, idx + rows).reshape(r * l_, k)  # (RL, K)
+    xs = groups.pad(x.reshape(x.shape[0], cg, x.shape[1] // cg, s))  # (M, R, G, C/G, S)
+    xs = xs.permute(0, 2, 1, 4, 3).reshape(m * cg, r * s, x.shape[1] // cg)  # (MG, RS, C/G)
+    gram_x = F.pad(torch.bmm(xs, xs.transpose(1, 2)), (0, 1, 0, 1))  # (MG, RS+1, RS+1), last row/col zero
+    pairs = (idx[:, None, :] * (r * s + 1) + idx[None, :, :]).flatten()  # (RL * RL * K,)
+    gathered = gram_x.flatten(1).index_select(1, pairs).reshape(m * cg, r * l_, r * l_, k).sum(-1)  # (MG, RL, RL)
+    gs = groups.pad(out_grad.reshape(out_grad.shape[0], cg, out_grad.shape[1] // cg, l_))  # (M, R, G, O/G, L)
+    gs = gs.permute(0, 2, 1, 4, 3).reshape(m * cg, r * l_, out_grad.shape[1] // cg)  # (MG, RL, O/G)
+    gram_g = torch.bmm(gs, gs.transpose(1, 2))  # (MG, RL, RL)
+    return (gathered * gram_g).sum((1, 2)).reshape(m, cg).sum(1)  # (M,)
+
+
+def conv_group_sq_norms(layer, inputs, out_grad, groups: Groups, method: str = "auto") -> dict:
+    """Group-gradient norms ``{"weight": (M,) squared or Unsquared, "bias": Unsquared (M,)}``.
+
+    ``method``: ``"gram"`` (input-position Gram matrices, no group gradient built), ``"materialize"``
+    (norms of the group gradients, freed at once), or ``"auto"``: the Gram form when it builds fewer
+    elements than the group gradients would (small maps, many channels), else the group gradients.
+    """
+    if method == "auto":
+        method = "gram" if _uses_gram(layer, inputs, out_grad, groups) else "materialize"
+    x, padding = _explicit_padding(layer, inputs[0])
+    out: dict = {}
+    if method == "gram":
+        out["weight"] = _gram_sq_norms(layer, x, padding, out_grad, groups)
+    elif method == "materialize":
+        w = IMPLEMENTATIONS["grouped"](layer, x, padding, out_grad, groups)
+        out["weight"] = Unsquared(torch.linalg.vector_norm(w.flatten(1), dim=1))
+    else:
+        raise ValueError(f"method {method!r}: auto, gram or materialize")
+    if layer.bias is not None:
+        out["bias"] = Unsquared(torch.linalg.vector_norm(groups.sum(out_grad.flatten(2).sum(-1)), dim=1))  # (M,)
+    return out
+
+
+def conv_weighted_sum(layer, inputs, out_grad, row_weight: dict) -> dict:
+    """``sum_i w_i grad_i``: one weight-gradient convolution of the row-weighted output gradient (and the bias)."""
+    x, padding = _explicit_padding(layer, inputs[0])
+    spread = (out_grad.shape[0],) + (1,) * (out_grad.dim() - 1)
+    out = {}
+    if "weight" in row_weight:
+        weighted = out_grad * row_weight["weight"].to(out_grad.dtype).reshape(spread)
+        out["weight"] = _WEIGHT_GRAD[x.dim() - 2](
+            x, tuple(layer.weight.shape), weighted, stride=layer.stride, padding=padding,
+            dilation=layer.dilation, groups=layer.groups)
+    if layer.bias is not None and "bias" in row_weight:
+        out["bias"] = torch.mv(out_grad.flatten(2).sum(-1).t(), row_weight["bias"].to(out_grad.dtype))  # (O,)
+    return out
+
+
+def _group_grad_elements(layer, inputs, out_grad, groups: Groups) -> int:
+    return groups.num_groups * sum(p.numel() for p in (layer.weight, layer.bias) if p is not None)
+
+
+def _uses_gram(layer, inputs, out_grad, groups: Groups) -> bool:
+    # The position Gram where it builds no more than the group gradients would.
+    return gram_elements(layer, inputs, out_grad, groups) <= _group_grad_elements(layer, inputs, out_grad, groups)
+
+
+def _ghost_elements(layer, inputs, out_grad, groups: Groups) -> int:
+    """What ``conv_group_sq_norms(method="auto")`` builds: the position Gram or the group gradients."""
+    if _uses_gram(layer, inputs, out_grad, groups):
+        return gram_elements(layer, inputs, out_grad, groups)
+    return _group_grad_elements(layer, inputs, out_grad, groups)
+
+
 for _conv_type in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-    register_rule(_conv_type, LayerRule(conv_group_grads, variants=layout_variants(conv_group_grads),
-                                         variant_key=variant_key))
+    register_rule(_conv_type, LayerRule(conv_group_grads, conv_group_sq_norms, conv_weighted_sum,
+                                         _group_grad_elements, _ghost_elements,
+                                         variants=layout_variants(conv_group_grads), variant_key=variant_key))

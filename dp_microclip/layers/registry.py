@@ -6,7 +6,7 @@ the batch is dimension 0. "Per-group gradient" always means the *sum* over the
 group's rows of the captured (unscaled) per-row contributions; the engine
 applies the loss-reduction scale and the group mean.
 
-A rule has one required and three optional functions (a NamedTuple, no classes
+A rule has one required and four optional functions (a NamedTuple, no classes
 to subclass):
 
 * ``group_grads(layer, inputs, out_grad, groups) -> {name: (M, *param.shape)}``:
@@ -24,6 +24,10 @@ to subclass):
   group gradients, then times the routes that fit (see
   ``aggregate.choose_strategy``). Without it the rule always takes the ghost
   route under ``auto``.
+* ``ghost_elements(layer, inputs, out_grad, groups) -> int``: how many elements
+  ``group_sq_norms`` builds, for a rule whose ghost norms are not Gram matrices of
+  rows (the conv rule's input-position Gram); without it the planner sizes the
+  ghost route as a matrix product's.
 
 The signature follows Opacus' grad samplers (``opacus/grad_sample/linear.py``:
 ``(layer, activations, backprops)``), extended from examples to groups.
@@ -96,6 +100,10 @@ class LayerRule(NamedTuple):
     group_sq_norms: Callable[[Any, tuple, torch.Tensor, Groups], GradDict] | None = None
     weighted_sum: Callable[[Any, tuple, torch.Tensor, GradDict], GradDict] | None = None
     group_grad_elements: Callable[[Any, tuple, torch.Tensor, Groups], int] | None = None
+    #: ``(layer, inputs, out_grad, groups) -> int``: the most elements ``group_sq_norms`` builds for these
+    #: shapes, where the planner's Gram estimate for a matrix product (``(M, N, N)`` matrices, N rows per
+    #: group) does not describe the rule (a convolution's norms from input positions). None: that estimate.
+    ghost_elements: Callable[[Any, tuple, torch.Tensor, Groups], int] | None = None
     #: Exact alternatives to ``group_grads`` (same numbers, different kernels); the engine's autotuner
     #: (``routes.py``) times them once per ``variant_key`` and uses the fastest. The rule knows its maths, not
     #: the timing.
