@@ -42,6 +42,7 @@ old conversion (the paper's z was calibrated so that RDP reaches 3 after 40 epoc
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import gzip
 import json
 import os
@@ -234,6 +235,7 @@ def train_dp(row: str, method: str, seed: int, data, epochs: int = 40, log=None,
         engine = dp_microclip.attach(
             model, opt, micro_batch_size=1, max_grad_norm=cfg["max_grad_norm"], seed=seed,
             privacy=dp_microclip.DP(noise_multiplier=cfg["noise_multiplier"], delta=cfg["delta"], sample_rate=q))
+        loss_fn = partial(engine.loss, F.cross_entropy, reduction="none")  # per-example, checked
         loader = engine.data_loader(train_set)
         epsilon = engine.epsilon
         net = model

@@ -207,7 +207,7 @@ def dp_run(b: int, seed: int, train, test, epochs: int, batch_size: int = 2048, 
     for _ in range(epochs):
         for xb, yb in loader:
             opt.zero_grad()
-            F.cross_entropy(model(xb), yb).backward()
+            engine.loss(F.cross_entropy, model(xb), yb, reduction="none").backward()
             opt.step()
     row = dict(b=b, seed=seed, accuracy=accuracy(model, *test), noise_multiplier=float(engine.noise_multiplier),
                epsilon=float(engine.epsilon()), epochs=epochs, batch_size=batch_size, lr=lr, C=C,
