@@ -434,6 +434,9 @@ def coin_for(included: bool, group: int, u: float, q: float, M: int) -> float:
 
 @st.composite
 def neighbouring_case(draw, types=None):
+    # A Poisson batch may be empty; torch's own instance_norm cannot run on 0 rows, so InstanceNorm is left out.
+    if types is None:
+        types = [t for t in exact_types() if not issubclass(t, nn.modules.instancenorm._InstanceNorm)]
     spec = draw(model_specs(types))
     b = draw(st.sampled_from([1, 2, 3]))
     n = draw(st.integers(b, 6))  # records in D
