@@ -82,6 +82,8 @@ _DIV = set(_funcs("div", "__truediv__")) | {torch.div}
 _ADDCMUL = set(_funcs("addcmul")) | {torch.addcmul}
 _ADDCMUL_INPLACE = set(_funcs("addcmul_"))
 _CAT = {torch.cat, torch.concat, torch.concatenate}
+_NORMS = {F.layer_norm: ("input", "normalized_shape", "weight", "bias", "eps"),
+          F.group_norm: ("input", "num_groups", "weight", "bias", "eps")}
 _ATTENTION = F.multi_head_attention_forward
 _ATTENTION_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 
@@ -212,6 +214,8 @@ class UsageMode(TorchFunctionMode):
             return self._addcmul(func, args, kwargs, inplace=func in _ADDCMUL_INPLACE)
         if func in _CAT:
             return self._cat(func, args, kwargs)
+        if func in _NORMS:
+            return self._norm(func, args, kwargs)
         if func is _ATTENTION:
             return self._attention(func, args, kwargs)
         raise NotRecognised("")
@@ -301,6 +305,26 @@ class UsageMode(TorchFunctionMode):
                       w.detach(), None if b is None else b.detach(), spatial(bound.get("stride"), 1),
                       spatial(bound.get("padding"), 0), spatial(bound.get("dilation"), 1), int(bound.get("groups", 1)))
         return self._use(Use("conv", use, (x,)), func(*args, **kwargs))
+
+    def _norm(self, func, args, kwargs):
+        """``F.layer_norm`` / ``F.group_norm`` with the module's own affine parameters: the normalisation has none,
+        so it runs as torch wrote it, and the affine part is a broadcast scale and shift that this mode sees again
+        (``weight`` over the normalised trailing shape for layer_norm, over channels for group_norm)."""
+        bound = dict(zip(_NORMS[func], args), **kwargs)
+        x, w, b = bound["input"], bound.get("weight"), bound.get("bias")
+        if self.is_tracked(x) or not torch.is_tensor(x):
+            raise NotRecognised("a parameter normalised by layer_norm / group_norm")
+        plain = func(x, bound[_NORMS[func][1]], None, None, bound.get("eps", 1e-5))
+        if func is F.group_norm and x.dim() < 2:
+            raise NotRecognised("group_norm of an input without channels")
+        trailing = (1,) * (x.dim() - 2) if func is F.group_norm else ()
+        with self:  # the affine part: uses of the parameters this mode recognises
+            out = plain
+            if w is not None:
+                out = out * (w.reshape(-1, *trailing) if trailing else w)
+            if b is not None:
+                out = out + (b.reshape(-1, *trailing) if trailing else b)
+        return out
 
     def _attention(self, func, args, kwargs):
         """torch's attention call split into what it computes with the parameters, each call seen by this mode

@@ -23,7 +23,6 @@ pytest.importorskip("transformers")
 DOCUMENTED: dict[str, str] = {
     "BeitRelativePositionBias": "resamples its table with F.interpolate, which the usage route does not follow",
     "Dinov2Embeddings": "its mask_token is unused without bool_masked_pos; the usage route wants every parameter used",
-    "ConvNextV2LayerNorm": "F.layer_norm with its own weight, which the usage route does not recognise",
 }
 MODULES = ("test_hf_encoders", "test_hf_decoders", "test_hf_seq2seq_speech", "test_peft", "test_torch_modules",
            "test_usage_route", "test_unnamed_torch", "test_hf_unnamed_text", "test_hf_unnamed_speech",
