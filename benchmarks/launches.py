@@ -85,7 +85,8 @@ def _setup(workload, method: str):
     return model, opt, engine
 
 
-def _count(model_name: str, method: str) -> tuple[int, int, Counter]:
+def _stepper(model_name: str, method: str):
+    """(one training step of ``method`` on the model's CPU workload, the engine or None): what both counters time."""
     workload = make_workload(model_name, "cpu")
     model, opt, engine = _setup(workload, method)
 
@@ -93,6 +94,12 @@ def _count(model_name: str, method: str) -> tuple[int, int, Counter]:
         opt.zero_grad(set_to_none=True)
         loss_fn(model(workload.inputs), workload.targets).backward()
         opt.step()
+
+    return step, engine
+
+
+def _count(model_name: str, method: str) -> tuple[int, int, Counter]:
+    step, engine = _stepper(model_name, method)
 
     for _ in range(2):  # warm up: the layout probe, route choice and first-step work are not steady state
         step()
@@ -127,13 +134,7 @@ def nonfinite_tradeoff(model_name: str, method: str, rounds: int) -> dict:
     from dp_microclip import aggregate
 
     variants = {"device": True, "host read": False}  # aggregate.MASK_ON_CPU
-    workload = make_workload(model_name, "cpu")
-    model, opt, engine = _setup(workload, method)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model(workload.inputs), workload.targets).backward()
-        opt.step()
+    step, engine = _stepper(model_name, method)
 
     out: dict = {}
     previous = aggregate.MASK_ON_CPU
