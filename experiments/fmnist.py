@@ -390,6 +390,8 @@ def main(argv=None) -> None:
     c.add_argument("--noise", nargs="+", type=float, default=[0.0, 0.2, 0.4])
     c.add_argument("--b", nargs="+", type=int, default=list(CLAIM_B))
     c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="the learning-rate schedule of every method (summaries of cosine go to fmnist-claim-cosine*)")
     c.add_argument("--methods", nargs="+", choices=["plain", "fixed", "adaptive"], default=None,
                    help="train only these methods' runs into the stores (to share the work between processes); "
                         "the summary needs a call without it")

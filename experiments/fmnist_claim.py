@@ -1,7 +1,7 @@
 """Fashion-MNIST, issue 27 Part 2: noise-free micro-batch clipping against tuned plain SGD, and DP utility against b.
 
     python -m experiments.fmnist claim [--noise 0 0.2 0.4] [--seeds 10] [--tune-seeds 2]
-                                       [--train 5000] [--val 1000] [--epochs 6]
+                                       [--train 5000] [--val 1000] [--epochs 6] [--lr-schedule cosine]
     python -m experiments.fmnist dpcurve [--seeds 3] [--b 1 4 16 64] [--epochs 10]
 
 Model: the paper's ScatterNet + linear (kymatio ``Scattering2D(J=2)`` features, GroupNorm with
@@ -110,14 +110,14 @@ def claim_splits(x: torch.Tensor, y: torch.Tensor, test, noise: float, seed: int
 
 
 def claim_settings(noise: float, seeds: int, tune_seeds: int, epochs: int, n_train: int, batch_size: int = 64,
-                   bs=CLAIM_B):
+                   bs=CLAIM_B, lr_schedule: str = "constant"):
     """The :class:`SweepSettings` of one noise rate (plain's grid refined to fixed's 8 (lr, C) pairs)."""
     from dp_microclip.tools.sweep import SweepSettings
 
     return SweepSettings(
         methods=("plain", "fixed", "adaptive"), micro_batch_sizes=tuple(bs), seeds=tuple(range(seeds)),
         tune_seeds=tune_seeds, learning_rates=CLAIM_LRS, max_grad_norms=CLAIM_C, batch_size=batch_size,
-        epochs=epochs, grad_mode="bookkeeping",
+        epochs=epochs, grad_mode="bookkeeping", lr_schedule=lr_schedule,
         name=f"fmnist-scatlin-noise{noise:g}-n{n_train}-e{epochs}-split-per-seed")
 
 
@@ -145,22 +145,24 @@ def run_claim(x: torch.Tensor, labels: torch.Tensor, test, args, out: Path = RES
     start = time.perf_counter()
     methods = tuple(getattr(args, "methods", None) or ("plain", "fixed", "adaptive"))
     results, text, blob = {}, [], {"noise": {}}
+    schedule = getattr(args, "lr_schedule", "constant")
+    tag = "fmnist-claim" if schedule == "constant" else f"fmnist-claim-{schedule}"  # own summaries per schedule
     for noise in args.noise:
         settings = claim_settings(noise, args.seeds, args.tune_seeds, args.epochs, args.train, args.batch_size,
-                                  args.b)
+                                  args.b, schedule)
         if set(methods) != {"plain", "fixed", "adaptive"}:
             # plain's grid is refined against fixed's whatever the subset: keep fixed in the settings' grid reference
             part = replace(settings, methods=methods, learning_rates={**CLAIM_LRS, "plain": settings.lrs("plain")},
                            match_plain_grid=False)
             sweep(flat_linear, lambda s, noise=noise: claim_splits(x, labels, test, noise, s, args.train, args.val),
-                  None, None, part, store=out / f"fmnist-claim-noise{noise:g}.runs.jsonl", progress=False)
+                  None, None, part, store=out / f"{tag}-noise{noise:g}.runs.jsonl", progress=False)
             continue
         result, seconds = run_sweep(
             flat_linear, lambda s, noise=noise: claim_splits(x, labels, test, noise, s, args.train, args.val),
-            None, None, settings, out, f"fmnist-claim-noise{noise:g}", progress=False, plots=True)
+            None, None, settings, out, f"{tag}-noise{noise:g}", progress=False, plots=True)
         results[noise] = result
         text.append(f"## Label noise {noise:.0%} ({seconds:.0f} s)\n\n{result.to_markdown()}\n\n"
-                    f"![](fmnist-claim-noise{noise:g}-vs-b.png)\n")
+                    f"![]({tag}-noise{noise:g}-vs-b.png)\n")
         blob["noise"][str(noise)] = {"table": result.table(), "best": result.best(), "seconds": seconds}
     if not results:
         return f"trained {methods} into the stores; run without --methods for the summary"
@@ -175,9 +177,11 @@ def run_claim(x: torch.Tensor, labels: torch.Tensor, test, args, out: Path = RES
             f"plain {list(s.lrs('plain'))}, fixed {list(s.lrs('fixed'))} x C {list(s.max_grad_norms)}, adaptive "
             f"{list(s.lrs('adaptive'))}; one CPU thread, fixed gradient route. Regenerate: "
             f"`python -m experiments.fmnist claim --seeds {len(s.seeds)} --tune-seeds {len(s.tune_seeds)} "
-            f"--train {args.train} --val {args.val} --epochs {s.epochs}` (this invocation: {total:.0f} s; runs "
-            "already in the stores are read back).\n")
-    write_summary(out, "fmnist-claim", "Fashion-MNIST: noise-free clipping against tuned plain SGD",
+            f"--train {args.train} --val {args.val} --epochs {s.epochs}"
+            + (f" --lr-schedule {schedule}" if schedule != "constant" else "")
+            + f"` ({s.lr_schedule} learning rate; this invocation: {total:.0f} s; runs already in the stores are "
+            "read back).\n")
+    write_summary(out, tag, "Fashion-MNIST: noise-free clipping against tuned plain SGD",
                   head + "\n" + summary + "\n" + "\n".join(text), dict(blob, seconds=total))
     return head + "\n" + summary
 

@@ -231,3 +231,36 @@ def test_demo_lr_runs(tmp_path):
     demo_lr.main(["--seeds", "1", "--test-seeds", "1", "--epochs", "1", "--no-progress", "--out", str(tmp_path)])
     blob = json.loads((tmp_path / "demo-lr-summary.json").read_text())
     assert blob["lr_plain"] in demo_lr.LRS and len(blob["test"]["fixed"]) == 1
+
+
+def test_cosine_schedule_equals_a_hand_written_loop_and_keeps_old_keys():
+    # The reference: plain SGD with torch's own CosineAnnealingLR stepped once per batch, same seed and batches.
+    settings = sw.SweepSettings(methods=("plain",), micro_batch_sizes=(1,), seeds=(0,), learning_rates=(0.3,), batch_size=16, epochs=3,
+                                lr_schedule="cosine", name="cos")
+    (x, y), val, test = data(0), data(1), data(2)
+    row = sw.train_run(make_model, ((x, y), val, test), sw.RunConfig("plain", None, 0.3, None, 0), settings)
+    torch.manual_seed(0)
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=settings.momentum)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3 * (len(x) // 16))
+    order = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(3):
+        perm, total = torch.randperm(len(x), generator=order), 0.0
+        for i in range(0, len(x) - 15, 16):
+            idx = perm[i:i + 16]
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss)
+        losses.append(total / (len(x) // 16))
+    assert row["train_loss"] == pytest.approx(losses, rel=1e-6)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)          # decayed to zero by the end
+    constant = sw.RunConfig("plain", None, 0.3, None, 0)
+    assert "lr_schedule" not in constant.key(sw.SweepSettings(name="cos"))    # stored constant-rate runs stay valid
+    assert constant.key(settings) != constant.key(sw.SweepSettings(methods=("plain",), micro_batch_sizes=(1,), name="cos", batch_size=16,
+                                                                    epochs=3, learning_rates=(0.3,)))
+    with pytest.raises(ConfigurationError, match="lr_schedule"):
+        sw.SweepSettings(lr_schedule="step")

@@ -61,6 +61,9 @@ DEFAULT_LRS: Mapping[str, tuple[float, ...]] = {
     "normalize": (0.01, 0.03, 0.1, 0.3),
 }
 
+#: The learning-rate schedules a sweep offers (``SweepSettings.lr_schedule``).
+LR_SCHEDULES = ("constant", "cosine")
+
 #: Where tuning seeds start when ``SweepSettings.tune_seeds`` is a count: far from the reporting seeds 0, 1, ...
 TUNE_SEED_BASE = 1000
 
@@ -90,6 +93,8 @@ class SweepSettings:
         momentum: SGD momentum.
         weight_decay: SGD weight decay (applied by the optimizer, outside clipping).
         gamma: the ``gamma`` of ``normalize``.
+        lr_schedule: ``"constant"`` or ``"cosine"`` (the rate decays to 0 over the run's steps, a common
+            schedule; every method gets the same one, so comparisons stay paired).
         grad_mode: the engine's. ``"bookkeeping"``: one fixed route, so reruns are bit-identical (``"auto"`` picks
             among exact routes, whose float sums differ, by timing them: a rerun under other load could differ).
         confidence: the interval's coverage.
@@ -108,6 +113,7 @@ class SweepSettings:
     momentum: float = 0.9
     weight_decay: float = 0.0
     gamma: float = 0.01
+    lr_schedule: str = "constant"
     grad_mode: str = "bookkeeping"
     confidence: float = 0.95
     name: str = "task"
@@ -134,6 +140,8 @@ class SweepSettings:
                 raise ConfigurationError(
                     f"micro_batch_size {b!r} does not divide batch_size={self.batch_size}: contiguous micro-batches "
                     "need b | batch_size. Pick b among the divisors of the batch size.")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigurationError(f"lr_schedule={self.lr_schedule!r}: choose from {LR_SCHEDULES}.")
         if any(m != "plain" for m in self.methods) and not self.micro_batch_sizes:
             raise ConfigurationError("micro_batch_sizes is empty: give at least one b for the clipping methods.")
         if not self.max_grad_norms or any(c <= 0 for c in self.max_grad_norms):
@@ -197,6 +205,8 @@ class RunConfig:
         shared = {k: getattr(settings, k) for k in ("name", "batch_size", "epochs", "momentum", "weight_decay")}
         shared.update({"grad_mode": settings.grad_mode} if self.method != "plain" else {})
         shared.update({"gamma": settings.gamma} if self.method == "normalize" else {})
+        # Runs stored before schedules existed were constant-rate: their keys stay valid.
+        shared.update({"lr_schedule": settings.lr_schedule} if settings.lr_schedule != "constant" else {})
         return json.dumps({**shared, **asdict(self)}, sort_keys=True)
 
 
@@ -263,6 +273,9 @@ def train_run(make_model: Callable[[], nn.Module], data, config: RunConfig, sett
     n, bs = len(x_tr), settings.batch_size
     if n < bs:
         raise ConfigurationError(f"The training set has {n} examples, fewer than batch_size={bs}. Lower batch_size.")
+    scheduler = None
+    if settings.lr_schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs * (n // bs))
     val_curve, loss_curve, diverged = [], [], False
     for _ in range(settings.epochs):
         perm = torch.randperm(n, generator=order)
@@ -276,6 +289,8 @@ def train_run(make_model: Callable[[], nn.Module], data, config: RunConfig, sett
                 break
             loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             total += float(loss.detach())
             steps += 1
         loss_curve.append(total / max(steps, 1) if not diverged else math.nan)
