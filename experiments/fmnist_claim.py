@@ -128,6 +128,29 @@ def summary_table(results: dict) -> tuple[str, int, dict]:
     return noise_table(results, cells, "reporting seeds", "clipping cell")
 
 
+def null_lines(results: dict) -> str:
+    """The chosen cell against the built-in null, adaptive clipping at b = B (plain SGD at that cell's own rate).
+
+    Extra comparisons (not in the Holm family): they show how much of the chosen cell's gain over plain survives a
+    plain baseline at another learning rate of the grid.
+    """
+    from dp_microclip.tools.sweep_report import paired_t
+
+    lines = []
+    for noise, result in results.items():
+        rows = {(r["method"], r["b"]): r for r in result.table()}
+        best, bb = result.best(), result.settings.batch_size
+        if best is None or ("adaptive", bb) not in rows or (best["method"], best["b"]) == ("adaptive", bb):
+            continue
+        null = rows[("adaptive", bb)]
+        t = paired_t([100 * (a - b) for a, b in zip(rows[(best["method"], best["b"])]["test_per_seed"],
+                                                     null["test_per_seed"])])
+        lines.append(f"- {noise:.0%}: chosen {best['method']} b={best['b']} against the null (adaptive b={bb}, "
+                     f"lr {null['lr']:g}): {t['mean']:+.2f} [{t['low']:+.2f}, {t['high']:+.2f}], p = {t['p']:.2g}")
+    return ("Against the built-in null (adaptive clipping at b = B is plain SGD at its own rate; extra comparisons, "
+            "not in the Holm family):\n\n" + "\n".join(lines) + "\n") if lines else ""
+
+
 def run_claim(x: torch.Tensor, labels: torch.Tensor, test, args, out: Path = RESULTS) -> str:
     """Part 2 over ``args.noise``: one resumable sweep per noise rate, then the summary (md + json) in ``out``.
 
@@ -167,6 +190,7 @@ def run_claim(x: torch.Tensor, labels: torch.Tensor, test, args, out: Path = RES
     if not results:
         return f"trained {methods} into the stores; run without --methods for the summary"
     summary, blob["comparisons"], blob["chosen"] = summary_table(results)
+    summary += "\n" + null_lines(results)
     total = time.perf_counter() - start
     s = next(iter(results.values())).settings
     head = (f"Fashion-MNIST, ScatterNet + linear (GroupNorm(27) precomputed, linear 3969->10), a training subset of "

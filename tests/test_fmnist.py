@@ -105,6 +105,20 @@ def test_tiny_dp_run(fixture_dir, tmp_path, method):
     assert res["noise_multiplier"] == 2.15 and res["max_grad_norm"] == 0.1
 
 
+def test_engine_shuffled_draws_the_paper_codes_fixed_size_batches(fixture_dir):
+    """The paper code's batches: every epoch a shuffle cut into full batches of B (the rest dropped), the epsilon
+    labelled as the paper's as-if-Poisson number; the same Poisson epsilon as the engine's own loader."""
+    torch.set_num_threads(1)
+    x, y, xt, yt = fmnist.load_fmnist(fixture_dir)
+    data = (x[:35], y[:35], xt, yt)             # 35 = 3 full batches of 10, 5 dropped each epoch
+    res = fmnist.train_dp("cnn", "engine_shuffled", 0, data, epochs=2, batch_size=10)
+    assert res["steps"] == 6 and res["examples"] == 60
+    assert "not a guarantee" in res["epsilon_note"]
+    poisson = fmnist.train_dp("cnn", "engine", 0, data, epochs=2, batch_size=10)
+    assert "epsilon_note" not in poisson
+    assert res["sample_rate"] == poisson["sample_rate"] == pytest.approx(10 / 35)
+
+
 def test_engine_and_opacus_spend_the_same_epsilon(fixture_dir):
     """Same z, q, steps: the two accountants (both PRV) agree closely."""
     torch.set_num_threads(1)
