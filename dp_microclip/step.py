@@ -199,9 +199,10 @@ def write_gradients(managed: list[nn.Parameter], acc: StepAccumulator, *, rho: f
     is left exactly as it was, as plain PyTorch leaves the gradient of a parameter no backward reached:
     ``None`` after ``zero_grad()``, so that AdamW or SGD with momentum skip it (no weight decay, no
     moment update); the zeros of ``zero_grad(set_to_none=False)``, which they do update; the unchanged
-    old gradient without ``zero_grad``. With noise (DP mode) it gets zero plus noise like every other
+    old gradient without ``zero_grad``; a logical batch in chunks: ``None``, which ``hold_update`` wrote
+    at the held chunks' steps. With noise (DP mode) it gets zero plus noise like every other
     parameter: whether a batch used a parameter depends on its examples, so leaving it out would
-    reveal that, and the noise covers every coordinate the sensitivity bound covers. On several
+    reveal that without noise. On several
     processes the reducer has made ``acc.sums`` the same on every rank first (a parameter used on one
     rank is present on all), so every rank takes the same branch. The noise is ONE draw per
     (dtype, device) into a flat buffer, added with one foreach op, instead of a draw per tensor: on a
