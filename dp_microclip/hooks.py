@@ -147,7 +147,7 @@ class HookSet:
             usage = UsageCapture(unit, self.sink, self.layouts, lambda out: RequireGrad.apply(self.anchor, out),
                                  self.shared)
             self.handles.extend(usage.install())
-            self._install_layer(unit, usage.generic_takes_call)
+            self._install_layer(unit, usage.generic_params)
         else:
             self._install_layer(unit)
 
@@ -226,7 +226,7 @@ class HookSet:
         return replacement
 
     # ------------------------------------------------------------------ layers
-    def _install_layer(self, unit: Unit, takes_call=None) -> None:
+    def _install_layer(self, unit: Unit, generic_params=None) -> None:
         def call_tensors(module, args, kwargs) -> tuple[tuple, tuple]:
             """(the call's inputs as the layout and the rule see them, tensor keyword names): tensor keyword
             arguments after the positional ones, or the rule's own form of the call (``LayerRule.present``)."""
@@ -254,8 +254,9 @@ class HookSet:
             ctx = self.capturing()
             if ctx is None:
                 return None
-            if takes_call is not None and not takes_call():
-                ctx.next_call(unit.path)  # the usage route took it; call indices still match the probe's
+            params = unit.params if generic_params is None else generic_params()
+            if not params:  # the usage route took it (or nothing to replay); call indices still match the probe's
+                ctx.next_call(unit.path)
                 return None
             if not torch.is_tensor(output) and unit.kind == "rule":
                 raise UnsupportedModuleError(
@@ -285,7 +286,7 @@ class HookSet:
             batch = ctx.batch_size
             inputs, input_dims = batched_inputs(unit, module, args, layout, batch)
             if not torch.is_tensor(output):
-                return self._watch_outputs(unit, module, inputs, dict(kwargs), ctx, output, layout,
+                return self._watch_outputs(unit, module, params, inputs, dict(kwargs), ctx, output, layout,
                                            input_dims, (ctx.id, unit.path, index), kw_names)
             replaced = None
             out_dim = layout.output
@@ -301,7 +302,7 @@ class HookSet:
                 # gradient would arrive: tie the output to the engine's anchor so it does.
                 output = replaced = RequireGrad.apply(self.anchor, output)
             cloned = self._watch_output(
-                unit, unit.path, unit.rule, module, unit.params, inputs, dict(kwargs), ctx, output, out_dim,
+                unit, unit.path, unit.rule, module, params, inputs, dict(kwargs), ctx, output, out_dim,
                 input_dims, kw_names,
             )
             return cloned if cloned is not None else replaced
@@ -315,7 +316,7 @@ class HookSet:
             raise no_batch_error(where, tuple(output.shape))
         return self.shared.share(unit, unit.path, unit.rule, module, unit.params, args, kwargs, ctx, output, where)
 
-    def _watch_outputs(self, unit: Unit, module, inputs, kwargs, ctx, output, layout: CallLayout,
+    def _watch_outputs(self, unit: Unit, module, params, inputs, kwargs, ctx, output, layout: CallLayout,
                        input_dims, call, kw_names: tuple = ()) -> Any:
         """Several output tensors (RNNs): one partial record per output gradient; the engine joins them.
 
@@ -341,7 +342,7 @@ class HookSet:
                 if sink.active:
                     g = grad.reshape(shape)
                     g = (g.movedim(d, 0) if d != 0 else g).detach()
-                    sink.emit(Record(unit, unit.path, None, module, unit.params, inputs, kwargs, g, ctx, dims,
+                    sink.emit(Record(unit, unit.path, None, module, params, inputs, kwargs, g, ctx, dims,
                                         input_dims, call, slot, shapes, kw_names))
                 return None
 

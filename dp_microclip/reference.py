@@ -59,7 +59,8 @@ def naive_microbatch_grads(
         batch_dim: the batch dimension of ``inputs``.
 
     Returns:
-        ``{parameter name: averaged clipped gradient}`` for trainable parameters.
+        ``{parameter name: averaged clipped gradient}`` for the trainable parameters some micro-batch's
+        backward reached; one that none reached is left out, as plain PyTorch leaves its ``.grad`` None.
     """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     first = inputs[0] if isinstance(inputs, tuple) else inputs
@@ -73,6 +74,7 @@ def naive_microbatch_grads(
         raise ValueError("group_index needs num_groups (the number of groups M, empty groups included).")
     group_grads: list[dict[str, torch.Tensor] | None] = []
     norms: list[float] = []
+    reached: set[str] = set()
     for j in range(num_groups):
         rows = (group_index.cpu() == j).nonzero().flatten()
         if rows.numel() == 0:
@@ -82,6 +84,7 @@ def naive_microbatch_grads(
         model.zero_grad(set_to_none=True)
         loss = loss_fn(_call(model, _index(inputs, rows, batch_dim)), targets.index_select(0, rows.to(targets.device)))
         gs = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        reached.update(n for n, gi in zip(params, gs) if gi is not None)
         g_j = {n: (torch.zeros_like(p) if gi is None else gi) for (n, p), gi in zip(params.items(), gs)}
         group_grads.append(g_j)
         norms.append(math.sqrt(sum(float(t.double().pow(2).sum()) for t in g_j.values())))
@@ -106,7 +109,7 @@ def naive_microbatch_grads(
             else:
                 raise ValueError(clipping)
             total[n] += f * g[n]
-    return {n: t / num_groups for n, t in total.items()}
+    return {n: t / num_groups for n, t in total.items() if n in reached}
 
 
 def per_example_clipped_mean_func(

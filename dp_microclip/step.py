@@ -194,8 +194,17 @@ def write_gradients(managed: list[nn.Parameter], acc: StepAccumulator, *, rho: f
                     noise: NoiseLike | None, placement: GradPlacement | None = None) -> None:
     """``p.grad = rho * mean + N(0, (noise_std / M)^2)`` for every managed parameter, in its own dtype.
 
-    A parameter that no pass reached keeps ``p.grad = None`` (as in plain PyTorch) unless noise is
-    added: in DP mode every parameter gets its noise, used or not. The noise is ONE draw per
+    A parameter that no pass of the step reached (no record: its module was not called, its output got
+    no gradient, or its module's forward never touched it) differs by mode. Noise-free, its ``p.grad``
+    is left exactly as it was, as plain PyTorch leaves the gradient of a parameter no backward reached:
+    ``None`` after ``zero_grad()``, so that AdamW or SGD with momentum skip it (no weight decay, no
+    moment update); the zeros of ``zero_grad(set_to_none=False)``, which they do update; the unchanged
+    old gradient without ``zero_grad``; a logical batch in chunks: ``None``, which ``hold_update`` wrote
+    at the held chunks' steps. With noise (DP mode) it gets zero plus noise like every other
+    parameter: whether a batch used a parameter depends on its examples, so leaving it out would
+    reveal that without noise. On several
+    processes the reducer has made ``acc.sums`` the same on every rank first (a parameter used on one
+    rank is present on all), so every rank takes the same branch. The noise is ONE draw per
     (dtype, device) into a flat buffer, added with one foreach op, instead of a draw per tensor: on a
     GPU every launch counts (``benchmarks/launches.py``). Sums and noise are full-shape; a ``placement``
     (FSDP2) makes each ``p.grad`` from its full-shape gradient: every process holds the same full
@@ -206,8 +215,7 @@ def write_gradients(managed: list[nn.Parameter], acc: StepAccumulator, *, rho: f
     for p in managed:
         entry = acc.sums.get(id(p))
         if entry is None and std == 0.0:
-            p.grad = None
-            continue
+            continue  # noise-free: untouched, as plain PyTorch leaves a parameter no backward reached
         if entry is None:  # DP: noise only (full shape, FSDP too); a zeros launch only for such a parameter
             totals.append((p, torch.zeros(p.shape, dtype=accumulation_dtype(p.dtype), device=p.device)))
         else:

@@ -12,13 +12,22 @@ activation is kept batch-first, and a tensor hook on the call's output emits a
 arrives. A parameter used by several calls gives several records; the engine
 then sums their group gradients before the norm, as for tied weights.
 
-When the forward ends, the module keeps the usage route only if every one of
-its parameters had at least one recognised use, no use went unrecognised, and
-no tensor derived from a parameter left the forward. Otherwise every record of
-that forward is disarmed and the module's generic capture (``hooks.py``) takes
-the call: the generic ``torch.func`` path, with a warning, or a refusal naming
-the use where the generic path is not allowed (``fallback="error"``, or DP mode
+When the forward ends, the module keeps the usage route only if every parameter
+the forward touched (handed to any torch function) had at least one recognised
+use, no use went unrecognised, and no tensor derived from a parameter left the
+forward. A parameter the forward never touched is simply not used by it (HF
+Dinov2's ``mask_token`` without ``bool_masked_pos``): it gets no record from this
+call, as autograd would give it no gradient; the used ones take the route as
+usual. Otherwise every record of that forward is disarmed and the module's
+generic capture (``hooks.py``) takes the call, replaying the touched parameters
+only: the generic ``torch.func`` path, with a warning, or a refusal naming the
+use where the generic path is not allowed (``fallback="error"``, or DP mode
 without ``fallback="generic"``).
+
+What an unused parameter's ``p.grad`` then becomes is the step's business
+(``step.write_gradients``): left as it was noise-free, as plain PyTorch leaves
+it; zero plus noise in DP mode, so that the update does not reveal which
+parameters a batch used.
 """
 
 from __future__ import annotations
@@ -69,7 +78,7 @@ class UsageCapture:
         self.layouts = layouts
         self.require_grad = require_grad
         self._calls: list = []  # one entry per forward in progress: (mode, arms, probing) or None
-        self._decisions: list[bool] = []  # per finished forward: True when the generic capture takes it
+        self._decisions: list = []  # per finished forward: None (the usage route took it) or the generic params
 
     # ------------------------------------------------------------------ hooks
     def install(self) -> list:
@@ -78,9 +87,10 @@ class UsageCapture:
         return [module.register_forward_pre_hook(self._pre, with_kwargs=True),
                 module.register_forward_hook(self._post, with_kwargs=True, always_call=True)]
 
-    def generic_takes_call(self) -> bool:
-        """For the generic capture's forward hook (runs right after ours): whether it captures this call."""
-        return self._decisions.pop() if self._decisions else True
+    def generic_params(self) -> dict | None:
+        """For the generic capture's forward hook (runs right after ours): None when the usage route took this
+        call, else the parameters the generic capture replays (those the forward touched; all when unknown)."""
+        return self._decisions.pop() if self._decisions else self.unit.params
 
     def _capturing(self):
         if not self.sink.active or not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
@@ -113,15 +123,16 @@ class UsageCapture:
         if probing:
             return None
         problem = mode.problem
-        unused = sorted(set(self.unit.params) - mode.used)
-        if problem is None and unused:
-            problem = (f"parameter(s) {unused} reached no recognised function in this forward (unused, or used "
-                       "where the capture cannot see)")
+        unrecognised = sorted(mode.touched - mode.used)  # never touched: not used by this forward, no record
+        if problem is None and unrecognised:
+            problem = (f"parameter(s) {unrecognised} reached no recognised function in this forward (read only "
+                       "through transforms or a memory pointer, or used where the capture cannot see)")
         if problem is None and any(mode.is_tracked(t) for t in output_tensors(output)):
             problem = "a tensor derived from a parameter is returned by the forward, so its uses are not seen"
-        self._decisions.append(problem is not None)
         if problem is None:
+            self._decisions.append(None)
             return None
+        self._decisions.append({n: p for n, p in self.unit.params.items() if n in mode.touched})
         for arm in arms:
             arm[0] = False
         self._fall_back(module, problem)

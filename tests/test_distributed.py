@@ -171,6 +171,13 @@ def noise_free_task(rank, world):
     local = one_step(dp_microclip.attach, copy.deepcopy(m), [(xs, ys)], micro_batch_size=2, max_grad_norm=0.3)
     res["two_heads_local"] = local
     res["two_heads"] = one_step(mcd.attach, m, [(xs, ys)], micro_batch_size=2, max_grad_norm=0.3)
+    # The usage route with a parameter used on rank 0 only and one used nowhere: the ranks agree on which are
+    # present (the reducer's table), so the collectives match and every rank writes the same p.grad.
+    m = TokenOnOneRank()
+    m.use_token = rank == 0
+    res["token_local"] = one_step(dp_microclip.attach, copy.deepcopy(m), [(xs, ys)], micro_batch_size=2,
+                                  max_grad_norm=0.3)
+    res["token"] = one_step(mcd.attach, m, [(xs, ys)], micro_batch_size=2, max_grad_norm=0.3)
     # The loader, noise-free: b = 2 (global keyed groups) and b = 1 on a 1-record dataset (rank 1 always empty).
     for b, n in ((2, 40), (1, 1)):
         m = mlp(d_in=6)
@@ -181,6 +188,23 @@ def noise_free_task(rank, world):
                      steps=3)
         res[f"loader-b{b}"] = params_of(m)
     return res
+
+
+class TokenOnOneRank(nn.Module):
+    """No rule (the usage route): ``token`` is added where ``use_token`` is set, ``never`` is never touched."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(5, 8).double()
+        self.token = nn.Parameter(0.3 * torch.randn(8, dtype=torch.float64))
+        self.never = nn.Parameter(torch.randn(8, dtype=torch.float64))
+        self.head = nn.Linear(8, 3).double()
+        self.use_token = True
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.head(torch.tanh(h + self.token if self.use_token else h))
 
 
 class TwoHeads(nn.Module):
@@ -211,7 +235,7 @@ def test_two_ranks_equal_one_process_noise_free(tmp_path):
     x, y = batch(0)
     x2, y2 = batch(1)
     for key in ranks[0]:  # every rank takes the same step
-        if key != "two_heads_local":
+        if not key.endswith("_local"):
             close(ranks[0][key], ranks[1][key], tol=1e-14)
     for mode in MODES:
         for b in (1, 2):
@@ -233,6 +257,11 @@ def test_two_ranks_equal_one_process_noise_free(tmp_path):
     for n, g in ranks[0]["two_heads"].items():
         other = local1.get(n, torch.zeros_like(g))
         close({n: g}, {n: (local0[n] * 4 + other * 2) / 6})
+    # the usage route: the token is rank 0's alone (4 of 6 groups), "never" is left as plain PyTorch leaves it
+    for r in range(2):
+        assert "never" not in ranks[r]["token"] and "never" not in ranks[r]["token_local"]
+    assert "token" not in ranks[1]["token_local"]
+    close({"token": ranks[0]["token"]["token"]}, {"token": ranks[0]["token_local"]["token"] * 4 / 6})
     for b, n in ((2, 40), (1, 1)):  # the loader: the same coins, the same groups as one process
         m = mlp(d_in=6)
         opt = torch.optim.SGD(m.parameters(), lr=0.5)

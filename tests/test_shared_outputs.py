@@ -85,9 +85,10 @@ def _compare(model, b, T, B=4, clipping="fixed"):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
-        for name, p in model.named_parameters():  # (reuse: the second layer's table is never used)
-            got = torch.zeros_like(p) if p.grad is None else p.grad
-            assert float((got - want[name]).norm()) <= 1e-9 * float(want[name].norm()) + 1e-15, name
+        for name, p in model.named_parameters():  # (reuse: the second layer's table is never used: no gradient)
+            assert (p.grad is None) == (name not in want), name
+            got, expected = (p.grad, want[name]) if name in want else (torch.zeros(()), torch.zeros(()))
+            assert float((got - expected).norm()) <= 1e-9 * float(expected.norm()) + 1e-15, name
     assert all(not route.startswith("func") for route in engine.last_strategies.values())
     return engine
 

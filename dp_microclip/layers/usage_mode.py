@@ -21,6 +21,9 @@ parameters through every torch function they reach:
   ``problem``, and the engine keeps the generic ``torch.func`` path for the
   module. Nothing is guessed.
 
+``touched`` names the parameters handed to any torch function (metadata reads aside): one never touched
+is not used by this forward (Dinov2's ``mask_token`` without ``bool_masked_pos``); autograd never reaches it.
+
 The mode only reads: every function runs as the module wrote it.
 """
 
@@ -40,13 +43,8 @@ T = torch.Tensor
 
 
 def _funcs(*names: str, owner=T) -> list:
-    found = []
-    for name in names:
-        attr = getattr(owner, name, None)
-        if attr is None:
-            continue
-        found.append(attr.__get__ if hasattr(attr, "__get__") and not callable(attr) else attr)
-    return found
+    attrs = [getattr(owner, name) for name in names if hasattr(owner, name)]
+    return [a.__get__ if hasattr(a, "__get__") and not callable(a) else a for a in attrs]
 
 
 def _getters(*names: str) -> list:
@@ -63,6 +61,8 @@ _ISOMETRIC = set(_getters("T", "mT")) | set(_funcs("t", "transpose", "permute", 
                                                    "swapaxes", "movedim")) | {
     torch.t, torch.transpose, torch.permute, torch.reshape, torch.unsqueeze, torch.squeeze, torch.flatten,
     torch.swapaxes, torch.movedim}
+#: Inspections that expose the memory (a kernel reads it through the pointer, unseen): a touch, needing a use.
+_READS_MEMORY = set(_funcs("data_ptr"))
 _CASTS = set(_funcs("to", "float", "double", "half", "bfloat16", "type_as"))
 _EXPAND = set(_funcs("expand", "expand_as", "broadcast_to")) | {torch.broadcast_to}
 _GETITEM = set(_funcs("__getitem__"))
@@ -143,6 +143,7 @@ class UsageMode(TorchFunctionMode):
         self.tracked: dict[int, Tracked] = {id(p): Tracked(Chain(n, p), p) for n, p in params.items()}
         self._keep: list = []  # derived tensors stay alive while tracked (their ids must not be reused)
         self.used: set[str] = set()  # parameters with at least one recognised use
+        self.touched: set[str] = set()  # parameters handed to any torch function (metadata reads aside)
         self.problem: str | None = None
 
     def is_tracked(self, x) -> bool:
@@ -167,7 +168,10 @@ class UsageMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.problem is not None or not self._hits(args, kwargs) or func in _INSPECT:
+        hits = self._hits(args, kwargs)
+        if hits and (func not in _INSPECT or func in _READS_MEMORY):  # noted even after a problem
+            self.touched.update(self.tracked[id(h)].chain.name for h in hits)
+        if self.problem is not None or not hits or func in _INSPECT:
             return func(*args, **kwargs)
         name = getattr(func, "__name__", repr(func))
         try:

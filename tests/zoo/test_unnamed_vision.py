@@ -18,6 +18,7 @@ What T means per family (T == B is where a size guessed as the batch goes wrong)
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from .data import CLASSES
 from .harness import B, TOL, ZooCase, build_model, engine, errors_by_param, naive, zoo_params
 from .test_generic_path import DOCUMENTED
+from .timm_stub import timm_class
 
 transformers = pytest.importorskip("transformers")
 
@@ -102,47 +104,44 @@ def _timm_logits(model, kw):
     return model(kw["pixel_values"])
 
 
-def _timm_cases():
-    from .timm_stub import import_timm
-
-    import_timm()
-    from timm.models.cait import Cait
-    from timm.models.metaformer import MetaFormer
-    from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock
-    from timm.models.swin_transformer import SwinTransformer
-
-    def swin(T):
-        return SwinTransformer(img_size=T, patch_size=1, in_chans=3, num_classes=CLASSES, embed_dim=D, depths=(2,),
-                               num_heads=(2,), window_size=2, mlp_ratio=2.0, drop_path_rate=0.0)  # its default draws per example
-
-    def cait(T):
-        return Cait(img_size=T, patch_size=1, in_chans=3, num_classes=CLASSES, embed_dim=D, depth=1, num_heads=2,
-                    mlp_ratio=2.0, init_values=0.5, depth_token_only=1, mlp_ratio_token_only=2.0)
-
-    def resmlp(T):
-        from functools import partial
-        return MlpMixer(num_classes=CLASSES, img_size=T, in_chans=3, patch_size=1, num_blocks=1, embed_dim=D,
-                        mlp_ratio=2, block_layer=partial(ResBlock, init_values=0.5), norm_layer=Affine)
-
-    def poolformer(T):
-        from timm.layers import GroupNorm1
-        return MetaFormer(in_chans=3, num_classes=CLASSES, depths=(1,), dims=(D,), downsample_norm=None,
-                          mlp_act=torch.nn.GELU, mlp_bias=True, norm_layers=GroupNorm1,
-                          layer_scale_init_values=0.5, res_scale_init_values=None, use_mlp_head=False)
-
-    def timm_case(build, batch):
-        return ZooCase(build, batch, _timm_logits, F.cross_entropy)
-
-    square = _images(lambda T: T, lambda T: T)
-    return {
-        "timm_swin": timm_case(swin, square),
-        "timm_cait": timm_case(cait, square),
-        "timm_resmlp": timm_case(resmlp, square),
-        "timm_poolformer": timm_case(poolformer, _images(lambda T: 4 * T, lambda T: 4 * T)),
-    }
+def _timm_swin(T):
+    return timm_class("models.swin_transformer", "SwinTransformer")(
+        img_size=T, patch_size=1, in_chans=3, num_classes=CLASSES, embed_dim=D, depths=(2,), num_heads=(2,),
+        window_size=2, mlp_ratio=2.0, drop_path_rate=0.0)  # its default draws per example
 
 
-TIMM = ("timm_swin", "timm_cait", "timm_resmlp", "timm_poolformer")
+def _timm_cait(T):
+    return timm_class("models.cait", "Cait")(
+        img_size=T, patch_size=1, in_chans=3, num_classes=CLASSES, embed_dim=D, depth=1, num_heads=2, mlp_ratio=2.0,
+        init_values=0.5, depth_token_only=1, mlp_ratio_token_only=2.0)
+
+
+def _timm_resmlp(T):
+    block = functools.partial(timm_class("models.mlp_mixer", "ResBlock"), init_values=0.5)
+    return timm_class("models.mlp_mixer", "MlpMixer")(
+        num_classes=CLASSES, img_size=T, in_chans=3, patch_size=1, num_blocks=1, embed_dim=D, mlp_ratio=2,
+        block_layer=block, norm_layer=timm_class("models.mlp_mixer", "Affine"))
+
+
+def _timm_poolformer(T):
+    return timm_class("models.metaformer", "MetaFormer")(
+        in_chans=3, num_classes=CLASSES, depths=(1,), dims=(D,), downsample_norm=None, mlp_act=torch.nn.GELU,
+        mlp_bias=True, norm_layers=timm_class("layers", "GroupNorm1"), layer_scale_init_values=0.5,
+        res_scale_init_values=None, use_mlp_head=False)
+
+
+def _timm(build, batch):
+    return ZooCase(build, batch, _timm_logits, F.cross_entropy)
+
+
+# timm imports when a case builds its model (timm_stub.timm_class); the zoo table lists these as TIMM.<case>.
+TIMM = {
+    "timm_swin": _timm(_timm_swin, _images(lambda T: T, lambda T: T)),
+    "timm_cait": _timm(_timm_cait, _images(lambda T: T, lambda T: T)),
+    "timm_resmlp": _timm(_timm_resmlp, _images(lambda T: T, lambda T: T)),
+    "timm_poolformer": _timm(_timm_poolformer, _images(lambda T: 4 * T, lambda T: 4 * T)),
+}
+
 
 def _no_generic(case, *, b, T):
     """``assert_matches``, and no module on the generic torch.func path other than the documented ones."""
@@ -166,9 +165,9 @@ def test_hf_vision_families_match_naive_loop(name, b, T):
     _no_generic(CASES[name], b=b, T=T)
 
 
-@pytest.mark.parametrize("name, b, T", zoo_params(dict.fromkeys(TIMM)))
+@pytest.mark.parametrize("name, b, T", zoo_params(TIMM))
 def test_timm_vision_families_match_naive_loop(name, b, T):
-    _no_generic(_timm_cases()[name], b=b, T=T)
+    _no_generic(TIMM[name], b=b, T=T)
 
 
 def test_dp_steps_on_swin_with_poisson_batches():

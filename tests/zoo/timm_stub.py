@@ -3,6 +3,10 @@
 timm's package imports ``torchvision`` (data transforms, a frozen BatchNorm, feature extraction) but its model
 code does not need it. Installing torchvision could replace torch, so the zoo registers a stub instead, only
 inside :func:`import_timm`, and only when the real one is missing.
+
+Zoo cases name timm classes through :func:`timm_class`, called by their ``build``: a module's cases are
+plain module-level ``ZooCase`` tables (the zoo table generator lists them), and nothing imports timm until
+a case builds its model (collecting the tests stays as fast as before).
 """
 
 from __future__ import annotations
@@ -71,3 +75,10 @@ def import_timm():
         pytest.skip(f"timm does not import with a torchvision stub: {err}")
     finally:
         sys.meta_path.remove(finder)
+
+
+def timm_class(module: str, name: str):
+    """``timm.<module>.<name>`` (e.g. ``timm_class("models.cait", "Cait")``), importing timm on first use;
+    skips the calling test (or the table row) without timm."""
+    import_timm()
+    return getattr(importlib.import_module(f"timm.{module}"), name)
