@@ -31,7 +31,8 @@ import torch
 from . import clipping as clip
 from .records import ForwardContext, Record
 from .layers.generic import generic_group_grads
-from .layers.registry import Unsquared
+from .fused import JoinedBlock, joinable, masked_copies
+from .layers.registry import NormProduct, Unsquared
 from .planner import BudgetResolver, lean_rows, record_shape, reserves
 from .settings import ClipSettings
 from .routes import Autotuner, PassBudget, available_routes, choose_strategy, leanest_peaks
@@ -242,6 +243,11 @@ def _one_context(
             records[position] = None  # its group gradients are all this pass still needs of it
     if records:
         del record
+    blocks = [] if settings.mode == "per_layer" else [JoinedBlock(parts) for parts in joinable(materialised).values()]
+    for position, block in enumerate(blocks):  # small group gradients: one norm, fill and sum per block
+        norms[-1 - position] = Unsquared(block.norms)  # a key no parameter has; whole-gradient modes only
+        for pid in block.shapes:
+            del materialised[pid]
     for pid, g in materialised.items():
         norms[pid] = Unsquared(_group_norms(g))  # (M,), one pass
 
@@ -271,6 +277,8 @@ def _one_context(
         )
     if MASK_ON_CPU or bad.device.type != "cpu" or bool(bad.any()):
         records, materialised = _zero_rows(records, ghost_index, materialised, bad, groups)
+        for block in blocks:
+            block.fill_(bad)
     weights: dict[int, torch.Tensor] = {}
     to_average = to_mean / divisor  # folds the final 1/M into the per-group weights
     if settings.mode == "per_layer":
@@ -303,6 +311,9 @@ def _one_context(
         g = materialised.pop(pid) if release else materialised[pid]
         add(pid, torch.einsum("m,m...->...", weights[pid].to(g.dtype), g))
         del g
+    for block in blocks:
+        for pid, value in block.weighted(group_weight).items():
+            add(pid, value)
     shared_rows = None if settings.mode == "per_layer" else groups.rows(group_weight)  # (B,), once per batch
     for i in ghost_index:
         record = records[i]
@@ -370,20 +381,23 @@ def _group_norms(g: torch.Tensor) -> torch.Tensor:
 
 def _norm_of(value) -> torch.Tensor:
     """A ``group_sq_norms`` value as the norm itself (``(M,)``)."""
-    return value.norm if isinstance(value, Unsquared) else value.clamp(min=0).sqrt()
+    return value.norm if isinstance(value, (Unsquared, NormProduct)) else value.clamp(min=0).sqrt()
 
 
 def _combined_norm(values: list) -> torch.Tensor:
     """``sqrt(sum of squares)`` of the parameters' group norms, ``(M,)``, in few kernels.
 
-    Unsquared norms join with one ``vector_norm`` over their stack; squared ones (Gram sums, which rounding
-    can leave slightly below zero) are summed, clamped at 0 and join as one more norm.
+    Unsquared norms join with one ``vector_norm`` over their stack (products of two norms formed by one
+    ``_foreach_mul``); squared ones (Gram sums, which rounding can leave slightly below zero) are clamped
+    at 0 and rooted by two ``_foreach`` ops first.
     """
     roots = [v.norm for v in values if isinstance(v, Unsquared)]
-    squares = [v for v in values if not isinstance(v, Unsquared)]
-    if squares:
-        total_sq = squares[0] if len(squares) == 1 else torch.stack(squares).sum(0)
-        roots.append(total_sq.clamp(min=0).sqrt())
+    products = [v for v in values if isinstance(v, NormProduct)]
+    if products:  # every product in one launch
+        roots += torch._foreach_mul([v.left for v in products], [v.right for v in products])
+    squares = [v for v in values if not isinstance(v, (Unsquared, NormProduct))]
+    if squares:  # every square's root in two launches
+        roots += torch._foreach_sqrt(torch._foreach_clamp_min(squares, 0.0))
     if len(roots) == 1:
         return roots[0]
     return torch.linalg.vector_norm(torch.stack(roots), dim=0)
@@ -391,32 +405,28 @@ def _combined_norm(values: list) -> torch.Tensor:
 
 def _zero_rows(records, ghost_index, materialised, bad, groups):
     """Zero the rows of non-finite groups where the sums read them: the ghost records' captured tensors (rows
-    of examples) and the materialised group gradients (rows of groups). One ``masked_fill`` per tensor (a
-    tensor two records share is filled once), on the device: no host read."""
-    size = groups.equal_size
-    # Contiguous groups: fill through a (M, b, ...) view of the rows with the (M,) mask (no spread kernel).
-    bad_rows = bad if size is not None else groups.rows(bad)  # keyed: (B,)
-    done: dict[int, torch.Tensor] = {}
+    of examples) and the materialised group gradients (rows of groups), on the device (no host read). Masked
+    copies (``fused.masked_copies``): a few launches per dtype whatever the number of tensors; a tensor two
+    records share is copied once."""
+    def floats(xs):
+        return [x for x in xs if torch.is_tensor(x) and x.is_floating_point()]
 
-    def clean(x, mask, by_rows=False):
-        if not torch.is_tensor(x) or not x.is_floating_point():
-            return x
-        if id(x) not in done:
-            if by_rows and size is not None and size > 1:
-                rows = x.reshape(groups.num_groups, size, *x.shape[1:])
-                done[id(x)] = rows.masked_fill(mask.reshape(-1, *([1] * (rows.dim() - 1))), 0.0).reshape(x.shape)
-            else:
-                done[id(x)] = x.masked_fill(mask.reshape(-1, *([1] * (x.dim() - 1))), 0.0)
-        return done[id(x)]
+    captured = [x for i in ghost_index for x in floats(list(records[i].inputs) + _grad_tensors(records[i]))]
+    if groups.equal_size is not None:  # contiguous groups: a (B, ...) tensor is M blocks of b rows
+        clean = masked_copies(captured + floats(materialised.values()), bad)
+    else:  # keyed: captured rows follow the examples' groups, materialised ones the groups
+        clean = {**masked_copies(captured, groups.rows(bad)), **masked_copies(floats(materialised.values()), bad)}
+
+    def cleaned(x):
+        return clean.get(id(x), x) if torch.is_tensor(x) else x
 
     records = list(records)
     for i in ghost_index:
         r = records[i]
-        records[i] = replace(r, inputs=tuple(clean(x, bad_rows, True) for x in r.inputs),
-                             out_grad=tuple(clean(g, bad_rows, True) for g in r.out_grad)
-                             if isinstance(r.out_grad, tuple) else clean(r.out_grad, bad_rows, True))
-    materialised = {pid: clean(g, bad) for pid, g in materialised.items()}
-    return records, materialised
+        records[i] = replace(r, inputs=tuple(cleaned(x) for x in r.inputs),
+                             out_grad=tuple(cleaned(g) for g in r.out_grad)
+                             if isinstance(r.out_grad, tuple) else cleaned(r.out_grad))
+    return records, {pid: cleaned(g) for pid, g in materialised.items()}
 
 
 def unclipped_sums(records: list[Record], replay_guard) -> dict[int, torch.Tensor]:

@@ -49,15 +49,17 @@ def group_weights(mode: str, norms: torch.Tensor, max_norm: float, gamma: float,
                   scale: "float | torch.Tensor") -> torch.Tensor:
     """``group_factors(mode, norms, ...) * scale`` in as few kernels as possible (the engine's hot path).
 
-    Fixed clipping as ``scale C / fmax(C, n + 1e-6)`` (equal to ``min(1, C / (n + 1e-6)) * scale``): four
+    Fixed clipping as ``scale C / fmax(C, n + 1e-6)`` (equal to ``min(1, C / (n + 1e-6)) * scale``): three
     kernels instead of six. On a GPU each launch counts (``benchmarks/launches.py``). A NaN norm gets the
     finite weight ``scale`` here (``fmax`` ignores NaN), an inf norm 0: the caller zeroes such a group's rows.
     """
-    if mode == "fixed":
+    if mode in ("fixed", "normalize"):
+        # A CPU scalar numerator (no kernel; a 0-d CPU tensor may divide a tensor on any device): one division.
+        top = scale * max_norm if torch.is_tensor(scale) else torch.tensor(scale * max_norm, dtype=norms.dtype)
+        if mode == "normalize":
+            return torch.div(top, norms + gamma)
         bound = torch.tensor(max_norm, dtype=norms.dtype)  # a CPU scalar: no kernel
-        return torch.fmax(norms + NORM_EPS, bound).reciprocal_().mul_(scale * max_norm)
-    if mode == "normalize":
-        return (norms + gamma).reciprocal_().mul_(scale * max_norm)
+        return torch.div(top, torch.fmax(norms + NORM_EPS, bound))
     return group_factors(mode, norms, max_norm, gamma) * scale
 
 
