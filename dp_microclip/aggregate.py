@@ -60,9 +60,10 @@ class PassResult:
     group_norms: list = field(default_factory=list)  # one (M,) tensor per context
     min_norm: float = float("inf")  # smallest norm over non-empty groups (adaptive)
     strategies: dict = field(default_factory=dict)  # record name -> strategy used
-    #: Groups whose gradient had a NaN/inf (they contributed zero): a 0-d tensor on the device, so that no
-    #: step waits for the host to read it (an int 0 before any context).
-    nonfinite_groups: "int | torch.Tensor" = 0
+    #: Which groups' gradient had a NaN/inf (they contributed zero): one ``(M,)`` bool mask per context on the
+    #: device, counted only when read (``fused.NonfiniteCount``), so that no step waits for the host or
+    #: launches a count.
+    nonfinite_masks: list = field(default_factory=list)
     #: One ``(weights (M,), to_average)`` per context, the weights being ``factors * to_average`` (None: per_layer).
     group_weights: list = field(default_factory=list)
 
@@ -267,10 +268,8 @@ def _one_context(
     # gives it weight zero (a bounded contribution, so the sensitivity holds), and its rows are zeroed in what
     # the sums read so that 0 * NaN cannot reach the other groups' sums.
     bad = total_norm.lt(math.inf).logical_not_()  # NaN or inf: two kernels (torch.isfinite launches four)
-    bad_count = bad.sum()
-    result.nonfinite_groups = bad_count if isinstance(result.nonfinite_groups, int) \
-        else result.nonfinite_groups + bad_count
-    if settings.on_nonfinite == "raise" and int(bad_count):  # opt-in: reading the count waits for the device
+    result.nonfinite_masks.append(bad)
+    if settings.on_nonfinite == "raise" and int(bad_count := bad.sum()):  # opt-in: the read waits for the device
         raise FloatingPointError(
             f"{int(bad_count)} micro-batch gradient(s) had a NaN or inf norm. Check the inputs and the loss, or "
             'attach with on_nonfinite="skip" to let such micro-batches contribute zero.'

@@ -139,3 +139,34 @@ def joinable(materialised: dict[int, torch.Tensor]) -> dict[tuple, dict[int, tor
         if g.dim() > 1 and g.is_contiguous() and g[0].numel() <= JOIN_MAX_ELEMENTS:
             found.setdefault((g.dtype, g.device), {})[pid] = g
     return {key: parts for key, parts in found.items() if len(parts) > 1}
+
+
+class NonfiniteCount:
+    """How many micro-batches had a NaN/inf gradient since attach, counted when read, not per step.
+
+    Each pass hands over its ``(M,)`` masks (no launch); a read, or every :attr:`FOLD` masks (so that the list
+    stays short), joins them into the running count: a ``cat`` and a ``sum`` per device. The count is a 0-d
+    tensor on the device once a pass ran (0 before), so reading it is the only host synchronisation.
+    """
+
+    FOLD = 64
+
+    def __init__(self):
+        self._masks: list[torch.Tensor] = []
+        self._total: "int | torch.Tensor" = 0
+
+    def add(self, masks: list) -> None:
+        """Keep one pass's masks; fold them into the count now and then."""
+        self._masks += masks
+        if len(self._masks) >= self.FOLD:
+            self.value()
+
+    def value(self) -> "int | torch.Tensor":
+        """The count so far (a 0-d device tensor once any pass ran)."""
+        by_device: dict = {}
+        for mask in self._masks:
+            by_device.setdefault(mask.device, []).append(mask)
+        self._masks = []
+        for masks in by_device.values():
+            self._total = torch.cat(masks).sum() + self._total
+        return self._total
