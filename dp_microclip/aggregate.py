@@ -57,7 +57,9 @@ class PassResult:
 
     sums: dict = field(default_factory=dict)  # id(param) -> (param, clipped mean)
     num_groups: float = 0.0  # the divisor used (public M in DP mode)
-    group_norms: list = field(default_factory=list)  # one (M,) tensor per context
+    #: One ``((M,) norms, scale)`` per context: the group norms are ``norms * scale`` (the group mean's scale,
+    #: folded into the clip weights where it is a number; formed only when read: :func:`joined_norms`).
+    norm_parts: list = field(default_factory=list)
     min_norm: float = float("inf")  # smallest norm over non-empty groups (adaptive)
     strategies: dict = field(default_factory=dict)  # record name -> strategy used
     #: Which groups' gradient had a NaN/inf (they contributed zero): one ``(M,)`` bool mask per context on the
@@ -66,6 +68,11 @@ class PassResult:
     nonfinite_masks: list = field(default_factory=list)
     #: One ``(weights (M,), to_average)`` per context, the weights being ``factors * to_average`` (None: per_layer).
     group_weights: list = field(default_factory=list)
+
+    @property
+    def group_norms(self) -> list:
+        """One ``(M,)`` tensor of group-gradient norms per context, formed on access only."""
+        return [n if scale == 1.0 else n * scale for n, scale in self.norm_parts]
 
     @property
     def group_factors(self) -> list:
@@ -263,7 +270,12 @@ def _one_context(
         # g_j = to_mean_j * S_j; empty groups (keyed grouping) contribute nothing.
         to_mean = torch.where(nonempty, scale / sizes.clamp(min=1.0), torch.zeros_like(sizes))  # (M,)
 
-    total_norm = _combined_norm(list(norms.values())) * to_mean  # (M,)
+    total_norm = _combined_norm(list(norms.values()))  # (M,), of the group sums
+    norm_scale = 1.0
+    if isinstance(to_mean, float) and settings.mode in ("fixed", "normalize"):
+        norm_scale = to_mean  # the mean's scale goes into the clip weights' one add (a launch fewer)
+    else:
+        total_norm = total_norm * to_mean  # (M,), of the group means
     # Non-finite groups are handled on the device, with no host read: a NaN/inf anywhere in a group's gradient
     # gives it weight zero (a bounded contribution, so the sensitivity holds), and its rows are zeroed in what
     # the sums read so that 0 * NaN cannot reach the other groups' sums.
@@ -275,9 +287,7 @@ def _one_context(
             'attach with on_nonfinite="skip" to let such micro-batches contribute zero.'
         )
     if MASK_ON_CPU or bad.device.type != "cpu" or bool(bad.any()):
-        records, materialised = _zero_rows(records, ghost_index, materialised, bad, groups)
-        for block in blocks:
-            block.fill_(bad)
+        records, materialised = _zero_rows(records, ghost_index, materialised, bad, groups, blocks)
     weights: dict[int, torch.Tensor] = {}
     to_average = to_mean / divisor  # folds the final 1/M into the per-group weights
     if settings.mode == "per_layer":
@@ -288,7 +298,7 @@ def _one_context(
                 bad, 0.0)
     else:
         group_weight = clip.group_weights(settings.mode, total_norm, settings.max_grad_norm, settings.gamma,
-                                          to_average)  # (M,)
+                                          to_average, norm_scale)  # (M,)
         if settings.mode != "fixed":  # fixed: finite for a NaN norm, and the group's rows are zero anyway
             group_weight.masked_fill_(bad, 0.0)
         result.group_weights.append((group_weight.detach(), to_average))
@@ -297,7 +307,7 @@ def _one_context(
     if settings.mode == "adaptive":  # rho needs the host (acc.min_norm): adaptive clipping reads one value a pass
         usable = ~bad if nonempty is None else nonempty & ~bad
         result.min_norm = min(result.min_norm, float(torch.where(usable, total_norm, math.inf).min()))
-    result.group_norms.append(total_norm.detach())
+    result.norm_parts.append((total_norm.detach(), norm_scale))
     sums: dict = {}
 
     def add(pid: int, value: torch.Tensor) -> None:
@@ -383,6 +393,12 @@ def _norm_of(value) -> torch.Tensor:
     return value.norm if isinstance(value, (Unsquared, NormProduct)) else value.clamp(min=0).sqrt()
 
 
+def joined_norms(parts: list) -> "torch.Tensor | None":
+    """The group norms of a pass's ``norm_parts`` as one ``(M,)`` tensor (None if there were none)."""
+    norms = [n if scale == 1.0 else n * scale for n, scale in parts]
+    return None if not norms else norms[0] if len(norms) == 1 else torch.cat(norms)
+
+
 def _combined_norm(values: list) -> torch.Tensor:
     """``sqrt(sum of squares)`` of the parameters' group norms, ``(M,)``, in few kernels.
 
@@ -402,19 +418,23 @@ def _combined_norm(values: list) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(roots), dim=0)
 
 
-def _zero_rows(records, ghost_index, materialised, bad, groups):
+def _zero_rows(records, ghost_index, materialised, bad, groups, blocks):
     """Zero the rows of non-finite groups where the sums read them: the ghost records' captured tensors (rows
-    of examples) and the materialised group gradients (rows of groups), on the device (no host read). Masked
+    of examples), the materialised group gradients and joined blocks (rows of groups), on the device (no host
+    read). Masked
     copies (``fused.masked_copies``): a few launches per dtype whatever the number of tensors; a tensor two
     records share is copied once."""
     def floats(xs):
         return [x for x in xs if torch.is_tensor(x) and x.is_floating_point()]
 
     captured = [x for i in ghost_index for x in floats(list(records[i].inputs) + _grad_tensors(records[i]))]
+    by_group = floats(materialised.values()) + [block.block for block in blocks]  # (M, ...) each
     if groups.equal_size is not None:  # contiguous groups: a (B, ...) tensor is M blocks of b rows
-        clean = masked_copies(captured + floats(materialised.values()), bad)
+        clean = masked_copies(captured + by_group, bad)
     else:  # keyed: captured rows follow the examples' groups, materialised ones the groups
-        clean = {**masked_copies(captured, groups.rows(bad)), **masked_copies(floats(materialised.values()), bad)}
+        clean = {**masked_copies(captured, groups.rows(bad)), **masked_copies(by_group, bad)}
+    for block in blocks:
+        block.use(clean)
 
     def cleaned(x):
         return clean.get(id(x), x) if torch.is_tensor(x) else x

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import privacy as dp_rules
-from .aggregate import EarlyReduction, clip_and_sum
+from .aggregate import EarlyReduction, clip_and_sum, joined_norms
 from .capture import CaptureSink
 from .errors import ConfigurationError, PrivacyError
 from .fused import NonfiniteCount
@@ -85,7 +85,7 @@ class Engine:
         self._acc = StepAccumulator()
         self._steps_taken = 0
         self._nonfinite = NonfiniteCount()  # counted when read: no host read and no launch per step
-        self._last_norms: list[torch.Tensor] = []
+        self._last_norms: list = []  # ((M,) norms, scale) per context of the latest pass
         self.last_strategies: dict[str, str] = {}
         self._inherited_steps = dp_rules.DP_HISTORY.steps_of(model.parameters()) if privacy is not None else 0
         self._tracker = dp_rules.DP_HISTORY.tracker(managed) if privacy is not None else None
@@ -130,8 +130,7 @@ class Engine:
     @property
     def last_group_norms(self) -> torch.Tensor | None:
         """The micro-batch gradient norms of the latest backward pass (joined on access, not every step)."""
-        norms = self._last_norms
-        return None if not norms else norms[0] if len(norms) == 1 else torch.cat(norms)
+        return joined_norms(self._last_norms)
 
     @property
     def noise_multiplier(self) -> float | None:
@@ -380,8 +379,8 @@ class Engine:
                               lambda ctx: self._plan.divisor(ctx.groups), self._tuner, not self._observers)
         self._acc.add(result, chunk=drawn and self._acc.batch_chunks > 0, fixed_divisor=self._plan.fixed_divisor)
         self._nonfinite.add(result.nonfinite_masks)
-        if result.group_norms:
-            self._last_norms = result.group_norms
+        if result.norm_parts:
+            self._last_norms = result.norm_parts
         self.last_strategies = result.strategies
         for observer in list(self._observers):
             if hasattr(observer, "on_pass"):

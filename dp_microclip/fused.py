@@ -10,8 +10,8 @@ Letters: M groups, R rows of a mask (M, or B examples under keyed grouping), K j
   as the out-of-place fills made (the captured tensors may be the user's own and are never written); the
   pieces come back as contiguous views of the buffer with the tensors' shapes.
 * :class:`JoinedBlock`: small materialised group gradients ``(M, ...)`` of one context joined into one
-  ``(M, K)`` block: one norm, one in-place fill and one weighted sum (``mv``) for all of them, instead of a
-  norm, a fill and an ``einsum`` each (LayerNorm and other affine parameters). Only where every parameter
+  ``(M, K)`` block: one norm and one weighted sum (``mv``) for all of them, masked with the rest, instead of
+  a norm, a fill and an ``einsum`` each (LayerNorm and other affine parameters). Only where every parameter
   has the same clip weight (whole-gradient clipping: the norm of the block is what the clip factor needs).
 
 Both are exact: the same zeros in the same rows, the same norms, the same sums (up to summation order).
@@ -112,8 +112,8 @@ class JoinedBlock:
     """Small materialised group gradients of one dtype and device as one ``(M, K)`` block.
 
     Built from ``{id(param): (M, *shape)}``; :attr:`norms` is the ``(M,)`` norm of every group's part
-    (``sqrt`` of the sum of the parts' squared norms), :meth:`fill_` zeroes groups in place (the block is
-    the engine's own copy), :meth:`weighted` gives ``{id(param): sum_j w_j g_j}`` from one ``mv``.
+    (``sqrt`` of the sum of the parts' squared norms), :meth:`use` takes its masked copy,
+    :meth:`weighted` gives ``{id(param): sum_j w_j g_j}`` from one ``mv``.
     """
 
     def __init__(self, parts: dict[int, torch.Tensor]):
@@ -121,9 +121,10 @@ class JoinedBlock:
         self.block = torch.cat([g.reshape(g.shape[0], -1) for g in parts.values()], dim=1)  # (M, K)
         self.norms = torch.linalg.vector_norm(self.block, dim=1)  # (M,)
 
-    def fill_(self, bad: torch.Tensor) -> None:
-        """Zero the rows of the groups in ``bad`` ``(M,)``."""
-        self.block.masked_fill_(bad[:, None], 0.0)
+    def use(self, clean: dict[int, torch.Tensor]) -> None:
+        """Take the block's masked copy from :func:`masked_copies`' result (the block joins the other tensors'
+        masking: no launch of its own)."""
+        self.block = clean.get(id(self.block), self.block)
 
     def weighted(self, weight: torch.Tensor) -> dict[int, torch.Tensor]:
         """``{id(param): sum_j weight_j g_j}``, each shaped like its parameter (views of one ``(K,)`` result)."""
