@@ -29,9 +29,9 @@ from typing import Callable
 import torch
 
 from . import clipping as clip
-from .records import ForwardContext, Record
+from .records import ForwardContext, Record, grad_tensors
 from .layers.generic import generic_group_grads
-from .fused import JoinedBlock, joinable, masked_copies
+from .fused import JoinedBlock, joinable, zero_rows
 from .layers.registry import NormProduct, Unsquared
 from .planner import BudgetResolver, lean_rows, record_shape, reserves
 from .settings import ClipSettings
@@ -192,7 +192,7 @@ def _one_context(
     if ctx.batch_size == 0:  # an empty Poisson batch: no gradient, but its groups still count in M
         result.sums, result.num_groups = merge_means(result.sums, result.num_groups, {}, divisor)
         return
-    device = _grad_tensors(given[0])[0].device
+    device = grad_tensors(given[0])[0].device
     groups = ctx.groups.to(device)
     records: list = [_in_float32(r) for r in given]  # bf16/fp16 (autocast): norms and factors in float32
     if release:
@@ -203,7 +203,7 @@ def _one_context(
     norms: dict[int, "torch.Tensor | Unsquared"] = {}  # squared, or Unsquared (the rule's choice)
     materialised: dict[int, torch.Tensor] = {}
     ghost_index: list[int] = []  # records whose sum is a weighted product over rows
-    captured = sum(_nbytes(r.inputs) + _nbytes(_grad_tensors(r)) for r in records)
+    captured = sum(_nbytes(r.inputs) + _nbytes(grad_tensors(r)) for r in records)
     memory = settings.memory
     limit, hard = BudgetResolver(memory, tuner.free_memory).budget(device, captured)
     budget = PassBudget(limit, hard, memory, groups.max_size())
@@ -287,7 +287,7 @@ def _one_context(
             'attach with on_nonfinite="skip" to let such micro-batches contribute zero.'
         )
     if MASK_ON_CPU or bad.device.type != "cpu" or bool(bad.any()):
-        records, materialised = _zero_rows(records, ghost_index, materialised, bad, groups, blocks)
+        records, materialised = zero_rows(records, ghost_index, materialised, bad, groups, blocks)
     weights: dict[int, torch.Tensor] = {}
     to_average = to_mean / divisor  # folds the final 1/M into the per-group weights
     if settings.mode == "per_layer":
@@ -369,18 +369,11 @@ def _in_float32(record: Record) -> Record:
     def up(x):
         return x.float() if torch.is_tensor(x) and x.dtype in LOW_PRECISION else x
 
-    tensors = list(record.inputs) + _grad_tensors(record)
+    tensors = list(record.inputs) + grad_tensors(record)
     if not any(torch.is_tensor(x) and x.dtype in LOW_PRECISION for x in tensors):
         return record
     out_grad = tuple(up(g) for g in record.out_grad) if isinstance(record.out_grad, tuple) else up(record.out_grad)
     return replace(record, inputs=tuple(up(x) for x in record.inputs), out_grad=out_grad)
-
-
-def _grad_tensors(record: Record) -> list:
-    """The record's output gradient(s) as a list (several for a multi-output layer such as an RNN)."""
-    if isinstance(record.out_grad, tuple):
-        return [g for g in record.out_grad if g is not None]
-    return [record.out_grad]
 
 
 def _group_norms(g: torch.Tensor) -> torch.Tensor:
@@ -418,36 +411,6 @@ def _combined_norm(values: list) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(roots), dim=0)
 
 
-def _zero_rows(records, ghost_index, materialised, bad, groups, blocks):
-    """Zero the rows of non-finite groups where the sums read them: the ghost records' captured tensors (rows
-    of examples), the materialised group gradients and joined blocks (rows of groups), on the device (no host
-    read). Masked
-    copies (``fused.masked_copies``): a few launches per dtype whatever the number of tensors; a tensor two
-    records share is copied once."""
-    def floats(xs):
-        return [x for x in xs if torch.is_tensor(x) and x.is_floating_point()]
-
-    captured = [x for i in ghost_index for x in floats(list(records[i].inputs) + _grad_tensors(records[i]))]
-    by_group = floats(materialised.values()) + [block.block for block in blocks]  # (M, ...) each
-    if groups.equal_size is not None:  # contiguous groups: a (B, ...) tensor is M blocks of b rows
-        clean = masked_copies(captured + by_group, bad)
-    else:  # keyed: captured rows follow the examples' groups, materialised ones the groups
-        clean = {**masked_copies(captured, groups.rows(bad)), **masked_copies(by_group, bad)}
-    for block in blocks:
-        block.use(clean)
-
-    def cleaned(x):
-        return clean.get(id(x), x) if torch.is_tensor(x) else x
-
-    records = list(records)
-    for i in ghost_index:
-        r = records[i]
-        records[i] = replace(r, inputs=tuple(cleaned(x) for x in r.inputs),
-                             out_grad=tuple(cleaned(g) for g in r.out_grad)
-                             if isinstance(r.out_grad, tuple) else cleaned(r.out_grad))
-    return records, {pid: cleaned(g) for pid, g in materialised.items()}
-
-
 def unclipped_sums(records: list[Record], replay_guard) -> dict[int, torch.Tensor]:
     """``{id(param): sum over examples of its captured gradient}``: what autograd computes, from the records.
 
@@ -464,7 +427,7 @@ def _unclipped_sums(records: list[Record], replay_guard) -> dict[int, torch.Tens
         if record.ctx.batch_size == 0:
             continue
         record = _in_float32(record)
-        device = _grad_tensors(record)[0].device
+        device = grad_tensors(record)[0].device
         groups = record.ctx.groups.to(device)
         if record.rule is not None and record.rule.weighted_sum is not None and not record.unit.parametrized:
             ones = {name: torch.ones(groups.batch_size, device=device) for name in record.params}

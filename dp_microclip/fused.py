@@ -9,6 +9,8 @@ Letters: M groups, R rows of a mask (M, or B examples under keyed grouping), K j
   share few widths, those of one width are stacked and filled (two launches a width). The copy is the same
   as the out-of-place fills made (the captured tensors may be the user's own and are never written); the
   pieces come back as contiguous views of the buffer with the tensors' shapes.
+* :func:`zero_rows`: where the aggregation applies it (the ghost records' captured tensors, the materialised
+  group gradients, the joined blocks).
 * :class:`JoinedBlock`: small materialised group gradients ``(M, ...)`` of one context joined into one
   ``(M, K)`` block: one norm and one weighted sum (``mv``) for all of them, masked with the rest, instead of
   a norm, a fill and an ``einsum`` each (LayerNorm and other affine parameters). Only where every parameter
@@ -20,8 +22,11 @@ Both are exact: the same zeros in the same rows, the same norms, the same sums (
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import torch
+
+from .records import grad_tensors
 
 #: Materialised group gradients with at most this many elements per group join the block: their kernels
 #: are launch-bound; a larger one keeps its own kernels (and the block would copy it).
@@ -106,6 +111,36 @@ def _masked_copy(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def _repeats(widths: tuple, rows: int, device: torch.device) -> torch.Tensor:
     """``(len(widths) * rows,)``: each tensor's width repeated for each of its mask rows (built once per shape)."""
     return torch.tensor([w for w in widths for _ in range(rows)], dtype=torch.long).to(device)
+
+
+def zero_rows(records, ghost_index, materialised, bad, groups, blocks):
+    """Zero the rows of non-finite groups where the sums read them: the ghost records' captured tensors (rows
+    of examples), the materialised group gradients and joined blocks (rows of groups), on the device (no host
+    read). Masked
+    copies (``fused.masked_copies``): a few launches per dtype whatever the number of tensors; a tensor two
+    records share is copied once."""
+    def floats(xs):
+        return [x for x in xs if torch.is_tensor(x) and x.is_floating_point()]
+
+    captured = [x for i in ghost_index for x in floats(list(records[i].inputs) + grad_tensors(records[i]))]
+    by_group = floats(materialised.values()) + [block.block for block in blocks]  # (M, ...) each
+    if groups.equal_size is not None:  # contiguous groups: a (B, ...) tensor is M blocks of b rows
+        clean = masked_copies(captured + by_group, bad)
+    else:  # keyed: captured rows follow the examples' groups, materialised ones the groups
+        clean = {**masked_copies(captured, groups.rows(bad)), **masked_copies(by_group, bad)}
+    for block in blocks:
+        block.use(clean)
+
+    def cleaned(x):
+        return clean.get(id(x), x) if torch.is_tensor(x) else x
+
+    records = list(records)
+    for i in ghost_index:
+        r = records[i]
+        records[i] = replace(r, inputs=tuple(cleaned(x) for x in r.inputs),
+                             out_grad=tuple(cleaned(g) for g in r.out_grad)
+                             if isinstance(r.out_grad, tuple) else cleaned(r.out_grad))
+    return records, {pid: cleaned(g) for pid, g in materialised.items()}
 
 
 class JoinedBlock:

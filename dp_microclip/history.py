@@ -88,8 +88,8 @@ class ParameterHistory:
         return forget
 
     def add_values(self, steps: int, shapes: list, values: list, untrained: set) -> None:
-        """Gathered values (tensors on their device, one per shape) of parameters with ``shapes`` after ``steps`` steps; a
-        fingerprint in ``untrained`` (the values at attach) is not evidence of training and is skipped."""
+        """Gathered values (tensors on their device, one per shape) of parameters with ``shapes`` after ``steps``
+        steps; a fingerprint in ``untrained`` (the values at attach) is not evidence of training and is skipped."""
         self._pending.append((steps, shapes, values, untrained))
         if len(self._pending) >= FLUSH_EVERY:
             self._flush()
