@@ -11,7 +11,8 @@ both on the CPU, where they are deterministic:
   out, as they launch no kernel;
 * host synchronisations: ops that copy a device value to the host
   (``aten::item``, ``aten::_local_scalar_dense``, ``aten::is_nonzero``,
-  ``aten::nonzero``, ``aten::equal``, ``aten::allclose``); on a GPU each one
+  ``aten::nonzero``, ``aten::equal``, ``aten::allclose``) or whose output size
+  depends on the values (``unique``, ``masked_select``); on a GPU each one
   stalls the launch queue.
 
 Run: ``python -m benchmarks.launches`` (``--models mlp cnn transformer``,
@@ -44,7 +45,10 @@ VIEW_OPS = frozenset({
     "movedim", "flatten", "unflatten", "view_as", "expand_as", "_reshape_alias", "lift_fresh", "numpy_T",
     "diagonal", "unfold",
 })
-SYNC_OPS = frozenset({"item", "_local_scalar_dense", "is_nonzero", "nonzero", "equal", "allclose"})
+#: Ops that read a device value on the host: a copy to a Python value, or an output whose size depends on the
+#: values (``unique`` must know how many there are before it can allocate its result).
+SYNC_OPS = frozenset({"item", "_local_scalar_dense", "is_nonzero", "nonzero", "equal", "allclose",
+                      "_unique", "_unique2", "unique_dim", "unique_consecutive", "masked_select"})
 
 
 class LaunchCounter(TorchDispatchMode):
