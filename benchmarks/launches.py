@@ -11,7 +11,8 @@ both on the CPU, where they are deterministic:
   out, as they launch no kernel;
 * host synchronisations: ops that copy a device value to the host
   (``aten::item``, ``aten::_local_scalar_dense``, ``aten::is_nonzero``,
-  ``aten::nonzero``, ``aten::equal``, ``aten::allclose``); on a GPU each one
+  ``aten::nonzero``, ``aten::equal``, ``aten::allclose``) or whose output size
+  depends on the values (``unique``, ``masked_select``); on a GPU each one
   stalls the launch queue.
 
 Run: ``python -m benchmarks.launches`` (``--models mlp cnn transformer``,
@@ -44,16 +45,21 @@ VIEW_OPS = frozenset({
     "movedim", "flatten", "unflatten", "view_as", "expand_as", "_reshape_alias", "lift_fresh", "numpy_T",
     "diagonal", "unfold",
 })
-SYNC_OPS = frozenset({"item", "_local_scalar_dense", "is_nonzero", "nonzero", "equal", "allclose"})
+#: Ops that read a device value on the host: a copy to a Python value, or an output whose size depends on the
+#: values (``unique`` must know how many there are before it can allocate its result).
+SYNC_OPS = frozenset({"item", "_local_scalar_dense", "is_nonzero", "nonzero", "equal", "allclose",
+                      "_unique", "_unique2", "unique_dim", "unique_consecutive", "masked_select"})
 
 
 class LaunchCounter(TorchDispatchMode):
     """Counts aten ops (kernel launches) and host synchronisations dispatched while active."""
 
-    def __init__(self):
+    def __init__(self, sources: bool = False):
         super().__init__()
         self.ops: Counter = Counter()
         self.syncs: Counter = Counter()
+        #: with ``sources=True``: (op, the innermost ``dp_microclip`` file:line that dispatched it, or "torch/user")
+        self.sources: Counter | None = Counter() if sources else None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
@@ -61,12 +67,27 @@ class LaunchCounter(TorchDispatchMode):
             self.syncs[name] += 1
         if name not in VIEW_OPS:
             self.ops[name] += 1
+            if self.sources is not None:
+                self.sources[(name, _engine_line())] += 1
         return func(*args, **(kwargs or {}))
 
     @property
     def launches(self) -> int:
         """Kernel launches counted (view-only ops excluded)."""
         return sum(self.ops.values())
+
+
+def _engine_line() -> str:
+    """The innermost frame in the library that led to the current op (``file.py:line``), else "torch/user"."""
+    import sys
+
+    frame = sys._getframe(2)
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if "/dp_microclip/" in path:
+            return f"{path.split('/dp_microclip/')[1]}:{frame.f_lineno} {frame.f_code.co_name}"
+        frame = frame.f_back
+    return "torch/user"
 
 
 def _setup(workload, method: str):
@@ -98,29 +119,31 @@ def _stepper(model_name: str, method: str):
     return step, engine
 
 
-def _count(model_name: str, method: str) -> tuple[int, int, Counter]:
+def _count(model_name: str, method: str, sources: bool = False) -> LaunchCounter:
     step, engine = _stepper(model_name, method)
 
     for _ in range(2):  # warm up: the layout probe, route choice and first-step work are not steady state
         step()
-    counter = LaunchCounter()
+    counter = LaunchCounter(sources)
     with counter:
         step()
     if engine is not None:
         engine.detach()
-    return counter.launches, sum(counter.syncs.values()), counter.ops
+    return counter
 
 
-def count(model_name: str, method: str) -> tuple[int, int, Counter]:
+def count(model_name: str, method: str, sources: bool = False) -> tuple[int, int, Counter]:
     """(launches, host syncs, op counts) of one steady-state step of ``method`` on ``model_name``, on the path
-    an accelerator takes (``aggregate.MASK_ON_CPU``: non-finite groups masked on the device, no host read)."""
+    an accelerator takes (``aggregate.MASK_ON_CPU``: non-finite groups masked on the device, no host read).
+    With ``sources=True`` the op counts are keyed by (op, the library line that dispatched it)."""
     from dp_microclip import aggregate
 
     previous, aggregate.MASK_ON_CPU = aggregate.MASK_ON_CPU, True
     try:
-        return _count(model_name, method)
+        counter = _count(model_name, method, sources)
     finally:
         aggregate.MASK_ON_CPU = previous
+    return counter.launches, sum(counter.syncs.values()), counter.sources if sources else counter.ops
 
 
 METHODS = ("plain", "b=1", "b=8", "dp b=1")
@@ -168,6 +191,8 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", default=list(MAIN_MODELS), help="bench models (default: %(default)s)")
     parser.add_argument("--json", default=None, help="also write the counts to this JSON file")
     parser.add_argument("--top", type=int, default=0, help="print the N most frequent ops of each engine row")
+    parser.add_argument("--sources", action="store_true",
+                        help="print every engine row's ops with the library line that dispatched each")
     parser.add_argument("--nonfinite", type=int, default=0, metavar="ROUNDS",
                         help="only compare device-side non-finite zeroing with one host read, ROUNDS steps each")
     args = parser.parse_args(argv)
@@ -195,6 +220,9 @@ def main(argv=None) -> int:
             print(f"| {name} | {method} | {launches} | {launches / plain:.2f}x | {syncs} |")
             if args.top and method != "plain":
                 print("    " + ", ".join(f"{op} {n}" for op, n in ops.most_common(args.top)))
+            if args.sources and method != "plain":
+                for (op, line), n in sorted(count(name, method, sources=True)[2].items(), key=lambda kv: kv[0][1]):
+                    print(f"    {n:3d} {op:28s} {line}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -29,9 +29,10 @@ from typing import Callable
 import torch
 
 from . import clipping as clip
-from .records import ForwardContext, Record
+from .records import ForwardContext, Record, grad_tensors
 from .layers.generic import generic_group_grads
-from .layers.registry import Unsquared
+from .fused import JoinedBlock, joinable, zero_rows
+from .layers.registry import NormProduct, Unsquared
 from .planner import BudgetResolver, lean_rows, record_shape, reserves
 from .settings import ClipSettings
 from .routes import Autotuner, PassBudget, available_routes, choose_strategy, leanest_peaks
@@ -56,14 +57,22 @@ class PassResult:
 
     sums: dict = field(default_factory=dict)  # id(param) -> (param, clipped mean)
     num_groups: float = 0.0  # the divisor used (public M in DP mode)
-    group_norms: list = field(default_factory=list)  # one (M,) tensor per context
+    #: One ``((M,) norms, scale)`` per context: the group norms are ``norms * scale`` (the group mean's scale,
+    #: folded into the clip weights where it is a number; formed only when read: :func:`joined_norms`).
+    norm_parts: list = field(default_factory=list)
     min_norm: float = float("inf")  # smallest norm over non-empty groups (adaptive)
     strategies: dict = field(default_factory=dict)  # record name -> strategy used
-    #: Groups whose gradient had a NaN/inf (they contributed zero): a 0-d tensor on the device, so that no
-    #: step waits for the host to read it (an int 0 before any context).
-    nonfinite_groups: "int | torch.Tensor" = 0
+    #: Which groups' gradient had a NaN/inf (they contributed zero): one ``(M,)`` bool mask per context on the
+    #: device, counted only when read (``fused.NonfiniteCount``), so that no step waits for the host or
+    #: launches a count.
+    nonfinite_masks: list = field(default_factory=list)
     #: One ``(weights (M,), to_average)`` per context, the weights being ``factors * to_average`` (None: per_layer).
     group_weights: list = field(default_factory=list)
+
+    @property
+    def group_norms(self) -> list:
+        """One ``(M,)`` tensor of group-gradient norms per context, formed on access only."""
+        return [n if scale == 1.0 else n * scale for n, scale in self.norm_parts]
 
     @property
     def group_factors(self) -> list:
@@ -183,7 +192,7 @@ def _one_context(
     if ctx.batch_size == 0:  # an empty Poisson batch: no gradient, but its groups still count in M
         result.sums, result.num_groups = merge_means(result.sums, result.num_groups, {}, divisor)
         return
-    device = _grad_tensors(given[0])[0].device
+    device = grad_tensors(given[0])[0].device
     groups = ctx.groups.to(device)
     records: list = [_in_float32(r) for r in given]  # bf16/fp16 (autocast): norms and factors in float32
     if release:
@@ -194,7 +203,7 @@ def _one_context(
     norms: dict[int, "torch.Tensor | Unsquared"] = {}  # squared, or Unsquared (the rule's choice)
     materialised: dict[int, torch.Tensor] = {}
     ghost_index: list[int] = []  # records whose sum is a weighted product over rows
-    captured = sum(_nbytes(r.inputs) + _nbytes(_grad_tensors(r)) for r in records)
+    captured = sum(_nbytes(r.inputs) + _nbytes(grad_tensors(r)) for r in records)
     memory = settings.memory
     limit, hard = BudgetResolver(memory, tuner.free_memory).budget(device, captured)
     budget = PassBudget(limit, hard, memory, groups.max_size())
@@ -242,6 +251,11 @@ def _one_context(
             records[position] = None  # its group gradients are all this pass still needs of it
     if records:
         del record
+    blocks = [] if settings.mode == "per_layer" else [JoinedBlock(parts) for parts in joinable(materialised).values()]
+    for position, block in enumerate(blocks):  # small group gradients: one norm, fill and sum per block
+        norms[-1 - position] = Unsquared(block.norms)  # a key no parameter has; whole-gradient modes only
+        for pid in block.shapes:
+            del materialised[pid]
     for pid, g in materialised.items():
         norms[pid] = Unsquared(_group_norms(g))  # (M,), one pass
 
@@ -256,21 +270,24 @@ def _one_context(
         # g_j = to_mean_j * S_j; empty groups (keyed grouping) contribute nothing.
         to_mean = torch.where(nonempty, scale / sizes.clamp(min=1.0), torch.zeros_like(sizes))  # (M,)
 
-    total_norm = _combined_norm(list(norms.values())) * to_mean  # (M,)
+    total_norm = _combined_norm(list(norms.values()))  # (M,), of the group sums
+    norm_scale = 1.0
+    if isinstance(to_mean, float) and settings.mode in ("fixed", "normalize"):
+        norm_scale = to_mean  # the mean's scale goes into the clip weights' one add (a launch fewer)
+    else:
+        total_norm = total_norm * to_mean  # (M,), of the group means
     # Non-finite groups are handled on the device, with no host read: a NaN/inf anywhere in a group's gradient
     # gives it weight zero (a bounded contribution, so the sensitivity holds), and its rows are zeroed in what
     # the sums read so that 0 * NaN cannot reach the other groups' sums.
     bad = total_norm.lt(math.inf).logical_not_()  # NaN or inf: two kernels (torch.isfinite launches four)
-    bad_count = bad.sum()
-    result.nonfinite_groups = bad_count if isinstance(result.nonfinite_groups, int) \
-        else result.nonfinite_groups + bad_count
-    if settings.on_nonfinite == "raise" and int(bad_count):  # opt-in: reading the count waits for the device
+    result.nonfinite_masks.append(bad)
+    if settings.on_nonfinite == "raise" and int(bad_count := bad.sum()):  # opt-in: the read waits for the device
         raise FloatingPointError(
             f"{int(bad_count)} micro-batch gradient(s) had a NaN or inf norm. Check the inputs and the loss, or "
             'attach with on_nonfinite="skip" to let such micro-batches contribute zero.'
         )
     if MASK_ON_CPU or bad.device.type != "cpu" or bool(bad.any()):
-        records, materialised = _zero_rows(records, ghost_index, materialised, bad, groups)
+        records, materialised = zero_rows(records, ghost_index, materialised, bad, groups, blocks)
     weights: dict[int, torch.Tensor] = {}
     to_average = to_mean / divisor  # folds the final 1/M into the per-group weights
     if settings.mode == "per_layer":
@@ -281,7 +298,7 @@ def _one_context(
                 bad, 0.0)
     else:
         group_weight = clip.group_weights(settings.mode, total_norm, settings.max_grad_norm, settings.gamma,
-                                          to_average)  # (M,)
+                                          to_average, norm_scale)  # (M,)
         if settings.mode != "fixed":  # fixed: finite for a NaN norm, and the group's rows are zero anyway
             group_weight.masked_fill_(bad, 0.0)
         result.group_weights.append((group_weight.detach(), to_average))
@@ -290,7 +307,7 @@ def _one_context(
     if settings.mode == "adaptive":  # rho needs the host (acc.min_norm): adaptive clipping reads one value a pass
         usable = ~bad if nonempty is None else nonempty & ~bad
         result.min_norm = min(result.min_norm, float(torch.where(usable, total_norm, math.inf).min()))
-    result.group_norms.append(total_norm.detach())
+    result.norm_parts.append((total_norm.detach(), norm_scale))
     sums: dict = {}
 
     def add(pid: int, value: torch.Tensor) -> None:
@@ -303,6 +320,9 @@ def _one_context(
         g = materialised.pop(pid) if release else materialised[pid]
         add(pid, torch.einsum("m,m...->...", weights[pid].to(g.dtype), g))
         del g
+    for block in blocks:
+        for pid, value in block.weighted(group_weight).items():
+            add(pid, value)
     shared_rows = None if settings.mode == "per_layer" else groups.rows(group_weight)  # (B,), once per batch
     for i in ghost_index:
         record = records[i]
@@ -349,18 +369,11 @@ def _in_float32(record: Record) -> Record:
     def up(x):
         return x.float() if torch.is_tensor(x) and x.dtype in LOW_PRECISION else x
 
-    tensors = list(record.inputs) + _grad_tensors(record)
+    tensors = list(record.inputs) + grad_tensors(record)
     if not any(torch.is_tensor(x) and x.dtype in LOW_PRECISION for x in tensors):
         return record
     out_grad = tuple(up(g) for g in record.out_grad) if isinstance(record.out_grad, tuple) else up(record.out_grad)
     return replace(record, inputs=tuple(up(x) for x in record.inputs), out_grad=out_grad)
-
-
-def _grad_tensors(record: Record) -> list:
-    """The record's output gradient(s) as a list (several for a multi-output layer such as an RNN)."""
-    if isinstance(record.out_grad, tuple):
-        return [g for g in record.out_grad if g is not None]
-    return [record.out_grad]
 
 
 def _group_norms(g: torch.Tensor) -> torch.Tensor:
@@ -370,53 +383,32 @@ def _group_norms(g: torch.Tensor) -> torch.Tensor:
 
 def _norm_of(value) -> torch.Tensor:
     """A ``group_sq_norms`` value as the norm itself (``(M,)``)."""
-    return value.norm if isinstance(value, Unsquared) else value.clamp(min=0).sqrt()
+    return value.norm if isinstance(value, (Unsquared, NormProduct)) else value.clamp(min=0).sqrt()
+
+
+def joined_norms(parts: list) -> "torch.Tensor | None":
+    """The group norms of a pass's ``norm_parts`` as one ``(M,)`` tensor (None if there were none)."""
+    norms = [n if scale == 1.0 else n * scale for n, scale in parts]
+    return None if not norms else norms[0] if len(norms) == 1 else torch.cat(norms)
 
 
 def _combined_norm(values: list) -> torch.Tensor:
     """``sqrt(sum of squares)`` of the parameters' group norms, ``(M,)``, in few kernels.
 
-    Unsquared norms join with one ``vector_norm`` over their stack; squared ones (Gram sums, which rounding
-    can leave slightly below zero) are summed, clamped at 0 and join as one more norm.
+    Unsquared norms join with one ``vector_norm`` over their stack (products of two norms formed by one
+    ``_foreach_mul``); squared ones (Gram sums, which rounding can leave slightly below zero) are clamped
+    at 0 and rooted by two ``_foreach`` ops first.
     """
     roots = [v.norm for v in values if isinstance(v, Unsquared)]
-    squares = [v for v in values if not isinstance(v, Unsquared)]
-    if squares:
-        total_sq = squares[0] if len(squares) == 1 else torch.stack(squares).sum(0)
-        roots.append(total_sq.clamp(min=0).sqrt())
+    products = [v for v in values if isinstance(v, NormProduct)]
+    if products:  # every product in one launch
+        roots += torch._foreach_mul([v.left for v in products], [v.right for v in products])
+    squares = [v for v in values if not isinstance(v, (Unsquared, NormProduct))]
+    if squares:  # every square's root in two launches
+        roots += torch._foreach_sqrt(torch._foreach_clamp_min(squares, 0.0))
     if len(roots) == 1:
         return roots[0]
     return torch.linalg.vector_norm(torch.stack(roots), dim=0)
-
-
-def _zero_rows(records, ghost_index, materialised, bad, groups):
-    """Zero the rows of non-finite groups where the sums read them: the ghost records' captured tensors (rows
-    of examples) and the materialised group gradients (rows of groups). One ``masked_fill`` per tensor (a
-    tensor two records share is filled once), on the device: no host read."""
-    size = groups.equal_size
-    # Contiguous groups: fill through a (M, b, ...) view of the rows with the (M,) mask (no spread kernel).
-    bad_rows = bad if size is not None else groups.rows(bad)  # keyed: (B,)
-    done: dict[int, torch.Tensor] = {}
-
-    def clean(x, mask, by_rows=False):
-        if not torch.is_tensor(x) or not x.is_floating_point():
-            return x
-        if id(x) not in done:
-            if by_rows and size is not None and size > 1:
-                rows = x.reshape(groups.num_groups, size, *x.shape[1:])
-                done[id(x)] = rows.masked_fill(mask.reshape(-1, *([1] * (rows.dim() - 1))), 0.0).reshape(x.shape)
-            else:
-                done[id(x)] = x.masked_fill(mask.reshape(-1, *([1] * (x.dim() - 1))), 0.0)
-        return done[id(x)]
-
-    records = list(records)
-    for i in ghost_index:
-        r = records[i]
-        records[i] = replace(r, inputs=tuple(clean(x, bad_rows, True) for x in r.inputs),
-                             out_grad=tuple(clean(g, bad_rows, True) for g in r.out_grad)
-                             if isinstance(r.out_grad, tuple) else clean(r.out_grad, bad_rows, True))
-    materialised = {pid: clean(g, bad) for pid, g in materialised.items()}
-    return records, materialised
 
 
 def unclipped_sums(records: list[Record], replay_guard) -> dict[int, torch.Tensor]:
@@ -435,7 +427,7 @@ def _unclipped_sums(records: list[Record], replay_guard) -> dict[int, torch.Tens
         if record.ctx.batch_size == 0:
             continue
         record = _in_float32(record)
-        device = _grad_tensors(record)[0].device
+        device = grad_tensors(record)[0].device
         groups = record.ctx.groups.to(device)
         if record.rule is not None and record.rule.weighted_sum is not None and not record.unit.parametrized:
             ones = {name: torch.ones(groups.batch_size, device=device) for name in record.params}

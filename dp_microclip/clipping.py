@@ -46,19 +46,23 @@ def unit_factors(norms: torch.Tensor) -> torch.Tensor:
 
 
 def group_weights(mode: str, norms: torch.Tensor, max_norm: float, gamma: float,
-                  scale: "float | torch.Tensor") -> torch.Tensor:
+                  scale: "float | torch.Tensor", norm_scale: float = 1.0) -> torch.Tensor:
     """``group_factors(mode, norms, ...) * scale`` in as few kernels as possible (the engine's hot path).
 
-    Fixed clipping as ``scale C / fmax(C, n + 1e-6)`` (equal to ``min(1, C / (n + 1e-6)) * scale``): four
-    kernels instead of six. On a GPU each launch counts (``benchmarks/launches.py``). A NaN norm gets the
+    Fixed clipping as ``scale C / fmax(C, n + 1e-6)`` (equal to ``min(1, C / (n + 1e-6)) * scale``): three
+    kernels instead of six. On a GPU each launch counts (``benchmarks/launches.py``). ``norm_scale``: the
+    norms are ``norm_scale * norms`` (fixed and normalize take the product in their one ``add``). A NaN norm gets the
     finite weight ``scale`` here (``fmax`` ignores NaN), an inf norm 0: the caller zeroes such a group's rows.
     """
-    if mode == "fixed":
-        bound = torch.tensor(max_norm, dtype=norms.dtype)  # a CPU scalar: no kernel
-        return torch.fmax(norms + NORM_EPS, bound).reciprocal_().mul_(scale * max_norm)
-    if mode == "normalize":
-        return (norms + gamma).reciprocal_().mul_(scale * max_norm)
-    return group_factors(mode, norms, max_norm, gamma) * scale
+    if mode in ("fixed", "normalize"):
+        # A CPU scalar numerator (no kernel; a 0-d CPU tensor may divide a tensor on any device): one division.
+        top = scale * max_norm if torch.is_tensor(scale) else torch.tensor(scale * max_norm, dtype=norms.dtype)
+        shift = torch.tensor(gamma if mode == "normalize" else NORM_EPS, dtype=norms.dtype)  # CPU scalars
+        shifted = torch.add(shift, norms, alpha=norm_scale)  # shift + norm_scale * n: one kernel
+        if mode == "normalize":
+            return torch.div(top, shifted)
+        return torch.div(top, torch.fmax(shifted, torch.tensor(max_norm, dtype=norms.dtype)))
+    return group_factors(mode, norms * norm_scale if norm_scale != 1.0 else norms, max_norm, gamma) * scale
 
 
 #: The modes whose factors scale each group's whole gradient (per_layer clips each parameter instead).

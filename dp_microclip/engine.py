@@ -28,9 +28,10 @@ import torch
 from torch import nn
 
 from . import privacy as dp_rules
-from .aggregate import EarlyReduction, clip_and_sum
+from .aggregate import EarlyReduction, clip_and_sum, joined_norms
 from .capture import CaptureSink
 from .errors import ConfigurationError, PrivacyError
+from .fused import NonfiniteCount
 from .grouping import Groups, GroupingPlan
 from .hooks import HookSet
 from .observers import ObserverHandle, check_observer
@@ -83,8 +84,8 @@ class Engine:
         self._observers: list = []
         self._acc = StepAccumulator()
         self._steps_taken = 0
-        self.nonfinite_groups: int | torch.Tensor = 0  # a device tensor once a pass ran: no host read per step
-        self._last_norms: list[torch.Tensor] = []
+        self._nonfinite = NonfiniteCount()  # counted when read: no host read and no launch per step
+        self._last_norms: list = []  # ((M,) norms, scale) per context of the latest pass
         self.last_strategies: dict[str, str] = {}
         self._inherited_steps = dp_rules.DP_HISTORY.steps_of(model.parameters()) if privacy is not None else 0
         self._tracker = dp_rules.DP_HISTORY.tracker(managed) if privacy is not None else None
@@ -123,12 +124,13 @@ class Engine:
                            doc="``q``: the probability that a record joins a batch of ``engine.data_loader``.")
     last_groups = property(lambda self: self._sink.last_groups,
                            doc="The groups of the latest forward pass (which micro-batch each row joined).")
+    nonfinite_groups = property(lambda self: self._nonfinite.value(), doc="Micro-batches with a NaN/inf gradient "
+                                "so far (each contributed zero): a 0-d device tensor once a pass ran; reading waits.")
 
     @property
     def last_group_norms(self) -> torch.Tensor | None:
         """The micro-batch gradient norms of the latest backward pass (joined on access, not every step)."""
-        norms = self._last_norms
-        return None if not norms else norms[0] if len(norms) == 1 else torch.cat(norms)
+        return joined_norms(self._last_norms)
 
     @property
     def noise_multiplier(self) -> float | None:
@@ -376,9 +378,9 @@ class Engine:
         result = clip_and_sum(records, self._settings.clip, self._sink.replay,  # observers read the records
                               lambda ctx: self._plan.divisor(ctx.groups), self._tuner, not self._observers)
         self._acc.add(result, chunk=drawn and self._acc.batch_chunks > 0, fixed_divisor=self._plan.fixed_divisor)
-        self.nonfinite_groups += result.nonfinite_groups
-        if result.group_norms:
-            self._last_norms = result.group_norms
+        self._nonfinite.add(result.nonfinite_masks)
+        if result.norm_parts:
+            self._last_norms = result.norm_parts
         self.last_strategies = result.strategies
         for observer in list(self._observers):
             if hasattr(observer, "on_pass"):

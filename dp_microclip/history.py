@@ -13,7 +13,7 @@ The history therefore has two keys:
   parameters (``TRACKED``), never a hash of whole tensors. A copy or a loaded state
   dict has bit-equal values, so it matches.
 
-Cost per DP step: one ``torch.take`` of a few elements for each tracked parameter,
+Cost per DP step: one ``torch.take`` of a few elements for each tracked parameter (nothing else),
 kept on the parameters' device and converted to Python numbers only every
 ``FLUSH_EVERY`` steps or at a lookup (no device synchronisation per step).
 Not seen: values changed before the copy by a cast (``model.half()``) or any
@@ -87,9 +87,9 @@ class ParameterHistory:
 
         return forget
 
-    def add_values(self, steps: int, shapes: list, values: torch.Tensor, untrained: set) -> None:
-        """Gathered values (on their device) of parameters with ``shapes`` after ``steps`` steps; a
-        fingerprint in ``untrained`` (the values at attach) is not evidence of training and is skipped."""
+    def add_values(self, steps: int, shapes: list, values: list, untrained: set) -> None:
+        """Gathered values (tensors on their device, one per shape) of parameters with ``shapes`` after ``steps``
+        steps; a fingerprint in ``untrained`` (the values at attach) is not evidence of training and is skipped."""
         self._pending.append((steps, shapes, values, untrained))
         if len(self._pending) >= FLUSH_EVERY:
             self._flush()
@@ -97,7 +97,8 @@ class ParameterHistory:
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
         for steps, shapes, values, untrained in pending:
-            flat = values.tolist()
+            # One cat of the step's gathered values (mixed float dtypes promote exactly), read once.
+            flat = torch.cat(values).tolist()
             at = 0
             for shape, k in shapes:
                 key = (shape, *flat[at:at + k])
@@ -129,8 +130,8 @@ class StepTracker:
         self._cell[0] = steps
         if self._tracked:
             with torch.no_grad():
-                # One cast after the cat (it promotes mixed float dtypes exactly): 1 + n launches, not 1 + 2n.
-                values = torch.cat([torch.take(_local(p.detach()), idx) for p, idx in self._tracked]).double()
+                # n launches a step; joined and read at the flush (every FLUSH_EVERY steps or at a lookup).
+                values = [torch.take(_local(p.detach()), idx) for p, idx in self._tracked]
             self._history.add_values(steps, self._shapes, values, self._untrained)
 
 

@@ -114,3 +114,10 @@ def join_multi_output(records: list[Record]) -> list[Record]:
         out.append(Record(first.unit, first.name, None, first.layer, first.params, first.inputs, first.kwargs,
                           out_grad, first.ctx, first.batch_dim, first.input_dims, kw_names=first.kw_names))
     return out
+
+
+def grad_tensors(record: Record) -> list:
+    """The record's output gradient(s) as a list (several for a multi-output layer such as an RNN)."""
+    if isinstance(record.out_grad, tuple):
+        return [g for g in record.out_grad if g is not None]
+    return [record.out_grad]

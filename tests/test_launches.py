@@ -63,3 +63,71 @@ def test_a_nonfinite_example_is_zeroed_on_the_device_exactly(value, b):
     for name, p in m.named_parameters():
         assert torch.isfinite(p.grad).all(), name
         torch.testing.assert_close(p.grad, want[name] * kept / groups, rtol=1e-9, atol=1e-12)
+
+
+class Widths(nn.Module):
+    """Linears of five widths (the masked copies take the flat form), two LayerNorms (one joined block) and
+    a sequence dimension (T = 3 rows per example)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 7)
+        self.b = nn.Linear(7, 9)
+        self.norm1 = nn.LayerNorm(9)
+        self.c = nn.Linear(9, 11)
+        self.norm2 = nn.LayerNorm(11)
+        self.head = nn.Linear(11, 3)
+
+    def forward(self, x):  # (B, 3, 5)
+        h = self.norm1(self.b(torch.tanh(self.a(x))))
+        return self.head(torch.relu(self.norm2(self.c(h))).mean(1))
+
+
+class SeqFirstAttention(nn.Module):
+    """Self-attention run sequence-first inside (its captured rows are strided batch-first views)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(5, 8)
+        self.attn = nn.MultiheadAttention(8, 2)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):  # (B, 3, 5)
+        h = self.inp(x).transpose(0, 1)  # (T, B, 8)
+        out, _ = self.attn(h, h, h, need_weights=False)
+        return self.head(out.mean(0))
+
+
+@pytest.mark.parametrize("model", [Widths, SeqFirstAttention])
+@pytest.mark.parametrize("form", ["host read", "flat", "stacked"])
+@pytest.mark.parametrize("grouping", ["contiguous", "keyed"])
+@pytest.mark.parametrize("clipping", ["fixed", "normalize", "per_layer"])
+def test_a_nonfinite_group_is_zeroed_exactly_in_every_masked_form(model, form, grouping, clipping, monkeypatch):
+    from dp_microclip import aggregate, fused
+
+    monkeypatch.setattr(aggregate, "MASK_ON_CPU", form != "host read")
+    monkeypatch.setattr(fused, "_FLAT_LAUNCHES", 0 if form == "flat" else 99)  # force one form of masked_copies
+    torch.manual_seed(1)
+    m = model().double()
+    ref = copy.deepcopy(m)
+    x = torch.randn(12, 3, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,))
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    keyed = dict(grouping="keyed", num_groups=4, seed=3) if grouping == "keyed" else {}
+    bounds = {n: 0.05 * (1 + i % 3) / 2 for i, (n, _) in enumerate(m.named_parameters())}
+    engine = dp_microclip.attach(m, opt, micro_batch_size=3, max_grad_norm=bounds if clipping == "per_layer" else 0.05,
+                                 verify_steps=0, clipping=clipping, grad_mode="bookkeeping", **keyed)
+    bad = x.clone()
+    bad[7, 1, 2] = float("nan")
+    F.cross_entropy(m(bad), y).backward()
+    opt.step()
+    assert int(engine.nonfinite_groups) == 1
+    index = engine.last_groups.index
+    keep = torch.nonzero(index != index[7]).flatten()
+    kept_index = torch.unique(index[keep], return_inverse=True)[1]
+    want = naive_microbatch_grads(ref, F.cross_entropy, x[keep], y[keep], group_index=kept_index, num_groups=3,
+                                  max_grad_norm=0.05, clipping=clipping,
+                                  **(dict(per_param_bounds=bounds) if clipping == "per_layer" else {}))
+    for name, p in m.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
+        torch.testing.assert_close(p.grad, want[name] * 3 / 4, rtol=1e-9, atol=1e-12)

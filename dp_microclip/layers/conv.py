@@ -52,7 +52,6 @@ from torch import nn
 from ..grouping import Groups
 from .registry import LayerRule, Unsquared, register_rule
 
-_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
 
 
 def _explicit_padding(layer, x: torch.Tensor):
@@ -74,16 +73,30 @@ def _explicit_padding(layer, x: torch.Tensor):
 
 def _grouped_weight_grads(layer, x, padding, out_grad, groups: Groups) -> torch.Tensor:
     """(M, O, C/groups, *K) via one weight-gradient conv with M * layer.groups groups."""
-    nd = x.dim() - 2
+    return _grouped_grads(layer, x, padding, out_grad, groups, with_bias=False)[0]
+
+
+def _grouped_grads(layer, x, padding, out_grad, groups: Groups, with_bias: bool):
+    """((M, O, C/groups, *K), (M, O) bias group gradients or None): one grouped weight-gradient conv."""
     m, r = groups.num_groups, groups.max_size()
     px = groups.pad(x).transpose(0, 1).reshape(r, m * x.shape[1], *x.shape[2:])  # (R, M*C, *S)
     pg = groups.pad(out_grad).transpose(0, 1).reshape(r, m * out_grad.shape[1], *out_grad.shape[2:])  # (R, M*O, *S')
     out_ch, in_per_group = layer.weight.shape[0], layer.weight.shape[1]
-    gw = _WEIGHT_GRAD[nd](
-        px, (m * out_ch, in_per_group, *layer.kernel_size), pg,
-        stride=layer.stride, padding=padding, dilation=layer.dilation, groups=m * layer.groups,
-    )  # (M*O, C/groups, *K)
-    return gw.reshape(m, *layer.weight.shape)
+    gw, gb = _conv_backward(px, (m * out_ch, in_per_group, *layer.kernel_size), pg, layer, padding,
+                            m * layer.groups, with_bias)  # (M*O, C/groups, *K), (M*O,)
+    return gw.reshape(m, *layer.weight.shape), None if gb is None else gb.reshape(m, out_ch)
+
+
+def _conv_backward(x, weight_shape: tuple, out_grad, layer, padding, conv_groups: int, with_bias: bool):
+    """(weight gradient, bias gradient or None) of a conv from one ``convolution_backward``, as
+    ``torch.nn.grad.convNd_weight`` computes the first; the bias's (the sum over rows and positions) comes
+    from the same call. The weight argument only gives the shape: a zero-stride view, no allocation."""
+    nd = x.dim() - 2
+    shape_only = torch.as_strided(out_grad, weight_shape, (0,) * len(weight_shape))
+    _, gw, gb = torch.ops.aten.convolution_backward(
+        out_grad, x, shape_only, [weight_shape[0]] if with_bias else None, list(layer.stride), list(padding),
+        list(layer.dilation), False, [0] * nd, conv_groups, (False, True, with_bias))
+    return gw, gb if with_bias else None
 
 
 def _forward_weight_grads(layer, x, padding, out_grad, groups: Groups) -> torch.Tensor:
@@ -212,8 +225,11 @@ def conv_group_sq_norms(layer, inputs, out_grad, groups: Groups, method: str = "
     if method == "gram":
         out["weight"] = _gram_sq_norms(layer, x, padding, out_grad, groups)
     elif method == "materialize":
-        w = IMPLEMENTATIONS["grouped"](layer, x, padding, out_grad, groups)
+        w, b = _grouped_grads(layer, x, padding, out_grad, groups, layer.bias is not None)  # one conv for both
         out["weight"] = Unsquared(torch.linalg.vector_norm(w.flatten(1), dim=1))
+        if b is not None:
+            out["bias"] = Unsquared(torch.linalg.vector_norm(b, dim=1))  # (M,)
+        return out
     else:
         raise ValueError(f"method {method!r}: auto, gram or materialize")
     if layer.bias is not None:
@@ -227,10 +243,15 @@ def conv_weighted_sum(layer, inputs, out_grad, row_weight: dict) -> dict:
     spread = (out_grad.shape[0],) + (1,) * (out_grad.dim() - 1)
     out = {}
     if "weight" in row_weight:
-        weighted = out_grad * row_weight["weight"].to(out_grad.dtype).reshape(spread)
-        out["weight"] = _WEIGHT_GRAD[x.dim() - 2](
-            x, tuple(layer.weight.shape), weighted, stride=layer.stride, padding=padding,
-            dilation=layer.dilation, groups=layer.groups)
+        rows = row_weight["weight"].to(out_grad.dtype)
+        weighted = out_grad * rows.reshape(spread)
+        # The same row weights for the bias (whole-gradient clipping): its sum comes from the same conv.
+        same = layer.bias is not None and "bias" in row_weight and row_weight["bias"].to(out_grad.dtype) is rows
+        out["weight"], bias = _conv_backward(x, tuple(layer.weight.shape), weighted, layer, padding, layer.groups,
+                                             same)
+        if same:
+            out["bias"] = bias
+            return out
     if layer.bias is not None and "bias" in row_weight:
         out["bias"] = torch.mv(out_grad.flatten(2).sum(-1).t(), row_weight["bias"].to(out_grad.dtype))  # (O,)
     return out

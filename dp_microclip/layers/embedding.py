@@ -46,10 +46,10 @@ def embedding_group_sq_norms(layer: nn.Embedding, inputs, out_grad, groups: Grou
     """Squared norm of each group's embedding-table gradient, ``(M,)``, without an ``(M, V, d)`` tensor."""
     idx, g = _rows(layer, inputs[0], out_grad)
     vocab = layer.num_embeddings
-    keys = (groups.index.to(idx.device)[:, None] * vocab + idx).reshape(-1)  # (B*T,)
+    keys = torch.add(idx, groups.index.to(idx.device)[:, None], alpha=vocab).reshape(-1)  # group*V + index (B*T,)
     uniq, inverse = torch.unique(keys, return_inverse=True)
     summed = g.new_zeros((uniq.shape[0], g.shape[-1])).index_add_(0, inverse, g.reshape(-1, g.shape[-1]))
-    sq = summed.pow(2).sum(-1)  # (U,)
+    sq = summed.pow(2).sum(-1)  # (U,); a batched dot (bmm) would be one launch, but 3x slower on the CPU
     return {"weight": g.new_zeros(groups.num_groups).index_add_(0, uniq // vocab, sq)}
 
 

@@ -22,11 +22,18 @@ from .registry import LayerRule, register_rule
 
 
 def _affine_group_grads(x_hat, g, weight, bias, groups: Groups, reduce_dims) -> dict:
+    def group_sum(t):  # (B, ...) -> (M, C)
+        if groups.equal_size is not None and groups.equal_size > 1:
+            # contiguous groups: over the group's rows and reduce_dims in one reduction
+            rows = t.reshape(groups.num_groups, groups.equal_size, *t.shape[1:])  # (M, b, ...)
+            return rows.sum((1,) + tuple(d + 1 for d in reduce_dims))
+        return groups.sum(t.sum(reduce_dims) if reduce_dims else t)
+
     out = {}
     if weight is not None:
-        out["weight"] = groups.sum((g * x_hat).sum(reduce_dims) if reduce_dims else g * x_hat)
+        out["weight"] = group_sum(g * x_hat)
     if bias is not None:
-        out["bias"] = groups.sum(g.sum(reduce_dims) if reduce_dims else g)
+        out["bias"] = group_sum(g)
     return out
 
 

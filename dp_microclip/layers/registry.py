@@ -14,7 +14,8 @@ to subclass):
 * ``group_sq_norms(layer, inputs, out_grad, groups) -> {name: (M,)}``: squared
   norms without materialising group gradients (book-keeping / ghost norms). A
   value may instead be :class:`Unsquared` (the norm itself) where the rule gets
-  the norm with fewer kernels than its square (a row norm, a product of them).
+  the norm with fewer kernels than its square (a row norm), or :class:`NormProduct`
+  (the norm as a product of two row norms, formed by the engine with every other).
 * ``weighted_sum(layer, inputs, out_grad, row_weight) -> {name: param-shaped}``:
   ``sum_i w_i * grad_i`` with one weight per example (``row_weight[name]``, ``(B,)``),
   i.e. the clipped sum as one weighted matmul.
@@ -82,9 +83,29 @@ class Unsquared(NamedTuple):
         return self.norm.square()
 
 
-def squared_norm(value: "torch.Tensor | Unsquared") -> torch.Tensor:
+class NormProduct(NamedTuple):
+    """A group-gradient norm ``(M,)`` given as the product ``left * right`` of two ``(M,)`` tensors, not formed.
+
+    Why: ``||g a^T|| = ||a|| ||g||`` of a one-row Linear group is such a product; the engine forms every
+    product of a pass with one ``torch._foreach_mul`` (one launch on a GPU) instead of one ``mul`` each.
+    """
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    @property
+    def norm(self) -> torch.Tensor:
+        """The norm itself (one ``mul``)."""
+        return self.left * self.right
+
+    def squared(self) -> torch.Tensor:
+        """The squared norm (for code that wants squares)."""
+        return self.norm.square()
+
+
+def squared_norm(value: "torch.Tensor | Unsquared | NormProduct") -> torch.Tensor:
     """A ``group_sq_norms`` value as a squared norm, whichever form the rule returned."""
-    return value.squared() if isinstance(value, Unsquared) else value
+    return value.squared() if isinstance(value, (Unsquared, NormProduct)) else value
 
 
 class LayerRule(NamedTuple):
