@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigurationError
+from .digits import digits_mlp, digits_splits
 from .sweep_report import SweepResult
 
 __all__ = ["METHODS", "TUNE_SEED_BASE", "SweepSettings", "RunConfig", "sweep", "train_run", "accuracy",
@@ -435,45 +436,6 @@ def sweep(make_model: Callable[[], nn.Module], train_set, val_set, test_set,
     return SweepResult(settings, selected, final, tuning)
 
 
-# ---------------------------------------------------------------------- built-in task for the command line
-def digits_splits(label_noise: float = 0.0, seed: int = 0, val_fraction: float = 0.2, test_fraction: float = 0.2):
-    """scikit-learn's bundled digits (no download) as flat 64-d train/val/test tensors, plus the flipped mask.
-
-    ``label_noise`` flips that fraction of training and validation labels to another class
-    (the validation split is as noisy as the training data, as a user's would be; the test
-    labels stay clean). ``seed`` draws both the split and the flips: give each seed its own.
-    Returns ``(train, val, test, flipped_train)``.
-    """
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as exc:
-        raise ConfigurationError("The digits task needs scikit-learn: pip install scikit-learn.") from exc
-    bunch = load_digits()
-    x = (bunch.data / 16.0).astype(np.float32)
-    y = bunch.target.astype(np.int64)
-    x_rest, x_te, y_rest, y_te = train_test_split(x, y, test_size=test_fraction, stratify=y, random_state=seed)
-    x_tr, x_val, y_tr, y_val = train_test_split(x_rest, y_rest, test_size=val_fraction / (1 - test_fraction),
-                                                stratify=y_rest, random_state=seed)
-    rng = np.random.default_rng(seed)
-
-    def flip(labels):
-        mask = rng.random(len(labels)) < label_noise
-        labels = labels.copy()
-        labels[mask] = (labels[mask] + rng.integers(1, 10, mask.sum())) % 10
-        return labels, mask
-
-    y_tr, flipped = flip(y_tr)
-    y_val, _ = flip(y_val)
-    t = torch.from_numpy
-    return (t(x_tr), t(y_tr)), (t(x_val), t(y_val)), (t(x_te), t(y_te)), t(flipped)
-
-
-def digits_mlp(hidden: int = 128) -> nn.Module:
-    """The default model of ``dp-microclip sweep``: 64 -> hidden -> 10 with ReLU."""
-    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``dp-microclip sweep``: tune and compare the methods on scikit-learn's digits; write md/json/png."""
     p = argparse.ArgumentParser(prog="dp-microclip sweep", description=(
@@ -495,6 +457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="clipping bounds C tried while tuning (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size B (default %(default)s)")
     p.add_argument("--epochs", type=int, default=20, help="training epochs per run (default %(default)s)")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+                   help="learning-rate schedule of every method (default %(default)s)")
     p.add_argument("--out", default="sweep-results",
                    help="directory for the md, json, png and the run store (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
@@ -504,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         methods=tuple(args.methods), micro_batch_sizes=tuple(args.micro_batch_sizes), seeds=tuple(args.seeds),
         tune_seeds=tuple(args.tune_seeds), learning_rates=None if args.lrs is None else tuple(args.lrs),
         max_grad_norms=tuple(args.max_grad_norms), batch_size=args.batch_size, epochs=args.epochs,
-        name=f"digits-mlp-noise{args.label_noise:g}-split-per-seed")
+        lr_schedule=args.lr_schedule, name=f"digits-mlp-noise{args.label_noise:g}-split-per-seed")
     out = Path(args.out)
     result = sweep(digits_mlp, lambda seed: digits_splits(args.label_noise, seed)[:3], None, None, settings,
                    store=out / "runs.jsonl", progress=not args.no_progress)
