@@ -25,7 +25,7 @@ each one's :class:`~dp_microclip.shared_outputs.Meeting`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple
 
 import torch
@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_flatten
 
 from .errors import BatchError
 from .layout import LayoutLearner, Signature
-from .rows import BROADCAST, Fold, RowsProblem, TensorPrint, analyse, fingerprint, refusal
+from .rows import BROADCAST, Fold, RowsProblem, TensorPrint, analyse, fingerprint, probe_order, refusal, tolerance
 
 
 # Operations that only rearrange or copy their input: their output is still the same for every example.
@@ -57,12 +57,17 @@ class Meeting:
         batch: where its result holds the batch: a dimension, a :class:`~dp_microclip.rows.Fold`, or None
             (not batched: its result is still the same for every example and is followed further).
         problem: why its rows cannot be given to examples (the step is refused with it), else None.
+        expanded: the operands (positions among the call's flattened arguments) that derive from a shared
+            output and that the model itself broadcast to the batch (``expand(B, ...)``, ``repeat(B, ...)``):
+            they already hold the batch's rows at the meeting dimension, and those rows were found EQUAL to each
+            other in both probe passes (:func:`broadcast_by_model`), so each example's slice is its row.
     """
 
     name: str
     rank: int
     batch: int | Fold | None
     problem: str | None = None
+    expanded: tuple[int, ...] = ()
 
 
 def is_followed_through(func) -> bool:
@@ -80,6 +85,7 @@ class _Op(NamedTuple):
     parents: tuple  # the nodes its followed operands came from: ("source", i) or ("op", n)
     print: TensorPrint | None  # its first tensor result's print (None: no tensor result)
     rank: int
+    operands: tuple  # per followed tensor operand: (its position among the flattened arguments, its nodes, print)
 
 
 class _Follower(TorchFunctionMode):
@@ -89,6 +95,7 @@ class _Follower(TorchFunctionMode):
         super().__init__()
         self.keys = keys
         self.nodes: dict[int, tuple[torch.Tensor, tuple]] = {}  # id -> (tensor, the nodes it derives from)
+        self.prints: dict[int, tuple] = {}  # id -> (tensor, its print, its version): printed once
         self.ops: list[_Op] = []
         self.sources = 0
 
@@ -104,21 +111,36 @@ class _Follower(TorchFunctionMode):
         hit = self.nodes.get(id(x))
         return hit[1] if hit is not None and hit[0] is x else ()
 
+    def _print(self, x: torch.Tensor) -> TensorPrint | None:
+        """An operand's print (a tensor read by several operations is printed once; None: not floating)."""
+        if not x.is_floating_point():
+            return None
+        hit = self.prints.get(id(x))
+        if hit is None or hit[0] is not x or x._version != hit[2]:
+            hit = self.prints[id(x)] = (x, fingerprint(x), x._version)
+        return hit[1]
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if not self.nodes:
             return func(*args, **kwargs)
-        parents = tuple(dict.fromkeys(n for x in tree_flatten((args, kwargs))[0] for n in self._of(x)))
-        out = func(*args, **kwargs)
+        flat = tree_flatten((args, kwargs))[0]
+        parents = tuple(dict.fromkeys(n for x in flat for n in self._of(x)))
         if not parents:
-            return out
+            return func(*args, **kwargs)
+        followed = is_followed_through(func)
+        operands = () if followed else tuple((i, self._of(x), self._print(x)) for i, x in enumerate(flat)
+                                             if self._of(x))  # before the call: an in-place op changes them
+        out = func(*args, **kwargs)
         results = [t for t in tree_flatten(out)[0] if torch.is_tensor(t)]
-        if is_followed_through(func):
+        if followed:
             node = parents
         else:
             first = results[0] if results else None
-            self.ops.append(_Op(function_name(func), parents, None if first is None else fingerprint(first),
-                                0 if first is None else first.dim()))
+            printed = None if first is None else fingerprint(first)
+            if first is not None:
+                self.prints[id(first)] = (first, printed, first._version)
+            self.ops.append(_Op(function_name(func), parents, printed, 0 if first is None else first.dim(), operands))
             node = (("op", len(self.ops) - 1),)
         for t in results:
             if t.is_floating_point():
@@ -171,8 +193,56 @@ def learn_meetings(learner: LayoutLearner, root: torch.nn.Module, args, kwargs, 
         meeting = _meeting(f, p, signature.full_batch, n)
         if meeting.batch is None and meeting.problem is None:
             shared.add(("op", n))
+        elif meeting.batch is not None:
+            meeting = replace(meeting, expanded=_expanded(f, p, meeting, shared, signature.full_batch))
         meetings.append(meeting)
     return tuple(meetings)
+
+
+def _expanded(full: _Op, part: _Op, meeting: Meeting, shared: set, batch: int) -> tuple[int, ...]:
+    """The shared operands of a meeting point that the model broadcast to the batch itself (by content)."""
+    found = []
+    part_prints = {i: pr for i, _, pr in part.operands}
+    for i, nodes, fp in full.operands:
+        pp = part_prints.get(i)
+        if fp is not None and pp is not None and any(node in shared for node in nodes) \
+                and broadcast_by_model(fp, pp, meeting.rank, meeting.batch, batch):
+            found.append(i)
+    return tuple(found)
+
+
+def broadcast_by_model(full: TensorPrint, part: TensorPrint, rank: int, spec, batch: int) -> bool:
+    """Whether an operand of a meeting point (rank ``rank``, batch at ``spec``) holds the batch's rows along
+    the meeting dimension although it derives from a shared output only: its row count there follows the
+    batch like the result's (``B * k`` rows in the whole batch's pass, ``B' * k`` in the reordered one), and
+    along the batch those rows are EQUAL to each other in both passes (the model's own ``expand(B, ...)`` or
+    ``repeat(B, ...)`` of a table; a fold's ``k`` rows per example may differ among themselves). Never a
+    size alone: a table axis that happens to have ``B`` entries has rows that differ, or a size that does not
+    move with the batch."""
+    d = spec.dim if isinstance(spec, Fold) else spec
+    major = spec.example_major if isinstance(spec, Fold) else True
+    at = d - (rank - len(full.shape))
+    if at < 0 or len(part.shape) != len(full.shape) or full.per_dim is None or part.per_dim is None:
+        return False
+    rows, probe = full.shape[at], len(probe_order(batch))
+    if rows % batch or rows == 0 or part.shape[at] != probe * (rows // batch):
+        return False
+    if rows == 1 and batch == 1 and not isinstance(spec, Fold):
+        return False  # one example: an ordinary size-1 broadcast, the existing expansion serves it
+    return all(_equal_along_batch(pr.per_dim[at], n, rows // batch, major, tolerance(full.dtype))
+               for pr, n in ((full, batch), (part, probe)))
+
+
+def _equal_along_batch(per_index: tuple, batch: int, k: int, major: bool, tol: float) -> bool:
+    """Whether a dimension's slices (one projection and one norm per index) are equal along the batch: ``batch``
+    examples of ``k`` slices each, example-major (``(batch, k)`` flattened) or not (``(k, batch)``)."""
+    projections, norms = per_index
+    scale = max(float(norms.max()) if norms.numel() else 0.0, 1e-300)
+    for values in (projections, norms):
+        grid = values.reshape(batch, k) if major else values.reshape(k, batch).T
+        if not bool(((grid - grid[:1]).abs() <= tol * scale).all()):
+            return False
+    return True
 
 
 def _meeting(full: _Op, part: _Op, batch: int, n: int) -> Meeting:

@@ -151,7 +151,7 @@ class SharedOutputTracker(TorchFunctionMode):
             meeting = self._next(func)
             if meeting.batch is not None:  # a meeting point: the result is batched and not followed further
                 for i in shared:
-                    flat[i] = self._meet(flat[i], meeting, flat, shared)
+                    flat[i] = self._meet(flat[i], meeting, flat, shared, i)
                 args, kwargs = tree_unflatten(flat, spec)
                 try:
                     return func(*args, **kwargs)
@@ -186,9 +186,13 @@ class SharedOutputTracker(TorchFunctionMode):
     def _where(self, flat, shared) -> str:
         return ", ".join(dict.fromkeys(s.where for i in shared for s in self.sources_of(flat[i])))
 
-    def _meet(self, t: torch.Tensor, meeting: Meeting, flat: list, shared: list) -> torch.Tensor:
+    def _meet(self, t: torch.Tensor, meeting: Meeting, flat: list, shared: list, index: int) -> torch.Tensor:
         """``t`` expanded along the batch dimension of the operation's result; its gradient arrives one slice
-        per example (or ``k`` slices per example, summed, where the batch is folded with another axis)."""
+        per example (or ``k`` slices per example, summed, where the batch is folded with another axis).
+
+        An operand the model broadcast to the batch itself (``meeting.expanded``, learned by content) already
+        holds the batch's rows there: it is cut to one example's rows (checked equal to every other
+        example's) and expanded again, so its gradient arrives per example in the same way."""
         rank, spec, batch = meeting.rank, meeting.batch, self.batch_size
         d = spec.dim if isinstance(spec, Fold) else spec
         assert d is not None
@@ -196,39 +200,61 @@ class SharedOutputTracker(TorchFunctionMode):
         sizes = [x.shape[d - (rank - x.dim())] for i, x in enumerate(flat)
                  if torch.is_tensor(x) and i not in shared and 0 <= d - (rank - x.dim()) < x.dim()]
         rows = max(sizes, default=0)
-        if t.dim() > rank or aligned.shape[d] != 1 or not rows or rows % batch or (
+        by_model = index in meeting.expanded
+        if t.dim() > rank or aligned.shape[d] != (rows if by_model else 1) or not rows or rows % batch or (
                 not isinstance(spec, Fold) and rows != batch):
             raise BatchError(
                 f"{self._where(flat, shared)}: its output is the same for every example and meets the batch "
                 f"along dimension {d} of a {meeting.name} result, where it has shape {tuple(t.shape)} (the other "
-                f"operands have {rows} rows for {batch} examples), not a size-1 or missing batch dimension: its "
-                "rows would be combined with examples by position. Freeze those parameters "
-                "(requires_grad=False) before attach(), or compute the table outside the model."
+                f"operands have {rows} rows for {batch} examples), not "
+                + ("the broadcast to the batch the layout probe found" if by_model else
+                   "a size-1 or missing batch dimension: its rows would be combined with examples by position")
+                + ". Freeze those parameters (requires_grad=False) before attach(), or compute the table outside "
+                "the model."
             )
         for source in self.sources_of(t):
             source.meetings += 1
-        expanded = aligned.expand(*[rows if i == d else -1 for i in range(rank)])
-        sources, every, shape = self.sources_of(t), self.sources, tuple(t.shape)
+        major = spec.example_major if isinstance(spec, Fold) else True
+        k = rows // batch
+        if by_model:  # (.., B * k, ..) -> (.., B, k, ..) (or (k, B)): one example's rows, expanded again
+            split = aligned.unflatten(d, (batch, k) if major else (k, batch))
+            at = d if major else d + 1
+            base = split.narrow(at, 0, 1)
+            if not bool(((split == base) | (split != split)).all()):
+                raise BatchError(
+                    f"{self._where(flat, shared)}: the layout probe found that the model broadcasts this output, "
+                    f"the same for every example, to the batch before {meeting.name}, but in this batch its rows "
+                    "along the batch differ: the model's operations on it changed with the data. Keep the "
+                    "operations on such tables independent of the batch, or freeze those parameters "
+                    "(requires_grad=False) before attach()."
+                )
+            spread = base.expand(*[batch if i == at else -1 for i in range(split.dim())])
+            expanded, hooked, shape = spread.flatten(d, d + 1), spread, tuple(base.shape)
+            sum_fold = False
+        else:
+            expanded = hooked = aligned.expand(*[rows if i == d else -1 for i in range(rank)])
+            base, at, shape, sum_fold = t, d, tuple(t.shape), isinstance(spec, Fold)
+        sources, every = self.sources_of(t), self.sources
 
         def on_grad(grad: torch.Tensor):
-            if isinstance(spec, Fold):
-                per = grad.unflatten(d, (batch, -1) if spec.example_major else (-1, batch))
-                grad = per.sum(d + 1) if spec.example_major else per.sum(d)
-            per_example = grad.movedim(d, 0).reshape(batch, *shape)
+            if sum_fold:  # t broadcast along the fold's k rows too: an example's k slices are summed
+                per = grad.unflatten(d, (batch, -1) if major else (-1, batch))
+                grad = per.sum(d + 1) if major else per.sum(d)
+            per_example = grad.movedim(at, 0).reshape(batch, *shape)
             for source in sources:
-                if t is source.output:
+                if base is source.output:
                     source.add(per_example.detach())
                     continue
                 for s in every:  # the pull-back's own gradients of shared outputs are not theirs to check
                     s.pulling = True
                 try:
-                    source.add(_pull_back(t, source.output, per_example))
+                    source.add(_pull_back(base, source.output, per_example))
                 finally:
                     for s in every:
                         s.pulling = False
             return None
 
-        expanded.register_hook(on_grad)
+        hooked.register_hook(on_grad)
         return expanded
 
 

@@ -1,9 +1,11 @@
 """A shared table the model broadcasts to the batch itself (``expand`` / ``repeat``), against the naive loop.
 
 MPNet expands its relative-attention bias ``(1, H, T, T)`` to ``(B, H, T, T)`` before adding it to the scores;
-DeBERTa-v2 repeats a per-head table ``(H, T, d)`` B times to meet ``(B*H, T, d)`` queries. Those broadcasts
-are meeting points (dp_microclip/shared_outputs.py) once confirmed by a batched tensor of the same leading
-size; one that never meets the batch is refused by the sum check, not guessed.
+DeBERTa-v2 repeats a per-head table ``(H, T, d)`` B times to meet ``(B*H, T, d)`` queries. Such an operand
+of a meeting point (dp_microclip/shared_outputs.py) is recognised by content in the meeting probe
+(dp_microclip/meetings.py): its rows along the batch follow the batch size AND are equal to each other. A table
+axis that merely has B entries (rows that differ) is not taken for the batch: refused, never paired with the
+examples by position.
 """
 
 from __future__ import annotations
@@ -31,31 +33,38 @@ def _buckets(T: int) -> torch.Tensor:
 class Attention(nn.Module):
     """Self-attention with a relative bias table, broadcast to the batch by the model: ``how`` says how."""
 
-    def __init__(self, how: str):
+    def __init__(self, how: str, heads: int = HEADS):
         super().__init__()
-        self.how = how
+        self.how, self.heads = how, heads
         self.qk = nn.Linear(D, 2 * D)
-        self.table = nn.Embedding(7, HEADS)
+        self.table = nn.Embedding(7, heads)
 
     def forward(self, x):  # x: (B, T, D)
         B, T, _ = x.shape
-        q, k = self.qk(x).view(B, T, 2, HEADS, D // HEADS).permute(2, 0, 3, 1, 4)  # (B, H, T, d) each
+        H = self.heads
+        q, k = self.qk(x).view(B, T, 2, H, D // H).permute(2, 0, 3, 1, 4)  # (B, H, T, d) each
         bias = self.table(_buckets(T)).permute(2, 0, 1)  # (H, T, T): the same for every example
         if self.how == "expand":  # MPNet
             scores = q @ k.transpose(-1, -2) + bias.unsqueeze(0).expand(B, -1, -1, -1).contiguous()
         elif self.how == "repeat":  # DeBERTa-v2: heads folded into the batch
-            q2, k2 = q.reshape(B * HEADS, T, -1), k.reshape(B * HEADS, T, -1)
-            scores = (torch.bmm(q2, k2.transpose(-1, -2)) + bias.repeat(B, 1, 1)).view(B, HEADS, T, T)
+            q2, k2 = q.reshape(B * H, T, -1), k.reshape(B * H, T, -1)
+            scores = (torch.bmm(q2, k2.transpose(-1, -2)) + bias.repeat(B, 1, 1)).view(B, H, T, T)
+        elif self.how == "sequence_first":  # the model's broadcast along dimension 1: (H, B, T, T) scores
+            scores = (q @ k.transpose(-1, -2)).transpose(0, 1) + bias.unsqueeze(1).expand(-1, B, -1, -1)
+            scores = scores.transpose(0, 1)
+        elif self.how == "by_position":  # B rows of a table (they differ): paired with the examples by position
+            rows = self.table(torch.arange(7))[:B]  # (B, H): its size follows the batch, its rows do not
+            scores = q @ k.transpose(-1, -2) + bias + rows[:, :, None, None]
         else:  # "reduced": broadcast to the batch, then averaged over it (never meets a batched tensor)
             scores = q @ k.transpose(-1, -2) + bias.unsqueeze(0).expand(B, -1, -1, -1).mean(0)
         return (scores.softmax(-1) @ q).transpose(1, 2).reshape(B, T, D)
 
 
 class Net(nn.Module):
-    def __init__(self, how):
+    def __init__(self, how, heads: int = HEADS):
         super().__init__()
         self.embed = nn.Linear(4, D)
-        self.attn = Attention(how)
+        self.attn = Attention(how, heads)
         self.head = nn.Linear(D, CLASSES)
 
     def forward(self, x):
@@ -72,16 +81,16 @@ def _step(model, b, x, y):
     return engine
 
 
-# The model's own expand / repeat of a shared table to the batch size: the content-learned meeting points
-# (meetings.py) find the batch at the add/bmm that follows, where the table's operand already has B rows; it is
-# refused there with the fix (freeze it), not guessed. Making it exact needs the probe to learn that the operand is
-# constant along that dimension (a broadcast), then pull each example's slice back through the broadcast.
-BROADCAST_REFUSED = pytest.mark.xfail(strict=True, raises=dp_microclip.BatchError, reason=(
-    "refused with the fix: the shared operand already has the batch size at the meeting point (the model's own "
-    "expand/repeat); exact support needs meetings.py to learn the broadcast by content"))
+def _exact(model, b, x, y):
+    want = naive_microbatch_grads(copy.deepcopy(model), F.cross_entropy, x, y, micro_batch_size=b,
+                                  max_grad_norm=0.05)
+    engine = _step(model, b, x, y)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert float((p.grad - want[name]).norm()) <= 1e-9 * float(want[name].norm()) + 1e-15, name
+    assert all(route != "func" for route in engine.last_strategies.values())
 
 
-@BROADCAST_REFUSED
 @pytest.mark.parametrize("b", [1, 2, 4])
 @pytest.mark.parametrize("T", [4, 5])  # T == B and T != B
 @pytest.mark.parametrize("how", ["expand", "repeat"])
@@ -138,6 +147,27 @@ def test_a_projected_table_keeps_its_shape_and_equals_naive_loop(T, b):
         if p.requires_grad:
             assert float((p.grad - want[name]).norm()) <= 1e-9 * float(want[name].norm()) + 1e-15, name
     assert all(route != "func" for route in engine.last_strategies.values())
+
+
+@pytest.mark.parametrize("b", [1, 4])
+@pytest.mark.parametrize("how", ["expand", "repeat", "sequence_first"])
+def test_a_table_axis_of_length_b_is_not_the_batch(how, b):
+    # B == T == heads == 4: the table (H, T, T) has an axis of length B that is NOT broadcast (its rows differ per
+    # head), next to the batch the model broadcasts it to (equal rows). Only the content tells them apart.
+    torch.manual_seed(0)
+    model = Net(how, heads=4).double()
+    x, y = torch.randn(4, 4, 4, dtype=torch.float64), torch.arange(4) % CLASSES
+    _exact(model, b, x, y)
+
+
+def test_rows_of_a_table_paired_with_examples_by_position_are_refused():
+    # ``table(...)[:B]``: B rows whose count follows the batch but whose rows differ (not a broadcast): each
+    # example would get another row of the table: the meeting probe sees rows that do not follow the examples.
+    torch.manual_seed(0)
+    model = Net("by_position").double()
+    x, y = torch.randn(4, 5, 4, dtype=torch.float64), torch.arange(4) % CLASSES
+    with pytest.raises(dp_microclip.BatchError, match="its rows .* change when the other examples of the batch change"):
+        _step(model, 1, x, y)
 
 
 def test_a_broadcast_of_size_b_that_is_averaged_away_stays_shared_and_exact():

@@ -189,7 +189,6 @@ CASES = {
 # (meetings.py) replaced at the merge: refused or failing with these errors until meetings.py learns a model's own
 # broadcast of a shared table to the batch.
 EXPECTED = {
-    "mpnet": {(ANY, ANY): (BatchError, "relative_attention_bias.expand(B, ...): refused with the fix (freeze it)")},
     "deberta_v2_frozen_rel_embeddings": {(ANY, ANY): ((RuntimeError, BatchError), (
         "a (1, 2k, d) projection of positions is expanded to the batch at the layer and the model's reshape by "
         "its size fails"))},
