@@ -32,6 +32,7 @@ from .capture import CaptureSink
 from .errors import BatchError, PrivacyError, UnsupportedModuleError
 from .layout import BROADCAST, CallLayout, LayoutLearner
 from .mode_hooks import install_attention, install_rnn
+from .layers.batch_free import BATCH_FREE_RULE, BatchFree
 from .layers.traits import CHANNELS_FIRST
 from .rows import batch_first
 from .records import ForwardContext, Record, Unit
@@ -145,7 +146,7 @@ class HookSet:
             install_rnn(self, unit)
         elif unit.kind == "functional":  # usage.py; the generic capture takes the calls it cannot
             usage = UsageCapture(unit, self.sink, self.layouts, lambda out: RequireGrad.apply(self.anchor, out),
-                                 self.shared)
+                                 self.shared, lambda *call: self._batch_free_call(unit, *call))
             self.handles.extend(usage.install())
             self._install_layer(unit, usage.generic_takes_call)
         else:
@@ -226,15 +227,22 @@ class HookSet:
         return replacement
 
     # ------------------------------------------------------------------ layers
+    def _batch_free_call(self, unit: Unit, module, args, kwargs, output) -> bool:
+        """Whether this call of a module without a rule has no batch in its inputs nor in its output (its
+        usage route's problems do not matter then: ``_shared_output`` takes it by its own VJP)."""
+        ctx = self.sink.context
+        if ctx is None or self.shared.tracker is None or not torch.is_tensor(output):
+            return False
+        presented = _call_tensors(unit, module, args, kwargs)[0]
+        try:
+            layout = self.layouts.layout(unit, ctx, ctx.calls.get(unit.path, 0), presented, output)
+        except BatchError:
+            return False
+        return _batch_free(layout)
+
     def _install_layer(self, unit: Unit, takes_call=None) -> None:
         def call_tensors(module, args, kwargs) -> tuple[tuple, tuple]:
-            """(the call's inputs as the layout and the rule see them, tensor keyword names): tensor keyword
-            arguments after the positional ones, or the rule's own form of the call (``LayerRule.present``)."""
-            present = unit.rule.present if unit.kind == "rule" and unit.rule is not None else None
-            if present is not None:
-                return tuple(present(module, tuple(args), kwargs)), ()
-            kw_names = tuple(sorted(k for k, v in kwargs.items() if torch.is_tensor(v)))
-            return tuple(args) + tuple(kwargs[k] for k in kw_names), kw_names
+            return _call_tensors(unit, module, args, kwargs)
 
         key = self.traced.key_for("complete", unit) if unit.kind == "rule" else None
 
@@ -276,12 +284,14 @@ class HookSet:
                     f"{list(kw_names)}, which its rule does not read. Pass them positionally, or register a rule "
                     "for this module type that takes them."
                 )
+            call = (args, kwargs)  # as the module was called (a batch-free replay runs it again)
             # Tensor keyword arguments (generic path) are laid out and split like positional ones, after them.
             args, kwargs = presented, {k: v for k, v in kwargs.items() if not torch.is_tensor(v)}
             index = ctx.next_call(unit.path)
             layout = self.layouts.layout(unit, ctx, index, args, output)
-            if torch.is_tensor(output) and layout.output is None:
-                return self._shared_output(unit, module, args, kwargs, ctx, output, layout)
+            if torch.is_tensor(output) and (layout.output is None or (
+                    _batch_free(layout) and self.shared.tracker is not None)):
+                return self._shared_output(unit, module, args, kwargs, ctx, output, layout, call)
             batch = ctx.batch_size
             inputs, input_dims = batched_inputs(unit, module, args, layout, batch)
             if not torch.is_tensor(output):
@@ -308,12 +318,18 @@ class HookSet:
 
         self.handles.append(unit.module.register_forward_hook(post, with_kwargs=True))
 
-    def _shared_output(self, unit: Unit, module, args, kwargs, ctx, output, layout: CallLayout):
-        """A layer whose output is the same for every example: followed to where it meets the batch."""
+    def _shared_output(self, unit: Unit, module, args, kwargs, ctx, output, layout: CallLayout, call: tuple):
+        """A layer whose output is the same for every example (no batch dimension, or size 1 there, with no
+        batch in its inputs): followed to where it meets the batch, its values and shapes untouched. A layer
+        with a rule gets its rule; a module without one, the VJP of its own forward (``layers/batch_free.py``)."""
         where = f"{unit.path or '<root module>'} ({type(module).__name__})"
-        if unit.kind != "rule" or any(d is not None for d in layout.inputs):
+        if not _batch_free(layout) or unit.kind not in ("rule", "functional", "generic"):
             raise no_batch_error(where, tuple(output.shape))
-        return self.shared.share(unit, unit.path, unit.rule, module, unit.params, args, kwargs, ctx, output, where)
+        rule, layer = unit.rule, module
+        if unit.kind != "rule":
+            detached = torch.utils._pytree.tree_map(lambda x: x.detach() if torch.is_tensor(x) else x, call)
+            rule, layer = BATCH_FREE_RULE, BatchFree(module, unit.params, *detached, self.sink.replay, where)
+        return self.shared.share(unit, unit.path, rule, layer, unit.params, args, kwargs, ctx, output, where)
 
     def _watch_outputs(self, unit: Unit, module, inputs, kwargs, ctx, output, layout: CallLayout,
                        input_dims, call, kw_names: tuple = ()) -> Any:
@@ -347,3 +363,18 @@ class HookSet:
 
             t.register_hook(on_grad)
         return torch.utils._pytree.tree_unflatten(leaves, spec)
+
+
+def _batch_free(layout: CallLayout) -> bool:
+    """A call whose output has no batch dimension (or size 1 there) and whose inputs carry no batch either."""
+    return layout.output in (None, BROADCAST) and all(d is None or d == BROADCAST for d in layout.inputs)
+
+
+def _call_tensors(unit: Unit, module, args, kwargs) -> tuple[tuple, tuple]:
+    """(the call's inputs as the layout and the rule see them, tensor keyword names): tensor keyword arguments
+    after the positional ones, or the rule's own form of the call (``LayerRule.present``)."""
+    present = unit.rule.present if unit.kind == "rule" and unit.rule is not None else None
+    if present is not None:
+        return tuple(present(module, tuple(args), kwargs)), ()
+    kw_names = tuple(sorted(k for k, v in kwargs.items() if torch.is_tensor(v)))
+    return tuple(args) + tuple(kwargs[k] for k in kw_names), kw_names

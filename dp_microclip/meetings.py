@@ -149,8 +149,8 @@ class _Follower(TorchFunctionMode):
 
 
 def shared_calls(signature: Signature, batch_dim_of: Callable[[str], int]) -> set:
-    """The layer calls of this signature whose output and every tensor input have no batch dimension (the
-    calls the hooks hand to ``shared_outputs.py``), by ``(path, call index)``."""
+    """The layer calls of this signature whose output and every tensor input have no batch dimension, or
+    size 1 there (the calls the hooks hand to ``shared_outputs.py``), by ``(path, call index)``."""
     found = set()
     batch = signature.full_batch
     for key, full in signature.full.items():
@@ -161,7 +161,7 @@ def shared_calls(signature: Signature, batch_dim_of: Callable[[str], int]) -> se
         pairs = [(full.output, part.output)] + [
             (f, part.inputs[i] if i < len(part.inputs) else None) for i, f in enumerate(full.inputs) if f is not None]
         try:
-            if all(p is not None and analyse(f, p, batch, declared, key[0]) is None for f, p in pairs):
+            if all(p is not None and analyse(f, p, batch, declared, key[0]) in (None, BROADCAST) for f, p in pairs):
                 found.add(key)
         except BatchError:
             continue

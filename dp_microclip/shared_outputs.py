@@ -161,12 +161,22 @@ class SharedOutputTracker(TorchFunctionMode):
                         f"in {meeting.name}, which does not broadcast it along the batch ({err}). Freeze those "
                         "parameters (requires_grad=False) before attach(), or compute the table outside the model."
                     ) from err
+                finally:
+                    self._stop_if_done()
         out = func(*args, **kwargs)
         sources = tuple(dict.fromkeys(s for i in shared for s in self.sources_of(flat[i])))
         for t in tree_flatten(out)[0]:
             if torch.is_tensor(t) and t.is_floating_point() and t.requires_grad:
                 self.derived[id(t)] = (t, sources)
+        self._stop_if_done()
         return out
+
+    def _stop_if_done(self) -> None:
+        """After the last operation the probe saw on shared outputs, stop following (the rest of the forward
+        runs at full speed: BERT's positions meet the batch in its embeddings). A use the probe did not see
+        would reach the loss past the meeting points, which each source's sum check refuses."""
+        if self.count >= len(self.meetings):
+            self.derived.clear()
 
     def _next(self, func) -> Meeting:
         index, self.count = self.count, self.count + 1

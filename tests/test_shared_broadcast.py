@@ -130,10 +130,6 @@ class ProjectedTable(nn.Module):
         return self.head((h + mixed).mean(1))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "a rule layer's (1, k, d) output shared by the batch is expanded to (B, k, d) at the layer, so a model that "
-    "reshapes it by its size fails (DeBERTa-v2's projected positions); following it as a shared output instead "
-    "is not merged with the content-learned meetings yet"))
 @pytest.mark.parametrize("b", [1, 2, 4])
 @pytest.mark.parametrize("T", [4, 5])
 def test_a_projected_table_keeps_its_shape_and_equals_naive_loop(T, b):
@@ -182,3 +178,66 @@ def test_a_broadcast_of_size_b_that_is_averaged_away_stays_shared_and_exact():
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert float((p.grad - want[name]).norm()) <= 1e-9 * float(want[name].norm()) + 1e-15, name
+
+
+class ResampledBias(nn.Module):
+    """A module without a rule that computes a batch-free function of its parameters with whatever operations
+    (BEiT's relative-position bias): a table resampled by ``F.interpolate`` to the sequence length, gathered
+    with a fixed relative-distance index, through a nonlinearity and a scale. No tensor input, so its output,
+    ``(1, H, T, T)`` (``squeeze=False``) or ``(H, T, T)``, is the same for every example."""
+
+    def __init__(self, squeeze: bool):
+        super().__init__()
+        self.squeeze = squeeze
+        self.table = nn.Parameter(0.5 * torch.randn(HEADS, 5))
+        self.scale = nn.Parameter(torch.tensor([1.5, 0.7]))
+
+    def forward(self, T: int):
+        resampled = F.interpolate(self.table.unsqueeze(0), size=2 * T - 1, mode="linear", align_corners=True)[0]
+        pos = torch.arange(T)
+        bias = torch.tanh(resampled[:, pos[None, :] - pos[:, None] + T - 1]) * self.scale[:, None, None]
+        return bias if self.squeeze else bias.unsqueeze(0)
+
+
+class ResampledNet(nn.Module):
+    def __init__(self, squeeze: bool):
+        super().__init__()
+        self.embed = nn.Linear(4, D)
+        self.qk = nn.Linear(D, 2 * D)
+        self.bias = ResampledBias(squeeze)
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        h = self.embed(x)
+        q, k = self.qk(h).view(B, T, 2, HEADS, D // HEADS).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2) + self.bias(T)
+        return self.head((scores.softmax(-1) @ q).transpose(1, 2).reshape(B, T, D).mean(1))
+
+
+def _step_no_generic(model, b, x, y):
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no generic-path notice
+        engine = dp_microclip.attach(model, opt, micro_batch_size=b, max_grad_norm=0.05, fallback="error")
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    return engine
+
+
+@pytest.mark.parametrize("b", [1, 2, 4])
+@pytest.mark.parametrize("T", [4, 5])  # T == B and T != B
+@pytest.mark.parametrize("squeeze", [False, True])
+def test_a_batch_free_module_without_a_rule_takes_its_own_vjp(squeeze, T, b):
+    # The usage route cannot follow F.interpolate or tanh; the generic path is not allowed (fallback="error"):
+    # its call has no batch in or out, so each example's gradient is the VJP of its forward with the example's
+    # output gradient read where the bias meets the scores (layers/batch_free.py).
+    torch.manual_seed(0)
+    model = ResampledNet(squeeze).double()
+    x, y = torch.randn(4, T, 4, dtype=torch.float64), torch.arange(4) % CLASSES
+    want = naive_microbatch_grads(copy.deepcopy(model), F.cross_entropy, x, y, micro_batch_size=b,
+                                  max_grad_norm=0.05)
+    engine = _step_no_generic(model, b, x, y)
+    for name, p in model.named_parameters():
+        assert float((p.grad - want[name]).norm()) <= 1e-9 * float(want[name].norm()) + 1e-15, name
+    assert engine.last_strategies.get("bias") not in (None, "func")
