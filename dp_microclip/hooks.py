@@ -300,8 +300,8 @@ class HookSet:
             replaced = None
             out_dim = layout.output
             if out_dim == BROADCAST:
-                # One value shared by the batch (position embeddings of (1, T) ids): expanded to the batch so
-                # that each example's output gradient, and so its share of the weight gradient, exists.
+                # One value shared by the batch, not followed (no meeting probe ran: an empty batch): expanded
+                # to the batch so that each example's output gradient, and so its share of the gradient, exists.
                 output = replaced = expand_at(output, unit.batch_dim, batch)
                 out_dim = unit.batch_dim
             if not output.requires_grad:
@@ -327,8 +327,10 @@ class HookSet:
             raise no_batch_error(where, tuple(output.shape))
         rule, layer = unit.rule, module
         if unit.kind != "rule":
-            detached = torch.utils._pytree.tree_map(lambda x: x.detach() if torch.is_tensor(x) else x, call)
-            rule, layer = BATCH_FREE_RULE, BatchFree(module, unit.params, *detached, self.sink.replay, where)
+            call_args, call_kwargs = torch.utils._pytree.tree_map(
+                lambda x: x.detach() if torch.is_tensor(x) else x, call)
+            rule, layer = BATCH_FREE_RULE, BatchFree(module, unit.params, call_args, call_kwargs, self.sink.replay,
+                                                     where)
         return self.shared.share(unit, unit.path, rule, layer, unit.params, args, kwargs, ctx, output, where)
 
     def _watch_outputs(self, unit: Unit, module, inputs, kwargs, ctx, output, layout: CallLayout,

@@ -1,26 +1,38 @@
 """Where an output that is the same for every example meets the batch: learned by content, never by size.
 
-``shared_outputs.py`` follows a layer output without a batch dimension (a
-relative-position table) through the forward and, where it is combined with a
-batched tensor, expands it along the batch so that each example's gradient
-exists. Which dimension of that operation's result is the batch must not be
-guessed from sizes: a table axis, a window count or a token count may equal
-``B``, and a sequence-first block puts the batch second.
+``shared_outputs.py`` follows a layer output without a batch dimension, or with
+size 1 there (a relative-position table), through the forward and, where it is
+combined with a batched tensor, expands it along the batch so that each
+example's gradient exists. Which dimension of that operation's result is the
+batch must not be guessed from sizes: a table axis, a window count or a token
+count may equal ``B``, and a sequence-first block puts the batch second.
 
 So the first time an input signature runs a model that has such layers, this
-file runs two more probe passes (``LayoutLearner.probe_passes``: no gradients,
-dropout off, one random state; the whole batch, then the examples reordered as
-in the layout probe). A ``TorchFunctionMode`` follows the shared outputs of
-those passes through every operation, not stopping anywhere, and keeps a print
-of each operation's result (``rows.fingerprint``). Then ``rows.analyse``
-compares the two passes' prints of each result, exactly as it does for a
-layer's tensors: a result that does not move with the batch is still shared
-(followed further); one whose rows equal the same examples' rows where the
-reordering moved them is a meeting point, along that dimension or along a
-dimension holding ``k`` rows per example (``rows.Fold``); anything else is
-refused when the training forward reaches it. The training forward's tracker
+file runs three more probe passes (``LayoutLearner.probe_passes``: no
+gradients, dropout off, one random state). A ``TorchFunctionMode`` follows the
+shared outputs through every operation, not stopping anywhere. The first pass
+(the whole batch) keeps each operation's result shape; the second (the examples
+reordered as in the layout probe) finds the operations on still-shared tensors
+whose result's shape moved with the batch (the only ones that may meet it)
+and prints them (``rows.fingerprint``), with their shared operands; the third
+(the whole batch again) prints the same ones. Then ``rows.analyse`` compares
+the two prints of each such result, exactly as it does for a layer's tensors:
+a result that does not move with the batch is still shared (followed further);
+one whose rows equal the same examples' rows where the reordering moved them is
+a meeting point, along that dimension or along a dimension holding ``k`` rows
+per example (``rows.Fold``); anything else is refused when the training forward
+reaches it.
+
+At a meeting point, a shared operand normally has size 1 (or nothing) at the
+batch dimension. One the model broadcast to the batch itself (MPNet's
+``bias.expand(B, ...)``, DeBERTa-v2's ``repeat(B, 1, 1)``) already has the
+batch's rows there; it is recognised by content, not by its size
+(:func:`broadcast_by_model`): its row count follows the batch like the result's,
+and its rows along the batch are EQUAL to each other in both passes. A table
+axis that merely has ``B`` entries has rows that differ (or a size that does
+not move), so it is never taken for the batch. The training forward's tracker
 then counts the same operations (only those on tensors still shared) and reads
-each one's :class:`~dp_microclip.shared_outputs.Meeting`.
+each one's :class:`Meeting`.
 """
 
 from __future__ import annotations
@@ -83,26 +95,37 @@ def function_name(func) -> str:
 class _Op(NamedTuple):
     name: str
     parents: tuple  # the nodes its followed operands came from: ("source", i) or ("op", n)
-    print: TensorPrint | None  # its first tensor result's print (None: no tensor result)
-    rank: int
-    operands: tuple  # per followed tensor operand: (its position among the flattened arguments, its nodes, print)
+    shape: tuple | None  # its first tensor result's shape (None: no tensor result)
+    print: TensorPrint | None  # that result's print, for the operations that may meet the batch (else None)
+    operands: tuple  # for those: per followed floating operand, (its position among the flattened arguments,
+    #                  its nodes, its print)
 
 
 class _Follower(TorchFunctionMode):
-    """One probe pass: follows the outputs of the calls in ``keys`` through every operation."""
+    """One probe pass: follows the outputs of the calls in ``keys`` through every operation.
 
-    def __init__(self, keys: set):
+    Printing every result of the forward would cost more than the forward, so the passes split the work
+    (``learn_meetings``): the whole batch's first pass keeps shapes only; the reordered pass (``against`` that
+    first pass) finds on the fly the operations on still-shared tensors whose result's shape moved with the
+    batch (the candidates: everything else is shared or downstream of the batch), and prints those; a last
+    pass on the whole batch prints the same operations (``wanted``)."""
+
+    def __init__(self, keys: set, against: "_Follower | None" = None, wanted: "_Follower | None" = None):
         super().__init__()
         self.keys = keys
+        self.against, self.wanted = against, wanted
         self.nodes: dict[int, tuple[torch.Tensor, tuple]] = {}  # id -> (tensor, the nodes it derives from)
-        self.prints: dict[int, tuple] = {}  # id -> (tensor, its print, its version): printed once
         self.ops: list[_Op] = []
         self.sources = 0
+        self.shared: set = set()  # (the reordered pass) nodes still the same for every example
+        self.candidates: set[int] = set()  # (the reordered pass) operations whose result moved with the batch
 
     def on_output(self, key: tuple, output) -> None:
         """``LayoutLearner.on_probe_output``: start following a shared call's output."""
         if key in self.keys and torch.is_tensor(output):
-            self.nodes[id(output)] = (output, (("source", self.sources),))
+            node = ("source", self.sources)
+            self.nodes[id(output)] = (output, (node,))
+            self.shared.add(node)
             self.sources += 1
 
     def _of(self, x) -> tuple:
@@ -111,14 +134,18 @@ class _Follower(TorchFunctionMode):
         hit = self.nodes.get(id(x))
         return hit[1] if hit is not None and hit[0] is x else ()
 
-    def _print(self, x: torch.Tensor) -> TensorPrint | None:
-        """An operand's print (a tensor read by several operations is printed once; None: not floating)."""
-        if not x.is_floating_point():
-            return None
-        hit = self.prints.get(id(x))
-        if hit is None or hit[0] is not x or x._version != hit[2]:
-            hit = self.prints[id(x)] = (x, fingerprint(x), x._version)
-        return hit[1]
+    def _printed(self, n: int, parents: tuple, shape: tuple | None) -> bool:
+        """Whether operation ``n`` is printed in this pass (see the class docstring)."""
+        if self.wanted is not None:
+            return n in self.wanted.candidates
+        if self.against is None or not any(p in self.shared for p in parents):
+            return False
+        seen = self.against.ops[n].shape if n < len(self.against.ops) else None
+        if shape is None or shape == seen:
+            self.shared.add(("op", n))  # did not move with the batch: still shared
+            return False
+        self.candidates.add(n)
+        return True
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -128,20 +155,22 @@ class _Follower(TorchFunctionMode):
         parents = tuple(dict.fromkeys(n for x in flat for n in self._of(x)))
         if not parents:
             return func(*args, **kwargs)
-        followed = is_followed_through(func)
-        operands = () if followed else tuple((i, self._of(x), self._print(x)) for i, x in enumerate(flat)
-                                             if self._of(x))  # before the call: an in-place op changes them
         out = func(*args, **kwargs)
         results = [t for t in tree_flatten(out)[0] if torch.is_tensor(t)]
-        if followed:
+        if is_followed_through(func):
             node = parents
         else:
             first = results[0] if results else None
-            printed = None if first is None else fingerprint(first)
-            if first is not None:
-                self.prints[id(first)] = (first, printed, first._version)
-            self.ops.append(_Op(function_name(func), parents, printed, 0 if first is None else first.dim(), operands))
-            node = (("op", len(self.ops) - 1),)
+            shape = None if first is None else tuple(first.shape)
+            n = len(self.ops)
+            printed, operands = None, ()
+            if self._printed(n, parents, shape):  # an operand changed in place keeps its shape: not a candidate
+                assert first is not None
+                printed = fingerprint(first)
+                operands = tuple((i, self._of(x), fingerprint(x)) for i, x in enumerate(flat)
+                                 if self._of(x) and x.is_floating_point())
+            self.ops.append(_Op(function_name(func), parents, shape, printed, operands))
+            node = (("op", n),)
         for t in results:
             if t.is_floating_point():
                 self.nodes[id(t)] = (t, node)
@@ -175,10 +204,14 @@ def learn_meetings(learner: LayoutLearner, root: torch.nn.Module, args, kwargs, 
     keys = shared_calls(signature, batch_dim_of)
     if not keys:
         return None
-    full, part = _Follower(keys), _Follower(keys)
+    shapes = _Follower(keys)
+    part = _Follower(keys, against=shapes)
+    full = _Follower(keys, wanted=part)
     p_args, p_kwargs = signature.reordered(args, kwargs)
-    learner.probe_passes(root, [(args, kwargs, full, full.on_output), (p_args, p_kwargs, part, part.on_output)])
-    if [op.name for op in full.ops] != [op.name for op in part.ops]:
+    learner.probe_passes(root, [(args, kwargs, shapes, shapes.on_output), (p_args, p_kwargs, part, part.on_output),
+                                (args, kwargs, full, full.on_output)])
+    names = [[op.name for op in f.ops] for f in (shapes, part, full)]
+    if names[0] != names[1] or names[0] != names[2]:
         raise BatchError(
             "An output that is the same for every example (a relative-position table) went through other "
             f"operations on {signature.full_batch} examples than on {signature.probe_batch}, so where it meets "
@@ -229,8 +262,9 @@ def broadcast_by_model(full: TensorPrint, part: TensorPrint, rank: int, spec, ba
         return False
     if rows == 1 and batch == 1 and not isinstance(spec, Fold):
         return False  # one example: an ordinary size-1 broadcast, the existing expansion serves it
-    return all(_equal_along_batch(pr.per_dim[at], n, rows // batch, major, tolerance(full.dtype))
-               for pr, n in ((full, batch), (part, probe)))
+    tol = tolerance(full.dtype)
+    return _equal_along_batch(full.per_dim[at], batch, rows // batch, major, tol) and \
+        _equal_along_batch(part.per_dim[at], probe, rows // batch, major, tol)
 
 
 def _equal_along_batch(per_index: tuple, batch: int, k: int, major: bool, tol: float) -> bool:
@@ -246,16 +280,18 @@ def _equal_along_batch(per_index: tuple, batch: int, k: int, major: bool, tol: f
 
 
 def _meeting(full: _Op, part: _Op, batch: int, n: int) -> Meeting:
-    if full.print is None or part.print is None or full.print.shape == part.print.shape:
-        return Meeting(full.name, full.rank, None)  # did not move with the batch: still shared
+    rank = 0 if full.shape is None else len(full.shape)
+    if full.shape is None or part.shape is None or full.shape == part.shape:
+        return Meeting(full.name, rank, None)  # did not move with the batch: still shared
+    assert full.print is not None and part.print is not None  # the reordered pass printed it (a candidate)
     where = f"the result of {full.name} (operation {n} on an output that is the same for every example)"
     try:
         found = analyse(full.print, part.print, batch, 0, where)
     except BatchError as err:
-        return Meeting(full.name, full.rank, None, str(err))
+        return Meeting(full.name, rank, None, str(err))
     if isinstance(found, RowsProblem):
-        return Meeting(full.name, full.rank, None, refusal(found))
+        return Meeting(full.name, rank, None, refusal(found))
     if found is None or found == BROADCAST:
-        return Meeting(full.name, full.rank, None)
+        return Meeting(full.name, rank, None)
     assert isinstance(found, (int, Fold))
-    return Meeting(full.name, full.rank, found)
+    return Meeting(full.name, rank, found)

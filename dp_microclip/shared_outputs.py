@@ -7,7 +7,15 @@ example's attention scores. Relative-position tables normalised by a LayerNorm
 before use, and position tables projected by a Linear, have the same shape of
 problem: the layer's output has no batch dimension, so the gradient autograd
 delivers to it is already the sum over the batch, and the layer's rule has no
-per-example output gradient to work with.
+per-example output gradient to work with. The same holds for an output with
+size 1 at the batch dimension when no input carries the batch (DeBERTa-v2's
+query map applied to its ``(1, 2k, d)`` positions; BERT's position embeddings
+of ``(1, T)`` ids): it is followed the same way, its values and shapes
+untouched for the model (expanding it at the layer would change what a model
+that reshapes it by its own size computes). A module without a rule whose
+call carries no batch in or out (BEiT's bias, which resamples its table with
+``F.interpolate``) is followed too; its parameters' gradients are then the
+vector-Jacobian product of its own forward (``layers/batch_free.py``).
 
 Each example's share exists, though, at the point where the shared tensor
 meets the batch: an operation (``scores + bias``, ``bias + mask``, a matmul)
@@ -15,9 +23,12 @@ whose other operand is batched. This module follows the layer's output
 through the batch-free operations that derive other tensors from it (a
 ``TorchFunctionMode`` active during the forward of a model that has such
 layers); at a meeting point it replaces the shared operand ``t`` by ``t``
-expanded along a new batch dimension of size ``B``. The values and the result
-are unchanged, but autograd now delivers the gradient of the *expanded*
-tensor, one slice per example, before summing it. That slice is pulled back
+expanded along a new batch dimension of size ``B`` (an operand the model
+already broadcast to the batch itself, ``bias.expand(B, ...)``, learned by
+content in ``meetings.py``, is cut to one example's rows, checked equal to the
+others', and expanded again). The values and the result are unchanged, but
+autograd now delivers the gradient of the *expanded* tensor, one slice per
+example, before summing it. That slice is pulled back
 through the batch-free operations to the layer's output (one batched
 vector-Jacobian product, ``is_grads_batched``), accumulated over every meeting
 point, and handed to the layer's ordinary rule with the layer's inputs
@@ -26,9 +37,10 @@ and each example's own output gradient.
 
 Nothing is guessed. Where the batch is in a meeting point's result is learned
 by content (``meetings.py``): the first time an input signature runs a model
-with such layers, two more probe passes (no gradients, the batch and its
-examples reordered, as in ``layout.py``) follow the shared outputs through every
-operation and keep a print of each result; an operation whose result's rows
+with such layers, three more probe passes (no gradients, the batch, its
+examples reordered, as in ``layout.py``, and the batch again) follow the shared
+outputs through every operation and print the results that may meet the batch;
+an operation whose result's rows
 equal the same examples' rows of the whole batch, where the reordering moved
 them, is a meeting point, along that dimension (``d``), or along a dimension
 that holds ``k`` rows per example (a ``rows.Fold``: window attention's
@@ -36,7 +48,9 @@ that holds ``k`` rows per example (a ``rows.Fold``: window attention's
 models, ``(T, B, D)`` blocks inside batch-first ones). A table axis that
 happens to equal ``B`` does not move with the batch, so it is never taken for
 it. In the training forward the tracker counts the same operations and
-expands the shared operand at the learned dimension.
+expands the shared operand at the learned dimension; after the last operation
+the probe saw on shared tensors it stops following (the rest of the forward
+runs without its bookkeeping).
 
 When the layer's summed gradient arrives, it must equal the sum over examples
 of what the meeting points delivered; a use of the output that reached the

@@ -66,7 +66,7 @@ def batch_free_group_grads(layer: BatchFree, inputs: tuple, out_grad: torch.Tens
 
     with layer.guard(), torch.enable_grad():
         try:
-            out, pullback = vjp(forward, values)
+            out, pullback = vjp(forward, values)[:2]
             cotangents = summed.reshape(summed.shape[0], *out.shape).to(out.dtype)
             try:
                 (grads,) = vmap(pullback)(cotangents)

@@ -21,7 +21,6 @@ pytest.importorskip("transformers")
 # Listed in docs/models.md ("Modules on the generic path"), with the reason. Whisper's decoder positions (an
 # Embedding subclass indexing its weight) take the usage route.
 DOCUMENTED: dict[str, str] = {
-    "BeitRelativePositionBias": "resamples its table with F.interpolate, which the usage route does not follow",
     "Dinov2Embeddings": "its mask_token is unused without bool_masked_pos; the usage route wants every parameter used",
 }
 MODULES = ("test_hf_encoders", "test_hf_decoders", "test_hf_seq2seq_speech", "test_peft", "test_torch_modules",
