@@ -72,7 +72,9 @@ class HookSet:
         self.no_grad_in_forward: set[str] = set()  # units seen under no_grad inside a forward (checkpointing)
         self.loss_checks_left = 1  # DP mode: the first backward pass's logits gradient is checked (contract.py)
         self.batch_dims: dict[str, int] = {}  # unit path -> the batch dimension it works in
-        self.shared = SharedTables(self.layouts, sink, self.anchor, self._batch_dim_of)  # shared_outputs.py
+        self.owners: dict[int, tuple] = {}  # id(parameter) -> (unit, local name, parameter)
+        self.shared = SharedTables(self.layouts, sink, self.anchor, self._batch_dim_of,  # shared_outputs.py
+                                   self._owner_of)
         self.traced = TracedCapture(sink, self.layouts, self.anchor)  # the capture under torch.compile
 
     # ------------------------------------------------------------------ install
@@ -135,9 +137,15 @@ class HookSet:
         """The batch dimension the unit at ``path`` (or whose usage-route call is at ``path[...]``) works in."""
         return self.batch_dims.get(path.split("[", 1)[0], self.root_batch_dim)
 
+    def _owner_of(self, t: torch.Tensor) -> tuple | None:
+        """``(unit, local name, parameter)`` when ``t`` is a trainable parameter a unit owns, else None."""
+        hit = self.owners.get(id(t))
+        return hit if hit is not None and hit[2] is t else None
+
     def install_unit(self, unit: Unit) -> None:
         """Hook one unit: its forward hook captures inputs and watches the output's gradient."""
         self.batch_dims[unit.path] = unit.batch_dim
+        self.owners.update({id(p): (unit, name, p) for name, p in unit.params.items()})
         if unit.kind in ("attention", "rnn") or isinstance(unit.module, CHANNELS_FIRST):
             self.layouts.declared[unit.path] = unit.batch_dim  # the probe checks it against what it finds
         if unit.kind == "attention":

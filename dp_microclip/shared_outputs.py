@@ -64,10 +64,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import BatchError, UnsupportedModuleError
+from .layers.batch_free import DIRECT_RULE, Direct, input_gradients
 from .meetings import Meeting, function_name, is_followed_through, learn_meetings
 from .records import Record
 from .rows import Fold
@@ -291,10 +293,16 @@ class SharedTables:
         sink: the engine's capture sink (records go there).
         anchor: the engine's anchor tensor (an output that needs no gradient is tied to it).
         batch_dim_of: ``path -> the batch dimension the unit there works in``.
+        owner_of: ``tensor -> (unit, local name, parameter)`` when the tensor is a trainable parameter a unit
+            owns, else None: a layer input that is another unit's parameter, read as a tensor outside its module
+            (DeBERTa-v2's ``LayerNorm(rel_embeddings.weight)``), gets its per-example gradients from the layer's
+            input gradients (``layers/batch_free.py``, :class:`~dp_microclip.layers.batch_free.Direct`).
     """
 
-    def __init__(self, layouts, sink, anchor: torch.Tensor, batch_dim_of: Callable[[str], int]):
+    def __init__(self, layouts, sink, anchor: torch.Tensor, batch_dim_of: Callable[[str], int],
+                 owner_of: Callable[[torch.Tensor], tuple | None] = lambda t: None):
         self.layouts, self.sink, self.anchor, self.batch_dim_of = layouts, sink, anchor, batch_dim_of
+        self.owner_of = owner_of
         self.tracker: SharedOutputTracker | None = None
         self.unshared: set[int] = set()  # signatures (by id) whose forward had no such layer: not followed
 
@@ -334,10 +342,19 @@ class SharedTables:
             dims = tuple(0 if torch.is_tensor(a) else None for a in args)
             shared = output.clone() if output.requires_grad else RequireGrad.apply(self.anchor, output)
             sink = self.sink
+            owners = [(i, self.owner_of(a)) for i, a in enumerate(args) if torch.is_tensor(a)] \
+                if isinstance(layer, nn.Module) and rule is unit.rule else []
+            direct = [(i, owner) for i, owner in owners if owner is not None and owner[0] is not unit]
+            called = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
 
             def emit(rows: torch.Tensor) -> None:
-                if armed is None or armed[0]:
-                        sink.emit(Record(unit, name, rule, layer, params, inputs, dict(kwargs), rows, ctx, 0, dims))
+                if armed is not None and not armed[0]:
+                    return
+                sink.emit(Record(unit, name, rule, layer, params, inputs, dict(kwargs), rows, ctx, 0, dims))
+                for i, (owner, local, p) in direct:  # another unit's parameter, read as this layer's input
+                    per_example = input_gradients(layer, called, kwargs, i, rows, sink.replay)
+                    sink.emit(Record(owner, f"{owner.path}.{local}<-{name}", DIRECT_RULE, Direct(local), {local: p},
+                                     (), {}, per_example, ctx, 0))
 
             source = SharedOutput(where, shared, ctx.batch_size, emit)
             shared.register_hook(lambda grad: source.complete(grad) if sink.active else None)

@@ -145,6 +145,47 @@ def test_a_projected_table_keeps_its_shape_and_equals_naive_loop(T, b):
     assert all(route != "func" for route in engine.last_strategies.values())
 
 
+class NormalisedTable(ProjectedTable):
+    """DeBERTa-v2's shape of the problem: a trainable position table read as a tensor outside its module
+    (``positions.weight``; the Embedding is never called), normalised by a LayerNorm, then projected and folded
+    as above. Its per-example gradient is the LayerNorm's input gradient of each example's output gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.positions = nn.Embedding(6, D)
+        self.norm = nn.LayerNorm(D)
+        del self.table
+
+    def forward(self, x):
+        self.table = self.norm(self.positions.weight)  # read outside the Embedding's forward: (6, D), no batch
+        try:
+            return super().forward(x)
+        finally:
+            del self.table
+
+
+@pytest.mark.parametrize("b", [1, 2, 4])
+@pytest.mark.parametrize("T", [4, 5])
+def test_a_parameter_read_outside_its_module_into_a_shared_layer_equals_naive_loop(T, b):
+    torch.manual_seed(0)
+    model = NormalisedTable().double()
+    plain = copy.deepcopy(model)  # lr=0: the same parameters at every step, without the engine's hooks
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine = dp_microclip.attach(model, opt, micro_batch_size=b, max_grad_norm=0.05)
+    for step in range(2):  # the first step checks against autograd; the second runs without requires_grad
+        x, y = torch.randn(4, T, 4, dtype=torch.float64), torch.arange(4) % CLASSES
+        want = naive_microbatch_grads(copy.deepcopy(plain), F.cross_entropy, x, y, micro_batch_size=b,
+                                      max_grad_norm=0.05)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        for name, p in model.named_parameters():
+            assert float((p.grad - want[name]).norm()) <= 1e-9 * float(want[name].norm()) + 1e-15, (step, name)
+    assert all(route != "func" for route in engine.last_strategies.values())
+
+
 @pytest.mark.parametrize("b", [1, 4])
 @pytest.mark.parametrize("how", ["expand", "repeat", "sequence_first"])
 def test_a_table_axis_of_length_b_is_not_the_batch(how, b):

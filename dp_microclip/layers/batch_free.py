@@ -14,6 +14,14 @@ guard so that its hooks capture nothing) and one product per group, vmapped
 (a loop where an operation has no batching rule), give every group's gradient
 exactly, whatever operations the module uses. No replay per micro-batch, as the
 generic path would do.
+
+The same product with respect to an input gives a parameter read as a tensor
+outside its module its per-example gradients, when it is the input of a layer
+whose output is the same for every example (DeBERTa-v2 normalises
+``rel_embeddings.weight`` with a LayerNorm and never calls the Embedding):
+:func:`input_gradients` pulls each example's output gradient back through the
+layer's forward to that input, and a :class:`Direct` record hands it to the
+parameter's own module as it is (:data:`DIRECT_RULE`).
 """
 
 from __future__ import annotations
@@ -84,3 +92,40 @@ def batch_free_group_grads(layer: BatchFree, inputs: tuple, out_grad: torch.Tens
 
 #: The rule of :class:`BatchFree` calls (materialised group gradients: they have the parameters' size).
 BATCH_FREE_RULE = LayerRule(group_grads=batch_free_group_grads)
+
+
+class Direct(NamedTuple):
+    """A parameter read as a tensor outside its module, as the input of a call whose output is the same for
+    every example (DeBERTa-v2 normalises ``rel_embeddings.weight`` with a LayerNorm; the Embedding module is
+    never called): its per-example gradients are that call's input gradients, given as they are."""
+
+    name: str  # the parameter's local name in its module
+
+
+def _direct_group_grads(layer: Direct, inputs: tuple, out_grad: torch.Tensor, groups: Groups) -> dict:
+    return {layer.name: groups.sum(out_grad)}
+
+
+#: The rule of :class:`Direct` records: ``out_grad`` holds each example's gradient of the parameter itself.
+DIRECT_RULE = LayerRule(group_grads=_direct_group_grads)
+
+
+def input_gradients(module: nn.Module, args: tuple, kwargs: dict, position: int, rows: torch.Tensor,
+                    guard: Callable[[], AbstractContextManager]) -> torch.Tensor:
+    """``(B, *args[position].shape)``: per example, the gradient of input ``position`` of ``module(*args)``
+    given that example's output gradient (a row of ``rows``), by the VJP of the module's own forward."""
+    point = args[position].detach()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        call = list(args)
+        call[position] = x
+        return _first_tensor(module(*call, **kwargs))
+
+    with guard(), torch.enable_grad():
+        out, pullback = vjp(forward, point)[:2]
+        cotangents = rows.reshape(rows.shape[0], *out.shape).to(out.dtype)
+        try:
+            (grads,) = vmap(pullback)(cotangents)
+        except RuntimeError:  # an operation without a batching rule: one product per example
+            grads = torch.stack([pullback(g)[0] for g in cotangents])
+    return grads.detach()
