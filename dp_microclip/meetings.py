@@ -233,7 +233,21 @@ def learn_meetings(learner: LayoutLearner, root: torch.nn.Module, args, kwargs, 
 
 
 def _expanded(full: _Op, part: _Op, meeting: Meeting, shared: set, batch: int) -> tuple[int, ...]:
-    """The shared operands of a meeting point that the model broadcast to the batch itself (by content)."""
+    """The shared operands of a meeting point that the model broadcast to the batch itself (by content).
+
+    None where the result's own rows are equal along the batch (with two examples or more): then nothing
+    batched met the table there (``table.expand(B, ...) * 2``), its rows would be given to examples that never
+    touched them, and the step is refused where the training forward reaches it."""
+    spec = meeting.batch
+    assert full.print is not None and spec is not None
+    if full.print.per_dim is None:
+        return ()
+    d = spec.dim if isinstance(spec, Fold) else spec
+    rows = full.print.shape[d]
+    if batch > 1 and _equal_along_batch(full.print.per_dim[d], batch, rows // batch,
+                                        spec.example_major if isinstance(spec, Fold) else True,
+                                        tolerance(full.print.dtype)):
+        return ()
     found = []
     part_prints = {i: pr for i, _, pr in part.operands}
     for i, nodes, fp in full.operands:

@@ -282,3 +282,30 @@ def test_a_batch_free_module_without_a_rule_takes_its_own_vjp(squeeze, T, b):
     for name, p in model.named_parameters():
         assert float((p.grad - want[name]).norm()) <= 1e-9 * float(want[name].norm()) + 1e-15, name
     assert engine.last_strategies.get("bias") not in (None, "func")
+
+
+class ScaledBroadcast(nn.Module):
+    """The model's broadcast of a table to the batch, scaled, averaged over that dimension, then added: its
+    ``(B, ...)`` product has B equal rows that no example's data touched (not a meeting point)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, D)
+        self.table = nn.Embedding(7, D)
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        rows = self.table(_buckets(T)[0]).unsqueeze(0).expand(B, -1, -1)  # (B, T, D): equal rows
+        scaled = rows * torch.ones(B, 1, 1, dtype=x.dtype)  # B rows, none of them an example's
+        return self.head((self.embed(x) + scaled.mean(0)).tanh().mean(1))
+
+
+def test_equal_rows_that_no_example_touched_are_not_given_to_examples():
+    # ``scaled`` has B rows, equal to each other, so the content cannot say which example each belongs to, and
+    # averaged over them each example's gradient is spread over every row. Refused, not guessed.
+    torch.manual_seed(0)
+    model = ScaledBroadcast().double()
+    x, y = torch.randn(4, 5, 4, dtype=torch.float64), torch.arange(4) % CLASSES
+    with pytest.raises(dp_microclip.BatchError, match="combined with examples by position"):
+        _step(model, 1, x, y)
