@@ -32,6 +32,7 @@ from .capture import CaptureSink
 from .errors import BatchError, PrivacyError, UnsupportedModuleError
 from .layout import BROADCAST, CallLayout, LayoutLearner
 from .mode_hooks import install_attention, install_rnn
+from .layers.batch_free import BATCH_FREE_RULE, BatchFree
 from .layers.traits import CHANNELS_FIRST
 from .rows import batch_first
 from .records import ForwardContext, Record, Unit
@@ -71,7 +72,9 @@ class HookSet:
         self.no_grad_in_forward: set[str] = set()  # units seen under no_grad inside a forward (checkpointing)
         self.loss_checks_left = 1  # DP mode: the first backward pass's logits gradient is checked (contract.py)
         self.batch_dims: dict[str, int] = {}  # unit path -> the batch dimension it works in
-        self.shared = SharedTables(self.layouts, sink, self.anchor, self._batch_dim_of)  # shared_outputs.py
+        self.owners: dict[int, tuple] = {}  # id(parameter) -> (unit, local name, parameter)
+        self.shared = SharedTables(self.layouts, sink, self.anchor, self._batch_dim_of,  # shared_outputs.py
+                                   self._owner_of)
         self.traced = TracedCapture(sink, self.layouts, self.anchor)  # the capture under torch.compile
 
     # ------------------------------------------------------------------ install
@@ -134,9 +137,15 @@ class HookSet:
         """The batch dimension the unit at ``path`` (or whose usage-route call is at ``path[...]``) works in."""
         return self.batch_dims.get(path.split("[", 1)[0], self.root_batch_dim)
 
+    def _owner_of(self, t: torch.Tensor) -> tuple | None:
+        """``(unit, local name, parameter)`` when ``t`` is a trainable parameter a unit owns, else None."""
+        hit = self.owners.get(id(t))
+        return hit if hit is not None and hit[2] is t else None
+
     def install_unit(self, unit: Unit) -> None:
         """Hook one unit: its forward hook captures inputs and watches the output's gradient."""
         self.batch_dims[unit.path] = unit.batch_dim
+        self.owners.update({id(p): (unit, name, p) for name, p in unit.params.items()})
         if unit.kind in ("attention", "rnn") or isinstance(unit.module, CHANNELS_FIRST):
             self.layouts.declared[unit.path] = unit.batch_dim  # the probe checks it against what it finds
         if unit.kind == "attention":
@@ -145,7 +154,7 @@ class HookSet:
             install_rnn(self, unit)
         elif unit.kind == "functional":  # usage.py; the generic capture takes the calls it cannot
             usage = UsageCapture(unit, self.sink, self.layouts, lambda out: RequireGrad.apply(self.anchor, out),
-                                 self.shared)
+                                 self.shared, lambda *call: self._batch_free_call(unit, *call))
             self.handles.extend(usage.install())
             self._install_layer(unit, usage.generic_params)
         else:
@@ -226,15 +235,22 @@ class HookSet:
         return replacement
 
     # ------------------------------------------------------------------ layers
+    def _batch_free_call(self, unit: Unit, module, args, kwargs, output) -> bool:
+        """Whether this call of a module without a rule has no batch in its inputs nor in its output (its
+        usage route's problems do not matter then: ``_shared_output`` takes it by its own VJP)."""
+        ctx = self.sink.context
+        if ctx is None or self.shared.tracker is None or not torch.is_tensor(output):
+            return False
+        presented = _call_tensors(unit, module, args, kwargs)[0]
+        try:
+            layout = self.layouts.layout(unit, ctx, ctx.calls.get(unit.path, 0), presented, output)
+        except BatchError:
+            return False
+        return _batch_free(layout)
+
     def _install_layer(self, unit: Unit, generic_params=None) -> None:
         def call_tensors(module, args, kwargs) -> tuple[tuple, tuple]:
-            """(the call's inputs as the layout and the rule see them, tensor keyword names): tensor keyword
-            arguments after the positional ones, or the rule's own form of the call (``LayerRule.present``)."""
-            present = unit.rule.present if unit.kind == "rule" and unit.rule is not None else None
-            if present is not None:
-                return tuple(present(module, tuple(args), kwargs)), ()
-            kw_names = tuple(sorted(k for k, v in kwargs.items() if torch.is_tensor(v)))
-            return tuple(args) + tuple(kwargs[k] for k in kw_names), kw_names
+            return _call_tensors(unit, module, args, kwargs)
 
         key = self.traced.key_for("complete", unit) if unit.kind == "rule" else None
 
@@ -277,12 +293,14 @@ class HookSet:
                     f"{list(kw_names)}, which its rule does not read. Pass them positionally, or register a rule "
                     "for this module type that takes them."
                 )
+            call = (args, kwargs)  # as the module was called (a batch-free replay runs it again)
             # Tensor keyword arguments (generic path) are laid out and split like positional ones, after them.
             args, kwargs = presented, {k: v for k, v in kwargs.items() if not torch.is_tensor(v)}
             index = ctx.next_call(unit.path)
             layout = self.layouts.layout(unit, ctx, index, args, output)
-            if torch.is_tensor(output) and layout.output is None:
-                return self._shared_output(unit, module, args, kwargs, ctx, output, layout)
+            if torch.is_tensor(output) and (layout.output is None or (
+                    _batch_free(layout) and self.shared.tracker is not None)):
+                return self._shared_output(unit, module, params, args, kwargs, ctx, output, layout, call)
             batch = ctx.batch_size
             inputs, input_dims = batched_inputs(unit, module, args, layout, batch)
             if not torch.is_tensor(output):
@@ -291,8 +309,8 @@ class HookSet:
             replaced = None
             out_dim = layout.output
             if out_dim == BROADCAST:
-                # One value shared by the batch (position embeddings of (1, T) ids): expanded to the batch so
-                # that each example's output gradient, and so its share of the weight gradient, exists.
+                # One value shared by the batch, not followed (no meeting probe ran: an empty batch): expanded
+                # to the batch so that each example's output gradient, and so its share of the gradient, exists.
                 output = replaced = expand_at(output, unit.batch_dim, batch)
                 out_dim = unit.batch_dim
             if not output.requires_grad:
@@ -309,12 +327,21 @@ class HookSet:
 
         self.handles.append(unit.module.register_forward_hook(post, with_kwargs=True))
 
-    def _shared_output(self, unit: Unit, module, args, kwargs, ctx, output, layout: CallLayout):
-        """A layer whose output is the same for every example: followed to where it meets the batch."""
+    def _shared_output(self, unit: Unit, module, params, args, kwargs, ctx, output, layout: CallLayout,
+                       call: tuple):
+        """A layer whose output is the same for every example (no batch dimension, or size 1 there, with no
+        batch in its inputs): followed to where it meets the batch, its values and shapes untouched. A layer
+        with a rule gets its rule; a module without one, the VJP of its own forward (``layers/batch_free.py``)."""
         where = f"{unit.path or '<root module>'} ({type(module).__name__})"
-        if unit.kind != "rule" or any(d is not None for d in layout.inputs):
+        if not _batch_free(layout) or unit.kind not in ("rule", "functional", "generic"):
             raise no_batch_error(where, tuple(output.shape))
-        return self.shared.share(unit, unit.path, unit.rule, module, unit.params, args, kwargs, ctx, output, where)
+        rule, layer = unit.rule, module
+        if unit.kind != "rule":
+            call_args, call_kwargs = torch.utils._pytree.tree_map(
+                lambda x: x.detach() if torch.is_tensor(x) else x, call)
+            rule, layer = BATCH_FREE_RULE, BatchFree(module, params, call_args, call_kwargs, self.sink.replay,
+                                                     where)
+        return self.shared.share(unit, unit.path, rule, layer, params, args, kwargs, ctx, output, where)
 
     def _watch_outputs(self, unit: Unit, module, params, inputs, kwargs, ctx, output, layout: CallLayout,
                        input_dims, call, kw_names: tuple = ()) -> Any:
@@ -348,3 +375,18 @@ class HookSet:
 
             t.register_hook(on_grad)
         return torch.utils._pytree.tree_unflatten(leaves, spec)
+
+
+def _batch_free(layout: CallLayout) -> bool:
+    """A call whose output has no batch dimension (or size 1 there) and whose inputs carry no batch either."""
+    return layout.output in (None, BROADCAST) and all(d is None or d == BROADCAST for d in layout.inputs)
+
+
+def _call_tensors(unit: Unit, module, args, kwargs) -> tuple[tuple, tuple]:
+    """(the call's inputs as the layout and the rule see them, tensor keyword names): tensor keyword arguments
+    after the positional ones, or the rule's own form of the call (``LayerRule.present``)."""
+    present = unit.rule.present if unit.kind == "rule" and unit.rule is not None else None
+    if present is not None:
+        return tuple(present(module, tuple(args), kwargs)), ()
+    kw_names = tuple(sorted(k for k, v in kwargs.items() if torch.is_tensor(v)))
+    return tuple(args) + tuple(kwargs[k] for k in kw_names), kw_names

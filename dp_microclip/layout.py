@@ -160,17 +160,16 @@ class LayoutLearner:
         assert self.probing is not None
         index = self._probe_calls.get(path, 0)
         self._probe_calls[path] = index + 1
-        # Under a meeting probe (meetings.py), its follower must not see the prints' own operations.
-        with torch._C.DisableTorchFunction() if self.on_probe_output is not None else contextlib.nullcontext():
-            inputs = tuple(fingerprint(a) if torch.is_tensor(a) else None for a in args)
-            out: tuple | TensorPrint | None = None
-            if torch.is_tensor(output):
-                out = fingerprint(output)
-            elif output is not None:
-                out = tuple(fingerprint(t) for t in output_tensors(output))
-        self.probing[(path, index)] = ProbeRecord(inputs, out)
-        if self.on_probe_output is not None:
+        if self.on_probe_output is not None:  # a meeting probe (meetings.py) needs the outputs, not prints
             self.on_probe_output((path, index), output)
+            return
+        inputs = tuple(fingerprint(a) if torch.is_tensor(a) else None for a in args)
+        out: tuple | TensorPrint | None = None
+        if torch.is_tensor(output):
+            out = fingerprint(output)
+        elif output is not None:
+            out = tuple(fingerprint(t) for t in output_tensors(output))
+        self.probing[(path, index)] = ProbeRecord(inputs, out)
 
     # ------------------------------------------------------------------ signatures
     def signature(self, root: nn.Module, args, kwargs) -> tuple[Signature, int]:

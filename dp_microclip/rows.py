@@ -107,7 +107,8 @@ def fingerprint(t: torch.Tensor) -> TensorPrint:
     return TensorPrint(shape, tuple(prints), t.dtype)
 
 
-def _tolerance(dtype: torch.dtype) -> float:
+def tolerance(dtype: torch.dtype) -> float:
+    """How far two prints of the same rows may differ, relative to the largest row, in ``dtype``."""
     if dtype == torch.float64:
         return 1e-9
     if dtype in LOW_PRECISION:
@@ -219,7 +220,7 @@ def analyse(full: TensorPrint, part: TensorPrint, batch: int, declared: int, whe
             "mixture-of-experts expert, a capacity-limited subset), so no row belongs to a known example"))
     if full.per_dim is None or part.per_dim is None:
         return d if k == 1 else Fold(d, True)
-    tol = _tolerance(full.dtype)
+    tol = tolerance(full.dtype)
     orders = (True,) if k == 1 else (True, False)
     found = {}
     for major in orders:

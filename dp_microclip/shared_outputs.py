@@ -7,7 +7,15 @@ example's attention scores. Relative-position tables normalised by a LayerNorm
 before use, and position tables projected by a Linear, have the same shape of
 problem: the layer's output has no batch dimension, so the gradient autograd
 delivers to it is already the sum over the batch, and the layer's rule has no
-per-example output gradient to work with.
+per-example output gradient to work with. The same holds for an output with
+size 1 at the batch dimension when no input carries the batch (DeBERTa-v2's
+query map applied to its ``(1, 2k, d)`` positions; BERT's position embeddings
+of ``(1, T)`` ids): it is followed the same way, its values and shapes
+untouched for the model (expanding it at the layer would change what a model
+that reshapes it by its own size computes). A module without a rule whose
+call carries no batch in or out (BEiT's bias, which resamples its table with
+``F.interpolate``) is followed too; its parameters' gradients are then the
+vector-Jacobian product of its own forward (``layers/batch_free.py``).
 
 Each example's share exists, though, at the point where the shared tensor
 meets the batch: an operation (``scores + bias``, ``bias + mask``, a matmul)
@@ -15,9 +23,12 @@ whose other operand is batched. This module follows the layer's output
 through the batch-free operations that derive other tensors from it (a
 ``TorchFunctionMode`` active during the forward of a model that has such
 layers); at a meeting point it replaces the shared operand ``t`` by ``t``
-expanded along a new batch dimension of size ``B``. The values and the result
-are unchanged, but autograd now delivers the gradient of the *expanded*
-tensor, one slice per example, before summing it. That slice is pulled back
+expanded along a new batch dimension of size ``B`` (an operand the model
+already broadcast to the batch itself, ``bias.expand(B, ...)``, learned by
+content in ``meetings.py``, is cut to one example's rows, checked equal to the
+others', and expanded again). The values and the result are unchanged, but
+autograd now delivers the gradient of the *expanded* tensor, one slice per
+example, before summing it. That slice is pulled back
 through the batch-free operations to the layer's output (one batched
 vector-Jacobian product, ``is_grads_batched``), accumulated over every meeting
 point, and handed to the layer's ordinary rule with the layer's inputs
@@ -26,9 +37,10 @@ and each example's own output gradient.
 
 Nothing is guessed. Where the batch is in a meeting point's result is learned
 by content (``meetings.py``): the first time an input signature runs a model
-with such layers, two more probe passes (no gradients, the batch and its
-examples reordered, as in ``layout.py``) follow the shared outputs through every
-operation and keep a print of each result; an operation whose result's rows
+with such layers, three more probe passes (no gradients, the batch, its
+examples reordered, as in ``layout.py``, and the batch again) follow the shared
+outputs through every operation and print the results that may meet the batch;
+an operation whose result's rows
 equal the same examples' rows of the whole batch, where the reordering moved
 them, is a meeting point, along that dimension (``d``), or along a dimension
 that holds ``k`` rows per example (a ``rows.Fold``: window attention's
@@ -36,7 +48,9 @@ that holds ``k`` rows per example (a ``rows.Fold``: window attention's
 models, ``(T, B, D)`` blocks inside batch-first ones). A table axis that
 happens to equal ``B`` does not move with the batch, so it is never taken for
 it. In the training forward the tracker counts the same operations and
-expands the shared operand at the learned dimension.
+expands the shared operand at the learned dimension; after the last operation
+the probe saw on shared tensors it stops following (the rest of the forward
+runs without its bookkeeping).
 
 When the layer's summed gradient arrives, it must equal the sum over examples
 of what the meeting points delivered; a use of the output that reached the
@@ -50,10 +64,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import BatchError, UnsupportedModuleError
+from .layers.batch_free import DIRECT_RULE, Direct, input_gradients
 from .meetings import Meeting, function_name, is_followed_through, learn_meetings
 from .records import Record
 from .rows import Fold
@@ -151,7 +167,7 @@ class SharedOutputTracker(TorchFunctionMode):
             meeting = self._next(func)
             if meeting.batch is not None:  # a meeting point: the result is batched and not followed further
                 for i in shared:
-                    flat[i] = self._meet(flat[i], meeting, flat, shared)
+                    flat[i] = self._meet(flat[i], meeting, flat, shared, i)
                 args, kwargs = tree_unflatten(flat, spec)
                 try:
                     return func(*args, **kwargs)
@@ -161,12 +177,22 @@ class SharedOutputTracker(TorchFunctionMode):
                         f"in {meeting.name}, which does not broadcast it along the batch ({err}). Freeze those "
                         "parameters (requires_grad=False) before attach(), or compute the table outside the model."
                     ) from err
+                finally:
+                    self._stop_if_done()
         out = func(*args, **kwargs)
         sources = tuple(dict.fromkeys(s for i in shared for s in self.sources_of(flat[i])))
         for t in tree_flatten(out)[0]:
             if torch.is_tensor(t) and t.is_floating_point() and t.requires_grad:
                 self.derived[id(t)] = (t, sources)
+        self._stop_if_done()
         return out
+
+    def _stop_if_done(self) -> None:
+        """After the last operation the probe saw on shared outputs, stop following (the rest of the forward
+        runs at full speed: BERT's positions meet the batch in its embeddings). A use the probe did not see
+        would reach the loss past the meeting points, which each source's sum check refuses."""
+        if self.count >= len(self.meetings):
+            self.derived.clear()
 
     def _next(self, func) -> Meeting:
         index, self.count = self.count, self.count + 1
@@ -186,9 +212,13 @@ class SharedOutputTracker(TorchFunctionMode):
     def _where(self, flat, shared) -> str:
         return ", ".join(dict.fromkeys(s.where for i in shared for s in self.sources_of(flat[i])))
 
-    def _meet(self, t: torch.Tensor, meeting: Meeting, flat: list, shared: list) -> torch.Tensor:
+    def _meet(self, t: torch.Tensor, meeting: Meeting, flat: list, shared: list, index: int) -> torch.Tensor:
         """``t`` expanded along the batch dimension of the operation's result; its gradient arrives one slice
-        per example (or ``k`` slices per example, summed, where the batch is folded with another axis)."""
+        per example (or ``k`` slices per example, summed, where the batch is folded with another axis).
+
+        An operand the model broadcast to the batch itself (``meeting.expanded``, learned by content) already
+        holds the batch's rows there: it is cut to one example's rows (checked equal to every other
+        example's) and expanded again, so its gradient arrives per example in the same way."""
         rank, spec, batch = meeting.rank, meeting.batch, self.batch_size
         d = spec.dim if isinstance(spec, Fold) else spec
         assert d is not None
@@ -196,39 +226,61 @@ class SharedOutputTracker(TorchFunctionMode):
         sizes = [x.shape[d - (rank - x.dim())] for i, x in enumerate(flat)
                  if torch.is_tensor(x) and i not in shared and 0 <= d - (rank - x.dim()) < x.dim()]
         rows = max(sizes, default=0)
-        if t.dim() > rank or aligned.shape[d] != 1 or not rows or rows % batch or (
+        by_model = index in meeting.expanded
+        if t.dim() > rank or aligned.shape[d] != (rows if by_model else 1) or not rows or rows % batch or (
                 not isinstance(spec, Fold) and rows != batch):
             raise BatchError(
                 f"{self._where(flat, shared)}: its output is the same for every example and meets the batch "
                 f"along dimension {d} of a {meeting.name} result, where it has shape {tuple(t.shape)} (the other "
-                f"operands have {rows} rows for {batch} examples), not a size-1 or missing batch dimension: its "
-                "rows would be combined with examples by position. Freeze those parameters "
-                "(requires_grad=False) before attach(), or compute the table outside the model."
+                f"operands have {rows} rows for {batch} examples), not "
+                + ("the broadcast to the batch the layout probe found" if by_model else
+                   "a size-1 or missing batch dimension: its rows would be combined with examples by position")
+                + ". Freeze those parameters (requires_grad=False) before attach(), or compute the table outside "
+                "the model."
             )
         for source in self.sources_of(t):
             source.meetings += 1
-        expanded = aligned.expand(*[rows if i == d else -1 for i in range(rank)])
-        sources, every, shape = self.sources_of(t), self.sources, tuple(t.shape)
+        major = spec.example_major if isinstance(spec, Fold) else True
+        k = rows // batch
+        if by_model:  # (.., B * k, ..) -> (.., B, k, ..) (or (k, B)): one example's rows, expanded again
+            split = aligned.unflatten(d, (batch, k) if major else (k, batch))
+            at = d if major else d + 1
+            base = split.narrow(at, 0, 1)
+            if not bool(((split == base) | (split != split)).all()):
+                raise BatchError(
+                    f"{self._where(flat, shared)}: the layout probe found that the model broadcasts this output, "
+                    f"the same for every example, to the batch before {meeting.name}, but in this batch its rows "
+                    "along the batch differ: the model's operations on it changed with the data. Keep the "
+                    "operations on such tables independent of the batch, or freeze those parameters "
+                    "(requires_grad=False) before attach()."
+                )
+            spread = base.expand(*[batch if i == at else -1 for i in range(split.dim())])
+            expanded, hooked, shape = spread.flatten(d, d + 1), spread, tuple(base.shape)
+            sum_fold = False
+        else:
+            expanded = hooked = aligned.expand(*[rows if i == d else -1 for i in range(rank)])
+            base, at, shape, sum_fold = t, d, tuple(t.shape), isinstance(spec, Fold)
+        sources, every = self.sources_of(t), self.sources
 
         def on_grad(grad: torch.Tensor):
-            if isinstance(spec, Fold):
-                per = grad.unflatten(d, (batch, -1) if spec.example_major else (-1, batch))
-                grad = per.sum(d + 1) if spec.example_major else per.sum(d)
-            per_example = grad.movedim(d, 0).reshape(batch, *shape)
+            if sum_fold:  # t broadcast along the fold's k rows too: an example's k slices are summed
+                per = grad.unflatten(d, (batch, -1) if major else (-1, batch))
+                grad = per.sum(d + 1) if major else per.sum(d)
+            per_example = grad.movedim(at, 0).reshape(batch, *shape)
             for source in sources:
-                if t is source.output:
+                if base is source.output:
                     source.add(per_example.detach())
                     continue
                 for s in every:  # the pull-back's own gradients of shared outputs are not theirs to check
                     s.pulling = True
                 try:
-                    source.add(_pull_back(t, source.output, per_example))
+                    source.add(_pull_back(base, source.output, per_example))
                 finally:
                     for s in every:
                         s.pulling = False
             return None
 
-        expanded.register_hook(on_grad)
+        hooked.register_hook(on_grad)
         return expanded
 
 
@@ -241,10 +293,16 @@ class SharedTables:
         sink: the engine's capture sink (records go there).
         anchor: the engine's anchor tensor (an output that needs no gradient is tied to it).
         batch_dim_of: ``path -> the batch dimension the unit there works in``.
+        owner_of: ``tensor -> (unit, local name, parameter)`` when the tensor is a trainable parameter a unit
+            owns, else None: a layer input that is another unit's parameter, read as a tensor outside its module
+            (DeBERTa-v2's ``LayerNorm(rel_embeddings.weight)``), gets its per-example gradients from the layer's
+            input gradients (``layers/batch_free.py``, :class:`~dp_microclip.layers.batch_free.Direct`).
     """
 
-    def __init__(self, layouts, sink, anchor: torch.Tensor, batch_dim_of: Callable[[str], int]):
+    def __init__(self, layouts, sink, anchor: torch.Tensor, batch_dim_of: Callable[[str], int],
+                 owner_of: Callable[[torch.Tensor], tuple | None] = lambda t: None):
         self.layouts, self.sink, self.anchor, self.batch_dim_of = layouts, sink, anchor, batch_dim_of
+        self.owner_of = owner_of
         self.tracker: SharedOutputTracker | None = None
         self.unshared: set[int] = set()  # signatures (by id) whose forward had no such layer: not followed
 
@@ -284,10 +342,19 @@ class SharedTables:
             dims = tuple(0 if torch.is_tensor(a) else None for a in args)
             shared = output.clone() if output.requires_grad else RequireGrad.apply(self.anchor, output)
             sink = self.sink
+            owners = [(i, self.owner_of(a)) for i, a in enumerate(args) if torch.is_tensor(a)] \
+                if isinstance(layer, nn.Module) and rule is unit.rule else []
+            direct = [(i, owner) for i, owner in owners if owner is not None and owner[0] is not unit]
+            called = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
 
             def emit(rows: torch.Tensor) -> None:
-                if armed is None or armed[0]:
-                        sink.emit(Record(unit, name, rule, layer, params, inputs, dict(kwargs), rows, ctx, 0, dims))
+                if armed is not None and not armed[0]:
+                    return
+                sink.emit(Record(unit, name, rule, layer, params, inputs, dict(kwargs), rows, ctx, 0, dims))
+                for i, (owner, local, p) in direct:  # another unit's parameter, read as this layer's input
+                    per_example = input_gradients(layer, called, kwargs, i, rows, sink.replay)
+                    sink.emit(Record(owner, f"{owner.path}.{local}<-{name}", DIRECT_RULE, Direct(local), {local: p},
+                                     (), {}, per_example, ctx, 0))
 
             source = SharedOutput(where, shared, ctx.batch_size, emit)
             shared.register_hook(lambda grad: source.complete(grad) if sink.active else None)

@@ -68,11 +68,17 @@ class UsageCapture:
         layouts: the engine's layout learner (the probe and learned layouts).
         require_grad: ``output -> output`` that requires grad (``tensors.RequireGrad`` tied to the engine's anchor).
         shared: the hooks' ``shared_outputs.SharedTables``, or None (such uses are then not recognised).
+        batch_free: ``(module, args, kwargs, output) -> bool``: whether a call carries no batch in its inputs nor
+            in its output; the generic capture then takes it by the VJP of the module's own forward
+            (``layers/batch_free.py``), exact whatever it computes, so a use this route cannot follow is no
+            reason to fall back or refuse.
     """
 
     def __init__(self, unit: Unit, sink: CaptureSink, layouts: LayoutLearner,
-                 require_grad: Callable[[torch.Tensor], torch.Tensor], shared=None):
+                 require_grad: Callable[[torch.Tensor], torch.Tensor], shared=None,
+                 batch_free: Callable[..., bool] | None = None):
         self.unit = unit
+        self.batch_free = batch_free
         self.shared = shared  # shared_outputs.SharedTables: uses whose output has no batch dimension
         self.sink = sink
         self.layouts = layouts
@@ -135,7 +141,8 @@ class UsageCapture:
         self._decisions.append({n: p for n, p in self.unit.params.items() if n in mode.touched})
         for arm in arms:
             arm[0] = False
-        self._fall_back(module, problem)
+        if self.batch_free is None or not self.batch_free(module, args, kwargs, output):
+            self._fall_back(module, problem)
         return None
 
     def _fall_back(self, module: nn.Module, problem: str) -> None:

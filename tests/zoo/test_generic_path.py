@@ -21,9 +21,7 @@ pytest.importorskip("transformers")
 # Listed in docs/models.md ("Modules on the generic path"), with the reason. Whisper's decoder positions (an
 # Embedding subclass indexing its weight) take the usage route, and so does Dinov2Embeddings, whose mask_token
 # the forward does not touch without bool_masked_pos (no record for it; its .grad stays as autograd leaves it).
-DOCUMENTED: dict[str, str] = {
-    "BeitRelativePositionBias": "resamples its table with F.interpolate, which the usage route does not follow",
-}
+DOCUMENTED: dict[str, str] = {}
 MODULES = ("test_hf_encoders", "test_hf_decoders", "test_hf_seq2seq_speech", "test_peft", "test_torch_modules",
            "test_usage_route", "test_unnamed_torch", "test_hf_unnamed_text", "test_hf_unnamed_speech",
            "test_unnamed_vision")
