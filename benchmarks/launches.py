@@ -21,7 +21,7 @@ Run: ``python -m benchmarks.launches`` (``--models mlp cnn transformer``,
 ``--nonfinite ROUNDS`` compares the two ways to keep a NaN/inf micro-batch out of the sums: on the
 device (its rows zeroed with ``masked_fill`` in every tensor the sums read, no host read: what an
 accelerator does, and what the counts above show), against one host read per pass (``bad.any()``
-read back; masking only when it is true: the CPU default, ``aggregate.MASK_ON_CPU``). Same engine,
+read back; masking only when it is true: the CPU default, ``tensors.DEVICE_PATHS_ON_CPU``). Same engine,
 the two switched step by step (interleaved), ``ROUNDS`` steps each: launches, syncs and the median
 step time. On a CPU a host read waits for no device, so the times show only what the masking costs.
 """
@@ -134,15 +134,16 @@ def _count(model_name: str, method: str, sources: bool = False) -> LaunchCounter
 
 def count(model_name: str, method: str, sources: bool = False) -> tuple[int, int, Counter]:
     """(launches, host syncs, op counts) of one steady-state step of ``method`` on ``model_name``, on the path
-    an accelerator takes (``aggregate.MASK_ON_CPU``: non-finite groups masked on the device, no host read).
+    an accelerator takes (``tensors.DEVICE_PATHS_ON_CPU``: non-finite groups masked on the device, keys summed
+    without ``unique``: no host read).
     With ``sources=True`` the op counts are keyed by (op, the library line that dispatched it)."""
-    from dp_microclip import aggregate
+    from dp_microclip import tensors
 
-    previous, aggregate.MASK_ON_CPU = aggregate.MASK_ON_CPU, True
+    previous, tensors.DEVICE_PATHS_ON_CPU = tensors.DEVICE_PATHS_ON_CPU, True
     try:
         counter = _count(model_name, method, sources)
     finally:
-        aggregate.MASK_ON_CPU = previous
+        tensors.DEVICE_PATHS_ON_CPU = previous
     return counter.launches, sum(counter.syncs.values()), counter.sources if sources else counter.ops
 
 
@@ -154,16 +155,16 @@ def nonfinite_tradeoff(model_name: str, method: str, rounds: int) -> dict:
     import statistics
     import time
 
-    from dp_microclip import aggregate
+    from dp_microclip import tensors
 
-    variants = {"device": True, "host read": False}  # aggregate.MASK_ON_CPU
+    variants = {"device": True, "host read": False}  # tensors.DEVICE_PATHS_ON_CPU
     step, engine = _stepper(model_name, method)
 
     out: dict = {}
-    previous = aggregate.MASK_ON_CPU
+    previous = tensors.DEVICE_PATHS_ON_CPU
     try:
         for name, mask in variants.items():
-            aggregate.MASK_ON_CPU = mask
+            tensors.DEVICE_PATHS_ON_CPU = mask
             for _ in range(2):
                 step()
             counter = LaunchCounter()
@@ -172,12 +173,12 @@ def nonfinite_tradeoff(model_name: str, method: str, rounds: int) -> dict:
             out[name] = {"launches": counter.launches, "syncs": sum(counter.syncs.values()), "times": []}
         for _ in range(rounds):
             for name, mask in variants.items():
-                aggregate.MASK_ON_CPU = mask
+                tensors.DEVICE_PATHS_ON_CPU = mask
                 start = time.perf_counter()
                 step()
                 out[name]["times"].append(time.perf_counter() - start)
     finally:
-        aggregate.MASK_ON_CPU = previous
+        tensors.DEVICE_PATHS_ON_CPU = previous
         if engine is not None:
             engine.detach()
     for row in out.values():

@@ -36,15 +36,7 @@ from .layers.registry import NormProduct, Unsquared
 from .planner import BudgetResolver, lean_rows, record_shape, reserves
 from .settings import ClipSettings
 from .routes import Autotuner, PassBudget, available_routes, choose_strategy, leanest_peaks
-from .tensors import LOW_PRECISION
-
-#: Whether NaN/inf groups are masked out of CPU tensors without reading the flag first, as on an accelerator.
-#: On an accelerator a host read drains the launch queue, so every tensor the sums read is masked on the
-#: device (one ``masked_fill`` copy each). A CPU tensor's value is read without waiting for any device, and
-#: the copies cost 8-25% of a CPU step (``benchmarks/results/cpu-launches.md``), so on the CPU the flag is
-#: read and rows are masked only when a group is bad. ``benchmarks/launches.py`` sets this to count the
-#: accelerator's path on the CPU.
-MASK_ON_CPU = False
+from .tensors import LOW_PRECISION, avoid_host_reads
 
 
 @dataclass
@@ -286,7 +278,10 @@ def _one_context(
             f"{int(bad_count)} micro-batch gradient(s) had a NaN or inf norm. Check the inputs and the loss, or "
             'attach with on_nonfinite="skip" to let such micro-batches contribute zero.'
         )
-    if MASK_ON_CPU or bad.device.type != "cpu" or bool(bad.any()):
+    # On an accelerator a host read drains the launch queue, so every tensor the sums read is masked on the device;
+    # on the CPU the flag is read and rows are masked only when a group is bad (the copies cost 8-25% of a CPU
+    # step, benchmarks/results/cpu-launches.md).
+    if avoid_host_reads(bad.device) or bool(bad.any()):
         records, materialised = zero_rows(records, ghost_index, materialised, bad, groups, blocks)
     weights: dict[int, torch.Tensor] = {}
     to_average = to_mean / divisor  # folds the final 1/M into the per-group weights

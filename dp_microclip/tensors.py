@@ -17,6 +17,20 @@ import torch
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+#: Whether the engine takes its accelerator paths on CPU tensors too. On an accelerator, a value read on the host
+#: (``bool(t)``, the output size of ``torch.unique``) waits for every queued kernel, so there the engine spends a
+#: few extra kernels instead (masking without asking whether any group is bad; summing per key without
+#: ``unique``). A CPU tensor's value is read without waiting for any device, and the form with the read is the
+#: cheaper one there. ``benchmarks/launches.py`` sets this to count the accelerator's path on the CPU; the tests
+#: set it to check both forms against each other.
+DEVICE_PATHS_ON_CPU = False
+
+
+def avoid_host_reads(device: torch.device) -> bool:
+    """Whether work on ``device`` should avoid reading tensor values on the host (see ``DEVICE_PATHS_ON_CPU``)."""
+    return DEVICE_PATHS_ON_CPU or device.type != "cpu"
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the engine sums a parameter's clipped gradients in: float32 for 16-bit, else ``dtype``."""
     return torch.float32 if dtype in LOW_PRECISION else dtype

@@ -20,11 +20,55 @@ from benchmarks.launches import count
 from dp_microclip.reference import naive_microbatch_grads
 
 
+@pytest.mark.parametrize("model", ["mlp", "transformer"])  # the transformer has an embedding (keyed sums)
 @pytest.mark.parametrize("method", ["b=1", "b=8", "dp b=1"])
-def test_a_steady_state_step_reads_nothing_back_to_the_host(method):
-    launches, syncs, ops = count("mlp", method)
-    assert syncs == 0, {op: n for op, n in ops.items() if op in ("item", "_local_scalar_dense", "is_nonzero")}
+def test_a_steady_state_step_reads_nothing_back_to_the_host(model, method):
+    launches, syncs, ops = count(model, method)
+    reads = ("item", "_local_scalar_dense", "is_nonzero", "unique", "_unique2", "masked_select")
+    assert syncs == 0, {op: n for op, n in ops.items() if op in reads}
     assert launches > 0
+
+
+@pytest.mark.parametrize("per_group", [1, 3, 50])
+def test_keyed_sums_without_unique_equal_the_unique_form(per_group, monkeypatch):
+    from dp_microclip import tensors
+    from dp_microclip.layers.embedding import keyed_group_sq_norms
+
+    g = torch.Generator().manual_seed(0)
+    groups = torch.randint(0, 4, (40,), generator=g)
+    keys = groups * per_group + torch.randint(0, per_group, (40,), generator=g)  # many repeated keys
+    values = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    expected = torch.zeros(4, dtype=torch.float64)
+    for k in keys.unique():  # the definition: each key's rows summed, squared, added to its group
+        expected[k // per_group] += values[keys == k].sum(0).pow(2).sum()
+    for device_path in (False, True):
+        monkeypatch.setattr(tensors, "DEVICE_PATHS_ON_CPU", device_path)
+        torch.testing.assert_close(keyed_group_sq_norms(keys, values, 4, per_group), expected)
+
+
+@pytest.mark.parametrize("device_path", [False, True])
+@pytest.mark.parametrize("layer", ["embedding", "bag"])
+def test_embedding_norms_on_the_device_path_equal_the_naive_loop(layer, device_path, monkeypatch):
+    from dp_microclip import tensors
+
+    monkeypatch.setattr(tensors, "DEVICE_PATHS_ON_CPU", device_path)
+    torch.manual_seed(0)
+    table = nn.Embedding(7, 4) if layer == "embedding" else nn.EmbeddingBag(7, 4, mode="sum")
+    m = nn.Sequential(table, nn.Flatten(), nn.LazyLinear(3)).double() if layer == "embedding" else \
+        nn.Sequential(table, nn.Linear(4, 3)).double()
+    x = torch.randint(0, 7, (6, 5))
+    y = torch.randint(0, 3, (6,))
+    m(x)  # materialise the lazy layer
+    ref = copy.deepcopy(m)
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    engine = dp_microclip.attach(m, opt, micro_batch_size=2, max_grad_norm=0.05, grad_mode="bookkeeping")
+    opt.zero_grad()
+    F.cross_entropy(m(x), y).backward()
+    opt.step()  # the engine writes the clipped gradients here (lr 0: the weights stay as the reference's)
+    expected = naive_microbatch_grads(ref, F.cross_entropy, x, y, micro_batch_size=2, max_grad_norm=0.05)
+    for name, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-12)
+    engine.detach()
 
 
 class WithNorm(nn.Module):
@@ -103,9 +147,9 @@ class SeqFirstAttention(nn.Module):
 @pytest.mark.parametrize("grouping", ["contiguous", "keyed"])
 @pytest.mark.parametrize("clipping", ["fixed", "normalize", "per_layer"])
 def test_a_nonfinite_group_is_zeroed_exactly_in_every_masked_form(model, form, grouping, clipping, monkeypatch):
-    from dp_microclip import aggregate, fused
+    from dp_microclip import fused, tensors
 
-    monkeypatch.setattr(aggregate, "MASK_ON_CPU", form != "host read")
+    monkeypatch.setattr(tensors, "DEVICE_PATHS_ON_CPU", form != "host read")
     monkeypatch.setattr(fused, "_FLAT_LAUNCHES", 0 if form == "flat" else 99)  # force one form of masked_copies
     torch.manual_seed(1)
     m = model().double()

@@ -29,6 +29,7 @@ from torch import nn
 from ..errors import UnsupportedModuleError
 
 from ..grouping import Groups
+from ..tensors import avoid_host_reads
 from .registry import LayerRule, register_rule
 
 
@@ -42,15 +43,33 @@ def _rows(layer: nn.Embedding, idx: torch.Tensor, g: torch.Tensor):
     return idx2, g3
 
 
+def keyed_group_sq_norms(keys: torch.Tensor, values: torch.Tensor, num_groups: int, per_group: int) -> torch.Tensor:
+    """``(M,)``: per group, the squared norm of ``values`` rows summed per key (``key = group * per_group + row``).
+
+    ``torch.unique`` finds the distinct keys in the fewest kernels, but its output size is a value the host must
+    read: on an accelerator that waits for every queued kernel, once per step. There the keys are sorted instead,
+    a key's rows numbered by a running count of where the key changes, and summed into a buffer of one row per
+    key at most (fixed sizes, no read; a row no key reached stays zero and adds nothing).
+    """
+    if not avoid_host_reads(keys.device):
+        uniq, inverse = torch.unique(keys, return_inverse=True)
+        summed = values.new_zeros((uniq.shape[0], values.shape[-1])).index_add_(0, inverse, values)
+        return values.new_zeros(num_groups).index_add_(0, uniq // per_group, summed.pow(2).sum(-1))
+    ordered, order = torch.sort(keys)
+    starts = torch.cat([ordered.new_ones(1, dtype=torch.bool), ordered[1:] != ordered[:-1]])
+    segment = torch.cumsum(starts, 0).sub_(1)  # the index of each sorted row's key among the distinct keys
+    summed = values.new_zeros(values.shape).index_add_(0, segment, values[order])
+    group = torch.zeros_like(segment).scatter_(0, segment, ordered // per_group)  # a key's rows share its group
+    return values.new_zeros(num_groups).index_add_(0, group, summed.pow(2).sum(-1))
+
+
 def embedding_group_sq_norms(layer: nn.Embedding, inputs, out_grad, groups: Groups) -> dict:
     """Squared norm of each group's embedding-table gradient, ``(M,)``, without an ``(M, V, d)`` tensor."""
     idx, g = _rows(layer, inputs[0], out_grad)
     vocab = layer.num_embeddings
     keys = torch.add(idx, groups.index.to(idx.device)[:, None], alpha=vocab).reshape(-1)  # group*V + index (B*T,)
-    uniq, inverse = torch.unique(keys, return_inverse=True)
-    summed = g.new_zeros((uniq.shape[0], g.shape[-1])).index_add_(0, inverse, g.reshape(-1, g.shape[-1]))
-    sq = summed.pow(2).sum(-1)  # (U,); a batched dot (bmm) would be one launch, but 3x slower on the CPU
-    return {"weight": g.new_zeros(groups.num_groups).index_add_(0, uniq // vocab, sq)}
+    # a batched dot (bmm) of the rows would be fewer launches, but 3x slower on the CPU
+    return {"weight": keyed_group_sq_norms(keys, g.reshape(-1, g.shape[-1]), groups.num_groups, vocab)}
 
 
 def embedding_group_grads(layer: nn.Embedding, inputs, out_grad, groups: Groups) -> dict:
@@ -150,9 +169,7 @@ def bag_group_sq_norms(layer: nn.EmbeddingBag, inputs, out_grad, groups: Groups)
     """``{"weight": (M,)}``: the rows each group touched, summed per (group, row) and squared."""
     example, key, values, rows = _bag_rows(layer, inputs, out_grad)
     keys = groups.index.to(key.device)[example] * rows + key
-    uniq, inverse = torch.unique(keys, return_inverse=True)
-    summed = values.new_zeros((uniq.shape[0], values.shape[1])).index_add_(0, inverse, values)
-    return {"weight": values.new_zeros(groups.num_groups).index_add_(0, uniq // rows, summed.pow(2).sum(-1))}
+    return {"weight": keyed_group_sq_norms(keys, values, groups.num_groups, rows)}
 
 
 def bag_group_grads(layer: nn.EmbeddingBag, inputs, out_grad, groups: Groups) -> dict:
