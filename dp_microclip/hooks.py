@@ -340,7 +340,7 @@ class HookSet:
             call_args, call_kwargs = torch.utils._pytree.tree_map(
                 lambda x: x.detach() if torch.is_tensor(x) else x, call)
             rule, layer = BATCH_FREE_RULE, BatchFree(module, params, call_args, call_kwargs, self.sink.replay,
-                                                     where)
+                                                     where, output.detach())
         return self.shared.share(unit, unit.path, rule, layer, params, args, kwargs, ctx, output, where)
 
     def _watch_outputs(self, unit: Unit, module, params, inputs, kwargs, ctx, output, layout: CallLayout,

@@ -284,6 +284,29 @@ def test_a_batch_free_module_without_a_rule_takes_its_own_vjp(squeeze, T, b):
     assert engine.last_strategies.get("bias") not in (None, "func")
 
 
+class RandomBias(ResampledBias):
+    """A batch-free bias that draws dropout in training mode: its replay would draw another mask."""
+
+    def forward(self, T: int):
+        return F.dropout(super().forward(T), 0.5, self.training)
+
+
+def test_a_batch_free_module_that_draws_random_numbers_is_refused_in_training_and_exact_in_eval():
+    torch.manual_seed(0)
+    model = ResampledNet(False).double()
+    model.bias = RandomBias(False).double()
+    x, y = torch.randn(4, 5, 4, dtype=torch.float64), torch.arange(4) % CLASSES
+    with pytest.raises(dp_microclip.UnsupportedModuleError, match="random .*dropout.*Move the random part"):
+        _step_no_generic(model, 1, x, y)
+    model = ResampledNet(False).double()
+    model.bias = RandomBias(False).double().eval()  # no draw: the replay gives the same output
+    want = naive_microbatch_grads(copy.deepcopy(model), F.cross_entropy, x, y, micro_batch_size=1,
+                                  max_grad_norm=0.05)
+    _step_no_generic(model, 1, x, y)
+    for name, p in model.named_parameters():
+        assert float((p.grad - want[name]).norm()) <= 1e-9 * float(want[name].norm()) + 1e-15, name
+
+
 class ScaledBroadcast(nn.Module):
     """The model's broadcast of a table to the batch, scaled, averaged over that dimension, then added: its
     ``(B, ...)`` product has B equal rows that no example's data touched (not a meeting point)."""

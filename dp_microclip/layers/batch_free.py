@@ -47,6 +47,8 @@ class BatchFree(NamedTuple):
         args, kwargs: the call's arguments (tensors detached; none of them carries the batch).
         guard: the engine's replay guard (its hooks capture nothing while the module runs again).
         where: the module's path and class, for errors.
+        output: what the forward returned (detached), which the replay must give again: a forward that draws
+            random numbers (dropout in training mode) would not, and its gradients would be another function's.
     """
 
     module: nn.Module
@@ -55,6 +57,7 @@ class BatchFree(NamedTuple):
     kwargs: dict
     guard: Callable[[], AbstractContextManager]
     where: str
+    output: torch.Tensor | None = None
 
 
 def _first_tensor(out):
@@ -75,6 +78,7 @@ def batch_free_group_grads(layer: BatchFree, inputs: tuple, out_grad: torch.Tens
     with layer.guard(), torch.enable_grad():
         try:
             out, pullback = vjp(forward, values)[:2]
+            _check_same_output(layer, out)
             cotangents = summed.reshape(summed.shape[0], *out.shape).to(out.dtype)
             try:
                 (grads,) = vmap(pullback)(cotangents)
@@ -88,6 +92,21 @@ def batch_free_group_grads(layer: BatchFree, inputs: tuple, out_grad: torch.Tens
                 "dp_microclip.register_rule(...), or freeze its parameters (requires_grad=False)."
             ) from err
     return {name: g.detach() for name, g in grads.items()}
+
+
+def _check_same_output(layer: BatchFree, out: torch.Tensor) -> None:
+    expected = layer.output
+    if expected is None or out.shape != expected.shape:
+        return
+    scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
+    if not torch.allclose(out.detach(), expected.to(out.dtype), rtol=1e-4, atol=1e-6 * max(scale, 1e-30)):
+        raise UnsupportedModuleError(
+            f"{layer.where}: its output is the same for every example, and its parameters' per-example gradients "
+            "come from running its forward again, but the second run gave another output: the forward is random "
+            "(dropout or another random draw in training mode) or depends on state it changes. Move the random "
+            "part out of this module (apply the dropout to its output in the caller), register a rule with "
+            "dp_microclip.register_rule(...), or freeze its parameters (requires_grad=False)."
+        )
 
 
 #: The rule of :class:`BatchFree` calls (materialised group gradients: they have the parameters' size).
