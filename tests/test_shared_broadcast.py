@@ -91,6 +91,12 @@ def _exact(model, b, x, y):
     assert all(route != "func" for route in engine.last_strategies.values())
 
 
+
+def _assert_equal_grads(model, want) -> None:
+    """Every parameter's gradient equals the naive loop's, to float64 precision."""
+    for name, p in model.named_parameters():
+        assert float((p.grad - want[name]).norm()) <= 1e-9 * float(want[name].norm()) + 1e-15, name
+
 @pytest.mark.parametrize("b", [1, 2, 4])
 @pytest.mark.parametrize("T", [4, 5])  # T == B and T != B
 @pytest.mark.parametrize("how", ["expand", "repeat"])
@@ -101,8 +107,7 @@ def test_broadcast_by_the_model_equals_naive_loop(how, T, b):
     want = naive_microbatch_grads(copy.deepcopy(model), F.cross_entropy, x, y, micro_batch_size=b,
                                   max_grad_norm=0.05)
     engine = _step(model, b, x, y)
-    for name, p in model.named_parameters():
-        assert float((p.grad - want[name]).norm()) <= 1e-9 * float(want[name].norm()) + 1e-15, name
+    _assert_equal_grads(model, want)
     assert all(route != "func" for route in engine.last_strategies.values())
 
 
@@ -279,8 +284,7 @@ def test_a_batch_free_module_without_a_rule_takes_its_own_vjp(squeeze, T, b):
     want = naive_microbatch_grads(copy.deepcopy(model), F.cross_entropy, x, y, micro_batch_size=b,
                                   max_grad_norm=0.05)
     engine = _step_no_generic(model, b, x, y)
-    for name, p in model.named_parameters():
-        assert float((p.grad - want[name]).norm()) <= 1e-9 * float(want[name].norm()) + 1e-15, name
+    _assert_equal_grads(model, want)
     assert engine.last_strategies.get("bias") not in (None, "func")
 
 
@@ -303,8 +307,7 @@ def test_a_batch_free_module_that_draws_random_numbers_is_refused_in_training_an
     want = naive_microbatch_grads(copy.deepcopy(model), F.cross_entropy, x, y, micro_batch_size=1,
                                   max_grad_norm=0.05)
     _step_no_generic(model, 1, x, y)
-    for name, p in model.named_parameters():
-        assert float((p.grad - want[name]).norm()) <= 1e-9 * float(want[name].norm()) + 1e-15, name
+    _assert_equal_grads(model, want)
 
 
 class ScaledBroadcast(nn.Module):
