@@ -32,7 +32,7 @@ from . import clipping as clip
 from .records import ForwardContext, Record, grad_tensors
 from .layers.generic import generic_group_grads
 from .fused import JoinedBlock, joinable, zero_rows
-from .layers.registry import NormProduct, Unsquared
+from .layers.registry import GramDot, NormProduct, Unsquared
 from .planner import BudgetResolver, lean_rows, record_shape, reserves
 from .settings import ClipSettings
 from .routes import Autotuner, PassBudget, available_routes, choose_strategy, leanest_peaks
@@ -378,7 +378,7 @@ def _group_norms(g: torch.Tensor) -> torch.Tensor:
 
 def _norm_of(value) -> torch.Tensor:
     """A ``group_sq_norms`` value as the norm itself (``(M,)``)."""
-    return value.norm if isinstance(value, (Unsquared, NormProduct)) else value.clamp(min=0).sqrt()
+    return value.norm if isinstance(value, (Unsquared, NormProduct, GramDot)) else value.clamp(min=0).sqrt()
 
 
 def joined_norms(parts: list) -> "torch.Tensor | None":
@@ -392,13 +392,23 @@ def _combined_norm(values: list) -> torch.Tensor:
 
     Unsquared norms join with one ``vector_norm`` over their stack (products of two norms formed by one
     ``_foreach_mul``); squared ones (Gram sums, which rounding can leave slightly below zero) are clamped
-    at 0 and rooted by two ``_foreach`` ops first.
+    at 0 and rooted by two ``_foreach`` ops first. Where there are :class:`GramDot` sums, everything joins
+    them instead: their products and the roots' squares by one ``_foreach_mul``, all summed in one reduction
+    over their ``cat``, clamped and rooted once.
     """
     roots = [v.norm for v in values if isinstance(v, Unsquared)]
     products = [v for v in values if isinstance(v, NormProduct)]
     if products:  # every product in one launch
         roots += torch._foreach_mul([v.left for v in products], [v.right for v in products])
-    squares = [v for v in values if not isinstance(v, (Unsquared, NormProduct))]
+    squares = [v for v in values if not isinstance(v, (Unsquared, NormProduct, GramDot))]
+    grams = [v for v in values if isinstance(v, GramDot)]
+    if grams:  # only the total is needed: every product (the roots' squares too) by one _foreach_mul, one sum
+        pairs = [(v.left, v.right) for v in grams if v.right is not None] + [(r[:, None], r[:, None]) for r in roots]
+        whole = torch._foreach_mul([x for x, _ in pairs], [y for _, y in pairs]) if pairs else []
+        parts = [x.flatten(1) for x in whole] + [v.left.flatten(1) for v in grams if v.right is None] \
+            + [s[:, None] for s in squares]
+        total = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).sum(1)
+        return total.clamp_min_(0.0).sqrt_()  # rounding can leave a Gram sum slightly below zero
     if squares:  # every square's root in two launches
         roots += torch._foreach_sqrt(torch._foreach_clamp_min(squares, 0.0))
     if len(roots) == 1:
