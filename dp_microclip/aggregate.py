@@ -31,7 +31,7 @@ import torch
 from . import clipping as clip
 from .records import ForwardContext, Record, grad_tensors
 from .layers.generic import generic_group_grads
-from .fused import JoinedBlock, joinable, zero_rows
+from .fused import JoinedBlock, gram_total, joinable, zero_rows
 from .layers.registry import GramDot, NormProduct, Unsquared
 from .planner import BudgetResolver, lean_rows, record_shape, reserves
 from .settings import ClipSettings
@@ -393,8 +393,7 @@ def _combined_norm(values: list) -> torch.Tensor:
     Unsquared norms join with one ``vector_norm`` over their stack (products of two norms formed by one
     ``_foreach_mul``); squared ones (Gram sums, which rounding can leave slightly below zero) are clamped
     at 0 and rooted by two ``_foreach`` ops first. Where there are :class:`GramDot` sums, everything joins
-    them instead: their products and the roots' squares by one ``_foreach_mul``, all summed in one reduction
-    over their ``cat``, clamped and rooted once.
+    them instead (``fused.gram_total``).
     """
     roots = [v.norm for v in values if isinstance(v, Unsquared)]
     products = [v for v in values if isinstance(v, NormProduct)]
@@ -402,13 +401,8 @@ def _combined_norm(values: list) -> torch.Tensor:
         roots += torch._foreach_mul([v.left for v in products], [v.right for v in products])
     squares = [v for v in values if not isinstance(v, (Unsquared, NormProduct, GramDot))]
     grams = [v for v in values if isinstance(v, GramDot)]
-    if grams:  # only the total is needed: every product (the roots' squares too) by one _foreach_mul, one sum
-        pairs = [(v.left, v.right) for v in grams if v.right is not None] + [(r[:, None], r[:, None]) for r in roots]
-        whole = torch._foreach_mul([x for x, _ in pairs], [y for _, y in pairs]) if pairs else []
-        parts = [x.flatten(1) for x in whole] + [v.left.flatten(1) for v in grams if v.right is None] \
-            + [s[:, None] for s in squares]
-        total = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).sum(1)
-        return total.clamp_min_(0.0).sqrt_()  # rounding can leave a Gram sum slightly below zero
+    if grams:  # only the total is needed: every product, the roots' squares too, joined into one sum
+        return gram_total(grams, roots, squares)
     if squares:  # every square's root in two launches
         roots += torch._foreach_sqrt(torch._foreach_clamp_min(squares, 0.0))
     if len(roots) == 1:
