@@ -257,7 +257,8 @@ def _one_context(
         to_mean: torch.Tensor | float = scale / groups.equal_size
         nonempty = None
     else:
-        sizes = groups.sizes.to(device=device, dtype=_norm_of(next(iter(norms.values()))).dtype)
+        first = next(iter(norms.values()))  # a tensor, or a norm form whose first field is one: no launch
+        sizes = groups.sizes.to(device=device, dtype=first.dtype if torch.is_tensor(first) else first[0].dtype)
         nonempty = sizes > 0
         # g_j = to_mean_j * S_j; empty groups (keyed grouping) contribute nothing.
         to_mean = torch.where(nonempty, scale / sizes.clamp(min=1.0), torch.zeros_like(sizes))  # (M,)
