@@ -31,8 +31,8 @@ import torch
 from . import clipping as clip
 from .records import ForwardContext, Record, grad_tensors
 from .layers.generic import generic_group_grads
-from .fused import JoinedBlock, joinable, zero_rows
-from .layers.registry import NormProduct, Unsquared
+from .fused import JoinedBlock, gram_total, joinable, zero_rows
+from .layers.registry import GramDot, NormProduct, Unsquared
 from .planner import BudgetResolver, lean_rows, record_shape, reserves
 from .settings import ClipSettings
 from .routes import Autotuner, PassBudget, available_routes, choose_strategy, leanest_peaks
@@ -257,7 +257,8 @@ def _one_context(
         to_mean: torch.Tensor | float = scale / groups.equal_size
         nonempty = None
     else:
-        sizes = groups.sizes.to(device=device, dtype=_norm_of(next(iter(norms.values()))).dtype)
+        first = next(iter(norms.values()))  # a tensor, or a norm form whose first field is one: no launch
+        sizes = groups.sizes.to(device=device, dtype=first.dtype if torch.is_tensor(first) else first[0].dtype)
         nonempty = sizes > 0
         # g_j = to_mean_j * S_j; empty groups (keyed grouping) contribute nothing.
         to_mean = torch.where(nonempty, scale / sizes.clamp(min=1.0), torch.zeros_like(sizes))  # (M,)
@@ -378,7 +379,7 @@ def _group_norms(g: torch.Tensor) -> torch.Tensor:
 
 def _norm_of(value) -> torch.Tensor:
     """A ``group_sq_norms`` value as the norm itself (``(M,)``)."""
-    return value.norm if isinstance(value, (Unsquared, NormProduct)) else value.clamp(min=0).sqrt()
+    return value.norm if isinstance(value, (Unsquared, NormProduct, GramDot)) else value.clamp(min=0).sqrt()
 
 
 def joined_norms(parts: list) -> "torch.Tensor | None":
@@ -392,13 +393,17 @@ def _combined_norm(values: list) -> torch.Tensor:
 
     Unsquared norms join with one ``vector_norm`` over their stack (products of two norms formed by one
     ``_foreach_mul``); squared ones (Gram sums, which rounding can leave slightly below zero) are clamped
-    at 0 and rooted by two ``_foreach`` ops first.
+    at 0 and rooted by two ``_foreach`` ops first. Where there are :class:`GramDot` sums, everything joins
+    them instead (``fused.gram_total``).
     """
     roots = [v.norm for v in values if isinstance(v, Unsquared)]
     products = [v for v in values if isinstance(v, NormProduct)]
     if products:  # every product in one launch
         roots += torch._foreach_mul([v.left for v in products], [v.right for v in products])
-    squares = [v for v in values if not isinstance(v, (Unsquared, NormProduct))]
+    squares = [v for v in values if not isinstance(v, (Unsquared, NormProduct, GramDot))]
+    grams = [v for v in values if isinstance(v, GramDot)]
+    if grams:  # only the total is needed: every product, the roots' squares too, joined into one sum
+        return gram_total(grams, roots, squares)
     if squares:  # every square's root in two launches
         roots += torch._foreach_sqrt(torch._foreach_clamp_min(squares, 0.0))
     if len(roots) == 1:

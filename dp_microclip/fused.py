@@ -11,6 +11,11 @@ Letters: M groups, R rows of a mask (M, or B examples under keyed grouping), K j
   pieces come back as contiguous views of the buffer with the tensors' shapes.
 * :func:`zero_rows`: where the aggregation applies it (the ghost records' captured tensors, the materialised
   group gradients, the joined blocks).
+* :func:`gram_total`: a pass's Gram-form squared norms (``layers.registry.GramDot``) and the other norms
+  joined into the total group norm: the small products by one ``_foreach_mul`` and one sum over their
+  ``cat`` (a few launches whatever the number of layers); a large one (more than
+  :data:`JOIN_MAX_ELEMENTS` per group, where the ``cat``'s copy would cost more than its launches)
+  summed on its own, a weight's product and its bias's Gram in one ``_foreach_addcmul``.
 * :class:`JoinedBlock`: small materialised group gradients ``(M, ...)`` of one context joined into one
   ``(M, K)`` block: one norm and one weighted sum (``mv``) for all of them, masked with the rest, instead of
   a norm, a fill and an ``einsum`` each (LayerNorm and other affine parameters). Only where every parameter
@@ -28,8 +33,9 @@ import torch
 
 from .records import grad_tensors
 
-#: Materialised group gradients with at most this many elements per group join the block: their kernels
-#: are launch-bound; a larger one keeps its own kernels (and the block would copy it).
+#: Materialised group gradients (and Gram products) with at most this many elements per group join the
+#: block (the joined sum): their kernels are launch-bound; a larger one keeps its own kernels (a join would
+#: copy it).
 JOIN_MAX_ELEMENTS = 1 << 16
 
 
@@ -206,3 +212,31 @@ class NonfiniteCount:
         for masks in by_device.values():
             self._total = torch.cat(masks).sum() + self._total
         return self._total
+
+
+def gram_total(grams: list, roots: list, squares: list) -> torch.Tensor:
+    """The total group norm ``(M,)`` of a pass from its ``GramDot`` sums, unsquared norms ``roots`` and
+    squared ``squares`` (all ``(M,)``-indexed): ``sqrt(max(0, sum of all squares))``.
+
+    Small products (and the roots' squares) by one ``_foreach_mul``, joined as columns with the small Gram
+    sums and the squares into one ``cat`` and one sum. A large product is summed on its own, no copy: where a
+    bias's Gram is the weight's right factor, both in one ``_foreach_addcmul`` (``G G^T (A A^T + 1)``).
+    Rounding can leave a Gram sum slightly below zero: the total is clamped at 0.
+    """
+    def small(x: torch.Tensor) -> bool:
+        return x[0].numel() <= JOIN_MAX_ELEMENTS
+
+    alone = {id(v.left): v for v in grams if v.right is None}  # bias Grams, by their tensor
+    fused = [v for v in grams if v.right is not None and not small(v.left) and id(v.right) in alone]
+    taken = {id(v.right) for v in fused}
+    pairs = [(v.left, v.right) for v in grams if v.right is not None and not any(v is f for f in fused)]
+    pairs += [(r[:, None], r[:, None]) for r in roots]
+    products = list(torch._foreach_mul([x for x, _ in pairs], [y for _, y in pairs])) if pairs else []
+    if fused:  # G G^T + (A A^T) (G G^T): the weight's and its bias's squares in one product
+        products += torch._foreach_addcmul([v.right for v in fused], [v.left for v in fused],
+                                           [v.right for v in fused])
+    products += [v.left for v in grams if v.right is None and id(v.left) not in taken]
+    parts = [x.flatten(1) if small(x) else x.flatten(1).sum(1, keepdim=True) for x in products]
+    parts += [s[:, None] for s in squares]
+    total = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).sum(1)
+    return total.clamp_min_(0.0).sqrt_()

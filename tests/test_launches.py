@@ -175,3 +175,40 @@ def test_a_nonfinite_group_is_zeroed_exactly_in_every_masked_form(model, form, g
     for name, p in m.named_parameters():
         assert torch.isfinite(p.grad).all(), name
         torch.testing.assert_close(p.grad, want[name] * 3 / 4, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("mix", ["grams", "grams_and_roots", "all_forms", "large_grams"])
+def test_joined_gram_sums_equal_the_norms_of_the_materialised_group_gradients(mix):
+    """GramDot squares are joined into one sum with the roots and squares (one _foreach_mul, one sum); the
+    total equals the norm of the concatenated group gradients, and per parameter each form is its own norm.
+    Large Gram products (over fused.JOIN_MAX_ELEMENTS per group: N = 3 x 90 rows) are summed on their own,
+    a weight's with its bias's in one _foreach_addcmul; a Linear without bias leaves its product unfused."""
+    from dp_microclip.aggregate import _combined_norm, _norm_of
+    from dp_microclip.grouping import contiguous_groups
+    from dp_microclip.layers.linear import linear_group_grads, linear_group_sq_norms
+    from dp_microclip.layers.registry import NormProduct, Unsquared, squared_norm
+
+    torch.manual_seed(0)
+    groups = contiguous_groups(12, 3)  # M = 4 groups of 3 examples: the Gram forms
+    values, parts = [], []
+    shapes = [(5, 4, 90, True), (3, 6, 1, True), (2, 3, 90, False)] if mix == "large_grams" \
+        else [(5, 4, 1, True), (3, 6, 2, True), (7, 2, 3, False)]
+    for d, p, t, bias in shapes:
+        a, g = torch.randn(12, t, d, dtype=torch.float64), torch.randn(12, t, p, dtype=torch.float64)
+        norms = linear_group_sq_norms(a, g, groups, bias)
+        grads = linear_group_grads(a, g, groups, bias)
+        for name in ("weight", "bias") if bias else ("weight",):
+            want = grads[name].flatten(1)
+            torch.testing.assert_close(_norm_of(norms[name]), want.norm(dim=1), rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(squared_norm(norms[name]), want.square().sum(1), rtol=1e-10, atol=1e-12)
+            values.append(norms[name])
+            parts.append(want)
+    if mix != "grams":
+        extra = torch.randn(4, 5, dtype=torch.float64)
+        values.append(Unsquared(extra.norm(dim=1)))
+        parts.append(extra)
+    if mix == "all_forms":
+        left, right = torch.rand(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64)
+        values += [NormProduct(left, right), torch.rand(4, dtype=torch.float64)]
+        parts += [(left * right)[:, None], values[-1].sqrt()[:, None]]
+    torch.testing.assert_close(_combined_norm(values), torch.cat(parts, dim=1).norm(dim=1), rtol=1e-10, atol=1e-12)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..grouping import Groups
-from .registry import LayerRule, NormProduct, Unsquared, register_rule
+from .registry import GramDot, LayerRule, NormProduct, Unsquared, register_rule
 
 
 def _as_rows(a: torch.Tensor, g: torch.Tensor):
@@ -49,7 +49,8 @@ def _rows_per_example(x3: torch.Tensor) -> torch.Tensor:
 def linear_group_sq_norms(a, g, groups: Groups, with_bias: bool) -> dict:
     """Group-gradient norms ``(M,)`` from Gram matrices (ghost norms), no group gradient built.
 
-    Squared from the Gram matrices (the bias's is the sum of the output gradients' Gram entries), or for one
+    Squared from the Gram matrices as :class:`~dp_microclip.layers.registry.GramDot` (the bias's is the sum of
+    the output gradients' Gram entries), or for one
     row per group unsquared: the weight's a :class:`~dp_microclip.layers.registry.NormProduct`
     (``||g a^T|| = ||a|| ||g||``), the bias's ``||g||``.
     """
@@ -65,11 +66,12 @@ def linear_group_sq_norms(a, g, groups: Groups, with_bias: bool) -> dict:
     pg = groups.pad(g3).flatten(1, 2)  # (M, N, p)
     gram_a = torch.bmm(pa, pa.transpose(1, 2))  # (M, N, N)
     gram_g = torch.bmm(pg, pg.transpose(1, 2))  # (M, N, N)
+    # Left unformed: the engine multiplies every pair of a pass in one launch and sums them all in one.
     # (A batched dot, bmm of (M, 1, N^2) by (M, N^2, 1), would be one launch, but ran 5x slower on the CPU.)
-    out = {"weight": (gram_a * gram_g).sum((1, 2))}  # (M,)
+    out = {"weight": GramDot(gram_a, gram_g)}  # sum of <A A^T, G G^T>  (M,)
     if with_bias:
-        # ||sum of a group's rows of g||^2 = the sum of the entries of its Gram matrix: one reduction  (M,)
-        out["bias"] = gram_g.sum((1, 2))
+        # ||sum of a group's rows of g||^2 = the sum of the entries of its Gram matrix  (M,)
+        out["bias"] = GramDot(gram_g)
     return out
 
 

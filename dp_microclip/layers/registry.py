@@ -15,7 +15,8 @@ to subclass):
   norms without materialising group gradients (book-keeping / ghost norms). A
   value may instead be :class:`Unsquared` (the norm itself) where the rule gets
   the norm with fewer kernels than its square (a row norm), or :class:`NormProduct`
-  (the norm as a product of two row norms, formed by the engine with every other).
+  (the norm as a product of two row norms, formed by the engine with every other), or
+  :class:`GramDot` (a squared norm as the sum of a product of two Gram matrices, likewise).
 * ``weighted_sum(layer, inputs, out_grad, row_weight) -> {name: param-shaped}``:
   ``sum_i w_i * grad_i`` with one weight per example (``row_weight[name]``, ``(B,)``),
   i.e. the clipped sum as one weighted matmul.
@@ -103,9 +104,33 @@ class NormProduct(NamedTuple):
         return self.norm.square()
 
 
-def squared_norm(value: "torch.Tensor | Unsquared | NormProduct") -> torch.Tensor:
+class GramDot(NamedTuple):
+    """A squared group-gradient norm ``(M,)`` given as the sum over each group's entries of ``left * right``
+    (``right`` None: of ``left``), two ``(M, ...)`` tensors, not formed.
+
+    Why: a Linear group's ``||G^T A||^2 = <A A^T, G G^T>`` and its bias's ``||sum of G's rows||^2`` (the sum of
+    ``G G^T``'s entries) are such sums; the engine forms every product of a pass with one
+    ``torch._foreach_mul`` and every sum with one reduction over their concatenation (whole-gradient
+    clipping needs only the total), instead of a ``mul`` and a ``sum`` per parameter.
+    """
+
+    left: torch.Tensor
+    right: "torch.Tensor | None" = None
+
+    def squared(self) -> torch.Tensor:
+        """The squared norm (a ``mul`` and a ``sum``)."""
+        whole = self.left if self.right is None else self.left * self.right
+        return whole.flatten(1).sum(1)
+
+    @property
+    def norm(self) -> torch.Tensor:
+        """The norm itself (rounding can leave a sum slightly below zero: clamped at 0)."""
+        return self.squared().clamp(min=0).sqrt()
+
+
+def squared_norm(value: "torch.Tensor | Unsquared | NormProduct | GramDot") -> torch.Tensor:
     """A ``group_sq_norms`` value as a squared norm, whichever form the rule returned."""
-    return value.squared() if isinstance(value, (Unsquared, NormProduct)) else value
+    return value.squared() if isinstance(value, (Unsquared, NormProduct, GramDot)) else value
 
 
 class LayerRule(NamedTuple):
