@@ -33,10 +33,15 @@ import torch
 
 from .records import grad_tensors
 
-#: Materialised group gradients (and Gram products) with at most this many elements per group join the
-#: block (the joined sum): their kernels are launch-bound; a larger one keeps its own kernels (a join would
-#: copy it).
+#: Gram products with at most this many elements per group join the pass's one sum: their kernels are
+#: launch-bound; a larger one keeps its own kernels (a join would copy it).
 JOIN_MAX_ELEMENTS = 1 << 16
+#: Materialised group gradients with at most this many elements in all (all groups together) join the block
+#: (:class:`JoinedBlock`). The limit is on the whole tensor, not per group: the join copies all of it, and a
+#: Linear's ``(M, p, d)`` group gradients (the transformer bench: 32 x 65,536 elements, four of them) cost
+#: 27 ms of ``cat`` a step on the CPU, which made materialised routes 1.4x slower in the step than the
+#: autotuner, timing each layer alone, had measured them (it then chose them over ghost norms).
+BLOCK_MAX_ELEMENTS = 1 << 16
 
 
 def masked_copies(tensors: list, mask: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -178,7 +183,7 @@ def joinable(materialised: dict[int, torch.Tensor]) -> dict[tuple, dict[int, tor
     """The small contiguous group gradients of ``materialised``, by (dtype, device), where two or more share one."""
     found: dict[tuple, dict[int, torch.Tensor]] = {}
     for pid, g in materialised.items():
-        if g.dim() > 1 and g.is_contiguous() and g[0].numel() <= JOIN_MAX_ELEMENTS:
+        if g.dim() > 1 and g.is_contiguous() and g.numel() <= BLOCK_MAX_ELEMENTS:
             found.setdefault((g.dtype, g.device), {})[pid] = g
     return {key: parts for key, parts in found.items() if len(parts) > 1}
 
