@@ -89,8 +89,17 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--b", default="1,8", help="comma-separated micro-batch sizes (default %(default)s)")
     args = p.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    warnings.simplefilter("ignore")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args) -> int:
     work = make_workload("mlp", "cpu")
     x, y = work.inputs, work.targets
     print(f"bench MLP, B={x.shape[0]}, {args.threads} thread(s), {args.rounds} rounds, torch {torch.__version__}")

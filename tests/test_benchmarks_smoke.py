@@ -147,3 +147,12 @@ def test_realsize_tiny_cpu_smoke_writes_its_table(tmp_path):
     rows = json.loads((tmp_path / "realsize.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["plain", "engine b=1", "engine b=8", "DP b=8"]
     assert all("error" not in r and r["ratio"] > 0 for r in rows), rows
+
+
+def test_floor_benchmark_checks_its_hand_written_clipping_against_the_naive_loop(capsys):
+    """The hand-written floor is exact at b=1 and b=8 (main returns 1 when it is not) and the line is printed."""
+    from benchmarks import floor
+
+    assert floor.main(["--rounds", "2", "--b", "1,8"]) == 0
+    out = capsys.readouterr().out
+    assert "b=1:" in out and "b=8:" in out and "engine - floor" in out
