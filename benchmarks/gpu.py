@@ -506,6 +506,55 @@ def cuda_extra_memory(work, spec, max_grad_norm, steps=2) -> tuple[float | None,
             torch.cuda.empty_cache()
 
 
+def cuda_counts_of(work, rows, max_grad_norm, deadline) -> dict:
+    """CUDA kernel launches, host synchronisations and copies per steady-state step of every method that ran
+    (``benchmarks/cuda_counts.py``), each on a fresh runner; a method whose count fails gets its error."""
+    import gc
+
+    import torch
+
+    from .cuda_counts import count_step
+    from .methods import make_runner
+
+    out: dict = {}
+    for row in rows:
+        if row.status != "ok" or row.spec.kind == "naive" or time.perf_counter() > deadline:
+            continue
+        label = row.spec.label + (f" b={row.spec.b}" if row.spec.kind == "engine" else "")
+        runner = None
+        try:
+            runner = make_runner(row.spec, work, max_grad_norm)
+            counts = count_step(runner.step, work.device)
+            out[label] = {"kernels": counts.kernels, "syncs": counts.syncs, "copies": counts.copies}
+        except Exception as err:  # noqa: BLE001 (a count that fails never stops the run)
+            out[label] = {"error": _short(err, 160)}
+        finally:
+            if runner is not None:
+                try:
+                    runner.close()
+                except Exception:  # noqa: BLE001
+                    pass
+            del runner
+            gc.collect()
+            torch.cuda.empty_cache()
+    return out
+
+
+def render_cuda_counts(counts: dict) -> str:
+    """The per-model table of :func:`cuda_counts_of`: kernels (and their ratio to plain's), syncs, copies."""
+    plain = counts.get("plain PyTorch", {}).get("kernels")
+    lines = ["CUDA runtime calls per steady-state step (torch.profiler, mean of 3 steps after 2 warm-up steps; "
+             "`benchmarks/cuda_counts.py`):", "", "| method | kernel launches | x plain | host syncs | copies |",
+             "|---|---|---|---|---|"]
+    for label, c in counts.items():
+        if "error" in c:
+            lines.append(f"| {label} | failed: {c['error']} | | | |")
+            continue
+        ratio = f"{c['kernels'] / plain:.2f}x" if plain else "—"
+        lines.append(f"| {label} | {c['kernels']:.0f} | {ratio} | {c['syncs']:.1f} | {c['copies']:.1f} |")
+    return "\n".join(lines)
+
+
 def run_bench(args, device, out_dir, deadline, env) -> dict:
     import torch
 
@@ -548,6 +597,9 @@ def run_bench(args, device, out_dir, deadline, env) -> dict:
             entry = {"tag": work.tag, "batch_size": work.batch_size, "seq_len": work.seq_len, "run": info,
                      "table": report.main_table(rows, work.batch_size),
                      "rows": [r.to_json() for r in sorted(rows, key=Row.sort_key)]}
+            if device.type == "cuda":
+                entry["cuda_counts"] = cuda_counts_of(work, sorted(rows, key=Row.sort_key), bargs.max_grad_norm,
+                                                      deadline)
         except Exception as err:  # noqa: BLE001 (one model failing never stops the run)
             entry = {"error": _short(err, 500), "where": traceback.format_exc(limit=-3).strip().splitlines()[-4:]}
             log(f"  [bench] {model}: FAILED {entry['error']}")
@@ -611,6 +663,8 @@ def render_bench(res: dict, env: dict) -> str:
         if "error" in entry:
             continue
         lines += [f"## {entry['tag']}", "", entry["table"], ""]
+        if entry.get("cuda_counts"):
+            lines += [render_cuda_counts(entry["cuda_counts"]), ""]
     return "\n".join(lines)
 
 

@@ -156,3 +156,46 @@ def test_floor_benchmark_checks_its_hand_written_clipping_against_the_naive_loop
     assert floor.main(["--rounds", "2", "--b", "1,8"]) == 0
     out = capsys.readouterr().out
     assert "b=1:" in out and "b=8:" in out and "engine - floor" in out
+
+
+def test_cuda_counts_classify_only_the_calls_inside_the_counted_steps():
+    """The GPU run's kernel/sync count: runtime calls are classified by name, only inside the step marks (the
+    profiler's own synchronisation when it stops is left out), averaged per step; the table shows x plain."""
+    from types import SimpleNamespace
+
+    from benchmarks import cuda_counts, gpu
+
+    def ev(name, start, end=None):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=start if end is None else end))
+
+    events = [ev(cuda_counts.STEP_MARK, 0, 100), ev("cudaLaunchKernel", 5), ev("cuLaunchKernel", 6),
+              ev("cudaStreamSynchronize", 7), ev("cudaMemcpyAsync", 8), ev("aten::mm", 9),
+              ev(cuda_counts.STEP_MARK, 200, 300), ev("cudaLaunchKernel", 250),
+              ev("cudaDeviceSynchronize", 400)]  # after the last step: the profiler's own
+    counts = cuda_counts.classify(cuda_counts.inside_steps(events), steps=2)
+    assert counts == cuda_counts.StepCounts(kernels=1.5, syncs=0.5, copies=0.5)
+    table = gpu.render_cuda_counts({"plain PyTorch": {"kernels": 30.0, "syncs": 0.0, "copies": 0.0},
+                                    "dp_microclip auto b=1": {"kernels": 45.0, "syncs": 0.0, "copies": 0.0},
+                                    "Opacus ghost": {"error": "boom"}})
+    assert "| dp_microclip auto b=1 | 45 | 1.50x | 0.0 | 0.0 |" in table and "failed: boom" in table
+
+
+def test_cuda_counts_step_marks_are_real_profiler_ranges_and_cpu_is_refused():
+    """On the CPU the profiler's record_function ranges hold the step's own ops (what inside_steps relies on);
+    counting CUDA calls on a CPU device is refused."""
+    import pytest
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks import cuda_counts
+
+    x = torch.randn(8, 8)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            with torch.profiler.record_function(cuda_counts.STEP_MARK):
+                x @ x
+        x + x  # outside the marks
+    names = cuda_counts.inside_steps(list(prof.events()))
+    assert names.count("aten::mm") == 2 and "aten::add" not in names
+    with pytest.raises(ValueError, match="CUDA device"):
+        cuda_counts.count_step(lambda: None, torch.device("cpu"))
