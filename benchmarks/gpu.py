@@ -36,6 +36,7 @@ stops a section; each section stops starting new cases when ``--budget-s`` runs 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -472,8 +473,9 @@ def bench_models(args) -> list[str]:
     return base + (hf if hf_available() else [])
 
 
-def cuda_extra_memory(work, spec, max_grad_norm, steps=2) -> tuple[float | None, str]:
-    """Extra peak memory (MB) of ``steps`` steps on CUDA, in this process: max_memory_allocated - allocated."""
+@contextlib.contextmanager
+def _fresh_runner(spec, work, max_grad_norm):
+    """A runner of ``spec`` on its own model copy, closed and its CUDA memory released afterwards."""
     import gc
 
     import torch
@@ -483,17 +485,7 @@ def cuda_extra_memory(work, spec, max_grad_norm, steps=2) -> tuple[float | None,
     runner = None
     try:
         runner = make_runner(spec, work, max_grad_norm)
-        dev = work.device
-        gc.collect()
-        torch.cuda.synchronize(dev)
-        base = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        for _ in range(steps):
-            runner.step()
-        torch.cuda.synchronize(dev)
-        return (torch.cuda.max_memory_allocated(dev) - base) / 2**20, "cuda max_memory_allocated (in process)"
-    except Exception as err:  # noqa: BLE001
-        return None, _short(err, 160)
+        yield runner
     finally:
         if runner is not None:
             try:
@@ -506,37 +498,43 @@ def cuda_extra_memory(work, spec, max_grad_norm, steps=2) -> tuple[float | None,
             torch.cuda.empty_cache()
 
 
-def cuda_counts_of(work, rows, max_grad_norm, deadline) -> dict:
-    """CUDA kernel launches, host synchronisations and copies per steady-state step of every method that ran
-    (``benchmarks/cuda_counts.py``), each on a fresh runner; a method whose count fails gets its error."""
+def cuda_extra_memory(work, spec, max_grad_norm, steps=2) -> tuple[float | None, str]:
+    """Extra peak memory (MB) of ``steps`` steps on CUDA, in this process: max_memory_allocated - allocated."""
     import gc
 
     import torch
 
+    try:
+        with _fresh_runner(spec, work, max_grad_norm) as runner:
+            dev = work.device
+            gc.collect()
+            torch.cuda.synchronize(dev)
+            base = torch.cuda.memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            for _ in range(steps):
+                runner.step()
+            torch.cuda.synchronize(dev)
+            return (torch.cuda.max_memory_allocated(dev) - base) / 2**20, "cuda max_memory_allocated (in process)"
+    except Exception as err:  # noqa: BLE001
+        return None, _short(err, 160)
+
+
+def cuda_counts_of(work, rows, max_grad_norm, deadline) -> dict:
+    """CUDA kernel launches, host synchronisations and copies per steady-state step of every method that ran
+    (``benchmarks/cuda_counts.py``), each on a fresh runner; a method whose count fails gets its error."""
     from .cuda_counts import count_step
-    from .methods import make_runner
 
     out: dict = {}
     for row in rows:
         if row.status != "ok" or row.spec.kind == "naive" or time.perf_counter() > deadline:
             continue
         label = row.spec.label + (f" b={row.spec.b}" if row.spec.kind == "engine" else "")
-        runner = None
         try:
-            runner = make_runner(row.spec, work, max_grad_norm)
-            counts = count_step(runner.step, work.device)
+            with _fresh_runner(row.spec, work, max_grad_norm) as runner:
+                counts = count_step(runner.step, work.device)
             out[label] = {"kernels": counts.kernels, "syncs": counts.syncs, "copies": counts.copies}
         except Exception as err:  # noqa: BLE001 (a count that fails never stops the run)
             out[label] = {"error": _short(err, 160)}
-        finally:
-            if runner is not None:
-                try:
-                    runner.close()
-                except Exception:  # noqa: BLE001
-                    pass
-            del runner
-            gc.collect()
-            torch.cuda.empty_cache()
     return out
 
 

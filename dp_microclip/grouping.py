@@ -36,12 +36,16 @@ class Groups:
         sizes: ``(M,)`` float tensor, examples per group.
         equal_size: ``b`` when every group holds exactly ``b`` consecutive examples
             (contiguous grouping), else ``None``; lets :meth:`pad` be a free reshape.
+        largest: R, known on the host when the groups were drawn there (keyed groups, the sampler's draws),
+            so that :meth:`max_size` need not read it back from an accelerator every pass; None: read
+            from ``sizes`` when asked.
     """
 
     index: torch.Tensor
     num_groups: int
     sizes: torch.Tensor
     equal_size: int | None
+    largest: int | None = None
 
     @property
     def batch_size(self) -> int:
@@ -52,11 +56,17 @@ class Groups:
         """The same groups on ``device`` (no copy when already there)."""
         if self.index.device == device:
             return self
-        return Groups(self.index.to(device), self.num_groups, self.sizes.to(device), self.equal_size)
+        return Groups(self.index.to(device), self.num_groups, self.sizes.to(device), self.equal_size,
+                      self.max_size() if self.index.device.type == "cpu" else self.largest)
 
     def max_size(self) -> int:
-        """R, the size of the largest group (the padded group length)."""
-        return self.equal_size if self.equal_size is not None else int(self.sizes.max().item())
+        """R, the size of the largest group (the padded group length): a read of ``sizes`` only when it is
+        neither equal nor known on the host (groups drawn on an accelerator)."""
+        if self.equal_size is not None:
+            return self.equal_size
+        if self.largest is not None:
+            return self.largest
+        return int(self.sizes.max().item())
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """Rearrange rows ``(B, ...)`` into ``(M, R, ...)``, padding short groups with zeros.
@@ -146,14 +156,17 @@ def keyed_groups(batch_size: int, num_groups: int, generator: torch.Generator) -
     joint law of (example -> group) does not depend on positions.
     """
     index = torch.randint(num_groups, (batch_size,), generator=generator, device=generator.device)
-    sizes = torch.bincount(index, minlength=num_groups).to(torch.get_default_dtype())
-    return Groups(index, num_groups, sizes, None)
+    return groups_from_index(index, num_groups)
 
 
 def groups_from_index(index: torch.Tensor, num_groups: int) -> Groups:
-    """Groups given by a precomputed ``(B,)`` index (drawn by the Poisson sampler)."""
-    sizes = torch.bincount(index, minlength=num_groups).to(torch.get_default_dtype())
-    return Groups(index, num_groups, sizes, None)
+    """Groups given by a precomputed ``(B,)`` index (drawn by the Poisson sampler, or keyed draws).
+
+    An index on the host gets R computed here, where reading it waits for nothing; moved to an accelerator
+    (:meth:`Groups.to`) the groups keep it, so no pass reads it back from the device."""
+    counts = torch.bincount(index, minlength=num_groups)
+    largest = int(counts.max()) if index.device.type == "cpu" and counts.numel() else None
+    return Groups(index, num_groups, counts.to(torch.get_default_dtype()), None, largest)
 
 
 def public_groups(expected_batch_size: float, micro_batch_size: int) -> int:
@@ -233,7 +246,7 @@ class GroupingPlan:
         if self.mode == "user":  # the user slot of every row; a batch the user loader did not draw: one row each
             if drawn is None:
                 return contiguous_groups(batch_size, 1, device)
-            return groups_from_index(drawn.to(device), int(drawn.max()) + 1 if drawn.numel() else 1)
+            return groups_from_index(drawn, int(drawn.max()) + 1 if drawn.numel() else 1).to(torch.device(device))
         if self.mode == "contiguous" or b == 1:
             return contiguous_groups(batch_size, b, device)
         num_groups = self.num_groups
@@ -241,8 +254,8 @@ class GroupingPlan:
             if self.dp:
                 raise missing_public_groups()
             num_groups = max(1, math.ceil(batch_size / b))
-        if drawn is not None:
-            return groups_from_index(drawn.to(device), num_groups)
+        if drawn is not None:  # the sampler's draws: grouped where they are, then moved (R stays on the host)
+            return groups_from_index(drawn, num_groups).to(torch.device(device))
         return keyed_groups(batch_size, num_groups, generator)
 
     @property
