@@ -118,7 +118,8 @@ class Groups:
         order = torch.argsort(self.index, stable=True)
         sorted_groups = self.index[order]
         starts = torch.zeros(self.num_groups + 1, dtype=torch.long, device=self.index.device)
-        starts[1:] = torch.cumsum(torch.bincount(self.index, minlength=self.num_groups), 0)
+        # From the sizes the groups carry: bincount on an accelerator would read the index's max back first.
+        starts[1:] = torch.cumsum(self.sizes.to(torch.long), 0)
         slot_sorted = torch.arange(self.batch_size, device=self.index.device) - starts[sorted_groups]
         slot = torch.empty_like(slot_sorted)
         slot[order] = slot_sorted
