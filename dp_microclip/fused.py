@@ -119,6 +119,22 @@ def _repeats(widths: tuple, rows: int, device: torch.device) -> torch.Tensor:
     return torch.tensor([w for w in widths for _ in range(rows)], dtype=torch.long).to(device)
 
 
+def ghost_norms(record, groups) -> tuple[dict, "dict | None"]:
+    """``(norms, group gradients)`` of a ghost record: the rule's ``group_sq_norms`` values by parameter name,
+    and where every value is a ``GroupGrads`` of at most :data:`JOIN_MAX_ELEMENTS` per group (gradients the
+    rule built for the norm, small), those gradients, for the engine to sum as materialised ones (they join a
+    block: no second convolution for the sum); else None, larger or partial ones given as their norms."""
+    from .layers.registry import GroupGrads, Unsquared
+
+    rule = record.rule
+    assert rule is not None and rule.group_sq_norms is not None  # choose_strategy: ghost needs has_ghost
+    found = rule.group_sq_norms(record.layer, record.inputs, record.out_grad, groups)
+    held = [v for v in found.values() if isinstance(v, GroupGrads)]
+    if held and len(held) == len(found) and all(v.grad[0].numel() <= JOIN_MAX_ELEMENTS for v in held):
+        return found, {name: v.grad for name, v in found.items()}
+    return {name: Unsquared(v.norm) if isinstance(v, GroupGrads) else v for name, v in found.items()}, None
+
+
 def zero_rows(records, ghost_index, materialised, bad, groups, blocks):
     """Zero the rows of non-finite groups where the sums read them: the ghost records' captured tensors (rows
     of examples), the materialised group gradients and joined blocks (rows of groups), on the device (no host
@@ -240,3 +256,154 @@ def gram_total(grams: list, roots: list, squares: list) -> torch.Tensor:
     parts += [s[:, None] for s in squares]
     total = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).sum(1)
     return total.clamp_min_(0.0).sqrt_()
+
+
+class RowBuffer:
+    """The captured tensors of a pass's row-factored layers (``LayerRule.row_factors``: each example's gradient
+    is a row ``g_i`` or an outer product ``g_i a_i^T``, a Linear on ``(B, d)`` inputs) copied into one
+    ``(B, W)`` row-major buffer, output gradients (the ``g``) first: on an accelerator, where the masking
+    copies them anyway, everything the aggregation does with them then takes a few launches for all layers.
+
+    * :meth:`norms`, one row per group: the squared row norms of every tensor by one ``mm`` of the squared
+      buffer with a ``(W, n)`` indicator of their columns, and the total ``sum_params prod ||factor||^2``
+      as the bilinear form ``sum((N Q + c) * N)`` (``addmm``, ``mul``, ``sum``) and a ``sqrt``; larger
+      groups: the rules' own ghost norms of the buffer's views (Gram forms read strided rows in place).
+    * :meth:`mask`: the rows of non-finite groups zeroed in place, one ``masked_fill_`` (the buffer is the
+      engine's own copy; the captured tensors are never written).
+    * :meth:`weigh`: every output gradient multiplied by its group's clip weight, one ``mul_``.
+    * :meth:`sums`: a weight's sum ``g_w^T a`` by one ``mm`` (what autograd launches for it), every bias's
+      (the column sums of its pre-weighted rows) by one ``sum`` over the output gradients' columns.
+
+    Exact: the same products and sums as the rule's weighted sum, up to summation order.
+    """
+
+    #: ``norms``' key of the joined total in the engine's norm dict (no parameter id is negative).
+    KEY = -(1 << 40)
+
+    def __init__(self, records: list, positions: list[int], factors: dict[int, dict]):
+        self.positions = positions
+        self.factors = factors  # position -> {name: (g,) or (g, a)}
+        rights: dict[int, torch.Tensor] = {}
+        lefts: dict[int, torch.Tensor] = {}
+        for i in positions:
+            for parts in factors[i].values():
+                rights.setdefault(id(parts[0]), parts[0])
+                if len(parts) == 2:
+                    lefts.setdefault(id(parts[1]), parts[1])
+        tensors = list(rights.values()) + list(lefts.values())
+        self.buffer = torch.cat(tensors, dim=1)  # (B, W): one copy of every captured tensor
+        widths = [x.shape[1] for x in tensors]
+        self.width_right = sum(widths[:len(rights)])
+        self.column = {}  # id(tensor) -> (index, offset, width)
+        offset = 0
+        for index, (x, w) in enumerate(zip(tensors, widths)):
+            self.column[id(x)] = (index, offset, w)
+            offset += w
+        self.widths = tuple(widths)
+        self._terms = tuple(sorted(
+            tuple(self.column[id(x)][0] for x in parts) for i in positions for parts in factors[i].values()))
+        views = {key: self.buffer[:, o:o + w] for key, (_, o, w) in self.column.items()}
+        for i in positions:  # the records read the buffer's views from here on
+            r = records[i]
+            records[i] = replace(r, inputs=tuple(views.get(id(x), x) if torch.is_tensor(x) else x for x in r.inputs),
+                                 out_grad=views.get(id(r.out_grad), r.out_grad))
+            self.factors[i] = {name: tuple(views[id(x)] for x in parts) for name, parts in factors[i].items()}
+
+    @classmethod
+    def build(cls, records: list, factors: dict[int, dict]) -> "RowBuffer | None":
+        """The buffer of the records at ``factors``' positions, or None where a tensor is an output gradient of
+        one and an input of another (its weighted copy would be read as an input)."""
+        rights = {id(parts[0]) for found in factors.values() for parts in found.values()}
+        if any(len(parts) == 2 and id(parts[1]) in rights for found in factors.values() for parts in found.values()):
+            return None
+        return cls(records, sorted(factors), dict(factors))
+
+    @staticmethod
+    def factors_of(record, groups, uses, earlier: dict) -> dict | None:
+        """The record's row factors where the buffer can hold them, else None: a rule record with no
+        parametrization whose parameters it alone uses (``uses``: records per parameter), with 2-D floating
+        tensors of the batch's rows, of the dtype and device of the ``earlier`` candidates' (a dict of them)."""
+        rule = record.rule
+        if rule is None or rule.row_factors is None or not torch.is_tensor(record.out_grad) or \
+                record.unit.parametrized or any(uses[id(p)] != 1 for p in record.params.values()):
+            return None
+        found = rule.row_factors(record.layer, record.inputs, record.out_grad)
+        if not found:
+            return None
+        like = next(iter(next(iter(earlier.values())).values()))[0] if earlier else None
+        for parts in found.values():
+            for x in parts:
+                if x.dim() != 2 or x.shape[0] != groups.batch_size or not x.is_floating_point() or \
+                        (like is not None and (x.dtype, x.device) != (like.dtype, like.device)):
+                    return None
+        return found
+
+    def norms(self, records: list, groups) -> dict:
+        """The norms the engine joins: one row per group, the total as ``{KEY: Unsquared}``; else the rules'
+        ``group_sq_norms`` of the buffer's views, ``{id(param): value}``."""
+        from .layers.registry import Unsquared
+
+        if groups.equal_size != 1:
+            out: dict = {}
+            for i in self.positions:
+                r = records[i]
+                found = ghost_norms(r, groups)[0]
+                out.update({id(p): found[name] for name, p in r.params.items()})
+            return out
+        indicator, pairs, single = _bilinear(self.widths, self._terms, self.buffer.dtype, self.buffer.device)
+        squares = torch.mm(self.buffer.square(), indicator)  # (B, n): every tensor's squared row norms
+        total = (torch.addmm(single, squares, pairs) * squares).sum(1)  # sum over params of prod of squares
+        return {self.KEY: Unsquared(total.sqrt_())}
+
+    def mask(self, bad: torch.Tensor, groups) -> None:
+        """Zero the rows of the groups marked in ``bad`` ``(M,)``, in place (one ``masked_fill_``)."""
+        if groups.equal_size is not None:
+            self.buffer.view(bad.shape[0], -1).masked_fill_(bad[:, None], 0.0)
+        else:
+            self.buffer.masked_fill_(groups.rows(bad)[:, None], 0.0)
+
+    def weigh(self, weight: torch.Tensor, groups) -> None:
+        """Multiply every output gradient's rows by their group's weight ``(M,)``, in place (one ``mul_``)."""
+        right = self.buffer[:, :self.width_right]
+        weight = weight.to(self.buffer.dtype)
+        if groups.equal_size is not None:
+            right.view(weight.shape[0], -1, self.width_right).mul_(weight[:, None, None])
+        else:
+            right.mul_(groups.rows(weight)[:, None])
+
+    def sums(self, records: list) -> list[tuple[int, torch.Tensor]]:
+        """``(id(param), its weighted sum)`` of every buffered parameter, after :meth:`weigh`."""
+        columns = None
+        out = []
+        for i in self.positions:
+            params = records[i].params
+            for name, parts in self.factors[i].items():
+                shape = params[name].shape
+                if len(parts) == 2:
+                    out.append((id(params[name]), torch.mm(parts[0].t(), parts[1]).view(shape)))
+                    continue
+                if columns is None:  # every bias at once: the column sums of the weighted output gradients
+                    columns = self.buffer[:, :self.width_right].sum(0)
+                offset = parts[0].storage_offset() - self.buffer.storage_offset()  # its first column
+                out.append((id(params[name]), columns[offset:offset + parts[0].shape[1]].view(shape)))
+        return out
+
+
+@functools.lru_cache(maxsize=64)
+def _bilinear(widths: tuple, terms: tuple, dtype: torch.dtype, device: torch.device) -> tuple:
+    """The constants of :meth:`RowBuffer.norms` (built once per layout): the ``(W, n)`` column indicator, and
+    ``Q (n, n)``, ``c (n,)`` with ``sum((N Q + c) * N) = sum over terms of prod of their squares``."""
+    n = len(widths)
+    indicator = torch.zeros(sum(widths), n, dtype=dtype)
+    at = 0
+    for index, w in enumerate(widths):
+        indicator[at:at + w, index] = 1.0
+        at += w
+    pairs = torch.zeros(n, n, dtype=dtype)
+    single = torch.zeros(n, dtype=dtype)
+    for term in terms:
+        if len(term) == 1:
+            single[term[0]] += 1.0
+        else:
+            pairs[term[1], term[0]] += 1.0  # (N Q)[:, g] holds ||a||^2, times N[:, g] = ||g||^2
+    return indicator.to(device), pairs.to(device), single.to(device)
