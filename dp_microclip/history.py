@@ -93,7 +93,8 @@ class ParameterHistory:
 
     def add_values(self, steps: int, shapes: list, values: list, untrained: set) -> None:
         """Gathered values (tensors on their devices, joined in the order of ``shapes``) of parameters with
-        ``shapes`` after ``steps`` steps; a fingerprint in ``untrained`` (the values at attach) is not evidence of training and is skipped."""
+        ``shapes`` after ``steps`` steps; a fingerprint in ``untrained`` (the values at attach) is not evidence
+        of training and is skipped."""
         self._pending.append((steps, shapes, values, untrained))
         if len(self._pending) >= FLUSH_EVERY:
             self._flush()
