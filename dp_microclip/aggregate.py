@@ -247,7 +247,7 @@ def _one_context(
             records[position] = None  # its group gradients are all this pass still needs of it
     if records:
         del record
-    rows_buffer = RowBuffer.build(records, rowed) if rowed else None
+    rows_buffer = RowBuffer.build(records, rowed, materialised, groups) if rowed else None
     if rows_buffer is not None:
         norms.update(rows_buffer.norms(records, groups))
     for position in rowed if rowed and rows_buffer is None else ():  # not joinable: the rule's own ghost route

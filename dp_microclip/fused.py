@@ -263,60 +263,86 @@ class RowBuffer:
     is a row ``g_i`` or an outer product ``g_i a_i^T``, a Linear on ``(B, d)`` inputs) copied into one
     ``(B, W)`` row-major buffer, output gradients (the ``g``) first: on an accelerator, where the masking
     copies them anyway, everything the aggregation does with them then takes a few launches for all layers.
+    With one example per group, small materialised group gradients ``(M, ...)`` (a convolution's, a
+    LayerNorm's) join it as rows too (``g_i`` is then the group's gradient), instead of a block of their own.
 
-    * :meth:`norms`, one row per group: the squared row norms of every tensor by one ``mm`` of the squared
-      buffer with a ``(W, n)`` indicator of their columns, and the total ``sum_params prod ||factor||^2``
-      as the bilinear form ``sum((N Q + c) * N)`` (``addmm``, ``mul``, ``sum``) and a ``sqrt``; larger
-      groups: the rules' own ghost norms of the buffer's views (Gram forms read strided rows in place).
+    * :meth:`norms`, one row per group: every tensor's squared row norms and, beside each ``g``, the sum of its
+      partners' (``||a||^2``, and 1 for each term that is ``g`` alone: a ones column) by one ``mm`` of the
+      squared buffer with a fixed ``(W, 2K)`` indicator; the total ``sum_g ||g||^2 (sum of partners)`` is a
+      ``mul``, a ``sum`` and a ``sqrt`` (5 launches whatever the number of layers); larger groups: the rules'
+      own ghost norms of the buffer's views (Gram forms read strided rows in place).
     * :meth:`mask`: the rows of non-finite groups zeroed in place, one ``masked_fill_`` (the buffer is the
       engine's own copy; the captured tensors are never written).
-    * :meth:`weigh`: every output gradient multiplied by its group's clip weight, one ``mul_``.
-    * :meth:`sums`: a weight's sum ``g_w^T a`` by one ``mm`` (what autograd launches for it), every bias's
-      (the column sums of its pre-weighted rows) by one ``sum`` over the output gradients' columns.
+    * :meth:`weigh`: every ``g`` multiplied by its group's clip weight, one ``mul_``.
+    * :meth:`sums`: a weight's sum ``g_w^T a`` by one ``mm`` (what autograd launches for it), every row term's
+      (a bias, a materialised group gradient: the column sums of its weighted rows) by one ``sum`` for all.
 
-    Exact: the same products and sums as the rule's weighted sum, up to summation order.
+    Exact: the same products and sums as the rule's weighted sum, up to summation order. Built only where it
+    saves launches (:data:`MIN_RECORDS` layers or more).
     """
 
     #: ``norms``' key of the joined total in the engine's norm dict (no parameter id is negative).
     KEY = -(1 << 40)
+    #: Fewer layers than this keep their own kernels: the buffer's fixed launches (about 9) would cost more.
+    MIN_RECORDS = 2
 
-    def __init__(self, records: list, positions: list[int], factors: dict[int, dict]):
-        self.positions = positions
-        self.factors = factors  # position -> {name: (g,) or (g, a)}
+    def __init__(self, records: list, factors: dict[int, dict], rows: dict[int, torch.Tensor]):
+        self.positions = sorted(factors)
+        batch = next(iter(next(iter(factors.values())).values()))[0].shape[0]
+        like = next(iter(next(iter(factors.values())).values()))[0]
+        self.row_shapes = {pid: g.shape[1:] for pid, g in rows.items()}
+        rows = {pid: g.reshape(g.shape[0], -1) for pid, g in rows.items()}
+        terms = [parts for i in self.positions for parts in factors[i].values()] + [(g,) for g in rows.values()]
         rights: dict[int, torch.Tensor] = {}
         lefts: dict[int, torch.Tensor] = {}
-        for i in positions:
-            for parts in factors[i].values():
-                rights.setdefault(id(parts[0]), parts[0])
-                if len(parts) == 2:
-                    lefts.setdefault(id(parts[1]), parts[1])
+        for parts in terms:
+            rights.setdefault(id(parts[0]), parts[0])
+            if len(parts) == 2:
+                lefts.setdefault(id(parts[1]), parts[1])
+        if any(len(parts) == 1 for parts in terms):
+            ones = _ones(batch, like.dtype, like.device)  # the partner of a term that is g alone: ||1||^2 = 1
+            lefts[id(ones)] = ones
         tensors = list(rights.values()) + list(lefts.values())
         self.buffer = torch.cat(tensors, dim=1)  # (B, W): one copy of every captured tensor
-        widths = [x.shape[1] for x in tensors]
-        self.width_right = sum(widths[:len(rights)])
-        self.column = {}  # id(tensor) -> (index, offset, width)
+        self.width_right = sum(x.shape[1] for x in rights.values())
+        column: dict[int, tuple] = {}  # id(tensor) -> (offset, width)
         offset = 0
-        for index, (x, w) in enumerate(zip(tensors, widths)):
-            self.column[id(x)] = (index, offset, w)
-            offset += w
-        self.widths = tuple(widths)
-        self._terms = tuple(sorted(
-            tuple(self.column[id(x)][0] for x in parts) for i in positions for parts in factors[i].values()))
-        views = {key: self.buffer[:, o:o + w] for key, (_, o, w) in self.column.items()}
-        for i in positions:  # the records read the buffer's views from here on
+        for x in tensors:
+            column[id(x)] = (offset, x.shape[1])
+            offset += x.shape[1]
+        partners: dict[int, list] = {key: [] for key in rights}
+        for parts in terms:
+            partners[id(parts[0])].append(column[id(parts[1] if len(parts) == 2 else ones)])
+        self._layout = (offset, tuple(column[key] for key in rights), tuple(tuple(p) for p in partners.values()))
+        views = {key: self.buffer[:, o:o + w] for key, (o, w) in column.items()}
+        self.factors = {}
+        for i in self.positions:  # the records read the buffer's views from here on
             r = records[i]
             records[i] = replace(r, inputs=tuple(views.get(id(x), x) if torch.is_tensor(x) else x for x in r.inputs),
                                  out_grad=views.get(id(r.out_grad), r.out_grad))
             self.factors[i] = {name: tuple(views[id(x)] for x in parts) for name, parts in factors[i].items()}
+        self.rows = {pid: views[id(g)] for pid, g in rows.items()}
 
     @classmethod
-    def build(cls, records: list, factors: dict[int, dict]) -> "RowBuffer | None":
-        """The buffer of the records at ``factors``' positions, or None where a tensor is an output gradient of
-        one and an input of another (its weighted copy would be read as an input)."""
+    def build(cls, records: list, factors: dict[int, dict], materialised: dict, groups) -> "RowBuffer | None":
+        """The buffer of the records at ``factors``' positions, or None where it would not save launches or a
+        tensor is an output gradient of one and an input of another (its weighted copy would be read as an
+        input). With one example per group, the small materialised group gradients of the same dtype and
+        device join it (taken out of ``materialised``)."""
+        if len(factors) < cls.MIN_RECORDS:
+            return None
         rights = {id(parts[0]) for found in factors.values() for parts in found.values()}
         if any(len(parts) == 2 and id(parts[1]) in rights for found in factors.values() for parts in found.values()):
             return None
-        return cls(records, sorted(factors), dict(factors))
+        like = next(iter(next(iter(factors.values())).values()))[0]
+        rows = {}
+        if groups.equal_size == 1:
+            for key, parts in joinable(materialised).items():
+                if key == (like.dtype, like.device):
+                    rows.update(parts)
+        for pid in rows:
+            del materialised[pid]
+        return cls(records, factors, rows)
 
     @staticmethod
     def factors_of(record, groups, uses, earlier: dict) -> dict | None:
@@ -350,9 +376,10 @@ class RowBuffer:
                 found = ghost_norms(r, groups)[0]
                 out.update({id(p): found[name] for name, p in r.params.items()})
             return out
-        indicator, pairs, single = _bilinear(self.widths, self._terms, self.buffer.dtype, self.buffer.device)
-        squares = torch.mm(self.buffer.square(), indicator)  # (B, n): every tensor's squared row norms
-        total = (torch.addmm(single, squares, pairs) * squares).sum(1)  # sum over params of prod of squares
+        indicator = _indicator(self._layout, self.buffer.dtype, self.buffer.device)
+        squares = torch.mm(self.buffer.square(), indicator)  # (B, 2K): ||g||^2, and its partners' beside it
+        half = squares.shape[1] // 2
+        total = (squares[:, :half] * squares[:, half:]).sum(1)  # sum over terms of ||g||^2 ||partner||^2
         return {self.KEY: Unsquared(total.sqrt_())}
 
     def mask(self, bad: torch.Tensor, groups) -> None:
@@ -374,36 +401,40 @@ class RowBuffer:
     def sums(self, records: list) -> list[tuple[int, torch.Tensor]]:
         """``(id(param), its weighted sum)`` of every buffered parameter, after :meth:`weigh`."""
         columns = None
+
+        def column_sum(x: torch.Tensor, shape) -> torch.Tensor:
+            nonlocal columns
+            if columns is None:  # every row term at once: the column sums of the weighted rows
+                columns = self.buffer[:, :self.width_right].sum(0)
+            offset = x.storage_offset() - self.buffer.storage_offset()  # its first column
+            return columns[offset:offset + x.shape[1]].view(shape)
+
         out = []
         for i in self.positions:
             params = records[i].params
             for name, parts in self.factors[i].items():
                 shape = params[name].shape
-                if len(parts) == 2:
-                    out.append((id(params[name]), torch.mm(parts[0].t(), parts[1]).view(shape)))
-                    continue
-                if columns is None:  # every bias at once: the column sums of the weighted output gradients
-                    columns = self.buffer[:, :self.width_right].sum(0)
-                offset = parts[0].storage_offset() - self.buffer.storage_offset()  # its first column
-                out.append((id(params[name]), columns[offset:offset + parts[0].shape[1]].view(shape)))
+                value = torch.mm(parts[0].t(), parts[1]) if len(parts) == 2 else column_sum(parts[0], shape)
+                out.append((id(params[name]), value.view(shape)))
+        out += [(pid, column_sum(g, self.row_shapes[pid])) for pid, g in self.rows.items()]
         return out
 
 
+@functools.lru_cache(maxsize=8)
+def _ones(batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A ``(B, 1)`` column of ones (built once; only ever copied)."""
+    return torch.ones(batch, 1, dtype=dtype, device=device)
+
+
 @functools.lru_cache(maxsize=64)
-def _bilinear(widths: tuple, terms: tuple, dtype: torch.dtype, device: torch.device) -> tuple:
-    """The constants of :meth:`RowBuffer.norms` (built once per layout): the ``(W, n)`` column indicator, and
-    ``Q (n, n)``, ``c (n,)`` with ``sum((N Q + c) * N) = sum over terms of prod of their squares``."""
-    n = len(widths)
-    indicator = torch.zeros(sum(widths), n, dtype=dtype)
-    at = 0
-    for index, w in enumerate(widths):
-        indicator[at:at + w, index] = 1.0
-        at += w
-    pairs = torch.zeros(n, n, dtype=dtype)
-    single = torch.zeros(n, dtype=dtype)
-    for term in terms:
-        if len(term) == 1:
-            single[term[0]] += 1.0
-        else:
-            pairs[term[1], term[0]] += 1.0  # (N Q)[:, g] holds ||a||^2, times N[:, g] = ||g||^2
-    return indicator.to(device), pairs.to(device), single.to(device)
+def _indicator(layout: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The ``(W, 2K)`` 0/1 matrix of :meth:`RowBuffer.norms` (built once per layout): column k sums the squares
+    of the k-th output gradient's columns, column K + k those of its partners' (with multiplicity)."""
+    width, rights, partners = layout
+    k = len(rights)
+    out = torch.zeros(width, 2 * k, dtype=dtype)
+    for index, ((offset, w), theirs) in enumerate(zip(rights, partners)):
+        out[offset:offset + w, index] = 1.0
+        for o, pw in theirs:
+            out[o:o + pw, k + index] += 1.0
+    return out.to(device)

@@ -79,7 +79,7 @@ def test_row_buffer_norms_masks_and_sums_equal_the_materialised_gradients(b, bia
         f = fused.RowBuffer.factors_of(r, groups, uses, found)
         assert f is not None
         found[i] = f
-    buf = fused.RowBuffer.build(records, found)
+    buf = fused.RowBuffer.build(records, found, {}, groups)
     assert buf is not None
     norms = buf.norms(records, groups)
     if b == 1:
