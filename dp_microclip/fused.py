@@ -37,6 +37,9 @@ from .records import grad_tensors
 #: block (the joined sum): their kernels are launch-bound; a larger one keeps its own kernels (a join would
 #: copy it).
 JOIN_MAX_ELEMENTS = 1 << 16
+#: The most elements ``RowBuffer.norms`` builds for its row pairs at ``b > 1`` (``B b W``, 64 MB in float32);
+#: a larger buffer takes the rules' Gram forms of its views instead.
+OUTER_MAX_ELEMENTS = 1 << 24
 
 
 def masked_copies(tensors: list, mask: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -269,8 +272,12 @@ class RowBuffer:
     * :meth:`norms`, one row per group: every tensor's squared row norms and, beside each ``g``, the sum of its
       partners' (``||a||^2``, and 1 for each term that is ``g`` alone: a ones column) by one ``mm`` of the
       squared buffer with a fixed ``(W, 2K)`` indicator; the total ``sum_g ||g||^2 (sum of partners)`` is a
-      ``mul``, a ``sum`` and a ``sqrt`` (5 launches whatever the number of layers); larger groups: the rules'
-      own ghost norms of the buffer's views (Gram forms read strided rows in place).
+      ``mul``, a ``sum`` and a ``sqrt`` (5 launches whatever the number of layers). ``b > 1`` contiguous rows
+      per group: the same with the products of every pair of a group's rows (``(M, b, b, W)``, one ``mul``)
+      in place of the squares, which gives every Gram entry ``g_r . g_s`` and ``a_r . a_s`` at once:
+      ``||sum_r g_r a_r^T||^2 = sum_{r,s} (g_r . g_s)(a_r . a_s)`` (6 launches; up to
+      :data:`OUTER_MAX_ELEMENTS`); else (keyed groups, larger) the rules' own ghost norms of the buffer's
+      views (Gram forms read strided rows in place).
     * :meth:`mask`: the rows of non-finite groups zeroed in place, one ``masked_fill_`` (the buffer is the
       engine's own copy; the captured tensors are never written).
     * :meth:`weigh`: every ``g`` multiplied by its group's clip weight, one ``mul_``.
@@ -369,7 +376,8 @@ class RowBuffer:
         ``group_sq_norms`` of the buffer's views, ``{id(param): value}``."""
         from .layers.registry import Unsquared
 
-        if groups.equal_size != 1:
+        b, width = groups.equal_size, self.buffer.shape[1]
+        if b is None or (b > 1 and self.buffer.numel() * b > OUTER_MAX_ELEMENTS):
             out: dict = {}
             for i in self.positions:
                 r = records[i]
@@ -377,10 +385,15 @@ class RowBuffer:
                 out.update({id(p): found[name] for name, p in r.params.items()})
             return out
         indicator = _indicator(self._layout, self.buffer.dtype, self.buffer.device)
-        squares = torch.mm(self.buffer.square(), indicator)  # (B, 2K): ||g||^2, and its partners' beside it
-        half = squares.shape[1] // 2
-        total = (squares[:, :half] * squares[:, half:]).sum(1)  # sum over terms of ||g||^2 ||partner||^2
-        return {self.KEY: Unsquared(total.sqrt_())}
+        if b == 1:
+            products = self.buffer.square()  # (B, W)
+        else:  # every pair of a group's rows, column by column: (M, b, b, W)
+            rows = self.buffer.view(-1, b, 1, width)
+            products = rows * rows.transpose(1, 2)
+        grams = torch.mm(products.view(-1, width), indicator)  # (M b b, 2K): g's Gram entries, partners' beside
+        half = grams.shape[1] // 2
+        total = (grams[:, :half] * grams[:, half:]).view(-1, b * b * half).sum(1)  # (M,): sum over pairs and terms
+        return {self.KEY: Unsquared(total.clamp_min_(0.0).sqrt_() if b > 1 else total.sqrt_())}
 
     def mask(self, bad: torch.Tensor, groups) -> None:
         """Zero the rows of the groups marked in ``bad`` ``(M,)``, in place (one ``masked_fill_``)."""

@@ -61,10 +61,15 @@ def _as_replaceable(records):
     return [cls(r.rule, r.layer, r.inputs, r.out_grad, r.params, r.unit) for r in records]
 
 
-@pytest.mark.parametrize("b", [1, 2])
+@pytest.mark.parametrize("b", [1, 2, 4])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("poison", [None, float("nan"), float("inf")])
-def test_row_buffer_norms_masks_and_sums_equal_the_materialised_gradients(b, bias, poison):
+@pytest.mark.parametrize("pairs", ["joined", "rules"])  # b > 1: every row pair in one mm, or the rules' Grams
+def test_row_buffer_norms_masks_and_sums_equal_the_materialised_gradients(b, bias, poison, pairs, monkeypatch):
+    if pairs == "rules":
+        if b == 1:
+            pytest.skip("one row per group: always joined")
+        monkeypatch.setattr(fused, "OUTER_MAX_ELEMENTS", 0)
     torch.manual_seed(0)
     batch = 8
     records = _as_replaceable(_records([(5, 7), (7, 7), (7, 3)], batch, bias))
@@ -82,7 +87,7 @@ def test_row_buffer_norms_masks_and_sums_equal_the_materialised_gradients(b, bia
     buf = fused.RowBuffer.build(records, found, {}, groups)
     assert buf is not None
     norms = buf.norms(records, groups)
-    if b == 1:
+    if b == 1 or pairs == "joined":
         (total,) = norms.values()
         assert isinstance(total, Unsquared)
         total = total.norm
