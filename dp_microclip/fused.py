@@ -361,6 +361,7 @@ class RowBuffer:
                 record.unit.parametrized or any(uses[id(p)] != 1 for p in record.params.values()):
             return None
         found = rule.row_factors(record.layer, record.inputs, record.out_grad)
+        found = {name: parts for name, parts in (found or {}).items() if name in record.params}  # frozen: none
         if not found:
             return None
         like = next(iter(next(iter(earlier.values())).values()))[0] if earlier else None

@@ -203,3 +203,24 @@ def test_conv_ghost_norms_from_group_gradients_are_reused_exactly():
         assert isinstance(got[name], GroupGrads)
         torch.testing.assert_close(got[name].grad, want[name], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(got[name].norm, want[name].flatten(1).norm(dim=1), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("b", [1, 3])
+def test_frozen_parameters_of_buffered_layers_stay_out(b, monkeypatch):
+    monkeypatch.setattr(tensors, "DEVICE_PATHS_ON_CPU", True)
+    torch.manual_seed(4)
+    m = Net().double()
+    m.fc1.weight.requires_grad_(False)  # the buffer takes the bias alone
+    m.head.bias.requires_grad_(False)  # and the weight alone
+    ref = copy.deepcopy(m)
+    x = torch.randn(12, 1, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,))
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.0)
+    dp_microclip.attach(m, opt, micro_batch_size=b, max_grad_norm=0.05, verify_steps=0, grad_mode="bookkeeping")
+    F.cross_entropy(m(x), y).backward()
+    opt.step()
+    want = naive_microbatch_grads(ref, F.cross_entropy, x, y, micro_batch_size=b, max_grad_norm=0.05)
+    assert m.fc1.weight.grad is None and m.head.bias.grad is None
+    for name, p in m.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, want[name], rtol=1e-9, atol=1e-12)
