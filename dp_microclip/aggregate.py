@@ -33,9 +33,9 @@ from .records import ForwardContext, Record, grad_tensors
 from .layers.generic import generic_group_grads
 from .fused import JoinedBlock, RowBuffer, ghost_norms, gram_total, joinable, zero_rows
 from .layers.registry import GramDot, NormProduct, Unsquared
-from .planner import BudgetResolver, lean_rows, record_shape, reserves
+from .planner import lean_rows, record_shape
 from .settings import ClipSettings
-from .routes import Autotuner, PassBudget, available_routes, choose_strategy, leanest_peaks
+from .routes import Autotuner, available_routes, pass_routes
 from .tensors import LOW_PRECISION, avoid_host_reads
 
 
@@ -172,10 +172,6 @@ def _numel(inputs) -> int:
     return sum(x.numel() for x in inputs if torch.is_tensor(x))
 
 
-def _nbytes(inputs) -> int:
-    return sum(x.numel() * x.element_size() for x in inputs if torch.is_tensor(x))
-
-
 def _one_context(
     given: list[Record], settings: ClipSettings, replay_guard, result: PassResult, divisor: float, tuner: Autotuner,
     release: bool = False,
@@ -195,12 +191,8 @@ def _one_context(
     norms: dict[int, "torch.Tensor | Unsquared"] = {}  # squared, or Unsquared (the rule's choice)
     materialised: dict[int, torch.Tensor] = {}
     ghost_index: list[int] = []  # records whose sum is a weighted product over rows
-    captured = sum(_nbytes(r.inputs) + _nbytes(grad_tensors(r)) for r in records)
     memory = settings.memory
-    limit, hard = BudgetResolver(memory, tuner.free_memory).budget(device, captured)
-    budget = PassBudget(limit, hard, memory, groups.max_size())
-    budget.left -= sum(_nbytes(list(r.group_grads.values())) for r in records if r.group_grads is not None)
-    later = reserves(leanest_peaks(records, groups, settings, uses, budget))
+    routes = pass_routes(records, groups, settings, uses, device, tuner)
     # On an accelerator, row-factored layers (Linear on (B, d)) join one buffer: their norms, masking, weights
     # and sums in a few launches for all (fused.RowBuffer). Deferred: their norms are formed after the loop.
     rowed: dict | None = {} if avoid_host_reads(device) and settings.mode != "per_layer" and not memory.lean \
@@ -214,7 +206,7 @@ def _one_context(
             if release:
                 records[position] = None
             continue
-        strategy = choose_strategy(record, groups, settings, uses, budget, tuner, later[position])
+        strategy = routes[position]
         result.strategies[record.name] = strategy
         if strategy == "ghost" and rowed is not None and (found := RowBuffer.factors_of(record, groups, uses, rowed)):
             rowed[position] = found

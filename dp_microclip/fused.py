@@ -32,14 +32,24 @@ from dataclasses import replace
 import torch
 
 from .records import grad_tensors
+from .tensors import avoid_host_reads
 
-#: Materialised group gradients (and Gram products) with at most this many elements per group join the
-#: block (the joined sum): their kernels are launch-bound; a larger one keeps its own kernels (a join would
-#: copy it).
+#: Gram products with at most this many elements per group join the pass's one sum: their kernels are
+#: launch-bound; a larger one keeps its own kernels (a join would copy it).
 JOIN_MAX_ELEMENTS = 1 << 16
 #: The most elements ``RowBuffer.norms`` builds for its row pairs at ``b > 1`` (``B b W``, 64 MB in float32);
 #: a larger buffer takes the rules' Gram forms of its views instead.
 OUTER_MAX_ELEMENTS = 1 << 24
+#: Materialised group gradients with at most this many elements in all (all groups together) join the block
+#: (:class:`JoinedBlock`). The limit is on the whole tensor, not per group: the join copies all of it, and a
+#: Linear's ``(M, p, d)`` group gradients (the transformer bench: 32 x 65,536 elements, four of them) cost
+#: 27 ms of ``cat`` a step on the CPU, which made materialised routes 1.4x slower in the step than the
+#: autotuner, timing each layer alone, had measured them (it then chose them over ghost norms).
+BLOCK_MAX_ELEMENTS = 1 << 16
+#: The same limit on an accelerator (``tensors.avoid_host_reads``): there the copy of 2^20 float32 elements
+#: (4 MB) takes about what one launch does, and it saves a norm, a fill and a sum per tensor (the CNN bench's
+#: second convolution at b = 8: ``(16, 32, 16, 5, 5)``, 205,000 elements).
+DEVICE_BLOCK_MAX_ELEMENTS = 1 << 20
 
 
 def masked_copies(tensors: list, mask: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -197,7 +207,8 @@ def joinable(materialised: dict[int, torch.Tensor]) -> dict[tuple, dict[int, tor
     """The small contiguous group gradients of ``materialised``, by (dtype, device), where two or more share one."""
     found: dict[tuple, dict[int, torch.Tensor]] = {}
     for pid, g in materialised.items():
-        if g.dim() > 1 and g.is_contiguous() and g[0].numel() <= JOIN_MAX_ELEMENTS:
+        limit = DEVICE_BLOCK_MAX_ELEMENTS if avoid_host_reads(g.device) else BLOCK_MAX_ELEMENTS
+        if g.dim() > 1 and g.is_contiguous() and g.numel() <= limit:
             found.setdefault((g.dtype, g.device), {})[pid] = g
     return {key: parts for key, parts in found.items() if len(parts) > 1}
 
@@ -343,10 +354,9 @@ class RowBuffer:
             return None
         like = next(iter(next(iter(factors.values())).values()))[0]
         rows = {}
-        if groups.equal_size == 1:
-            for key, parts in joinable(materialised).items():
-                if key == (like.dtype, like.device):
-                    rows.update(parts)
+        if groups.equal_size == 1:  # per group small (the buffer is an accelerator's: its copy is cheap there)
+            rows = {pid: g for pid, g in materialised.items() if g.dim() > 1 and g.is_contiguous()
+                    and g[0].numel() <= JOIN_MAX_ELEMENTS and (g.dtype, g.device) == (like.dtype, like.device)}
         for pid in rows:
             del materialised[pid]
         return cls(records, factors, rows)

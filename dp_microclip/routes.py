@@ -26,8 +26,8 @@ import torch
 
 from .errors import ConfigurationError, user_stacklevel
 from .layers.traits import NOT_REPLAYABLE
-from .planner import MEMORY_ORDER, Planned, lean_rows, plan_call, record_shape
-from .records import Record
+from .planner import MEMORY_ORDER, BudgetResolver, Planned, lean_rows, plan_call, record_shape, reserves
+from .records import Record, grad_tensors
 from .settings import ClipSettings, MemoryBudget
 
 
@@ -148,6 +148,53 @@ def choose_strategy(
     return choice
 
 
+def pass_routes(records: list, groups, settings: ClipSettings, uses: Counter, device: torch.device,
+                tuner: "Autotuner") -> list:
+    """The route of every record of one pass (None for a record already reduced to its group gradients).
+
+    Planning reads only shapes, dtypes, the groups, the settings and the free memory (read once per device), so
+    a pass whose records have the same shapes as an earlier pass's gets the same routes: they are planned once
+    per pass signature (:func:`pass_signature`) and then looked up, which keeps the planner's and the
+    autotuner's Python off every later step. A pass with a new signature (a Poisson batch of another size,
+    another sequence length) is planned as the first was; timings stay per layer and shape class.
+    """
+    key = pass_signature(records, groups, settings, device)
+    routes = tuner.pass_routes.get(key)
+    if routes is not None:
+        return routes
+    captured = sum(_nbytes(r.inputs) + _nbytes(grad_tensors(r)) for r in records)
+    limit, hard = BudgetResolver(settings.memory, tuner.free_memory).budget(device, captured)
+    budget = PassBudget(limit, hard, settings.memory, groups.max_size())
+    budget.left -= sum(_nbytes(list(r.group_grads.values())) for r in records if r.group_grads is not None)
+    later = reserves(leanest_peaks(records, groups, settings, uses, budget))
+    routes = [None if record.group_grads is not None
+              else choose_strategy(record, groups, settings, uses, budget, tuner, later[position])
+              for position, record in enumerate(records)]
+    if len(tuner.pass_routes) >= tuner.MAX_PASS_PLANS:  # many signatures (ragged sizes): keep the newest
+        tuner.pass_routes.pop(next(iter(tuner.pass_routes)))
+    tuner.pass_routes[key] = routes
+    return routes
+
+
+def pass_signature(records: list, groups, settings: ClipSettings, device: torch.device) -> tuple:
+    """Everything a pass's route plan depends on: per record its layer, parameters and tensor shapes and
+    dtypes (group gradients included), the groups' sizes, the device, the grad mode and the memory budget."""
+    def tensors_of(values) -> tuple:
+        return tuple((x.shape, x.dtype) if torch.is_tensor(x) else None for x in values)
+
+    per_record = tuple(
+        (record.name, id(record.unit), tuple(map(id, record.params.values())), tensors_of(record.inputs),
+         tensors_of(grad_tensors(record)),
+         None if record.group_grads is None else tensors_of(record.group_grads.values()))
+        for record in records)
+    return (per_record, groups.num_groups, groups.equal_size, groups.batch_size, groups.max_size(), device,
+            settings.grad_mode, settings.memory)
+
+
+def _nbytes(tensors) -> int:
+    return sum(x.numel() * x.element_size() for x in tensors if torch.is_tensor(x))
+
+
 def _size(nbytes: int) -> str:
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if nbytes >= scale:
@@ -183,9 +230,11 @@ class Autotuner:
     TIE = 0.10  # routes within 10% of the fastest count as equally fast
 
     VARIANT_REPEATS = 5
+    MAX_PASS_PLANS = 256  # pass signatures whose routes are kept (pass_routes)
 
     def __init__(self):
         self.choices: dict = {}  # the one timing cache: (kind, key) -> the fastest candidate
+        self.pass_routes: dict = {}  # pass_signature -> the route of each record (pass_routes)
         self.free_memory: dict = {}  # device name -> free bytes, read once (the memory budget's fractions)
         self.warned: set = set()  # (reason, layer, route) already warned about
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from types import SimpleNamespace
 
@@ -21,6 +22,7 @@ from dp_microclip import aggregate
 from dp_microclip import ConfigurationError, MemoryBudget
 from dp_microclip.grouping import contiguous_groups
 from dp_microclip.layers.registry import rule_for
+from dp_microclip.reference import naive_microbatch_grads
 from dp_microclip.planner import (
     LayerShape, footprint, pass_peak, plan_call, plan_pass, record_shape,
 )
@@ -120,6 +122,39 @@ def test_a_route_over_the_budget_is_never_built_nor_timed(monkeypatch):
     opt2.step()
     assert built  # timed (and maybe chosen)
     engine2.detach()
+
+
+def test_routes_are_planned_once_per_pass_signature_and_again_for_new_shapes(monkeypatch):
+    """The planner runs at the first pass of each signature (shapes, groups); a later pass with the same shapes
+    reuses its routes, one with another batch size plans again; the gradient equals the naive loop throughout."""
+    from dp_microclip import routes
+
+    planned = []
+    original = routes.leanest_peaks
+
+    def spy(records, *args):
+        planned.append(len(records))
+        return original(records, *args)
+
+    monkeypatch.setattr(routes, "leanest_peaks", spy)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    reference = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    engine = dp_microclip.attach(model, opt, micro_batch_size=2, max_grad_norm=0.5)
+    batches = [(torch.randn(n, 6, dtype=torch.float64), torch.arange(n) % 3) for n in (8, 8, 6, 8, 6)]
+    counts = []
+    for x, y in batches:
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()  # the engine writes .grad in the optimizer's pre-step hook
+        got = {n: p.grad.clone() for n, p in model.named_parameters()}
+        counts.append(len(planned))
+        want = naive_microbatch_grads(reference, loss_fn, x, y, micro_batch_size=2, max_grad_norm=0.5)
+        for name, g in got.items():
+            torch.testing.assert_close(g, want[name], rtol=TOL, atol=TOL)
+    assert counts == [1, 1, 2, 2, 2]  # B=8 planned once, B=6 once
+    engine.detach()
 
 
 def test_a_budget_no_route_fits_warns_with_the_fix_or_raises_when_strict():
