@@ -37,9 +37,10 @@ from .tensors import avoid_host_reads
 #: Gram products with at most this many elements per group join the pass's one sum: their kernels are
 #: launch-bound; a larger one keeps its own kernels (a join would copy it).
 JOIN_MAX_ELEMENTS = 1 << 16
-#: The most elements ``RowBuffer.norms`` builds for its row pairs at ``b > 1`` (``B b W``, 64 MB in float32);
-#: a larger buffer takes the rules' Gram forms of its views instead.
-OUTER_MAX_ELEMENTS = 1 << 24
+#: The most elements ``RowBuffer.norms`` builds for its row pairs at ``b > 1`` (``B b W``: 32 MB in float32,
+#: written once and read once, about what the 5 launches it saves cost on a GPU; the bench MLP at b = 8 builds
+#: 5.8 M; unmeasured on a GPU). A larger buffer takes the rules' Gram forms of its views instead.
+OUTER_MAX_ELEMENTS = 1 << 23
 #: Materialised group gradients with at most this many elements in all (all groups together) join the block
 #: (:class:`JoinedBlock`). The limit is on the whole tensor, not per group: the join copies all of it, and a
 #: Linear's ``(M, p, d)`` group gradients (the transformer bench: 32 x 65,536 elements, four of them) cost
