@@ -213,7 +213,7 @@ def _one_context(
             continue
         grads: dict | None = None
         if strategy == "ghost":  # grads: group gradients the rule built for its norms (small): summed as such
-            record_norms, grads = ghost_norms(record, groups)
+            record_norms, grads = ghost_norms(record, groups, not (memory.lean or memory.explicit))
         elif strategy == "norms_then_sum":
             record_norms = {n: Unsquared(_group_norms(g)) for n, g in tuner.group_grads(record, groups).items()}
         if strategy in ("ghost", "norms_then_sum") and grads is None:

@@ -133,18 +133,19 @@ def _repeats(widths: tuple, rows: int, device: torch.device) -> torch.Tensor:
     return torch.tensor([w for w in widths for _ in range(rows)], dtype=torch.long).to(device)
 
 
-def ghost_norms(record, groups) -> tuple[dict, "dict | None"]:
+def ghost_norms(record, groups, hold: bool = False) -> tuple[dict, "dict | None"]:
     """``(norms, group gradients)`` of a ghost record: the rule's ``group_sq_norms`` values by parameter name,
-    and where every value is a ``GroupGrads`` of at most :data:`JOIN_MAX_ELEMENTS` per group (gradients the
-    rule built for the norm, small), those gradients, for the engine to sum as materialised ones (they join a
-    block: no second convolution for the sum); else None, larger or partial ones given as their norms."""
+    and, with ``hold`` (no lean mode or explicit memory budget: holding them until the sums is then fine),
+    where every value is a ``GroupGrads`` of at most :data:`JOIN_MAX_ELEMENTS` per group (gradients the rule
+    built for the norm, small), those gradients, for the engine to sum as materialised ones (one ``mv`` or a
+    block's: no second convolution for the sum); else None, the gradients given as their norms."""
     from .layers.registry import GroupGrads, Unsquared
 
     rule = record.rule
     assert rule is not None and rule.group_sq_norms is not None  # choose_strategy: ghost needs has_ghost
     found = rule.group_sq_norms(record.layer, record.inputs, record.out_grad, groups)
     held = [v for v in found.values() if isinstance(v, GroupGrads)]
-    if held and len(held) == len(found) and all(v.grad[0].numel() <= JOIN_MAX_ELEMENTS for v in held):
+    if hold and held and len(held) == len(found) and all(v.grad[0].numel() <= JOIN_MAX_ELEMENTS for v in held):
         return found, {name: v.grad for name, v in found.items()}
     return {name: Unsquared(v.norm) if isinstance(v, GroupGrads) else v for name, v in found.items()}, None
 
