@@ -446,10 +446,17 @@ class RowBuffer:
         return out
 
 
-@functools.lru_cache(maxsize=8)
+_ONES: dict[tuple, torch.Tensor] = {}
+
+
 def _ones(batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A ``(B, 1)`` column of ones (built once; only ever copied)."""
-    return torch.ones(batch, 1, dtype=dtype, device=device)
+    """A ``(B, 1)`` column of ones: a view of one kept column per dtype and device, grown when a batch is
+    larger (Poisson batches vary in size: no launch per step). Only ever copied, never written."""
+    kept = _ONES.get((dtype, device))
+    if kept is None or kept.shape[0] < batch:
+        kept = _ONES[(dtype, device)] = torch.ones(max(batch, 2 * (0 if kept is None else kept.shape[0])), 1,
+                                                   dtype=dtype, device=device)
+    return kept[:batch]
 
 
 @functools.lru_cache(maxsize=64)
