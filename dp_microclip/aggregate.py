@@ -31,7 +31,7 @@ import torch
 from . import clipping as clip
 from .records import ForwardContext, Record, grad_tensors
 from .layers.generic import generic_group_grads
-from .fused import JoinedBlock, gram_total, joinable, zero_rows
+from .fused import JoinedBlock, RowBuffer, ghost_norms, gram_total, joinable, zero_rows
 from .layers.registry import GramDot, NormProduct, Unsquared
 from .planner import lean_rows, record_shape
 from .settings import ClipSettings
@@ -193,6 +193,10 @@ def _one_context(
     ghost_index: list[int] = []  # records whose sum is a weighted product over rows
     memory = settings.memory
     routes = pass_routes(records, groups, settings, uses, device, tuner)
+    # On an accelerator, row-factored layers (Linear on (B, d)) join one buffer: their norms, masking, weights
+    # and sums in a few launches for all (fused.RowBuffer). Deferred: their norms are formed after the loop.
+    rowed: dict | None = {} if avoid_host_reads(device) and settings.mode != "per_layer" and not memory.lean \
+        else None
     for position, record in enumerate(records):
         if record.group_grads is not None:  # reduced as it arrived (lean mode, EarlyReduction): already held
             result.strategies[record.name] = "materialize"
@@ -204,16 +208,15 @@ def _one_context(
             continue
         strategy = routes[position]
         result.strategies[record.name] = strategy
-        if strategy in ("ghost", "norms_then_sum"):
-            if strategy == "ghost":
-                rule = record.rule
-                assert rule is not None and rule.group_sq_norms is not None  # choose_strategy: ghost needs has_ghost
-                assert isinstance(record.out_grad, torch.Tensor)  # rule records have one output tensor
-                record_norms: dict = rule.group_sq_norms(record.layer, record.inputs, record.out_grad, groups)
-            else:
-                grads = tuner.group_grads(record, groups)
-                record_norms = {n: Unsquared(_group_norms(g)) for n, g in grads.items()}
-                del grads
+        if strategy == "ghost" and rowed is not None and (found := RowBuffer.factors_of(record, groups, uses, rowed)):
+            rowed[position] = found
+            continue
+        grads: dict | None = None
+        if strategy == "ghost":  # grads: group gradients the rule built for its norms (small): summed as such
+            record_norms, grads = ghost_norms(record, groups, not (memory.lean or memory.explicit))
+        elif strategy == "norms_then_sum":
+            record_norms = {n: Unsquared(_group_norms(g)) for n, g in tuner.group_grads(record, groups).items()}
+        if strategy in ("ghost", "norms_then_sum") and grads is None:
             for name, p in record.params.items():
                 norms[id(p)] = record_norms[name]
             ghost_index.append(position)
@@ -224,9 +227,10 @@ def _one_context(
                 groups, record.batch_dim, replay_guard, record.unit.path, record.input_dims,
                 record.kw_names,
             )
-        else:
+        elif strategy != "ghost":
             grads = chain_parametrizations(
                 record, tuner.group_grads(record, groups))
+        assert grads is not None
         for name, p in record.params.items():
             g = grads[name]
             materialised[id(p)] = g if id(p) not in materialised else materialised[id(p)] + g
@@ -235,6 +239,13 @@ def _one_context(
             records[position] = None  # its group gradients are all this pass still needs of it
     if records:
         del record
+    rows_buffer = RowBuffer.build(records, rowed, materialised, groups) if rowed else None
+    if rows_buffer is not None:
+        norms.update(rows_buffer.norms(records, groups))
+    for position in rowed if rowed and rows_buffer is None else ():  # not joinable: the rule's own ghost route
+        found = ghost_norms(records[position], groups)[0]
+        norms.update({id(p): found[name] for name, p in records[position].params.items()})
+        ghost_index.append(position)
     blocks = [] if settings.mode == "per_layer" else [JoinedBlock(parts) for parts in joinable(materialised).values()]
     for position, block in enumerate(blocks):  # small group gradients: one norm, fill and sum per block
         norms[-1 - position] = Unsquared(block.norms)  # a key no parameter has; whole-gradient modes only
@@ -276,6 +287,8 @@ def _one_context(
     # step, benchmarks/results/cpu-launches.md).
     if avoid_host_reads(bad.device) or bool(bad.any()):
         records, materialised = zero_rows(records, ghost_index, materialised, bad, groups, blocks)
+        if rows_buffer is not None:
+            rows_buffer.mask(bad, groups)
     weights: dict[int, torch.Tensor] = {}
     to_average = to_mean / divisor  # folds the final 1/M into the per-group weights
     if settings.mode == "per_layer":
@@ -311,7 +324,11 @@ def _one_context(
     for block in blocks:
         for pid, value in block.weighted(group_weight).items():
             add(pid, value)
-    shared_rows = None if settings.mode == "per_layer" else groups.rows(group_weight)  # (B,), once per batch
+    if rows_buffer is not None:  # every output gradient weighted in one launch, then a matmul per weight
+        rows_buffer.weigh(group_weight, groups)
+        for pid, value in rows_buffer.sums(records):
+            add(pid, value)
+    shared_rows = None if settings.mode == "per_layer" or not ghost_index else groups.rows(group_weight)  # (B,)
     for i in ghost_index:
         record = records[i]
         if release:

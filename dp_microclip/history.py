@@ -13,8 +13,8 @@ The history therefore has two keys:
   parameters (``TRACKED``), never a hash of whole tensors. A copy or a loaded state
   dict has bit-equal values, so it matches.
 
-Cost per DP step: one ``torch.take`` of a few elements for each tracked parameter (nothing else),
-kept on the parameters' device and converted to Python numbers only every
+Cost per DP step: one ``cat`` per device of a few evenly strided elements of each tracked parameter (views,
+no index tensor; nothing else), kept on the parameters' device and converted to Python numbers only every
 ``FLUSH_EVERY`` steps or at a lookup (no device synchronisation per step).
 Not seen: values changed before the copy by a cast (``model.half()``) or any
 other transformation; parameters of more than ``MAX_FINGERPRINTS`` steps back.
@@ -34,9 +34,13 @@ FLUSH_EVERY = 64
 MAX_FINGERPRINTS = 1 << 17
 
 
-def _positions(numel: int, device) -> torch.Tensor:
-    k = min(FINGERPRINT_ELEMENTS, numel)
-    return torch.linspace(0, numel - 1, steps=k, dtype=torch.float64).round().long().to(device)
+def _sample(t: torch.Tensor) -> torch.Tensor:
+    """A view of at most ``FINGERPRINT_ELEMENTS`` elements of ``t`` at evenly strided flat positions (the first
+    included): a slice, so that gathering several parameters' samples is one ``cat``, with no index tensor."""
+    flat = t.reshape(-1)  # a view for a contiguous parameter
+    k = min(FINGERPRINT_ELEMENTS, flat.numel())
+    stride = max(1, (flat.numel() - 1) // max(1, k - 1))
+    return flat[: stride * (k - 1) + 1: stride]
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
@@ -48,7 +52,7 @@ def fingerprint(p: torch.Tensor) -> tuple:
     """The shape of ``p`` and its values (this process's shard, under FSDP2) at a few fixed positions."""
     with torch.no_grad():
         t = _local(p.detach())
-        values = torch.take(t, _positions(t.numel(), t.device)).double().tolist()
+        values = _sample(t).double().tolist()
     return (tuple(p.shape), *values)
 
 
@@ -88,8 +92,9 @@ class ParameterHistory:
         return forget
 
     def add_values(self, steps: int, shapes: list, values: list, untrained: set) -> None:
-        """Gathered values (tensors on their device, one per shape) of parameters with ``shapes`` after ``steps``
-        steps; a fingerprint in ``untrained`` (the values at attach) is not evidence of training and is skipped."""
+        """Gathered values (tensors on their devices, joined in the order of ``shapes``) of parameters with
+        ``shapes`` after ``steps`` steps; a fingerprint in ``untrained`` (the values at attach) is not evidence
+        of training and is skipped."""
         self._pending.append((steps, shapes, values, untrained))
         if len(self._pending) >= FLUSH_EVERY:
             self._flush()
@@ -119,9 +124,12 @@ class StepTracker:
         self._managed = managed
         self._cell = [0]
         largest = sorted((p for p in managed if p.numel()), key=lambda p: -p.numel())[:TRACKED]
-        self._tracked = [(p, _positions(_local(p).numel(), p.device)) for p in largest]
+        by_device: dict = {}
+        for p in largest:
+            by_device.setdefault(p.device, []).append(p)
+        self._tracked = list(by_device.values())  # one list per device: one cat each
         self._untrained = {fingerprint(p) for p in largest}  # values at attach: not evidence of training
-        self._shapes = [(tuple(p.shape), int(idx.numel())) for p, idx in self._tracked]
+        self._shapes = [(tuple(p.shape), _sample(_local(p.detach())).numel()) for ps in self._tracked for p in ps]
 
     def record(self, steps: int) -> None:
         """The managed parameters now hold the values of ``steps`` DP steps (ledger total)."""
@@ -130,8 +138,9 @@ class StepTracker:
         self._cell[0] = steps
         if self._tracked:
             with torch.no_grad():
-                # n launches a step; joined and read at the flush (every FLUSH_EVERY steps or at a lookup).
-                values = [torch.take(_local(p.detach()), idx) for p, idx in self._tracked]
+                # One cat per device a step (slices of the parameters: mixed float dtypes promote exactly); read
+                # at the flush (every FLUSH_EVERY steps or at a lookup).
+                values = [torch.cat([_sample(_local(p.detach())) for p in ps]) for ps in self._tracked]
             self._history.add_values(steps, self._shapes, values, self._untrained)
 
 

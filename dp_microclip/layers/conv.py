@@ -50,7 +50,7 @@ import torch.nn.grad  # not imported by torch.nn itself
 from torch import nn
 
 from ..grouping import Groups
-from .registry import LayerRule, Unsquared, register_rule
+from .registry import GroupGrads, LayerRule, Unsquared, register_rule
 
 
 
@@ -212,7 +212,7 @@ def _gram_sq_norms(layer, x, padding, out_grad, groups: Groups) -> torch.Tensor:
 
 
 def conv_group_sq_norms(layer, inputs, out_grad, groups: Groups, method: str = "auto") -> dict:
-    """Group-gradient norms ``{"weight": (M,) squared or Unsquared, "bias": Unsquared (M,)}``.
+    """Group-gradient norms ``{"weight": (M,) squared or GroupGrads, "bias": Unsquared or GroupGrads}``.
 
     ``method``: ``"gram"`` (input-position Gram matrices, no group gradient built), ``"materialize"``
     (norms of the group gradients, freed at once), or ``"auto"``: the Gram form when it builds fewer
@@ -226,9 +226,9 @@ def conv_group_sq_norms(layer, inputs, out_grad, groups: Groups, method: str = "
         out["weight"] = _gram_sq_norms(layer, x, padding, out_grad, groups)
     elif method == "materialize":
         w, b = _grouped_grads(layer, x, padding, out_grad, groups, layer.bias is not None)  # one conv for both
-        out["weight"] = Unsquared(torch.linalg.vector_norm(w.flatten(1), dim=1))
+        out["weight"] = GroupGrads(w)  # kept: the engine takes their norms and reuses them for the sum
         if b is not None:
-            out["bias"] = Unsquared(torch.linalg.vector_norm(b, dim=1))  # (M,)
+            out["bias"] = GroupGrads(b)  # (M, O)
         return out
     else:
         raise ValueError(f"method {method!r}: auto, gram or materialize")

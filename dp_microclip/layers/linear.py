@@ -114,8 +114,18 @@ def _weighted_sum(layer: nn.Linear, inputs, out_grad, row_weight):
     return linear_weighted_sum(inputs[0], out_grad, row_weight, layer.bias is not None)
 
 
+def _row_factors(layer: nn.Linear, inputs, out_grad):
+    """Each example's weight gradient is ``g_i a_i^T`` and its bias gradient ``g_i``, for 2-D input and output
+    gradient (one position per example); None otherwise (positions would sum several products)."""
+    a = inputs[0]
+    if a.dim() != 2 or out_grad.dim() != 2:
+        return None
+    return {"weight": (out_grad, a), "bias": (out_grad,)} if layer.bias is not None else {"weight": (out_grad, a)}
+
+
 def _group_grad_elements(layer: nn.Linear, inputs, out_grad, groups) -> int:
     return groups.num_groups * layer.weight.numel()  # (M, p, d); the bias adds only M x p
 
 
-register_rule(nn.Linear, LayerRule(_group_grads, _group_sq_norms, _weighted_sum, _group_grad_elements))
+register_rule(nn.Linear, LayerRule(_group_grads, _group_sq_norms, _weighted_sum, _group_grad_elements,
+                                   row_factors=_row_factors))

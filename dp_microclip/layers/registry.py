@@ -16,7 +16,8 @@ to subclass):
   value may instead be :class:`Unsquared` (the norm itself) where the rule gets
   the norm with fewer kernels than its square (a row norm), or :class:`NormProduct`
   (the norm as a product of two row norms, formed by the engine with every other), or
-  :class:`GramDot` (a squared norm as the sum of a product of two Gram matrices, likewise).
+  :class:`GramDot` (a squared norm as the sum of a product of two Gram matrices, likewise), or
+  :class:`GroupGrads` (the materialised group gradients the rule built for the norm, reused for the sum).
 * ``weighted_sum(layer, inputs, out_grad, row_weight) -> {name: param-shaped}``:
   ``sum_i w_i * grad_i`` with one weight per example (``row_weight[name]``, ``(B,)``),
   i.e. the clipped sum as one weighted matmul.
@@ -128,9 +129,33 @@ class GramDot(NamedTuple):
         return self.squared().clamp(min=0).sqrt()
 
 
-def squared_norm(value: "torch.Tensor | Unsquared | NormProduct | GramDot") -> torch.Tensor:
+class GroupGrads(NamedTuple):
+    """A group-gradient norm given by the materialised group gradients ``(M, *param.shape)`` themselves.
+
+    Why: a rule may build them to get the norm (a convolution whose Gram form would be larger); the engine
+    then reuses them for the clipped sum (small ones join one block: one norm and one ``mv`` for all)
+    instead of the rule's weighted sum recomputing them with another convolution.
+    """
+
+    grad: torch.Tensor
+
+    @property
+    def norm(self) -> torch.Tensor:
+        """The norm itself (one reduction)."""
+        return torch.linalg.vector_norm(self.grad.flatten(1), dim=1)
+
+    def squared(self) -> torch.Tensor:
+        """The squared norm (for code that wants squares)."""
+        return self.norm.square()
+
+
+#: The norm forms a ``group_sq_norms`` value may take besides a plain squared-norm tensor.
+NORM_FORMS = (Unsquared, NormProduct, GramDot, GroupGrads)
+
+
+def squared_norm(value: "torch.Tensor | Unsquared | NormProduct | GramDot | GroupGrads") -> torch.Tensor:
     """A ``group_sq_norms`` value as a squared norm, whichever form the rule returned."""
-    return value.squared() if isinstance(value, (Unsquared, NormProduct, GramDot)) else value
+    return value.squared() if isinstance(value, NORM_FORMS) else value
 
 
 class LayerRule(NamedTuple):
@@ -162,6 +187,13 @@ class LayerRule(NamedTuple):
     #: content like any input (EmbeddingBag: 1-D ids with offsets as padded ``(bags, L)`` ids). None: the
     #: positional arguments as given (a call with a tensor keyword argument is then refused).
     present: Callable[[Any, tuple, dict], tuple] | None = None
+    #: ``(layer, inputs, out_grad) -> {name: (g,) or (g, a)} | None``: where each example's gradient of the
+    #: parameter is its row of ``g`` (reshaped to the parameter) or the outer product ``g_i a_i^T`` of its rows
+    #: of two captured ``(B, .)`` tensors (a Linear on ``(B, d)`` inputs: ``{"weight": (g, a), "bias": (g,)}``);
+    #: None for shapes where that does not hold. On an accelerator the engine then copies such layers'
+    #: tensors into one buffer (``fused.RowBuffer``) and forms their norms, masking, row weights and sums in a
+    #: few launches for all of them; ``group_sq_norms`` must accept those tensors as strided row views.
+    row_factors: Callable[[Any, tuple, torch.Tensor], "dict | None"] | None = None
 
     @property
     def has_ghost(self) -> bool:
