@@ -217,9 +217,11 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 def row_order_problem(expected: list[torch.Tensor], inputs, batch_dim: int, batch_size: int) -> str | None:
     """Whether a model input holds the loader's rows in another order (None: same order, or not comparable).
 
-    A model input tensor is compared with each loader tensor whose rows it holds as a set; the same set
-    in another order is a reordered batch. An input transformed after the loader (normalised, embedded)
-    matches no loader tensor and cannot be checked this way.
+    A model input tensor that equals no loader tensor row for row is compared with each loader tensor whose
+    rows it holds as a set; the same set in another order is a reordered batch. An input that equals a
+    loader tensor in order is that tensor, whatever other loader tensor its rows also match as a set (small
+    integer inputs and labels can hold the same values). An input transformed after the loader (normalised,
+    embedded) matches no loader tensor and cannot be checked this way.
     """
     if batch_size < 2 or not expected:
         return None
@@ -227,9 +229,10 @@ def row_order_problem(expected: list[torch.Tensor], inputs, batch_dim: int, batc
         if t.dim() <= batch_dim or t.shape[batch_dim] != batch_size or not t.numel() or t.is_complex():
             continue
         got = row_fingerprints(t, batch_dim)
-        for want in expected:
-            if got.shape != want.shape or _same(got, want):
-                continue
+        comparable = [want for want in expected if got.shape == want.shape]
+        if any(_same(got, want) for want in comparable):
+            continue  # the loader's rows, in the loader's order
+        for want in comparable:
             if _same(torch.sort(got).values, torch.sort(want).values):
                 return (
                     "The rows of the batch reached the model in another order than engine.data_loader yielded "

@@ -162,6 +162,21 @@ def test_rows_sorted_in_the_training_loop_are_refused_at_b2():
     assert engine.steps_taken == 0
 
 
+def test_an_input_in_the_loaders_order_is_not_refused_for_matching_the_labels_as_a_set():
+    """Small integer inputs and labels can hold the same values in another order (found by the property test
+    with token ids [0, 1, 1, 0] and labels [0, 0, 1, 1]): the input equals the loader's inputs row for row, so
+    it is in order, whatever other loader tensor it matches as a set. A reordered input is still refused."""
+    from dp_microclip import contract
+
+    x, y = torch.tensor([[0], [1], [1], [0]]), torch.tensor([0, 0, 1, 1])
+    expected = contract.batch_fingerprints((x, y), 4)
+    assert contract.row_order_problem(expected, ((x,), {}), 0, 4) is None
+    assert contract.row_order_problem(expected, ((y,), {}), 0, 4) is None  # the labels, in order
+    assert "another order" in contract.row_order_problem(expected, ((x[[1, 0, 2, 3]],), {}), 0, 4)
+    reordered = torch.tensor([[1], [0], [1], [0]])  # the same set as both, in the order of neither
+    assert "another order" in contract.row_order_problem(expected, ((reordered,), {}), 0, 4)
+
+
 def test_rows_in_the_loaders_order_pass_at_b2():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
