@@ -31,6 +31,8 @@ def test_a_steady_state_step_reads_nothing_back_to_the_host(model, method):
 
 @pytest.mark.parametrize("model, method", [
     ("mlp", "b=1"), ("mlp", "b=8"), ("mlp", "dp b=1"), ("cnn", "b=1"), ("cnn", "dp b=1"),
+    ("cnn", "b=8 materialize"), ("transformer", "b=1"), ("transformer", "dp b=1"),
+    ("transformer", "b=8 materialize"),
 ])
 def test_the_met_launch_targets_stay_met(model, method):
     """At most 1.5x plain's launches (1.6x in DP mode) where the targets are met (benchmarks/results/
