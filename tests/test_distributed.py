@@ -14,6 +14,8 @@ import copy
 import datetime
 import importlib
 import math
+import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -41,6 +43,7 @@ SPLIT = 8  # rank 0 gets rows [0, 8), rank 1 rows [8, 12): unequal shares, so th
 def _entry(rank: int, world: int, out_dir: str, task: str, backend: str, module: str = __name__) -> None:
     torch.set_num_threads(1)
     out = Path(out_dir)
+    done = False
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)
@@ -50,6 +53,7 @@ def _entry(rank: int, world: int, out_dir: str, task: str, backend: str, module:
             warnings.simplefilter("ignore")
             result = getattr(importlib.import_module(module), task)(rank, world)
         torch.save(result, out / f"rank{rank}.pt")
+        done = True
     except BaseException:
         import traceback
 
@@ -58,6 +62,21 @@ def _entry(rank: int, world: int, out_dir: str, task: str, backend: str, module:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if done:
+        exit_now()
+
+
+def exit_now() -> None:
+    """End a rank that finished its work without the interpreter's teardown.
+
+    torch's gloo backend can abort a process at exit under load ("terminate called without an active
+    exception", SIGABRT): a worker thread of the process group releases a finished all-gather's tensors while
+    the interpreter is finalising, and a thread that asks for the GIL then is unwound through a noexcept frame
+    (seen in a core dump, on this tree and before it). The rank's results are already saved.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(tmp_path: Path, task: str, world: int = 2, backend: str = "gloo", module: str = __name__) -> list[dict]:

@@ -8,6 +8,8 @@ The committed notebooks must match their scripts: regenerate with ``python -m tu
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 pytest.importorskip("jupytext", reason="the tutorials extra (jupytext, nbclient, ipykernel) is not installed")
@@ -47,7 +49,17 @@ def test_notebook_runs(source):
 
 @pytest.mark.parametrize("source", [_param(p) for p in render.script_sources()])
 def test_torchrun_script_runs(source):
-    output = render.run_script(source, timeout=300)
+    try:
+        output = render.run_script(source, timeout=300)
+    except subprocess.CalledProcessError as err:
+        # torch's gloo backend can abort a rank in the interpreter's teardown under load, after the script
+        # finished ("terminate called without an active exception": a process-group thread frees a finished
+        # all-gather's tensors while Python finalises; tests/test_distributed.py::exit_now). Only that, with
+        # the script's whole output printed, earns one more run.
+        if "terminate called without an active exception" not in (err.stderr or "") \
+                or "epsilon = " not in (err.stdout or ""):
+            raise
+        output = render.run_script(source, timeout=300)
     assert "identical: True" in output, output
     assert "epsilon = " in output, output
 
