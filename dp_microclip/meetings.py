@@ -37,6 +37,7 @@ each one's :class:`Meeting`.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple
 
@@ -114,7 +115,10 @@ class _Follower(TorchFunctionMode):
         super().__init__()
         self.keys = keys
         self.against, self.wanted = against, wanted
-        self.nodes: dict[int, tuple[torch.Tensor, tuple]] = {}  # id -> (tensor, the nodes it derives from)
+        # id -> (a weak reference to the tensor, the nodes it derives from). Weak: the probe must not keep the
+        # forward's activations alive (everything downstream of a shared output is followed; held strongly, a
+        # small BERT's probe passes held about 2 GB at the first step).
+        self.nodes: dict[int, tuple[weakref.ref, tuple]] = {}
         self.ops: list[_Op] = []
         self.sources = 0
         self.shared: set = set()  # (the reordered pass) nodes still the same for every example
@@ -124,7 +128,7 @@ class _Follower(TorchFunctionMode):
         """``LayoutLearner.on_probe_output``: start following a shared call's output."""
         if key in self.keys and torch.is_tensor(output):
             node = ("source", self.sources)
-            self.nodes[id(output)] = (output, (node,))
+            self.nodes[id(output)] = (weakref.ref(output), (node,))
             self.shared.add(node)
             self.sources += 1
 
@@ -132,7 +136,7 @@ class _Follower(TorchFunctionMode):
         if not torch.is_tensor(x):
             return ()
         hit = self.nodes.get(id(x))
-        return hit[1] if hit is not None and hit[0] is x else ()
+        return hit[1] if hit is not None and hit[0]() is x else ()  # a dead reference: the id was reused
 
     def _printed(self, n: int, parents: tuple, shape: tuple | None) -> bool:
         """Whether operation ``n`` is printed in this pass (see the class docstring)."""
@@ -173,7 +177,7 @@ class _Follower(TorchFunctionMode):
             node = (("op", n),)
         for t in results:
             if t.is_floating_point():
-                self.nodes[id(t)] = (t, node)
+                self.nodes[id(t)] = (weakref.ref(t), node)
         return out
 
 

@@ -251,3 +251,23 @@ def test_dp_step_with_a_shared_table_has_noise_and_an_epsilon():
         F.cross_entropy(model(x), y).backward()
         opt.step()
     assert engine.epsilon() > 0
+
+
+def test_the_meeting_probe_keeps_no_activation_alive():
+    """The meeting probe follows everything downstream of a shared output; it must not hold those tensors
+    (held, a forward's activations stayed alive through all three probe passes)."""
+    import weakref
+
+    from dp_microclip import meetings
+
+    follower = meetings._Follower({("table", 0)})
+    table = torch.randn(4, 4)
+    follower.on_output(("table", 0), table)
+    with follower:
+        y = table * 2
+        z = y + 1
+        alive = weakref.ref(y), weakref.ref(z)
+        assert follower._of(z)  # followed while alive
+        del y, z
+    assert all(ref() is None for ref in alive)
+    assert len(follower.ops) == 2
