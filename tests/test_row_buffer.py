@@ -65,6 +65,16 @@ def _as_replaceable(records):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("poison", [None, float("nan"), float("inf")])
 @pytest.mark.parametrize("pairs", ["joined", "rules"])  # b > 1: every row pair in one mm, or the rules' Grams
+
+def _net_and_batch(seed: int):
+    """(the conv + Linear net in float64, a copy for the naive loop, a batch of 12, an SGD with lr 0)."""
+    torch.manual_seed(seed)
+    m = Net().double()
+    x = torch.randn(12, 1, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,))
+    return m, copy.deepcopy(m), x, y, torch.optim.SGD(m.parameters(), lr=0.0)
+
+
 def test_row_buffer_norms_masks_and_sums_equal_the_materialised_gradients(b, bias, poison, pairs, monkeypatch):
     if pairs == "rules":
         if b == 1:
@@ -155,12 +165,7 @@ def test_buffered_and_reused_forms_equal_the_naive_loop(device_path, b, grouping
         real(self, *args, **kwargs)
 
     monkeypatch.setattr(fused.RowBuffer, "__init__", spy)
-    torch.manual_seed(2)
-    m = Net().double()
-    ref = copy.deepcopy(m)
-    x = torch.randn(12, 1, 6, 6, dtype=torch.float64)
-    y = torch.randint(0, 3, (12,))
-    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    m, ref, x, y, opt = _net_and_batch(seed=2)
     keyed = dict(grouping="keyed", num_groups=4, seed=3) if grouping == "keyed" else {}
     if grouping == "keyed" and b == 1:
         pytest.skip("keyed groups: one size")
@@ -244,12 +249,7 @@ def test_under_a_memory_budget_the_conv_group_gradients_are_not_held(device_path
         return out
 
     monkeypatch.setattr("dp_microclip.aggregate.ghost_norms", spy)
-    torch.manual_seed(5)
-    m = Net().double()
-    ref = copy.deepcopy(m)
-    x = torch.randn(12, 1, 6, 6, dtype=torch.float64)
-    y = torch.randint(0, 3, (12,))
-    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    m, ref, x, y, opt = _net_and_batch(seed=5)
     budget = "lean" if memory == "lean" else 1 << 30
     dp_microclip.attach(m, opt, micro_batch_size=b, max_grad_norm=0.05, verify_steps=0, grad_mode="bookkeeping",
                         memory_budget=budget)
