@@ -61,11 +61,6 @@ def _as_replaceable(records):
     return [cls(r.rule, r.layer, r.inputs, r.out_grad, r.params, r.unit) for r in records]
 
 
-@pytest.mark.parametrize("b", [1, 2, 4])
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("poison", [None, float("nan"), float("inf")])
-@pytest.mark.parametrize("pairs", ["joined", "rules"])  # b > 1: every row pair in one mm, or the rules' Grams
-
 def _net_and_batch(seed: int):
     """(the conv + Linear net in float64, a copy for the naive loop, a batch of 12, an SGD with lr 0)."""
     torch.manual_seed(seed)
@@ -75,6 +70,10 @@ def _net_and_batch(seed: int):
     return m, copy.deepcopy(m), x, y, torch.optim.SGD(m.parameters(), lr=0.0)
 
 
+@pytest.mark.parametrize("b", [1, 2, 4])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("poison", [None, float("nan"), float("inf")])
+@pytest.mark.parametrize("pairs", ["joined", "rules"])  # b > 1: every row pair in one mm, or the rules' Grams
 def test_row_buffer_norms_masks_and_sums_equal_the_materialised_gradients(b, bias, poison, pairs, monkeypatch):
     if pairs == "rules":
         if b == 1:
