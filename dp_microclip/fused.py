@@ -31,6 +31,7 @@ from dataclasses import replace
 
 import torch
 
+from .layers.registry import GroupGrads, Unsquared
 from .records import grad_tensors
 from .tensors import avoid_host_reads
 
@@ -139,8 +140,6 @@ def ghost_norms(record, groups, hold: bool = False) -> tuple[dict, "dict | None"
     where every value is a ``GroupGrads`` of at most :data:`JOIN_MAX_ELEMENTS` per group (gradients the rule
     built for the norm, small), those gradients, for the engine to sum as materialised ones (one ``mv`` or a
     block's: no second convolution for the sum); else None, the gradients given as their norms."""
-    from .layers.registry import GroupGrads, Unsquared
-
     rule = record.rule
     assert rule is not None and rule.group_sq_norms is not None  # choose_strategy: ghost needs has_ghost
     found = rule.group_sq_norms(record.layer, record.inputs, record.out_grad, groups)
@@ -274,6 +273,11 @@ def gram_total(grams: list, roots: list, squares: list) -> torch.Tensor:
     return total.clamp_min_(0.0).sqrt_()
 
 
+def _first_output_grad(factors: dict) -> torch.Tensor:
+    """The first output gradient of ``{position: {name: (g, a) or (g,)}}``: the dtype and device the buffer takes."""
+    return next(iter(next(iter(factors.values())).values()))[0]
+
+
 class RowBuffer:
     """The captured tensors of a pass's row-factored layers (``LayerRule.row_factors``: each example's gradient
     is a row ``g_i`` or an outer product ``g_i a_i^T``, a Linear on ``(B, d)`` inputs) copied into one
@@ -308,8 +312,8 @@ class RowBuffer:
 
     def __init__(self, records: list, factors: dict[int, dict], rows: dict[int, torch.Tensor]):
         self.positions = sorted(factors)
-        batch = next(iter(next(iter(factors.values())).values()))[0].shape[0]
-        like = next(iter(next(iter(factors.values())).values()))[0]
+        like = _first_output_grad(factors)
+        batch = like.shape[0]
         self.row_shapes = {pid: g.shape[1:] for pid, g in rows.items()}
         rows = {pid: g.reshape(g.shape[0], -1) for pid, g in rows.items()}
         terms = [parts for i in self.positions for parts in factors[i].values()] + [(g,) for g in rows.values()]
@@ -354,7 +358,7 @@ class RowBuffer:
         rights = {id(parts[0]) for found in factors.values() for parts in found.values()}
         if any(len(parts) == 2 and id(parts[1]) in rights for found in factors.values() for parts in found.values()):
             return None
-        like = next(iter(next(iter(factors.values())).values()))[0]
+        like = _first_output_grad(factors)
         rows = {}
         if groups.equal_size == 1:  # per group small (the buffer is an accelerator's: its copy is cheap there)
             rows = {pid: g for pid, g in materialised.items() if g.dim() > 1 and g.is_contiguous()
@@ -376,7 +380,7 @@ class RowBuffer:
         found = {name: parts for name, parts in (found or {}).items() if name in record.params}  # frozen: none
         if not found:
             return None
-        like = next(iter(next(iter(earlier.values())).values()))[0] if earlier else None
+        like = _first_output_grad(earlier) if earlier else None
         for parts in found.values():
             for x in parts:
                 if x.dim() != 2 or x.shape[0] != groups.batch_size or not x.is_floating_point() or \
@@ -387,7 +391,6 @@ class RowBuffer:
     def norms(self, records: list, groups) -> dict:
         """The norms the engine joins: one row per group, the total as ``{KEY: Unsquared}``; else the rules'
         ``group_sq_norms`` of the buffer's views, ``{id(param): value}``."""
-        from .layers.registry import Unsquared
 
         b, width = groups.equal_size, self.buffer.shape[1]
         if b is None or (b > 1 and self.buffer.numel() * b > OUTER_MAX_ELEMENTS):

@@ -81,21 +81,22 @@ def _step(model, b, x, y):
     return engine
 
 
-def _exact(model, b, x, y):
+def _step_equals_naive_loop(model, b, x, y, step=None):
+    """One engine step (``step``, default ``_step``) whose every trained parameter's gradient equals the naive
+    loop's on a copy of the model, to float64 precision; returns the engine."""
     want = naive_microbatch_grads(copy.deepcopy(model), F.cross_entropy, x, y, micro_batch_size=b,
                                   max_grad_norm=0.05)
-    engine = _step(model, b, x, y)
+    engine = (step or _step)(model, b, x, y)
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert float((p.grad - want[name]).norm()) <= 1e-9 * float(want[name].norm()) + 1e-15, name
+    return engine
+
+
+def _exact(model, b, x, y):
+    engine = _step_equals_naive_loop(model, b, x, y)
     assert all(route != "func" for route in engine.last_strategies.values())
 
-
-
-def _assert_equal_grads(model, want) -> None:
-    """Every parameter's gradient equals the naive loop's, to float64 precision."""
-    for name, p in model.named_parameters():
-        assert float((p.grad - want[name]).norm()) <= 1e-9 * float(want[name].norm()) + 1e-15, name
 
 @pytest.mark.parametrize("b", [1, 2, 4])
 @pytest.mark.parametrize("T", [4, 5])  # T == B and T != B
@@ -104,10 +105,7 @@ def test_broadcast_by_the_model_equals_naive_loop(how, T, b):
     torch.manual_seed(0)
     model = Net(how).double()
     x, y = torch.randn(4, T, 4, dtype=torch.float64), torch.arange(4) % CLASSES
-    want = naive_microbatch_grads(copy.deepcopy(model), F.cross_entropy, x, y, micro_batch_size=b,
-                                  max_grad_norm=0.05)
-    engine = _step(model, b, x, y)
-    _assert_equal_grads(model, want)
+    engine = _step_equals_naive_loop(model, b, x, y)
     assert all(route != "func" for route in engine.last_strategies.values())
 
 
@@ -141,12 +139,7 @@ def test_a_projected_table_keeps_its_shape_and_equals_naive_loop(T, b):
     torch.manual_seed(0)
     model = ProjectedTable().double()
     x, y = torch.randn(4, T, 4, dtype=torch.float64), torch.arange(4) % CLASSES
-    want = naive_microbatch_grads(copy.deepcopy(model), F.cross_entropy, x, y, micro_batch_size=b,
-                                  max_grad_norm=0.05)
-    engine = _step(model, b, x, y)
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            assert float((p.grad - want[name]).norm()) <= 1e-9 * float(want[name].norm()) + 1e-15, name
+    engine = _step_equals_naive_loop(model, b, x, y)
     assert all(route != "func" for route in engine.last_strategies.values())
 
 
@@ -218,12 +211,7 @@ def test_a_broadcast_of_size_b_that_is_averaged_away_stays_shared_and_exact():
     torch.manual_seed(0)
     model = Net("reduced").double()
     x, y = torch.randn(4, 5, 4, dtype=torch.float64), torch.arange(4) % CLASSES
-    want = naive_microbatch_grads(copy.deepcopy(model), F.cross_entropy, x, y, micro_batch_size=1,
-                                  max_grad_norm=0.05)
-    _step(model, 1, x, y)
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            assert float((p.grad - want[name]).norm()) <= 1e-9 * float(want[name].norm()) + 1e-15, name
+    _step_equals_naive_loop(model, 1, x, y)
 
 
 class ResampledBias(nn.Module):
@@ -281,10 +269,7 @@ def test_a_batch_free_module_without_a_rule_takes_its_own_vjp(squeeze, T, b):
     torch.manual_seed(0)
     model = ResampledNet(squeeze).double()
     x, y = torch.randn(4, T, 4, dtype=torch.float64), torch.arange(4) % CLASSES
-    want = naive_microbatch_grads(copy.deepcopy(model), F.cross_entropy, x, y, micro_batch_size=b,
-                                  max_grad_norm=0.05)
-    engine = _step_no_generic(model, b, x, y)
-    _assert_equal_grads(model, want)
+    engine = _step_equals_naive_loop(model, b, x, y, step=_step_no_generic)
     assert engine.last_strategies.get("bias") not in (None, "func")
 
 
@@ -304,10 +289,7 @@ def test_a_batch_free_module_that_draws_random_numbers_is_refused_in_training_an
         _step_no_generic(model, 1, x, y)
     model = ResampledNet(False).double()
     model.bias = RandomBias(False).double().eval()  # no draw: the replay gives the same output
-    want = naive_microbatch_grads(copy.deepcopy(model), F.cross_entropy, x, y, micro_batch_size=1,
-                                  max_grad_norm=0.05)
-    _step_no_generic(model, 1, x, y)
-    _assert_equal_grads(model, want)
+    _step_equals_naive_loop(model, 1, x, y, step=_step_no_generic)
 
 
 class ScaledBroadcast(nn.Module):
