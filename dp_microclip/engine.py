@@ -363,7 +363,7 @@ class Engine:
     def _make_groups(self, batch_size: int, device: torch.device, inputs=None) -> tuple[Groups, bool]:
         """The batch's groups, and whether engine.data_loader drew this batch (its rows in their order)."""
         from_loader, drawn = self._sampled.take(batch_size, inputs, self._hooks.root_batch_dim)
-        self._acc.new_forward(batch_size, self._sampled.last_taken)
+        self._acc.new_forward(batch_size, self._sampled.last_taken, self.dp)
         return self._plan.groups(batch_size, device, drawn, self._group_generator), from_loader
 
     def _finish_pass(self, records: list[Record]) -> None:

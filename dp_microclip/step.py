@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .aggregate import PassResult, merge_means
-from .errors import ConfigurationError
+from .errors import ConfigurationError, PrivacyError
 from .noise import NoiseLike
 from .tensors import accumulation_dtype
 
@@ -59,12 +59,24 @@ class StepAccumulator:
     logical_batches: int = 0
     open_batch: bool = False
 
-    def new_forward(self, batch_size: int, chunk) -> None:
+    def new_forward(self, batch_size: int, chunk, dp: bool = False) -> None:
         """A forward pass of ``batch_size`` examples consumed ``chunk`` (a ``sampling.Chunk``) of a logical batch
-        drawn by ``engine.data_loader``, or None (not from the loader)."""
+        drawn by ``engine.data_loader``, or None (not from the loader).
+
+        DP mode: a new sampled batch while the last one's backward pass waits for its step is refused now, not
+        at the next epsilon: that batch's gradient never reached the attached optimizer (a hand-written update
+        sees no ``.grad``, which the engine writes, noised, in ``optimizer.step()``), so nothing trained."""
         self.last_batch_size = batch_size
         if chunk is None:
             return
+        if dp and chunk.first and self.passes:
+            raise PrivacyError(
+                "DP mode: a new sampled batch reached the model while the last one's backward pass never reached "
+                "optimizer.step(), so it trained nothing: the engine writes the clipped, noised gradient into .grad "
+                "in the attached optimizer's step, and a hand-written update (p -= lr * p.grad) sees none. Call "
+                "optimizer.step() after each batch's backward (zero_grad() before the next), with any torch.optim "
+                "optimizer; one sampled batch is one step (two sampled batches cannot share one)."
+            )
         if chunk.first:
             self.close_batch()
             self.logical_batches += 1

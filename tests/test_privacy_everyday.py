@@ -265,3 +265,21 @@ def test_delta_at_least_one_over_n_warns_at_data_loader():
     engine = dp_attach(m, delta=0.01)
     with pytest.warns(UserWarning, match="at least 1/N"):
         engine.data_loader(dataset())
+
+
+def test_a_hand_written_update_in_dp_mode_is_refused_at_the_next_sampled_batch():
+    """DP mode writes the noised gradient into .grad in optimizer.step(); a loop that updates the parameters
+    by hand sees no gradient and trains nothing. The second sampled batch's forward refuses it (before, the
+    loop ran on silently and only epsilon() refused)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    engine = dp_microclip.attach(m, opt, micro_batch_size=1, max_grad_norm=1.0,
+                                 privacy=dp_microclip.DP(noise_multiplier=1.0, sample_rate=0.125, delta=1e-5))
+    batches = iter(engine.data_loader(TensorDataset(torch.randn(256, 8), torch.randint(0, 3, (256,)))))
+    x, y = next(batches)
+    engine.loss(F.cross_entropy, m(x), y, reduction="none").backward()
+    assert all(p.grad is None for p in m.parameters())  # nothing to update by hand
+    x, y = next(batches)
+    with pytest.raises(PrivacyError, match=r"never reached optimizer.step\(\)"):
+        m(x)
